@@ -1,0 +1,40 @@
+# Two commands do all set-up on a fresh machine:
+#   make lab    environment + JupyterLab on notebooks/
+#   make test   environment + every test (notebooks included)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+LAB_PORT ?= 8888
+LAB_IP   ?= 127.0.0.1
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv lab test test-fast gpu-test lint model clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || \
+		{ echo "Python 3.10+ is needed (found $$($(PYTHON) --version))."; exit 1; }
+	@$(PYTHON) -m venv $(VENV) || { echo "Could not create $(VENV): on Debian/Ubuntu run \
+	'sudo apt-get install python3-venv' and try again."; exit 1; }
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m ipykernel install --sys-prefix --name labkit --display-name "Python (labkit)"
+	@touch $@
+
+lab: venv
+	$(BIN)/jupyter lab --notebook-dir=notebooks --ip=$(LAB_IP) --port=$(LAB_PORT) --no-browser
+
+test: venv
+	$(BIN)/python -m pytest
+
+lint: venv
+	$(BIN)/ruff check labkit tests benchmarks
+
+gpu-test: venv
+	$(BIN)/python -m pytest -m gpu
+
+model: venv
+	$(BIN)/labkit build-model --out model
+
+clean:
+	rm -rf $(VENV) .pytest_cache

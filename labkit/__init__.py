@@ -1,0 +1,1 @@
+"""labkit: measure how an LLM served the simple way uses a GPU."""
