@@ -114,3 +114,26 @@ def _gb(n: int | None) -> str:
     if n is None:
         return "n/a"
     return f"{n / GB:.3f} GB" if n < 0.1 * GB else f"{n / GB:.2f} GB"
+
+
+def parameter_count_from_config(config) -> int:
+    """Parameters of a Llama-style decoder (Llama, Phi-3, …) computed from its config alone.
+
+    Lets a learner (and `labkit.check`) size a model before loading it: embeddings, per layer
+    attention (q, k, v, o) + gated MLP (gate, up, down) + two RMSNorms, a final norm, and the
+    LM head unless it is tied to the embeddings. Phi-3's fused qkv/gate_up have the same counts.
+    """
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    q_width, kv_width = heads * head_dim(config), kv_heads * head_dim(config)
+    attention = hidden * q_width + 2 * hidden * kv_width + q_width * hidden
+    if getattr(config, "attention_bias", False):
+        attention += q_width + 2 * kv_width + hidden
+    mlp = 3 * hidden * config.intermediate_size
+    if getattr(config, "mlp_bias", False):
+        mlp += 2 * config.intermediate_size + hidden
+    per_layer = attention + mlp + 2 * hidden
+    embeddings = config.vocab_size * hidden
+    lm_head = 0 if getattr(config, "tie_word_embeddings", False) else config.vocab_size * hidden
+    return embeddings + layers * per_layer + hidden + lm_head
