@@ -1,0 +1,139 @@
+"""The labkit command line, run as a user runs it."""
+
+import subprocess
+import sys
+
+import pytest
+
+from labkit import cli, download
+
+TOKEN = "hf_SECRETsecretSECRET123"
+
+
+def labkit(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "labkit", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_help_lists_every_command():
+    out = labkit("--help").stdout
+    for name in ("info", "generate", "download", "serve", "loadtest", "monitor"):
+        assert name in out
+
+
+def test_info_reports_the_machine_honestly():
+    run = labkit("info")
+    assert run.returncode == 0, run.stderr
+    assert "torch" in run.stdout and "model/" in run.stdout
+    import torch
+
+    if not torch.cuda.is_available():
+        assert "No GPU detected" in run.stdout
+
+
+def test_generate_prints_text_and_timings():
+    run = labkit("generate", "Suggest a skincare routine", "--max-tokens", "20",
+                 "--temperature", "0")
+    assert run.returncode == 0, run.stderr
+    for label in ("load time", "TTFT", "tokens/s", "weights", "KV cache per token"):
+        assert label in run.stdout
+
+
+def test_generate_synthetic_is_labelled():
+    run = labkit("generate", "hi", "--model", "synthetic:tiny", "--max-tokens", "5")
+    assert run.returncode == 0, run.stderr
+    assert "synthetic" in run.stdout and "5 generated" in run.stdout
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--max-tokens", "0"], "max_tokens"),
+    (["--temperature", "5"], "temperature"),
+    (["--model", "nope/nope/nope"], "Valid sources"),
+])
+def test_generate_bad_input_is_a_clear_error(args, expected):
+    run = labkit("generate", "hi", *args)
+    assert run.returncode == 2
+    assert expected in run.stdout and "Traceback" not in run.stderr
+
+
+def _fail_with(monkeypatch, err):
+    import huggingface_hub
+
+    def fake_snapshot_download(*args, **kwargs):
+        raise err
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr(download, "_check_disk_space", lambda *a: None)
+
+
+def _hub_error(cls, message):
+    import httpx
+
+    response = httpx.Response(401, request=httpx.Request("GET", "https://hub/x"))
+    return cls(message, response=response)
+
+
+def test_download_gated_without_token(monkeypatch, capsys, tmp_path):
+    from huggingface_hub.errors import GatedRepoError
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    _fail_with(monkeypatch, _hub_error(GatedRepoError, "gated"))
+    assert cli.main(["download", "meta-llama/Llama-3.2-3B", "--output", str(tmp_path / "m")]) == 1
+    assert "--token" in capsys.readouterr().out
+
+
+def test_download_wrong_id(monkeypatch, capsys, tmp_path):
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    _fail_with(monkeypatch, _hub_error(RepositoryNotFoundError, "404"))
+    assert cli.main(["download", "nobody/nothing", "--output", str(tmp_path / "m")]) == 1
+    assert "No model 'nobody/nothing'" in capsys.readouterr().out
+
+
+def test_download_without_network(monkeypatch, capsys, tmp_path):
+    import httpx
+
+    _fail_with(monkeypatch, httpx.ConnectError("Name or service not known"))
+    assert cli.main(["download", "a/b", "--output", str(tmp_path / "m")]) == 1
+    assert "Cannot reach the Hugging Face Hub" in capsys.readouterr().out
+
+
+def test_download_disk_full(monkeypatch, capsys, tmp_path):
+    _fail_with(monkeypatch, OSError(28, "No space left on device"))
+    assert cli.main(["download", "a/b", "--output", str(tmp_path / "m")]) == 1
+    assert "disk filled up" in capsys.readouterr().out
+
+
+def test_download_never_prints_the_token(monkeypatch, capsys, caplog, tmp_path):
+    _fail_with(monkeypatch, RuntimeError(f"401 for Authorization: Bearer {TOKEN}"))
+    assert cli.main(["download", "a/b", "--token", TOKEN, "--output", str(tmp_path / "m")]) == 1
+    out = capsys.readouterr()
+    assert TOKEN not in out.out + out.err + caplog.text
+    assert "***" in out.out
+
+
+def test_download_refuses_the_committed_model_dir(capsys):
+    assert cli.main(["download", "a/b", "--output", "model"]) == 1
+    assert "never overwrites" in capsys.readouterr().out
+
+
+def test_download_into_repo_is_git_ignored(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    target = download.REPO_ROOT / "downloads" / "test--fake"
+
+    def fake_snapshot_download(repo_id, local_dir, **kwargs):
+        local_dir.mkdir(parents=True, exist_ok=True)
+        (local_dir / "config.json").write_text("{}")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr(download, "_check_disk_space", lambda *a: None)
+    try:
+        assert download.download("test/fake") == target
+        ignored = subprocess.run(["git", "check-ignore", "-q", str(target / "config.json")],
+                                 cwd=download.REPO_ROOT)
+        assert ignored.returncode == 0
+    finally:
+        import shutil
+
+        shutil.rmtree(target, ignore_errors=True)
