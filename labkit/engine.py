@@ -77,7 +77,8 @@ def encode_prompt(lm: LoadedModel, prompt: str, max_tokens: int) -> torch.Tensor
     if ids.shape[1] + max_tokens > lm.context_length:
         raise PromptTooLongError(
             f"prompt is {ids.shape[1]} tokens; with max_tokens={max_tokens} that exceeds the "
-            f"model's context of {lm.context_length} tokens. Shorten the prompt or lower max_tokens."
+            f"model's context of {lm.context_length} tokens. Shorten the prompt or lower "
+            "max_tokens."
         )
     return ids
 

@@ -137,3 +137,14 @@ def parameter_count_from_config(config) -> int:
     embeddings = config.vocab_size * hidden
     lm_head = 0 if getattr(config, "tie_word_embeddings", False) else config.vocab_size * hidden
     return embeddings + layers * per_layer + hidden + lm_head
+
+
+def peak_gpu_bytes_during(fn, device: torch.device):
+    """Run `fn()`; return (its result, peak torch-allocated bytes during it, or None on CPU)."""
+    if device.type != "cuda":
+        return fn(), None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    result = fn()
+    torch.cuda.synchronize(device)
+    return result, torch.cuda.max_memory_allocated(device)
