@@ -7,6 +7,8 @@ BIN    := $(VENV)/bin
 LAB_PORT ?= 8888
 LAB_IP   ?= 127.0.0.1
 STAMP  := $(VENV)/.installed
+# Jupyter refuses to start as root without --allow-root (CI and many containers run as root).
+LAB_ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
 
 .PHONY: venv lab test test-fast gpu-test lint model clean
 
@@ -22,7 +24,7 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 lab: venv
-	$(BIN)/jupyter lab --notebook-dir=notebooks --ip=$(LAB_IP) --port=$(LAB_PORT) --no-browser
+	$(BIN)/jupyter lab --notebook-dir=notebooks --ip=$(LAB_IP) --port=$(LAB_PORT) --no-browser $(LAB_ROOT_FLAG)
 
 test: venv
 	$(BIN)/python -m pytest
