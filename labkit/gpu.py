@@ -1,13 +1,13 @@
 """What GPU is here: name, count, driver, CUDA, torch, memory. Honest on a CPU-only machine.
 
-The NVML sampler (`Sampler`) lives here too; see below.
+The NVML sampler lives in `labkit.sampler` and is re-exported here as `labkit.gpu.Sampler`.
+torch is imported inside the functions that need it, so `labkit monitor` and the sampler start
+without paying for a torch import.
 """
 
 from __future__ import annotations
 
 import functools
-
-import torch
 
 GB = 1e9
 
@@ -34,6 +34,8 @@ def driver_version() -> str | None:
 
 def memory_gb(index: int = 0) -> dict | None:
     """torch's allocated/reserved and the card's total/free memory in GB; None without CUDA."""
+    import torch
+
     if not torch.cuda.is_available():
         return None
     free, total = torch.cuda.mem_get_info(index)
@@ -48,6 +50,8 @@ def memory_gb(index: int = 0) -> dict | None:
 
 def device_info(index: int = 0) -> dict:
     """The seed's /stats fields. Without a GPU: gpu_name None, gpu_count 0, device 'cpu'."""
+    import torch
+
     has_cuda = torch.cuda.is_available()
     return {
         "device": "cuda" if has_cuda else "cpu",
@@ -67,3 +71,27 @@ def describe(info: dict | None = None) -> str:
     if info["gpu_name"] is None:
         return "No GPU detected: running on the CPU (timings are CPU timings, not GPU ones)"
     return f"GPU: {info['gpu_name']}"
+
+
+# Re-exported at the end: labkit.sampler imports this module lazily (for nvml()), not at import.
+from labkit.sampler import (  # noqa: E402
+    CPU_MODE_LABEL,
+    NoGpuError,
+    NvmlBackend,
+    Sampler,
+    ServerStatsBackend,
+)
+
+__all__ = [
+    "CPU_MODE_LABEL",
+    "GB",
+    "NoGpuError",
+    "NvmlBackend",
+    "Sampler",
+    "ServerStatsBackend",
+    "describe",
+    "device_info",
+    "driver_version",
+    "memory_gb",
+    "nvml",
+]
