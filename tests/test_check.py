@@ -1,0 +1,167 @@
+"""labkit.check: each checker says right / how far off / not answered; stubs never crash it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from labkit import check, cost, memory, synthetic
+
+SPANS = [(0.0, 1.0), (1.2, 2.0), (4.0, 5.0), (5.1, 6.0)]  # longest gap: (2.0, 4.0)
+ROWS = [
+    {"batch_size": 1, "throughput": 10.0, "p95_ms": 100.0},
+    {"batch_size": 4, "throughput": 30.0, "p95_ms": 200.0},
+    {"batch_size": 8, "throughput": 50.0, "p95_ms": 400.0},
+]
+LATENCIES = [720.0, 800.0, 831.0, 850.0, 900.0, 1000.0, 1100.0, 1543.0]
+
+# checker -> (inputs the exercise supplies, a correct answer)
+CASES: dict[str, tuple[dict, object]] = {
+    "parameter_count": ({"shape": "llama-3.2-3b"}, 3.2127e9),
+    "weight_memory": ({"shape": "llama-3.2-3b"}, 6.43),
+    "kv_cache_size": ({"shape": "llama-3.2-3b", "context_tokens": 8192}, 0.9395),
+    "ms_per_token": ({"inference_time_ms": 823.4, "tokens_generated": 145}, 5.679),
+    "time_per_output_token": ({"inference_time_ms": 823.4, "time_to_first_token_ms": 23.4,
+                               "tokens_generated": 145}, 800 / 144),
+    "bandwidth_floor": ({"weight_bytes": 6.43e9, "bandwidth_bytes_per_s": 3.02e12}, 2.13),
+    "p95_latency": ({"latencies_ms": LATENCIES}, float(np.percentile(LATENCIES, 95))),
+    "littles_law_throughput": ({"single_request_latency_s": 0.8, "concurrency": 5}, 1.25),
+    "littles_law_latency": ({"single_request_latency_s": 0.8, "concurrency": 5}, 4.0),
+    "idle_percent": ({"utilization_trace": [0, 0, 3, 80, 90, 100]}, 50.0),
+    "effective_cost": ({"hourly_price": 3.0, "utilization": 0.18}, 16.67),
+    "timeline_request_count": ({"request_spans": SPANS}, 4),
+    "timeline_idle_gap": ({"request_spans": SPANS}, (2.0, 4.0)),
+    "best_batch_size": ({"rows": ROWS, "p95_target_ms": 250}, 4),
+}
+
+
+def run(name: str, answer):
+    inputs, _ = CASES[name]
+    return getattr(check, name)(answer, **inputs)
+
+
+def test_every_exercise_has_a_case_and_a_checker():
+    assert set(CASES) == set(check.EXERCISES)
+    assert len(check.EXERCISES) >= 9
+    assert all(callable(getattr(check, name)) for name in check.EXERCISES)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("stub", [None, ...])
+def test_stub_says_not_answered_yet(name, stub, capsys):
+    result = run(name, stub)
+    assert result.status == "unanswered" and not result
+    assert "not answered yet" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_correct_answer_is_accepted(name, capsys):
+    result = run(name, CASES[name][1])
+    assert result.correct, result.message
+    assert capsys.readouterr().out.startswith("✅")
+
+
+@pytest.mark.parametrize("name", sorted(set(CASES) - {"timeline_idle_gap", "best_batch_size"}))
+def test_far_off_answer_is_wrong_without_revealing_the_reference(name):
+    answer = CASES[name][1]
+    result = run(name, answer * 37)
+    assert result.status == "wrong"
+    assert "(reference" not in result.message and f" {result.expected:.4g} " not in result.message
+
+
+@pytest.mark.parametrize("answer", ["6.4", True, float("nan"), [1, 2]])
+def test_unusable_answer_is_reported_not_raised(answer):
+    result = check.weight_memory(answer, "llama-3.2-3b")
+    assert result.status == "invalid"
+    assert "⚠️" in result.message
+
+
+def test_close_answer_says_how_far_off():
+    result = check.parameter_count(3.4e9, "llama-3.2-3b")
+    assert result.status == "close"
+    assert "5.8% above" in result.message and "±1%" in result.message
+
+
+@pytest.mark.parametrize(("checker", "answer", "phrase"), [
+    (lambda a: check.parameter_count(a, "llama-3.2-3b"), 3.2127e9 + 128256 * 3072, "once"),
+    (lambda a: check.weight_memory(a, "llama-3.2-3b"), 3.2127e9 * 2 / 2**30, "GiB"),
+    (lambda a: check.weight_memory(a, "llama-3.2-3b"), 3.2127e9 * 4 / 1e9, "float32"),
+    (lambda a: check.kv_cache_size(a, "llama-3.2-3b", 8192), 0.9395 / 2, "K and V"),
+    (lambda a: check.kv_cache_size(a, "llama-3.2-3b", 8192), 0.9395 * 3, "num_key_value"),
+    (lambda a: check.ms_per_token(a, 823.4, 145), 145 / 0.8234, "tokens per second"),
+    (lambda a: check.p95_latency(a, LATENCIES), 1543.0, "maximum"),
+    (lambda a: check.littles_law_throughput(a, 0.8, 5), 6.25, "parallel"),
+    (lambda a: check.littles_law_latency(a, 0.8, 5), 0.8, "queue"),
+    (lambda a: check.idle_percent(a, [0, 0, 3, 80, 90, 100]), 0.5, "fraction"),
+    (lambda a: check.effective_cost(a, 3.0, 0.18), 0.54, "divide"),
+])
+def test_known_mistakes_get_a_specific_explanation(checker, answer, phrase):
+    result = checker(answer)
+    assert result.status == "wrong"
+    assert phrase in result.message
+
+
+def test_strict_mode_raises_on_anything_but_correct(monkeypatch):
+    monkeypatch.setenv(check.STRICT_ENV, "1")
+    assert check.ms_per_token(5.679, 823.4, 145)
+    with pytest.raises(check.ExerciseNotPassed, match="not yet"):
+        check.ms_per_token(50, 823.4, 145)
+    with pytest.raises(check.ExerciseNotPassed, match="not answered yet"):
+        check.ms_per_token(None, 823.4, 145)
+
+
+def test_parameter_count_from_config_matches_a_real_model_and_the_3b_figure():
+    model = synthetic.build_synthetic("tiny", torch.device("cpu"), torch.float32)
+    config = synthetic.synthetic_config("tiny")
+    assert memory.parameter_count_from_config(config) == model.num_parameters()
+    three_b = memory.parameter_count_from_config(synthetic.synthetic_config("llama-3.2-3b"))
+    assert round(three_b / 1e9, 2) == 3.21
+
+
+def test_references_come_from_labkit():
+    expected = cost.effective_cost(2.5, 0.3).per_useful_hour
+    assert check.effective_cost(expected, 2.5, 0.3).expected == pytest.approx(expected)
+    config = synthetic.synthetic_config("llama-3.1-8b")
+    kv = memory.kv_cache_bytes(config, torch.bfloat16, 4, 1000) / 2**20
+    assert check.kv_cache_size(kv, "llama-3.1-8b", 1000, batch_size=4, unit="MiB").correct
+
+
+def test_p95_leaves_failed_requests_out():
+    with_failures = LATENCIES + [None, float("nan")]
+    assert check.p95_latency(float(np.percentile(LATENCIES, 95)), with_failures).correct
+
+
+def test_p95_other_percentile_definition_is_named():
+    answer = float(np.percentile(LATENCIES, 95, method="lower"))
+    assert "linear interpolation" in check.p95_latency(answer, LATENCIES).message
+
+
+def test_timeline_answers():
+    assert check.timeline_request_count(2, SPANS, window=(1.5, 4.5)).correct
+    assert check.timeline_request_count(3, SPANS).status == "close"
+    assert check.timeline_idle_gap((2.1, 3.9), SPANS).correct
+    assert check.timeline_idle_gap((2.5, 3.5), SPANS).status == "close"
+    assert "not the longest" in check.timeline_idle_gap((1.0, 1.2), SPANS).message
+    assert check.timeline_idle_gap("soon", SPANS).status == "invalid"
+    assert check.idle_intervals([(0, 2), (1, 3), (5, 6)]) == [(3, 5)]
+
+
+def test_best_batch_size_explains_a_row_over_the_target():
+    result = check.best_batch_size(8, ROWS, 250)
+    assert result.status == "wrong" and "over the 250 ms target" in result.message
+    pandas = pytest.importorskip("pandas")
+    assert check.best_batch_size(8, pandas.DataFrame(ROWS), 500).correct
+
+
+@pytest.mark.parametrize(("call", "match"), [
+    (lambda: check.weight_memory(1, "llama-9"), "unknown shape"),
+    (lambda: check.weight_memory(1, "tiny", unit="gigs"), "unit"),
+    (lambda: check.p95_latency(1, [None]), "no finite values"),
+    (lambda: check.ms_per_token(1, 100, 0), "tokens_generated"),
+    (lambda: check.best_batch_size(1, ROWS, 50), "no measured batch size"),
+    (lambda: check.effective_cost(1, 3.0, 18), "fraction"),
+])
+def test_bad_exercise_inputs_raise_clear_errors(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
