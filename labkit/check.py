@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from labkit import memory, synthetic
+from labkit.sampler import IDLE_THRESHOLD_PCT
 
 STRICT_ENV = "LABKIT_CHECK_STRICT"
 UNITS = {"bytes": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
@@ -332,8 +333,10 @@ def bandwidth_floor(answer, weight_bytes: float, bandwidth_bytes_per_s: float) -
 def p95_latency(answer, latencies_ms: Iterable[float | None]) -> CheckResult:
     """95th percentile of measured latencies (numpy's linear interpolation). Failed requests,
     given as None or NaN, are left out, as DESIGN.md's metric definitions say."""
+    from labkit.loadstats import percentiles
+
     values = _finite_values("latencies_ms", latencies_ms)
-    expected = float(np.percentile(values, 95))
+    expected = percentiles(values, (95,))["p95"]
     mistakes = [(float(np.mean(values)), "That is the mean; p95 is the latency that 95 % of "
                                          "requests beat."),
                 (float(np.median(values)), "That is the median (p50)."),
@@ -392,8 +395,8 @@ def littles_law_latency(answer, single_request_latency_s: float, concurrency: in
 
 # --- 05 utilization and cost -------------------------------------------------------------------
 
-def idle_percent(answer, utilization_trace: Iterable[float], threshold: float = 5.0
-                 ) -> CheckResult:
+def idle_percent(answer, utilization_trace: Iterable[float],
+                 threshold: float = IDLE_THRESHOLD_PCT) -> CheckResult:
     """Percent of samples with utilization below `threshold` % (DESIGN.md's idle fraction)."""
     trace = _finite_values("utilization_trace", utilization_trace)
     expected = 100 * float(np.mean(trace < threshold))
@@ -494,12 +497,9 @@ def timeline_idle_gap(answer, request_spans: Sequence[tuple[float, float]],
 
 def idle_intervals(spans: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
     """Gaps between busy periods (overlapping spans merged), from the first start to last end."""
-    merged: list[list[float]] = []
-    for start, end in sorted(spans):
-        if merged and start <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], end)
-        else:
-            merged.append([start, end])
+    from labkit.plots import merge_spans
+
+    merged = merge_spans(spans)
     return [(a[1], b[0]) for a, b in zip(merged, merged[1:], strict=False)]
 
 
