@@ -1,0 +1,96 @@
+"""The /generate request contract: which JSON is valid, and the 4xx error for each way it is not.
+
+Every client error is an `ApiError(status, message)`: the server turns it into
+`{"error": message}` with that status. Messages say what is wrong and show the valid form.
+Unknown fields are rejected (400), so a typo such as `max_token` cannot silently fall back to a
+default and skew a measurement.
+"""
+
+from __future__ import annotations
+
+import json
+
+from labkit.backend import GenerationRequest
+
+MAX_BODY_BYTES = 1024 * 1024  # 1 MiB
+DEFAULTS = {"max_tokens": 150, "temperature": 0.7, "top_p": None, "seed": None}
+FIELDS = ("prompt", *DEFAULTS)
+EXAMPLE = '{"prompt": "Suggest a skincare routine", "max_tokens": 150, "temperature": 0.7}'
+VALID_FORM = (f"Send a JSON object like {EXAMPLE}; fields: prompt (required, non-empty string), "
+              "max_tokens (integer, default 150), temperature (0 to 2, default 0.7, 0 = greedy), "
+              "top_p (in (0, 1], optional), seed (integer, optional).")
+ENDPOINTS = "GET /, GET /health, POST /generate, GET /stats"
+
+
+class ApiError(Exception):
+    """A request the server refuses, with the HTTP status to answer."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def check_content_type(content_type: str) -> None:
+    if content_type != "application/json":
+        raise ApiError(415, f"Content-Type must be application/json, got "
+                            f"{content_type or 'none'!r}. With curl add "
+                            f"-H 'Content-Type: application/json'. {VALID_FORM}")
+
+
+def parse_generate_body(body: bytes, max_tokens_limit: int) -> GenerationRequest:
+    """Validate a /generate body (already size-checked) into a GenerationRequest."""
+    try:
+        data = json.loads(body)
+    except UnicodeDecodeError:
+        raise ApiError(400, f"Body is not UTF-8 text. {VALID_FORM}") from None
+    except json.JSONDecodeError as err:
+        raise ApiError(400, f"Body is not valid JSON ({err}). {VALID_FORM}") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, f"Body must be a JSON object, got a JSON {_json_type(data)}. "
+                            f"{VALID_FORM}")
+    unknown = sorted(set(data) - set(FIELDS))
+    if unknown:
+        raise ApiError(400, f"Unknown field(s): {', '.join(map(repr, unknown))}. Valid fields: "
+                            f"{', '.join(FIELDS)}. {VALID_FORM}")
+    prompt = data.get("prompt")
+    if "prompt" not in data:
+        raise ApiError(400, f"Missing field 'prompt'. {VALID_FORM}")
+    if not isinstance(prompt, str):
+        raise ApiError(400, f"'prompt' must be a string, got a JSON {_json_type(prompt)}. "
+                            f"{VALID_FORM}")
+    if not prompt.strip():
+        raise ApiError(400, f"'prompt' is empty. {VALID_FORM}")
+    values = {**DEFAULTS, **{k: v for k, v in data.items() if k != "prompt"}}
+    _check_generation_args(values, max_tokens_limit)
+    seed = values["seed"]
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ApiError(400, f"seed must be a non-negative integer or null, got {seed!r}")
+    return GenerationRequest(prompt=prompt, max_tokens=values["max_tokens"],
+                             temperature=float(values["temperature"]),
+                             top_p=None if values["top_p"] is None else float(values["top_p"]),
+                             seed=seed)
+
+
+def _check_generation_args(values: dict, max_tokens_limit: int) -> None:
+    # The ranges live in engine.validate_generation_args (one home), imported here lazily so
+    # that the server can listen before torch has been imported.
+    from labkit.engine import validate_generation_args
+
+    try:
+        validate_generation_args(values["max_tokens"], values["temperature"], values["top_p"],
+                                 max_tokens_limit=max_tokens_limit)
+    except ValueError as err:
+        hint = ""
+        if "max_tokens" in str(err):
+            hint = f" This server's limit is {max_tokens_limit} (labkit serve --max-tokens-limit)."
+        raise ApiError(400, f"{err}.{hint}") from None
+
+
+def _json_type(value) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
+            float: "number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def error_body(message: str, **extra) -> str:
+    return json.dumps({"error": message, **extra})

@@ -1,0 +1,116 @@
+"""What the server asks of a model: check a prompt, generate one completion, free memory.
+
+The HTTP layer and the scheduler only see this small interface, so tests can serve a stub
+(an injected delay, a fake out-of-memory error) through the very same server code, and a batched
+backend (issue 6) can sit behind the same scheduler interface later.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import gc
+import logging
+from dataclasses import dataclass
+from typing import Protocol
+
+log = logging.getLogger("labkit.server")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One validated /generate request (see labkit.api for the JSON it comes from)."""
+
+    prompt: str
+    max_tokens: int = 150
+    temperature: float = 0.7
+    top_p: float | None = None
+    seed: int | None = None
+
+
+class Backend(Protocol):
+    """A loaded model, as the server uses it. `generate` blocks; it runs off the event loop."""
+
+    name: str  # shown in every response ("... (synthetic: ...)" for synthetic models)
+    synthetic: bool
+    device: str  # "cpu" or "cuda"/"cuda:N": where generation runs
+    gpu_name: str | None  # the card generation runs on; None on the CPU
+    context_length: int
+    load_time_s: float
+
+    def check_prompt(self, prompt: str, max_tokens: int) -> int:
+        """Prompt tokens; raises engine.PromptTooLongError when it cannot fit the context."""
+
+    def generate(self, request: GenerationRequest):
+        """Run one generation; returns an engine.GenerationResult."""
+
+    def free_memory(self) -> None:
+        """Release cached device memory (after an out-of-memory error)."""
+
+    def memory_used_gb(self) -> float | None:
+        """GPU memory held by tensors now (torch allocated), None on the CPU."""
+
+
+class ModelBackend:
+    """A `labkit.model.LoadedModel` served with `labkit.engine.generate`."""
+
+    def __init__(self, lm):
+        import torch
+
+        self.lm = lm
+        self.name = lm.name
+        self.synthetic = lm.synthetic
+        self.device = str(lm.device)
+        self.gpu_name = (torch.cuda.get_device_name(lm.device)
+                         if lm.device.type == "cuda" else None)
+        self.context_length = lm.context_length
+        self.load_time_s = lm.load_time_s
+        # Prompt checks run on another thread than generation. A fast tokenizer is a Rust object
+        # that raises "Already borrowed" when two threads use it at once, so the checker gets
+        # its own copy instead of sharing the generation thread's.
+        self._checker = dataclasses.replace(lm, tokenizer=copy.deepcopy(lm.tokenizer))
+
+    def check_prompt(self, prompt: str, max_tokens: int) -> int:
+        from labkit import engine
+
+        return int(engine.encode_prompt(self._checker, prompt, max_tokens).shape[1])
+
+    def generate(self, request: GenerationRequest):
+        from labkit import engine
+
+        return engine.generate(self.lm, request.prompt, max_tokens=request.max_tokens,
+                               temperature=request.temperature, top_p=request.top_p,
+                               seed=request.seed)
+
+    def free_memory(self) -> None:
+        import torch
+
+        gc.collect()
+        if self.lm.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def memory_used_gb(self) -> float | None:
+        import torch
+
+        if self.lm.device.type != "cuda":
+            return None
+        return round(torch.cuda.memory_allocated(self.lm.device) / 1e9, 3)
+
+
+def load_model_backend(source: str = "model", device: str = "auto", dtype: str = "auto",
+                       warmup_runs: int = 1) -> ModelBackend:
+    """Load `source`, log it in the seed's words, and warm it up so the first timed request
+    does not pay for one-off costs (allocator growth, kernel selection, lazy imports)."""
+    from labkit import engine, gpu, synthetic
+    from labkit.model import load_model, resolve_local_path
+
+    where = source if synthetic.is_synthetic(source) else resolve_local_path(source).resolve()
+    log.info("Loading model from %s", where)
+    log.info("%s", gpu.describe())
+    lm = load_model(source, device=device, dtype=dtype)
+    if warmup_runs:
+        engine.warmup(lm, runs=warmup_runs)
+    log.info("Model loaded successfully! %s, %s parameters, %s, on %s, in %.1f s%s",
+             lm.name, f"{lm.num_parameters:,}", str(lm.dtype).removeprefix("torch."),
+             lm.device, lm.load_time_s, f" (+ {warmup_runs} warm-up run)" if warmup_runs else "")
+    return ModelBackend(lm)
