@@ -42,6 +42,11 @@ class GenerationResult:
         return asdict(self)
 
 
+def validate_prompt(prompt) -> None:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("prompt must be a non-empty string")
+
+
 def validate_generation_args(max_tokens, temperature, top_p, max_tokens_limit: int | None = None):
     """Raise ValueError naming the argument and its valid range."""
     limit = max_tokens_limit or 1_000_000
@@ -103,14 +108,13 @@ class _TokenClock(BaseStreamer):
 def generate(lm: LoadedModel, prompt: str, max_tokens: int = 150, temperature: float = 0.7,
              top_p: float | None = None, seed: int | None = None) -> GenerationResult:
     """Generate one completion and time it. temperature=0 is greedy."""
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError("prompt must be a non-empty string")
+    validate_prompt(prompt)
     validate_generation_args(max_tokens, temperature, top_p)
     input_ids = encode_prompt(lm, prompt, max_tokens).to(lm.device)
     if seed is not None:
         torch.manual_seed(seed)
     clock = _TokenClock()
-    _sync(lm.device)
+    synchronize(lm.device)
     started = time.perf_counter()
     with torch.inference_mode():
         output = lm.model.generate(
@@ -118,10 +122,11 @@ def generate(lm: LoadedModel, prompt: str, max_tokens: int = 150, temperature: f
             streamer=clock, pad_token_id=lm.tokenizer.pad_token_id,
             **sampling_kwargs(lm, max_tokens, temperature, top_p),
         )
-    _sync(lm.device)
+    synchronize(lm.device)
     finished = time.perf_counter()
     new_ids = output[0, input_ids.shape[1]:].tolist()
-    return _result(lm, prompt, input_ids.shape[1], new_ids, started, clock.times, finished)
+    first = clock.times[0] if clock.times else finished
+    return build_result(lm, prompt, input_ids.shape[1], new_ids, started, first, finished)
 
 
 def sampling_kwargs(lm: LoadedModel, max_tokens: int, temperature: float,
@@ -154,13 +159,22 @@ def warmup(lm: LoadedModel, runs: int = 1, max_tokens: int = 8) -> None:
         generate(lm, "Warm-up", max_tokens=max_tokens, temperature=0)
 
 
-def _result(lm, prompt, prompt_tokens, new_ids, started, token_times, finished):
-    eos = lm.tokenizer.eos_token_id
-    stopped = bool(new_ids) and new_ids[-1] == eos and not lm.synthetic
+def stop_token_ids(lm: LoadedModel) -> set[int]:
+    """Ids that end a generation: those of the model's generation config, as `generate` uses
+    them (one id or a list). Synthetic models have none: they never stop early."""
+    configured = None if lm.synthetic else lm.model.generation_config.eos_token_id
+    ids = configured if isinstance(configured, (list, tuple)) else [configured]
+    return {i for i in ids if i is not None}
+
+
+def build_result(lm: LoadedModel, prompt: str, prompt_tokens: int, new_ids: list[int],
+                 started: float, first_token_at: float, finished: float) -> GenerationResult:
+    """Result of one request from its new ids (a final stop token is not counted) and host
+    times (perf_counter): start, first token on the CPU, last token on the CPU."""
+    stopped = bool(new_ids) and new_ids[-1] in stop_token_ids(lm)
     n = len(new_ids) - (1 if stopped else 0)
-    first = token_times[0] if token_times else finished
     total_ms = (finished - started) * 1000
-    ttft_ms = (first - started) * 1000
+    ttft_ms = (first_token_at - started) * 1000
     tpot = (total_ms - ttft_ms) / (n - 1) if n > 1 else None
     return GenerationResult(
         generated_text=decode(lm, new_ids), prompt=prompt, tokens_generated=n,
@@ -173,6 +187,7 @@ def _result(lm, prompt, prompt_tokens, new_ids, started, token_times, finished):
     )
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so a host clock read next measures it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -1,0 +1,160 @@
+"""Batched generation: many requests share each forward pass of the model.
+
+One prefill runs every prompt at once, then each decode step runs one forward for all rows still
+generating, over a shared KV cache (`DynamicCache`). Prompts are left-padded so every row's next
+token sits in the last column; the attention mask hides the padding and per-row position ids
+give each token the position it would have alone, so a row's logits are those of the same
+request generated on its own (greedy output equals `engine.generate`'s).
+
+Each row keeps its own max_tokens, temperature, top_p and seed. Sampling draws from a per-row
+`torch.Generator` on the model's device, so a seeded request gets the same text whatever else
+shares its batch. Timing is per row: TTFT is batch start → the row's first token on the CPU,
+inference time is batch start → its own last token; a row that stops early is not billed the
+batch's length.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from labkit import engine
+from labkit.engine import GenerationResult
+from labkit.model import LoadedModel
+
+
+@dataclass(frozen=True)
+class BatchRequest:
+    """One request of a batch; the arguments of `engine.generate`. Any object with these
+    attributes will do (e.g. the server's `GenerationRequest`)."""
+
+    prompt: str
+    max_tokens: int = 150
+    temperature: float = 0.7
+    top_p: float | None = None
+    seed: int | None = None
+
+
+def generate_batch(lm: LoadedModel, requests: list[BatchRequest]) -> list[GenerationResult]:
+    """Generate every request in one batch; results in request order. Arguments are checked
+    before anything runs: a bad one raises engine's error, prefixed with the request's index."""
+    prompts = [_encode(lm, i, r) for i, r in enumerate(requests)]
+    if not prompts:
+        return []
+    device, model = lm.device, lm.model
+    input_ids, attention_mask = _left_pad(prompts, lm.tokenizer.pad_token_id or 0, device)
+    # Position of each token in its own prompt; padding gets 0 (masked anyway).
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    temperature = torch.tensor([float(r.temperature) for r in requests], device=device)
+    top_p = torch.tensor([float(r.top_p or 1.0) for r in requests], device=device)
+    generators = [_generator(device, r.seed) if r.temperature > 0 else None for r in requests]
+    stop_ids = engine.stop_token_ids(lm)
+    prefill_kwargs = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+
+    rows = list(range(len(requests)))  # request index of each row still in the batch
+    new_ids: list[list[int]] = [[] for _ in requests]
+    first_at = [0.0] * len(requests)
+    last_at = [0.0] * len(requests)
+    cache = DynamicCache(config=model.config)
+
+    engine.synchronize(device)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                       position_ids=position_ids, past_key_values=cache, use_cache=True,
+                       **prefill_kwargs).logits[:, -1]
+        position_ids = position_ids[:, -1:]
+        while True:
+            tokens = _next_tokens(logits, temperature, top_p, [generators[i] for i in rows])
+            host_tokens = tokens.tolist()  # waits for the device, so the clock reads after it
+            now = time.perf_counter()
+            keep = []
+            for row, (i, token) in enumerate(zip(rows, host_tokens, strict=True)):
+                if not new_ids[i]:
+                    first_at[i] = now
+                new_ids[i].append(token)
+                last_at[i] = now
+                if token not in stop_ids and len(new_ids[i]) < requests[i].max_tokens:
+                    keep.append(row)
+            if not keep:
+                break
+            if len(keep) < len(rows):
+                # Finished rows leave the batch: later steps compute only live rows, which
+                # shrinks the tail when lengths differ. The price is one copy of the KV cache
+                # per step in which some row finishes, no more than one step's cache reads.
+                index = torch.tensor(keep, device=device)
+                cache.batch_select_indices(index)
+                attention_mask, position_ids = attention_mask[index], position_ids[index]
+                tokens, temperature, top_p = tokens[index], temperature[index], top_p[index]
+                rows = [rows[row] for row in keep]
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], 1)
+            position_ids = position_ids + 1
+            logits = model(input_ids=tokens[:, None], attention_mask=attention_mask,
+                           position_ids=position_ids, past_key_values=cache,
+                           use_cache=True).logits[:, -1]
+
+    return [engine.build_result(lm, r.prompt, prompts[i].numel(), new_ids[i], started,
+                                first_at[i], last_at[i]) for i, r in enumerate(requests)]
+
+
+def _encode(lm: LoadedModel, index: int, request: BatchRequest) -> torch.Tensor:
+    """Prompt ids of one request, checked exactly as `engine.generate` checks its arguments."""
+    try:
+        engine.validate_prompt(request.prompt)
+        engine.validate_generation_args(request.max_tokens, request.temperature, request.top_p)
+        return engine.encode_prompt(lm, request.prompt, request.max_tokens)[0]
+    except ValueError as err:  # PromptTooLongError included: keep the type, name the request
+        raise type(err)(f"request {index}: {err}") from None
+
+
+def _left_pad(prompts: list[torch.Tensor], pad_id: int, device: torch.device):
+    """(input_ids, attention_mask), both (batch, longest prompt), prompts aligned to the right."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids):] = ids
+        attention_mask[row, width - len(ids):] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def _generator(device: torch.device, seed: int | None) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()  # non-deterministic, like an unseeded engine.generate
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+def _next_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
+                 generators: list[torch.Generator | None]) -> torch.Tensor:
+    """Next token of each row: argmax where temperature is 0, else a draw from the row's
+    temperature-scaled distribution cut to its top-p nucleus, by its own generator."""
+    logits = logits.float()  # as `generate` does, whatever the model's dtype
+    greedy = logits.argmax(-1)
+    if all(g is None for g in generators):
+        return greedy
+    scale = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
+    probs, order = torch.softmax(logits / scale[:, None], -1).sort(-1, descending=True)
+    # Nucleus: keep the most likely tokens until their mass reaches top_p (the first always).
+    outside = (probs.cumsum(-1) - probs >= top_p[:, None]) & (top_p[:, None] < 1)
+    cdf = probs.masked_fill(outside, 0).cumsum(-1)
+    # Inverse-CDF sampling with one uniform per row drawn from that row's generator only, so a
+    # row's draws do not depend on which other rows share the batch.
+    zero = torch.zeros((), device=logits.device)
+    uniform = torch.stack([zero if g is None else torch.rand((), generator=g, device=g.device)
+                           for g in generators])
+    pick = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None]).clamp(max=cdf.shape[1] - 1)
+    sampled = order.gather(-1, pick).squeeze(-1)
+    return torch.where(temperature > 0, sampled, greedy)
+
+
+def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the prefill can skip the vocabulary projection for all but the last position
+    (B × prompt × vocab logits would otherwise dominate prefill memory)."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
