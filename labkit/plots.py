@@ -8,8 +8,10 @@ in Jupyter. Each function returns the Figure; in IPython it displays as a PNG.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -22,6 +24,8 @@ from labkit.sampler import (
     IDLE_THRESHOLD_PCT,
     Mark,
     Sampler,
+    loadtest_t0,
+    request_spans,
     summarize,
 )
 
@@ -314,7 +318,8 @@ class LiveTimeline:
     Updates go through an IPython display handle (`display(..., display_id=True)` then
     `handle.update(...)`), so they appear live in JupyterLab, and the last one stays in the saved
     notebook under nbclient/nbval. `watch(fn)` runs fn in a worker thread and redraws from the
-    calling thread; inside a plain `with` block a background thread redraws instead. The final
+    calling thread; when fn returns a load test result, its requests are added to the sampler's
+    marks (shaded). Inside a plain `with` block a background thread redraws instead. The final
     redraw always happens in the calling thread on exit. Outside IPython nothing is displayed;
     the final figure is still kept (and saved to `save_to` if given).
 
@@ -350,8 +355,6 @@ class LiveTimeline:
     def _marks(self) -> list[Mark]:
         marks = list(self.sampler.marks)
         if self.requests is not None:
-            from labkit.sampler import request_spans
-
             marks += [Mark(s, e, "request") for s, e in request_spans(self.requests())]
         return marks
 
@@ -401,6 +404,7 @@ class LiveTimeline:
         def target() -> None:
             try:
                 outcome["result"] = fn(*args, **kwargs)
+                outcome["returned_at"] = time.perf_counter()
             except BaseException as err:
                 outcome["error"] = err
 
@@ -412,7 +416,12 @@ class LiveTimeline:
                 self.update()
         if "error" in outcome:
             raise outcome["error"]
-        return outcome.get("result")
+        result = outcome.get("result")
+        if getattr(result, "records", None):  # a load test: shade its requests from now on
+            t0 = loadtest_t0(result, outcome["returned_at"])
+            with contextlib.suppress(ValueError, TypeError):
+                self.sampler.add_requests(result, t0=t0)
+        return result
 
     def __exit__(self, *exc) -> None:
         self._stop.set()

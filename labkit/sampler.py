@@ -358,14 +358,43 @@ def _field(record: Any, keys: Iterable[str]) -> float | None:
     return None
 
 
-def request_spans(requests: Any) -> list[tuple[float, float]]:
+def loadtest_t0(result: Any, returned_at: float | None = None) -> float | None:
+    """The perf_counter time a load test's relative record times (sent_s, done_s) count from:
+    `result.t0` when the result carries it; else, given the perf_counter time at which run()
+    returned, that time minus the last completion (off by the client's close-down, a few ms,
+    far below the 100 ms sampling interval)."""
+    t0 = getattr(result, "t0", None)
+    if isinstance(t0, (int, float)):
+        return float(t0)
+    done = [_field(r, ("done_s",)) for r in getattr(result, "records", ())]
+    done = [d for d in done if d is not None]
+    if returned_at is None or not done:
+        return None
+    return returned_at - max(done)
+
+
+def request_spans(requests: Any, t0: float | None = None) -> list[tuple[float, float]]:
     """(send, finish) perf_counter pairs from a load test result (its `.records`), a list of
-    records (dicts or objects with send/finish times, or send time + latency_ms), or pairs."""
+    records, or (send, finish) pairs. Records may carry absolute times (send_time/finish_time,
+    or send_time + latency_ms) or times relative to the test's start (sent_s or due_s, done_s:
+    labkit.loadtest's), which need `t0` (see `loadtest_t0`) unless the result has `.t0`."""
     records = getattr(requests, "records", requests)
+    if t0 is None:
+        t0 = loadtest_t0(requests)
     spans = []
     for rec in records:
         if isinstance(rec, (tuple, list)) and len(rec) == 2:
             spans.append((float(rec[0]), float(rec[1])))
+            continue
+        done = _field(rec, ("done_s",))
+        if done is not None:  # relative to the load test's start
+            if t0 is None:
+                raise ValueError("these request times are relative to the load test's start: "
+                                 "pass t0=loadtest_t0(result, returned_at=<perf_counter when "
+                                 "run() returned>)")
+            start = _field(rec, ("sent_s", "due_s"))
+            if start is not None:
+                spans.append((t0 + start, t0 + done))
             continue
         start, end = _field(rec, _START_KEYS), _field(rec, _END_KEYS)
         if end is None and start is not None:
@@ -487,9 +516,10 @@ class Sampler:
         self.marks.append(m)
         return m
 
-    def add_requests(self, requests: Any, label: str = "request") -> int:
-        """Add each request of a load test (result, records or (send, finish) pairs) as a span."""
-        spans = request_spans(requests)
+    def add_requests(self, requests: Any, label: str = "request", t0: float | None = None) -> int:
+        """Add each request of a load test (result, records or (send, finish) pairs) as a span;
+        see `request_spans` for the record formats and `t0`."""
+        spans = request_spans(requests, t0)
         self.marks.extend(Mark(s, e, label) for s, e in spans)
         return len(spans)
 

@@ -8,7 +8,12 @@ metric is asked for once and then skipped.
 
 from __future__ import annotations
 
+import json
+import threading
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 from typing import Any
 
@@ -167,3 +172,29 @@ class FakeClock:
     def sleep(self, seconds: float) -> None:
         self.slept.append(seconds)
         self.t += seconds
+
+
+@contextmanager
+def scripted_stats_server() -> Iterator[tuple[str, list[dict]]]:
+    """A tiny HTTP server whose GET /stats returns the next scripted 'server' block (then {}).
+    Yields (base URL, script list to fill)."""
+    script: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            body = json.dumps({"gpu_name": None, "server": script.pop(0) if script else {}})
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_port}", script
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import json
 import math
-import threading
 import time
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from fake_nvml import FakeClock, FakeNvml
+from fake_nvml import FakeClock, FakeNvml, scripted_stats_server
 
 import labkit.gpu
 from labkit.gpu import CPU_MODE_LABEL, NoGpuError, NvmlBackend, Sampler, ServerStatsBackend
-from labkit.sampler import Mark, open_backend, request_spans, stats_url
+from labkit.sampler import Mark, loadtest_t0, open_backend, request_spans, stats_url
 
 
 def sampler_for(lib: FakeNvml, **kwargs) -> Sampler:
@@ -214,6 +212,25 @@ def test_marks_and_request_spans():
     assert s.marks[-1] == Mark(3.0, 3.5, "request")
 
 
+def test_spans_from_a_labkit_load_test_result():
+    from labkit.loadstats import LoadTestResult, RequestRecord
+
+    def rec(i, sent, done, ok=True):
+        return RequestRecord(index=i, url="u", due_s=sent, sent_s=sent, done_s=done,
+                             latency_ms=(done - sent) * 1000, status=200 if ok else None, ok=ok)
+
+    result = LoadTestResult([rec(0, 0.0, 1.0), rec(1, 0.001, 2.5), rec(2, 1.0, 3.0, ok=False)],
+                            {})
+    with pytest.raises(ValueError, match="t0"):
+        request_spans(result)  # relative times and no t0: refuse to guess
+    t0 = loadtest_t0(result, returned_at=103.0)  # run() returned just after the last completion
+    assert t0 == pytest.approx(100.0)
+    assert request_spans(result, t0) == [(100.0, 101.0), (100.001, 102.5), (101.0, 103.0)]
+    result.t0 = 50.0  # a result that carries its own start wins over the estimate
+    assert loadtest_t0(result, returned_at=103.0) == 50.0
+    assert request_spans(result)[0] == (50.0, 51.0)
+
+
 # ------------------------------------------------------------------------- choosing a backend
 
 
@@ -246,24 +263,8 @@ def test_unreachable_server_is_a_clear_error():
 
 @pytest.fixture
 def scripted_stats():
-    """A tiny HTTP server whose /stats returns the next scripted 'server' block."""
-    script: list[dict] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 (http.server's name)
-            body = json.dumps({"gpu_name": None, "server": script.pop(0) if script else {}})
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.end_headers()
-            self.wfile.write(body.encode())
-
-        def log_message(self, *args):
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_port}", script
-    httpd.shutdown()
+    with scripted_stats_server() as server:
+        yield server
 
 
 def test_cpu_mode_busy_percent_from_busy_seconds_deltas(scripted_stats):

@@ -156,6 +156,24 @@ def test_live_timeline_outside_ipython_keeps_the_final_figure(tmp_path):
         live.watch(lambda: 1 / 0)
 
 
+def test_watching_a_load_test_shades_its_requests():
+    from labkit.loadstats import LoadTestResult, RequestRecord
+
+    def fake_load_test():
+        time.sleep(0.3)
+        return LoadTestResult([RequestRecord(index=0, url="u", due_s=0.0, sent_s=0.0,
+                                             done_s=0.2, latency_ms=200.0, status=200, ok=True)],
+                              {})
+
+    sampler = Sampler(interval=0.02, backend=NvmlBackend(FakeNvml()))
+    with LiveTimeline(sampler, refresh=0.1) as live:
+        result = live.watch(fake_load_test)
+    (mark,) = sampler.marks
+    assert mark.end - mark.start == pytest.approx(0.2)
+    assert abs(mark.end - time.perf_counter()) < 1.0
+    assert result.records and len(live.figure.axes[0].patches) == 1
+
+
 def test_live_timeline_with_a_running_sampler_and_marks():
     sampler = Sampler(interval=0.02, backend=NvmlBackend(FakeNvml())).start()
     with LiveTimeline(sampler, refresh=0.1,
