@@ -34,6 +34,9 @@ GPM_LINES = {  # column -> (legend label, color)
     "tensor_activity": ("tensor activity (GPM)", "tab:red"),
     "dram_bw": ("DRAM bandwidth (GPM)", "tab:brown"),
 }
+# A utilization value describes the period that ends when it is read (the driver's sample period,
+# the interval between GPM samples or /stats polls): draw it as a step over that period.
+STEPS = "steps-pre"
 OUTSIDE = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0), "fontsize": 8}  # legend placement
 
 
@@ -107,17 +110,18 @@ def plot_timeline(
     if cpu_mode:
         busy = _column(frame, "busy_pct")
         if busy is not None:
-            top.plot(x, busy, color="tab:blue", lw=1.2, label="inference worker busy")
+            top.plot(x, busy, color="tab:blue", lw=1.2, label="inference worker busy",
+                     drawstyle=STEPS)
         top.set_ylabel("worker busy, %\n(CPU mode: not GPU utilization)")
     else:
         util = _column(frame, "gpu_util")
         if util is not None:
-            top.plot(x, util, color="tab:blue", lw=1.2,
+            top.plot(x, util, color="tab:blue", lw=1.2, drawstyle=STEPS,
                      label="GPU utilization (any kernel running)")
         for col, (label, color) in GPM_LINES.items():
             values = _column(frame, col)
             if values is not None:
-                top.plot(x, values, lw=1, color=color, label=label)
+                top.plot(x, values, lw=1, color=color, label=label, drawstyle=STEPS)
         top.set_ylabel("percent of time / of the chip, %")
     top.axhline(IDLE_THRESHOLD_PCT, color="0.5", ls="--", lw=0.8,
                 label=f"idle threshold ({IDLE_THRESHOLD_PCT:g} %)")
