@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import subprocess
 import sys
@@ -124,3 +125,20 @@ def test_real_command_on_a_machine_without_nvml():
                           capture_output=True, text=True, timeout=60, cwd=REPO)
     assert proc.returncode == 1
     assert "NVML is not available" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_benchmark_parses_nvidia_smi_dmon_output():
+    spec = importlib.util.spec_from_file_location(
+        "monitor_vs_dmon", REPO / "benchmarks" / "monitor_vs_dmon.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    dmon = """# gpu     sm    mem    enc    dec    jpg    ofa
+# Idx      %      %      %      %      %      %
+    0     23      5      0      0      0      0
+    0      -      5      0      0      0      0
+# gpu     sm    mem    enc    dec    jpg    ofa
+# Idx      %      %      %      %      %      %
+    0    100     40      0      0      0      0
+"""
+    assert bench.parse_dmon(dmon) == [23.0, None, 100.0]
+    assert bench.mean([23.0, None, 100.0]) == 61.5
