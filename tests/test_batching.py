@@ -1,0 +1,187 @@
+"""Batched generation: each row gets what it would get alone, its own length, timing and RNG."""
+
+import pytest
+import torch
+
+from labkit import engine
+from labkit.batching import BatchRequest, _next_tokens, generate_batch
+from labkit.engine import PromptTooLongError
+from labkit.model import load_model
+
+# Different lengths, so the batch is left-padded.
+PROMPTS = [
+    "Suggest a skincare routine",
+    "Suggest a skincare routine for dry, flaky skin in winter, with a gentle cleanser",
+    "What does niacinamide do?",
+    "Oily skin",
+]
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return load_model("model", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("synthetic:tiny", device="cpu")
+
+
+def greedy_ids(lm, prompt: str, max_tokens: int) -> list[int]:
+    ids = engine.encode_prompt(lm, prompt, max_tokens)
+    with torch.inference_mode():
+        out = lm.model.generate(ids, attention_mask=torch.ones_like(ids),
+                                pad_token_id=lm.tokenizer.pad_token_id,
+                                **engine.sampling_kwargs(lm, max_tokens, 0, None))
+    return out[0, ids.shape[1]:].tolist()
+
+
+def assert_same_as_alone(batched, alone):
+    assert batched.generated_text == alone.generated_text
+    assert batched.tokens_generated == alone.tokens_generated
+    assert batched.finish_reason == alone.finish_reason
+    assert batched.prompt_tokens == alone.prompt_tokens
+
+
+def test_greedy_batch_equals_sequential_with_mixed_lengths(lm):
+    max_tokens = [60, 12, 35, 1]
+    results = generate_batch(lm, [BatchRequest(p, m, temperature=0)
+                                  for p, m in zip(PROMPTS, max_tokens, strict=True)])
+    assert [r.prompt for r in results] == PROMPTS
+    for prompt, m, batched in zip(PROMPTS, max_tokens, results, strict=True):
+        assert_same_as_alone(batched, engine.generate(lm, prompt, m, temperature=0))
+        assert 1 <= batched.tokens_generated <= m
+
+
+def test_batch_of_one_equals_sequential(lm):
+    [batched] = generate_batch(lm, [BatchRequest(PROMPTS[1], 40, temperature=0)])
+    assert_same_as_alone(batched, engine.generate(lm, PROMPTS[1], 40, temperature=0))
+
+
+@pytest.fixture
+def stop_on_token(lm):
+    """Make a token of one prompt's greedy continuation the model's EOS, so that request stops at
+    a known step whatever the trained model does; yields (row, step), restores the EOS after."""
+    config = lm.model.generation_config
+    saved, config.eos_token_id = config.eos_token_id, None  # continuations with no stop
+    try:
+        for row, prompt in enumerate(PROMPTS):
+            ids = greedy_ids(lm, prompt, 30)
+            steps = [k for k in range(3, 30) if ids[k] not in ids[:k]]
+            if steps:
+                config.eos_token_id = ids[steps[0]]
+                yield row, steps[0]
+                break
+        else:
+            pytest.fail("no prompt's greedy continuation has a new token after step 3")
+    finally:
+        config.eos_token_id = saved
+
+
+def test_row_that_stops_early_is_billed_its_own_tokens(lm, stop_on_token):
+    row, step = stop_on_token
+    results = generate_batch(lm, [BatchRequest(p, 30, temperature=0) for p in PROMPTS])
+    stopped = results[row]
+    assert stopped.finish_reason == "stop" and stopped.tokens_generated == step
+    for prompt, batched in zip(PROMPTS, results, strict=True):
+        assert_same_as_alone(batched, engine.generate(lm, prompt, 30, temperature=0))
+    longest = max(results, key=lambda r: r.tokens_generated)
+    assert longest.tokens_generated > stopped.tokens_generated
+    assert stopped.inference_time_ms < longest.inference_time_ms
+
+
+def test_synthetic_rows_generate_exactly_their_max_tokens(tiny):
+    requests = [BatchRequest("hello", 1, 0), BatchRequest("a longer synthetic prompt", 33, 0.8),
+                BatchRequest("hi", 7, 0, seed=3), BatchRequest("x y z", 20, 1.2, 0.9, seed=4)]
+    results = generate_batch(tiny, requests)
+    for request, r in zip(requests, results, strict=True):
+        assert r.tokens_generated == request.max_tokens
+        assert r.finish_reason == "length" and r.synthetic and "synthetic" in r.model
+    for request in requests[:1] + requests[2:3]:  # the greedy rows
+        batched = results[requests.index(request)]
+        assert_same_as_alone(batched, engine.generate(tiny, request.prompt, request.max_tokens, 0))
+
+
+def test_seeded_sampling_does_not_depend_on_the_rest_of_the_batch(lm):
+    # Rows of different lengths drop out of the batch at different steps, so the remaining
+    # rows are re-indexed mid-generation: each must keep drawing from its own generator.
+    requests = [BatchRequest(PROMPTS[0], 40, 1.0, seed=7), BatchRequest(PROMPTS[1], 5, 0.8),
+                BatchRequest(PROMPTS[2], 40, 1.3, 0.95, seed=11), BatchRequest(PROMPTS[3], 9, 0),
+                BatchRequest(PROMPTS[0], 40, 1.0, seed=7)]
+    batched = generate_batch(lm, requests)
+    for i in (0, 2):
+        [alone] = generate_batch(lm, [requests[i]])
+        assert batched[i].generated_text == alone.generated_text
+    assert batched[4].generated_text == batched[0].generated_text  # same seed, same draws
+    [other_seed] = generate_batch(lm, [BatchRequest(PROMPTS[0], 40, 1.0, seed=8)])
+    assert other_seed.generated_text != batched[0].generated_text
+
+
+def test_tiny_top_p_is_greedy(lm):
+    [nucleus] = generate_batch(lm, [BatchRequest(PROMPTS[2], 30, temperature=1.5, top_p=1e-6)])
+    assert_same_as_alone(nucleus, engine.generate(lm, PROMPTS[2], 30, temperature=0))
+
+
+def test_sampling_follows_temperature_and_top_p():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().expand(4000, 4)
+    generators = [torch.Generator().manual_seed(i) for i in range(4000)]
+
+    def frequencies(temperature: float, top_p: float) -> torch.Tensor:
+        tokens = _next_tokens(logits, torch.full((4000,), temperature), torch.full((4000,), top_p),
+                              generators)
+        return (torch.bincount(tokens, minlength=4) / 4000).tolist()
+
+    assert frequencies(1.0, 1.0) == pytest.approx(probs.tolist(), abs=0.03)
+    flat = torch.softmax(probs.log() / 2, -1)
+    assert frequencies(2.0, 1.0) == pytest.approx(flat.tolist(), abs=0.03)
+    # Nucleus 0.7: tokens 0 and 1 (0.5 < 0.7 <= 0.8), renormalised.
+    assert frequencies(1.0, 0.7) == pytest.approx([0.625, 0.375, 0, 0], abs=0.03)
+
+
+def test_timing_is_per_row(tiny):
+    requests = [BatchRequest("a", 5, 0), BatchRequest("b c d", 40, 0), BatchRequest("e", 20, 0.7)]
+    results = generate_batch(tiny, requests)
+    ttfts = {r.time_to_first_token_ms for r in results}
+    assert len(ttfts) == 1  # every row's first token comes out of the same prefill
+    short, long_, mid = results
+    assert 0 < short.time_to_first_token_ms < short.inference_time_ms
+    assert short.inference_time_ms < mid.inference_time_ms < long_.inference_time_ms
+    for r in results:
+        assert r.tokens_per_second == pytest.approx(
+            r.tokens_generated / (r.inference_time_ms / 1000), rel=0.02)
+        assert r.time_per_output_token_ms == pytest.approx(
+            (r.inference_time_ms - r.time_to_first_token_ms) / (r.tokens_generated - 1), abs=0.01)
+    [one] = generate_batch(tiny, [BatchRequest("a", 1, 0)])
+    assert one.tokens_generated == 1 and one.time_per_output_token_ms is None
+
+
+BAD_ARGUMENTS = [
+    {"max_tokens": 0}, {"max_tokens": 1.5}, {"max_tokens": "10"}, {"max_tokens": True},
+    {"temperature": -0.1}, {"temperature": 2.5}, {"temperature": "hot"},
+    {"temperature": float("nan")}, {"top_p": 0}, {"top_p": 1.2}, {"top_p": "x"},
+    {"prompt": ""}, {"prompt": "   "}, {"prompt": None}, {"prompt": 42},
+]
+
+
+@pytest.mark.parametrize("kwargs", BAD_ARGUMENTS)
+def test_bad_arguments_raise_engines_error_naming_the_request(tiny, kwargs):
+    arguments = {"prompt": "hello", **kwargs}
+    with pytest.raises(ValueError) as alone:
+        engine.generate(tiny, **arguments)
+    good = BatchRequest("hello", 3)
+    with pytest.raises(ValueError) as batched:
+        generate_batch(tiny, [good, BatchRequest(**arguments)])
+    assert type(batched.value) is type(alone.value)
+    assert str(batched.value) == f"request 1: {alone.value}"
+
+
+def test_prompt_too_long_names_the_request(lm):
+    requests = [BatchRequest("hello", 3), BatchRequest("hi", 3),
+                BatchRequest("dry skin " * 2000, 10)]
+    with pytest.raises(PromptTooLongError, match=r"^request 2: .*context"):
+        generate_batch(lm, requests)
+
+
+def test_empty_batch_returns_nothing(tiny):
+    assert generate_batch(tiny, []) == []
