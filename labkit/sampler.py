@@ -118,7 +118,7 @@ class NvmlBackend:
         self.power_kind = "instant"  # becomes "average" if the instantaneous field is missing
         cols = ["gpu_util", "mem_util", "mem_used_gb", "mem_total_gb", "power_w", "sm_clock_mhz",
                 "temp_c"]
-        self.columns = tuple(cols + (list(_GPM_METRICS) if self._gpm.enabled else []))
+        self.columns = tuple(cols + (list(self._gpm.metrics) if self._gpm.enabled else []))
 
     def is_unsupported(self, err: BaseException) -> bool:
         """NOT_SUPPORTED / FUNCTION_NOT_FOUND, or a pynvml too old to have the call."""
@@ -189,12 +189,17 @@ class _Gpm:
         self._nvml, self._lib, self._h = nvml, nvml._lib, nvml._handle
         self._min_gap, self._clock, self._sleep = min_gap_s, clock, sleep
         self._samples: list[Any] = []
+        self._ids: dict[str, int] = {}
         self.enabled = False
         try:
             if not self._lib.nvmlGpmQueryDeviceSupport(self._h).isSupportedDevice:
                 self.status = "not supported by this GPU (NVML GPM needs Hopper or newer)"
                 return
-            self._ids = {col: getattr(self._lib, const) for col, const in _GPM_METRICS.items()}
+            # an older pynvml may lack a metric's constant: skip that metric, keep the rest
+            self._ids = {col: getattr(self._lib, const) for col, const in _GPM_METRICS.items()
+                         if hasattr(self._lib, const)}
+            if not self._ids:
+                raise AttributeError("this pynvml has none of the GPM metric constants")
             self._samples = [self._lib.nvmlGpmSampleAlloc(), self._lib.nvmlGpmSampleAlloc()]
             self._lib.nvmlGpmSampleGet(self._h, self._samples[0])
         except Exception as err:
@@ -205,8 +210,12 @@ class _Gpm:
         self.enabled = True
         self.status = "available"
 
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return tuple(self._ids)
+
     def read(self) -> dict[str, Value]:
-        missing: dict[str, Value] = dict.fromkeys(_GPM_METRICS)
+        missing: dict[str, Value] = dict.fromkeys(self._ids)
         shortfall = self._min_gap - (self._clock() - self._prev_t)
         if shortfall > 0:
             # Scheduling jitter at 10 Hz: wait out a few ms rather than lose every other value.

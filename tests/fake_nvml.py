@@ -142,11 +142,11 @@ class FakeNvml:
 
     def nvmlGpmMetricsGet(self, request):
         step = self._step("nvmlGpmMetricsGet")
-        by_id = {self.NVML_GPM_METRIC_SM_UTIL: "sm_activity",
-                 self.NVML_GPM_METRIC_SM_OCCUPANCY: "sm_occupancy",
-                 self.NVML_GPM_METRIC_ANY_TENSOR_UTIL: "tensor_activity",
-                 self.NVML_GPM_METRIC_DRAM_BW_UTIL: "dram_bw"}
-        assert request.version == self.NVML_GPM_METRICS_GET_VERSION
+        by_id = {FakeNvml.NVML_GPM_METRIC_SM_UTIL: "sm_activity",
+                 FakeNvml.NVML_GPM_METRIC_SM_OCCUPANCY: "sm_occupancy",
+                 FakeNvml.NVML_GPM_METRIC_ANY_TENSOR_UTIL: "tensor_activity",
+                 FakeNvml.NVML_GPM_METRIC_DRAM_BW_UTIL: "dram_bw"}
+        assert request.version == FakeNvml.NVML_GPM_METRICS_GET_VERSION
         assert request.sample1 is not request.sample2
         for metric in request.metrics[: request.numMetrics]:
             key = by_id[metric.metricId]
