@@ -1,7 +1,7 @@
 """Does `labkit monitor` agree with `nvidia-smi dmon`? Both run side by side during a load.
 
 Starts `labkit serve` (default synthetic:llama-3.2-3b), keeps it busy with a closed-loop load
-(5 clients, 150-token requests), then runs at the same moment, for --count seconds:
+(2 clients, 150-token requests), then runs at the same moment, for --count seconds:
 
     labkit monitor --count 20 --interval 1 --csv ...
     nvidia-smi dmon -s u -c 20
@@ -39,7 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="synthetic:llama-3.2-3b")
     p.add_argument("--count", type=int, default=20, help="seconds (samples) for both tools")
-    p.add_argument("--concurrency", type=int, default=5)
+    # 2 clients keep a one-at-a-time server always busy (one generating, one queued), and
+    # leave little queued work to drain when the comparison ends
+    p.add_argument("--concurrency", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=150)
     p.add_argument("--warm", type=float, default=3.0, help="seconds of load before measuring")
     p.add_argument("--tolerance", type=float, default=5.0, help="percentage points")
@@ -80,9 +82,9 @@ class Load:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.stop.set()
+        self.stop.set()  # clients finish their current request; daemons, so nobody waits
         for t in self.threads:
-            t.join(timeout=60)
+            t.join(timeout=0.1)
 
 
 def parse_dmon(text: str) -> list[float | None]:
