@@ -41,9 +41,11 @@ def check_content_type(content_type: str) -> None:
 def parse_generate_body(body: bytes, max_tokens_limit: int) -> GenerationRequest:
     """Validate a /generate body (already size-checked) into a GenerationRequest."""
     try:
-        data = json.loads(body)
+        text = body.decode("utf-8")  # explicit: json.loads(bytes) would also guess UTF-16/32
     except UnicodeDecodeError:
         raise ApiError(400, f"Body is not UTF-8 text. {VALID_FORM}") from None
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as err:
         raise ApiError(400, f"Body is not valid JSON ({err}). {VALID_FORM}") from None
     if not isinstance(data, dict):
@@ -61,7 +63,9 @@ def parse_generate_body(body: bytes, max_tokens_limit: int) -> GenerationRequest
                             f"{VALID_FORM}")
     if not prompt.strip():
         raise ApiError(400, f"'prompt' is empty. {VALID_FORM}")
-    values = {**DEFAULTS, **{k: v for k, v in data.items() if k != "prompt"}}
+    # A server started with a limit below the default answers field-less requests at its limit.
+    defaults = {**DEFAULTS, "max_tokens": min(DEFAULTS["max_tokens"], max_tokens_limit)}
+    values = {**defaults, **{k: v for k, v in data.items() if k != "prompt"}}
     _check_generation_args(values, max_tokens_limit)
     seed = values["seed"]
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):

@@ -46,10 +46,12 @@ class ServerProcess:
                  host: str = "127.0.0.1", device: str = "auto", dtype: str = "auto",
                  max_tokens_limit: int = 1024, mode: str = "sequential", warmup: int = 1,
                  extra_args: Sequence[str] = (), env: dict[str, str] | None = None,
-                 echo: bool = False):
+                 echo: bool = False, command: Sequence[str] | None = None):
         self.model = model
         self.host = host
-        self.command = [
+        # `command` replaces `labkit serve` with another server (tests, benchmarks); it must
+        # print "Serving on http://HOST:PORT" and answer GET / with {"model_loaded": ...}.
+        self.command = list(command) if command else [
             sys.executable, "-m", "labkit", "serve", "--model", model, "--host", host,
             "--port", str(0 if port is None else port), "--device", device, "--dtype", dtype,
             "--max-tokens-limit", str(max_tokens_limit), "--mode", mode,
@@ -170,7 +172,7 @@ def launch(model: str = "model", port: int | None = None, *, timeout: float = 30
            **options) -> Iterator[ServerProcess]:
     """Run `labkit serve` for the duration of a `with` block; yields once the model is loaded.
     `port=None` lets the server pick a free one (see `srv.url`). Other keyword arguments: host,
-    device, dtype, max_tokens_limit, mode, warmup, extra_args, env, echo."""
+    device, dtype, max_tokens_limit, mode, warmup, extra_args, env, echo, command."""
     server = ServerProcess(model, port=port, **options).start()
     try:
         server.wait_ready(timeout)

@@ -356,10 +356,12 @@ def _watch_parent(loop: asyncio.AbstractEventLoop, request_stop) -> None:
         loop.call_soon_threadsafe(request_stop, f"parent process {parent} {how}")
 
     def read_stdin() -> None:
+        # os.read, not sys.stdin: a daemon thread blocked inside a buffered reader's lock makes
+        # the interpreter abort at exit ("could not acquire lock ... at interpreter shutdown").
         try:
-            while sys.stdin.buffer.read(4096):
+            while os.read(0, 4096):
                 pass
-        except (OSError, ValueError):
+        except OSError:
             pass
         on_parent_gone("closed our stdin")
 

@@ -18,7 +18,7 @@ class StubBackend:
     synthetic = False
     device = "cpu"
     gpu_name = None
-    context_length = 64  # "tokens" are whitespace-separated words here
+    context_length = 512  # "tokens" are whitespace-separated words here
     load_time_s = 0.0
 
     def __init__(self, delay_s: float = 0.0):

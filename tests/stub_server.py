@@ -1,0 +1,24 @@
+"""Run the real labkit server (labkit.server.serve) with the stub model, as a subprocess:
+`python tests/stub_server.py --delay 1.0`. For signal and lifecycle tests."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from stub_backend import StubBackend
+
+from labkit.server import create_app, serve
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--delay", type=float, default=0.0)
+    parser.add_argument("--watch-parent", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s",
+                        stream=sys.stderr)
+    backend = StubBackend(delay_s=args.delay)
+    sys.exit(asyncio.run(serve(create_app(lambda: backend), "127.0.0.1", 0,
+                               watch_parent=args.watch_parent)))
