@@ -44,13 +44,16 @@ class RequestRecord:
 
     index: int
     url: str
-    due_s: float  # when it should have left (see "send lag")
+    scheduled_s: float  # when it was meant to leave: latency counts from here
     sent_s: float | None  # headers written to the socket; None if it never got that far
     done_s: float  # response fully read, or the error raised
     latency_ms: float
     status: int | None  # HTTP status, None when no response came (timeout, connection)
     ok: bool
     error_type: str | None = None  # "HTTP 503", "timeout", "connection error", ...
+    # When it could leave: `scheduled_s`, or later when it waited for a free concurrency slot
+    # (open loop with a cap). The send lag counts from here.
+    ready_s: float | None = None
     error: str | None = None
     tokens_generated: int | None = None
     prompt_tokens: int | None = None
@@ -66,7 +69,10 @@ class RequestRecord:
 
     @property
     def send_lag_ms(self) -> float | None:
-        return None if self.sent_s is None else (self.sent_s - self.due_s) * 1000
+        if self.sent_s is None:
+            return None
+        ready = self.scheduled_s if self.ready_s is None else self.ready_s
+        return (self.sent_s - ready) * 1000
 
     @property
     def ttft_ms(self) -> float | None:
@@ -146,10 +152,10 @@ class LoadTestResult:
         }
 
     def wall_time_s(self) -> float:
-        """From the first request's due time to the last completion."""
+        """From the first request's scheduled send to the last completion."""
         if not self.records:
             return 0.0
-        return max(r.done_s for r in self.records) - min(r.due_s for r in self.records)
+        return max(r.done_s for r in self.records) - min(r.scheduled_s for r in self.records)
 
     def errors_by_type(self) -> dict[str, dict]:
         errors: dict[str, dict] = {}

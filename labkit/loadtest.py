@@ -163,78 +163,78 @@ class _Client:
     async def open_loop(self, indices: range, rate: float, cap: int | None, seed: int,
                         bar) -> list[RequestRecord]:
         gaps = np.random.default_rng(seed).exponential(1.0 / rate, len(indices))
-        due_times = self.t0 + np.cumsum(gaps) - gaps[0]  # first request leaves at once
+        arrivals = self.t0 + np.cumsum(gaps) - gaps[0]  # the first request leaves at once
         slots = asyncio.Semaphore(cap) if cap else None
         records: list[RequestRecord] = []
 
-        async def one(i: int, due: float) -> None:
+        async def one(i: int, scheduled: float) -> None:
             if slots is None:
-                records.append(await self.send(i, due))
+                records.append(await self.send(i, scheduled))
             else:
                 async with slots:
-                    # Latency still counts from `due`; the send lag counts from when a slot
-                    # freed up, since waiting for a slot is the cap's doing, not the client's.
-                    records.append(await self.send(i, due, max(due, time.perf_counter())))
+                    # Latency still counts from `scheduled`; the send lag from when a slot freed
+                    # up, since waiting for a slot is the cap's doing, not the client's.
+                    ready = max(scheduled, time.perf_counter())
+                    records.append(await self.send(i, scheduled, ready))
             if bar is not None:
                 bar.update(1)
 
         tasks = []
-        for i, due in zip(indices, due_times, strict=True):
-            delay = due - time.perf_counter()
+        for i, scheduled in zip(indices, arrivals, strict=True):
+            delay = scheduled - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(i, float(due))))
+            tasks.append(asyncio.create_task(one(i, float(scheduled))))
         await asyncio.gather(*tasks)
         return records
 
-    async def send(self, i: int, due: float, ready: float | None = None) -> RequestRecord:
-        """Send request `i`; latency from `due`, send lag from `ready` (default: `due`)."""
+    async def send(self, i: int, scheduled: float, ready: float | None = None) -> RequestRecord:
+        """Send request `i`; latency from `scheduled`, send lag from `ready` (default: the same)."""
         url = self.urls[i % len(self.urls)]
         marks: dict = {}
-        status = None
+        record = RequestRecord(index=i, url=url, scheduled_s=scheduled - self.t0, sent_s=None,
+                               done_s=0.0, latency_ms=0.0, status=None, ok=False,
+                               ready_s=None if ready is None else ready - self.t0)
+        body = b""
         try:
             async with self.session.post(url, data=self.bodies[i % len(self.bodies)],
                                          headers={"Content-Type": "application/json"},
                                          trace_request_ctx=marks) as response:
-                status = response.status
+                record.status = response.status
                 body = await response.read()
-            done = time.perf_counter()
-            return self._record(i, url, due, ready, marks, done, status, body)
         except asyncio.TimeoutError:
-            kind, message = "timeout", f"no complete response within {self.session.timeout.total} s"
+            record.error_type = "timeout"
+            record.error = f"no complete response within {self.session.timeout.total} s"
         except aiohttp.ClientConnectionError as err:
-            kind, message = "connection error", f"{type(err).__name__}: {err}"
+            record.error_type, record.error = "connection error", f"{type(err).__name__}: {err}"
         except aiohttp.ClientError as err:
-            kind, message = "client error", f"{type(err).__name__}: {err}"
+            record.error_type, record.error = "client error", f"{type(err).__name__}: {err}"
         done = time.perf_counter()
-        return RequestRecord(index=i, url=url, due_s=self._rel(ready or due),
-                             sent_s=self._rel(marks.get("sent")), done_s=done - self.t0,
-                             latency_ms=(done - due) * 1000, status=status, ok=False,
-                             error_type=kind, error=message)
+        record.done_s = done - self.t0
+        record.latency_ms = (done - scheduled) * 1000
+        if "sent" in marks:
+            record.sent_s = marks["sent"] - self.t0
+        if record.error_type is None:
+            self._read_response(record, body)
+        return record
 
-    def _record(self, i, url, due, ready, marks, done, status, body) -> RequestRecord:
-        record = RequestRecord(index=i, url=url, due_s=self._rel(ready or due),
-                               sent_s=self._rel(marks.get("sent")), done_s=done - self.t0,
-                               latency_ms=(done - due) * 1000, status=status, ok=status == 200)
+    @staticmethod
+    def _read_response(record: RequestRecord, body: bytes) -> None:
         try:
             data = json.loads(body) if body else None
         except ValueError:
             data = None
-        if status != 200:
-            record.error_type = f"HTTP {status}"
+        if record.status != 200:
+            record.error_type = f"HTTP {record.status}"
             record.error = (data.get("error") if isinstance(data, dict) else None) or \
                 body[:200].decode(errors="replace")
         elif not isinstance(data, dict):
-            record.ok = False
             record.error_type = "invalid response"
             record.error = f"not a JSON object: {body[:100]!r}"
         else:
+            record.ok = True
             for attribute, name in SERVER_FIELDS.items():
                 setattr(record, attribute, data.get(name))
-        return record
-
-    def _rel(self, t: float | None) -> float | None:
-        return None if t is None else t - self.t0
 
 
 async def _mark_sent(session, context, params) -> None:

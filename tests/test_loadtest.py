@@ -1,0 +1,275 @@
+"""labkit.loadtest against a server whose delay the test controls (labkit.delay_server), and
+labkit.loadstats' arithmetic on hand-made records."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from labkit import cli, loadtest
+from labkit.launcher import ServerProcess
+from labkit.loadstats import DEFINITIONS, LoadTestResult, RequestRecord, percentiles
+
+DELAY_S = 0.2
+
+
+def delay_server(delay: float) -> ServerProcess:
+    command = [sys.executable, "-m", "labkit.delay_server", "--delay", str(delay)]
+    return ServerProcess("delay", command=command).start().wait_ready(60)
+
+
+@pytest.fixture(scope="module")
+def slow_url():
+    """A server that answers every request after exactly DELAY_S, concurrently."""
+    srv = delay_server(DELAY_S)
+    yield srv.url
+    srv.stop()
+
+
+# --- accuracy ---------------------------------------------------------------------------------
+
+def test_closed_loop_latency_and_throughput_match_the_injected_delay(slow_url):
+    concurrency, requests = 4, 40
+    result = loadtest.run(slow_url, concurrency=concurrency, requests=requests, progress=False)
+    s = result.summary()
+    assert s["successful"] == requests and s["failed"] == 0
+    assert s["latency_ms"]["mean"] == pytest.approx(DELAY_S * 1000, rel=0.05)
+    assert s["latency_ms"]["min"] >= DELAY_S * 1000  # asyncio.sleep never returns early
+    assert s["requests_per_sec"] == pytest.approx(concurrency / DELAY_S, rel=0.05)
+    assert s["requests_per_min"] == pytest.approx(60 * s["requests_per_sec"])
+    assert s["send_lag_ms"]["p50"] < 5 and not s["client_bound"]
+    # each worker keeps exactly one request in flight: never more than `concurrency` at once
+    assert max_in_flight(result) <= concurrency
+
+
+def max_in_flight(result: LoadTestResult) -> int:
+    events = sorted([(r.sent_s, 1) for r in result.records]
+                    + [(r.done_s, -1) for r in result.records])
+    return int(np.max(np.cumsum([step for _, step in events])))
+
+
+def test_open_loop_follows_the_seeded_poisson_schedule(slow_url):
+    rate, requests = 40.0, 60
+    result = loadtest.run(slow_url, requests=requests, rate=rate, seed=7, progress=False)
+    s = result.summary()
+    assert s["successful"] == requests
+    assert s["latency_ms"]["mean"] == pytest.approx(DELAY_S * 1000, rel=0.05)
+    scheduled = np.array([r.scheduled_s for r in result.records])
+    gaps = np.random.default_rng(7).exponential(1 / rate, requests)
+    assert scheduled == pytest.approx(np.cumsum(gaps) - gaps[0], abs=1e-6)  # the planned arrivals
+    assert s["send_lag_ms"]["p99"] < 20  # ... and they left on time
+    assert max_in_flight(result) > 4  # no cap: arrivals do not wait for responses
+    assert "open loop, Poisson arrivals at 40 req/s" in result.report()
+
+
+def test_open_loop_with_a_cap_counts_waiting_for_a_slot_as_latency(slow_url):
+    # 40 req/s offered, but only 2 in flight at 0.2 s each = 10 req/s served: requests pile up
+    # behind the cap, and their latency (from the scheduled send) must show it.
+    result = loadtest.run(slow_url, concurrency=2, requests=20, rate=40.0, progress=False)
+    s = result.summary()
+    assert s["requests_per_sec"] == pytest.approx(2 / DELAY_S, rel=0.1)
+    assert s["latency_ms"]["max"] > 3 * DELAY_S * 1000
+    assert s["send_lag_ms"]["p99"] < 20  # waiting for a slot is not the client's lag
+    assert max_in_flight(result) == 2
+
+
+# --- library behaviour -----------------------------------------------------------------------
+
+def test_run_works_inside_a_running_event_loop_like_a_notebook_cell(slow_url):
+    async def notebook_cell():
+        asyncio.get_running_loop()  # a loop is running here, as in Jupyter
+        return loadtest.run(slow_url, concurrency=2, requests=4, progress=False)
+
+    result = asyncio.run(notebook_cell())
+    assert result.summary()["successful"] == 4
+
+    async def awaited():
+        return await loadtest.arun(slow_url, concurrency=2, requests=2, progress=False)
+
+    assert asyncio.run(awaited()).summary()["successful"] == 2
+
+
+def test_urls_round_robin_and_base_urls_mean_generate(slow_url):
+    port = slow_url.rsplit(":", 1)[1]
+    urls = f"{slow_url}, http://localhost:{port}/generate"
+    result = loadtest.run(urls, concurrency=2, requests=6, progress=False)
+    assert [r.url for r in result.records] == [f"{slow_url}/generate",
+                                               f"http://localhost:{port}/generate"] * 3
+    assert result.summary()["successful"] == 6
+    assert loadtest.normalize_urls(["http://a:1", "http://b:2/", "http://c:3/x,http://d:4"]) == [
+        "http://a:1/generate", "http://b:2/generate", "http://c:3/x", "http://d:4/generate"]
+    with pytest.raises(ValueError, match="http"):
+        loadtest.normalize_urls("localhost:8000")
+
+
+def test_warmup_is_sent_but_not_counted(slow_url):
+    result = loadtest.run(slow_url, concurrency=2, requests=4, warmup=2, progress=False)
+    assert [r.index for r in result.records] == [0, 1, 2, 3]
+    assert "2 warm-up request(s) not counted" in result.report()
+
+
+def test_failures_are_counted_by_type_and_kept_out_of_latency(slow_url):
+    wrong_path = slow_url + "/no-such-endpoint"
+    result = loadtest.run([slow_url, wrong_path], concurrency=2, requests=6, progress=False)
+    s = result.summary()
+    assert s["successful"] == 3 and s["failed"] == 3
+    assert s["errors_by_type"]["HTTP 404"]["count"] == 3
+    assert s["latency_ms"]["min"] >= DELAY_S * 1000  # the fast 404s are not in the latencies
+    assert s["success_rate"] == pytest.approx(0.5)
+    assert "HTTP 404: 3" in result.report()
+
+
+def test_timeouts_and_unreachable_servers():
+    srv = delay_server(1.0)
+    try:
+        result = loadtest.run(srv.url, concurrency=2, requests=2, timeout=0.2, progress=False)
+        s = result.summary()
+        assert s["failed"] == 2 and s["errors_by_type"]["timeout"]["count"] == 2
+        assert s["latency_ms"]["p50"] != s["latency_ms"]["p50"]  # NaN: no successes
+        assert "Median (p50): n/a" in result.report()
+        closed_port = srv.url
+    finally:
+        srv.stop()
+    with pytest.raises(loadtest.ServerNotReady, match="Is the server running"):
+        loadtest.run(closed_port, requests=1, progress=False)
+    result = loadtest.run(closed_port, requests=2, progress=False, check_ready=False)
+    assert result.summary()["errors_by_type"]["connection error"]["count"] == 2
+
+
+def test_bad_arguments_say_what_is_valid():
+    for kwargs, word in [({"concurrency": 0}, "concurrency"), ({"requests": 0}, "requests"),
+                         ({"rate": -1.0}, "rate"), ({"timeout": 0}, "timeout"),
+                         ({"prompt": ""}, "prompts"), ({"warmup": -1}, "warmup")]:
+        with pytest.raises(ValueError, match=word):
+            loadtest.run("http://127.0.0.1:9/generate", progress=False, **kwargs)
+
+
+# --- report and statistics --------------------------------------------------------------------
+
+def record(i: int, latency_ms: float, ok: bool = True, **fields) -> RequestRecord:
+    return RequestRecord(index=i, url="http://x/generate", scheduled_s=i * 0.1,
+                         sent_s=i * 0.1 + 0.001,
+                         done_s=i * 0.1 + latency_ms / 1000, latency_ms=latency_ms,
+                         status=200 if ok else 503, ok=ok,
+                         error_type=None if ok else "HTTP 503",
+                         error=None if ok else "Model not loaded", **fields)
+
+
+def test_statistics_use_linear_percentiles_and_the_design_definitions():
+    records = [record(i, lat, tokens_generated=11, queue_time_ms=10.0 * i,
+                      inference_time_ms=50.0, server_ttft_ms=10.0)
+               for i, lat in enumerate([100.0, 200.0, 300.0, 400.0])]
+    records.append(record(4, 5.0, ok=False))
+    s = LoadTestResult(records, {"concurrency": 2}).summary()
+    assert s["latency_ms"]["p50"] == pytest.approx(250.0)
+    assert s["latency_ms"]["p95"] == pytest.approx(385.0)  # 300 + 0.85 * 100
+    assert s["latency_ms"]["p99"] == pytest.approx(397.0)
+    assert s["latency_ms"]["mean"] == pytest.approx(250.0)
+    assert (s["successful"], s["failed"]) == (4, 1)
+    assert s["errors_by_type"] == {"HTTP 503": {"count": 1, "example": "Model not loaded"}}
+    wall = 0.3 + 0.4  # first scheduled send (0) to the last completion (request 3)
+    assert s["total_time_s"] == pytest.approx(wall)
+    assert s["requests_per_sec"] == pytest.approx(4 / wall)
+    assert s["output_tokens_per_sec"] == pytest.approx(44 / wall)
+    # TTFT = latency - (inference - server TTFT) = latency - 40; TPOT = 40 / 10 tokens
+    assert s["ttft_ms"]["mean"] == pytest.approx(250.0 - 40.0)
+    assert s["tpot_ms"]["mean"] == pytest.approx(4.0)
+    assert s["queue_time_ms"]["mean"] == pytest.approx(15.0)
+    assert s["send_lag_ms"]["p50"] == pytest.approx(1.0)
+    assert percentiles([]) == {"p50": pytest.approx(float("nan"), nan_ok=True),
+                               "p95": pytest.approx(float("nan"), nan_ok=True),
+                               "p99": pytest.approx(float("nan"), nan_ok=True)}
+
+
+def test_report_keeps_the_seeds_block_first_then_the_extras():
+    records = [record(i, 800.0 + 10 * i, tokens_generated=145, queue_time_ms=0.0,
+                      inference_time_ms=800.0, server_ttft_ms=20.0, model="m", device="cpu",
+                      synthetic=True) for i in range(50)]
+    text = LoadTestResult(records, {"concurrency": 5, "urls": ["http://x/generate"]}).report()
+    seed_block = ["=" * 60, "LOAD TEST RESULTS", "=" * 60, "", "Success Rate:",
+                  "  Total requests: 50", "  Successful: 50", "  Success rate: 100.0%", "",
+                  "Latency (ms):", "  Min: 800", "  Max: 1290", "  Mean: 1045",
+                  "  Median (p50): 1045", "  p95: 1266", "  p99: 1285", "", "Throughput:"]
+    lines = text.splitlines()
+    assert lines[:len(seed_block)] == seed_block
+    assert lines[len(seed_block)].startswith("  Total time: ") and lines[
+        len(seed_block)].endswith("s")
+    assert lines[len(seed_block) + 1].startswith("  Requests/sec: ")
+    assert lines[len(seed_block) + 2].startswith("  Requests/min: ")
+    assert lines[len(seed_block) + 3] == "=" * 60
+    for extra in ("Output tokens/sec", "Queue time (ms)", "TTFT", "Errors by type:",
+                  "Client send lag (ms)", "synthetic"):
+        assert extra in text
+    assert text.index("LOAD TEST RESULTS") < text.index("Output tokens/sec")
+
+
+def test_client_bound_warning():
+    slow_client = [record(i, 50.0) for i in range(10)]
+    for r in slow_client:
+        r.sent_s = r.scheduled_s + 0.030  # every request left 30 ms late
+    result = LoadTestResult(slow_client, {"concurrency": 1})
+    assert result.summary()["client_bound"]
+    assert "WARNING: the client, not the server, is the bottleneck" in result.report()
+    fine = LoadTestResult([record(i, 50.0) for i in range(10)], {"concurrency": 1})
+    assert not fine.summary()["client_bound"] and "WARNING" not in fine.report()
+
+
+def test_dataframe_has_one_row_per_request_with_derived_columns(slow_url):
+    result = loadtest.run(slow_url, concurrency=2, requests=4, progress=False)
+    df = result.to_dataframe()
+    assert len(df) == 4
+    for column in ("index", "url", "latency_ms", "status", "ok", "error_type", "queue_time_ms",
+                   "tokens_generated", "send_lag_ms", "ttft_ms", "tpot_ms", "scheduled_s"):
+        assert column in df.columns
+    assert df["latency_ms"].mean() == pytest.approx(result.summary()["latency_ms"]["mean"])
+
+
+# --- command line -----------------------------------------------------------------------------
+
+def test_the_seeds_command_line_prints_the_report_and_writes_files(slow_url, tmp_path):
+    json_file, csv_file = tmp_path / "result.json", tmp_path / "result.csv"
+    done = subprocess.run(
+        [sys.executable, "-m", "labkit", "loadtest", "--url", slow_url + "/generate",
+         "--concurrency", "5", "--requests", "10", "--json", str(json_file),
+         "--csv", str(csv_file)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "LOAD TEST RESULTS" in done.stdout and "Total requests: 10" in done.stdout
+    assert "10/10" in done.stderr  # the tqdm progress bar
+    document = json.loads(json_file.read_text())
+    assert document["summary"]["successful"] == 10 and len(document["records"]) == 10
+    assert len(csv_file.read_text().splitlines()) == 11
+
+
+def test_cli_explain_errors_and_exit_status(slow_url, capsys):
+    assert cli.main(["loadtest", "--explain"]) == 0
+    assert capsys.readouterr().out.strip() == DEFINITIONS.strip()
+    assert cli.main(["loadtest", "--requests", "3"]) == 2
+    assert "--url is required" in capsys.readouterr().err
+    assert cli.main(["loadtest", "--url", slow_url, "--requests", "2", "--concurrency", "2",
+                     "--explain", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "LOAD TEST RESULTS" in out and "Metric definitions" in out
+    assert cli.main(["loadtest", "--url", slow_url + "/nope", "--requests", "2",
+                     "--no-progress"]) == 1  # some requests failed
+    assert cli.main(["loadtest", "--url", "http://127.0.0.1:9", "--requests", "2"]) == 2
+    assert "Is the server running?" in capsys.readouterr().err
+
+
+def test_prompts_file_is_read_and_prompts_are_used_in_turn(slow_url, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("first prompt\n\nsecond prompt\n")
+    assert cli.main(["loadtest", "--url", slow_url, "--prompts-file", str(prompts),
+                     "--requests", "2", "--concurrency", "1", "--no-progress"]) == 0
+    client = loadtest._Client(["http://x/generate"], ["first prompt", "second prompt"], 7, 0.0)
+    sent = [json.loads(client.bodies[i % len(client.bodies)]) for i in range(3)]
+    assert [b["prompt"] for b in sent] == ["first prompt", "second prompt", "first prompt"]
+    assert sent[0] == {"prompt": "first prompt", "max_tokens": 7, "temperature": 0.0}
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    assert cli.main(["loadtest", "--url", slow_url, "--prompts-file", str(empty)]) == 2
+    assert "no prompts" in capsys.readouterr().err
