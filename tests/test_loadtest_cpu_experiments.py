@@ -1,0 +1,81 @@
+"""The seed's experiments, for real: `labkit serve` with the default model on this machine's CPU,
+driven by `labkit.loadtest`. Sequential serving means throughput stays flat as concurrency
+grows, latency grows with it, and the server's queue time accounts for the growth."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from labkit import loadtest
+from labkit.server import launch
+
+PROMPT = "Suggest a skincare routine for dry skin"
+MAX_TOKENS = 16
+REQUESTS = 20  # per level, as in the seed's Experiment 3
+
+
+@pytest.fixture(scope="module")
+def model_server():
+    with launch(model="model", max_tokens_limit=64) as srv:
+        yield srv
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS line")
+
+
+def test_concurrency_1_5_10_throughput_flat_latency_grows_queue_time_explains_it(model_server):
+    results = {}
+    for concurrency in (1, 5, 10):
+        # temperature 0: every request generates the same tokens, so the service time is the
+        # same and only queueing differs between the levels
+        results[concurrency] = loadtest.run(
+            model_server.url, concurrency=concurrency, requests=REQUESTS, max_tokens=MAX_TOKENS,
+            prompt=PROMPT, temperature=0, warmup=1, progress=False).summary()
+    base = results[1]
+    service_ms = base["latency_ms"]["mean"]
+    for concurrency, s in results.items():
+        print(f"\nconcurrency {concurrency:>2}: {s['requests_per_sec']:.2f} req/s, "
+              f"p50 {s['latency_ms']['p50']:.0f} ms, mean queue {s['queue_time_ms']['mean']:.0f} "
+              f"ms, mean latency {s['latency_ms']['mean']:.0f} ms")
+        assert s["successful"] == REQUESTS
+        # throughput flat: one generation at a time, whatever the concurrency
+        assert s["requests_per_sec"] == pytest.approx(base["requests_per_sec"], rel=0.25)
+        # p50 grows roughly with concurrency: c-1 requests ahead of each one in steady state
+        assert 0.6 * concurrency <= s["latency_ms"]["p50"] / base["latency_ms"]["p50"] \
+            <= 1.4 * concurrency
+        # queue time explains the growth: take it away and the latency is one service time
+        assert s["latency_ms"]["mean"] - s["queue_time_ms"]["mean"] == pytest.approx(
+            service_ms, rel=0.25)
+    assert base["queue_time_ms"]["mean"] < 0.1 * service_ms  # alone, nobody waits
+
+
+def test_500_requests_at_concurrency_32_all_succeed_with_stable_server_memory(model_server):
+    url, pid = model_server.url, model_server.pid
+    loadtest.run(url, concurrency=32, requests=100, max_tokens=1, progress=False)  # warm-up
+    before = rss_mb(pid)
+    result = loadtest.run(url, concurrency=32, requests=500, max_tokens=1, progress=False)
+    after = rss_mb(pid)
+    s = result.summary()
+    print(f"\n500 requests at concurrency 32: {s['requests_per_sec']:.1f} req/s, server RSS "
+          f"{before:.1f} -> {after:.1f} MB")
+    assert s["successful"] == 500 and s["success_rate"] == 1.0
+    # one generation at a time: most of every request's latency is waiting in the queue
+    assert s["queue_time_ms"]["mean"] > 0.8 * s["latency_ms"]["mean"]
+    assert after - before < max(20.0, 0.05 * before), (before, after)
+    stats = loadtest_stats(url)
+    assert stats["queue_depth"] == 0 and stats["in_flight"] == 0
+    assert stats["requests_failed"] == 0
+
+
+def loadtest_stats(url: str) -> dict:
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(url + "/stats", timeout=10) as response:
+        return json.load(response)["server"]
