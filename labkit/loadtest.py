@@ -81,10 +81,31 @@ def run(url: str | Sequence[str], concurrency: int | None = None, requests: int 
         asyncio.get_running_loop()
     except RuntimeError:  # a plain script: no loop yet
         return asyncio.run(coro)
-    # A notebook cell already runs inside the kernel's event loop, which cannot be re-entered:
-    # give the test a fresh loop on its own thread, and wait for it here.
+    return _run_on_own_thread(coro)
+
+
+def _run_on_own_thread(coro) -> LoadTestResult:
+    """A notebook cell already runs inside the kernel's event loop, which cannot be re-entered:
+    run the test on a fresh loop on a thread of its own and wait for it here. Interrupting the
+    kernel cancels the test instead of leaving it running in the background."""
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(coro)
+
+    def target() -> LoadTestResult:
+        try:
+            return loop.run_until_complete(task)
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
     with concurrent.futures.ThreadPoolExecutor(1, "labkit-loadtest") as pool:
-        return pool.submit(asyncio.run, coro).result()
+        future = pool.submit(target)
+        try:
+            return future.result()
+        except KeyboardInterrupt:
+            loop.call_soon_threadsafe(task.cancel)
+            concurrent.futures.wait([future])
+            raise
 
 
 async def arun(url: str | Sequence[str], concurrency: int | None = None, requests: int = 50, *,

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -92,6 +95,26 @@ def test_run_works_inside_a_running_event_loop_like_a_notebook_cell(slow_url):
         return await loadtest.arun(slow_url, concurrency=2, requests=2, progress=False)
 
     assert asyncio.run(awaited()).summary()["successful"] == 2
+
+
+def test_interrupting_a_notebook_cell_cancels_the_test_instead_of_orphaning_it(slow_url):
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt  # what "interrupt kernel" does to a running cell
+
+    async def notebook_cell():
+        return loadtest.run(slow_url, concurrency=1, requests=100, progress=False)  # ~20 s
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    started = time.monotonic()
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
+        with pytest.raises(KeyboardInterrupt):
+            asyncio.run(notebook_cell())
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert time.monotonic() - started < 3
+    assert not [t for t in threading.enumerate() if t.name.startswith("labkit-loadtest")]
 
 
 def test_urls_round_robin_and_base_urls_mean_generate(slow_url):
