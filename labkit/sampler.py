@@ -385,7 +385,7 @@ def loadtest_t0(result: Any, returned_at: float | None = None) -> float | None:
 def request_spans(requests: Any, t0: float | None = None) -> list[tuple[float, float]]:
     """(send, finish) perf_counter pairs from a load test result (its `.records`), a list of
     records, or (send, finish) pairs. Records may carry absolute times (send_time/finish_time,
-    or send_time + latency_ms) or times relative to the test's start (sent_s or due_s, done_s:
+    or send_time + latency_ms) or times relative to the test's start (sent_s or scheduled_s, done_s:
     labkit.loadtest's), which need `t0` (see `loadtest_t0`) unless the result has `.t0`."""
     records = getattr(requests, "records", requests)
     if t0 is None:
@@ -401,7 +401,7 @@ def request_spans(requests: Any, t0: float | None = None) -> list[tuple[float, f
                 raise ValueError("these request times are relative to the load test's start: "
                                  "pass t0=loadtest_t0(result, returned_at=<perf_counter when "
                                  "run() returned>)")
-            start = _field(rec, ("sent_s", "due_s"))
+            start = _field(rec, ("sent_s", "scheduled_s", "due_s"))
             if start is not None:
                 spans.append((t0 + start, t0 + done))
             continue

@@ -234,7 +234,7 @@ def test_spans_from_a_labkit_load_test_result():
     from labkit.loadstats import LoadTestResult, RequestRecord
 
     def rec(i, sent, done, ok=True):
-        return RequestRecord(index=i, url="u", due_s=sent, sent_s=sent, done_s=done,
+        return RequestRecord(index=i, url="u", scheduled_s=sent, sent_s=sent, done_s=done,
                              latency_ms=(done - sent) * 1000, status=200 if ok else None, ok=ok)
 
     result = LoadTestResult([rec(0, 0.0, 1.0), rec(1, 0.001, 2.5), rec(2, 1.0, 3.0, ok=False)],

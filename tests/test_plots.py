@@ -161,7 +161,7 @@ def test_watching_a_load_test_shades_its_requests():
 
     def fake_load_test():
         time.sleep(0.3)
-        return LoadTestResult([RequestRecord(index=0, url="u", due_s=0.0, sent_s=0.0,
+        return LoadTestResult([RequestRecord(index=0, url="u", scheduled_s=0.0, sent_s=0.0,
                                              done_s=0.2, latency_ms=200.0, status=200, ok=True)],
                               {})
 
