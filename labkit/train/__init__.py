@@ -32,13 +32,13 @@ class CorpusStats:
 
 def configure_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="model", help="output directory (default: model)")
-    parser.add_argument("--steps", type=int, default=4000, help="training steps (default 4000)")
+    parser.add_argument("--steps", type=int, default=3000, help="training steps (default 3000)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cuda or cpu")
     parser.add_argument("--seed", type=int, default=0, help="seed for corpus, init and batches")
-    parser.add_argument("--examples", type=int, default=200_000,
-                        help="question/answer pairs to generate (default 200000)")
+    parser.add_argument("--examples", type=int, default=300_000,
+                        help="question/answer pairs to generate (default 300000)")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     parser.add_argument("--shape", default="default", choices=["default", "tiny"],
                         help="model size; 'tiny' is for tests")
     parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
@@ -62,8 +62,8 @@ def run_cli(args) -> int:
     return 0
 
 
-def build(out: Path, steps: int = 4000, device=None, seed: int = 0, examples: int = 200_000,
-          batch_size: int = 128, lr: float = 3e-3, shape: str = "default",
+def build(out: Path, steps: int = 3000, device=None, seed: int = 0, examples: int = 300_000,
+          batch_size: int = 128, lr: float = 2e-3, shape: str = "default",
           eval_every: int | None = None, samples: bool = True,
           time_budget_s: float | None = None) -> dict:
     """Run the whole pipeline; returns the figures written to the model card."""

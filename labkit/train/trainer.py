@@ -44,9 +44,9 @@ SHAPES = {
 
 @dataclass
 class TrainSettings:
-    steps: int = 4000
+    steps: int = 3000
     batch_size: int = 128
-    lr: float = 3e-3
+    lr: float = 2e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 200
     weight_decay: float = 0.1
@@ -165,7 +165,10 @@ def train(model: LlamaForCausalLM, train_seqs, heldout_seqs, settings: TrainSett
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     started = time.perf_counter()
-    for step in range(settings.steps):
+    step, probe_started = 0, started
+    while step < settings.steps:  # `steps` may shrink once, under a time budget
+        if step == PROBE_SKIP:
+            probe_started = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, settings)
         picks = torch.randint(len(train_seqs), (settings.batch_size,), generator=sampler)
@@ -179,8 +182,9 @@ def train(model: LlamaForCausalLM, train_seqs, heldout_seqs, settings: TrainSett
         optimizer.step()
         tokens_seen += int(mask.sum())
         running.append(loss.detach())
-        if settings.time_budget_s and step + 1 == PROBE_STEPS:
-            _fit_budget(settings, step + 1, time.perf_counter() - started, log)
+        if settings.time_budget_s and step + 1 == PROBE_SKIP + PROBE_STEPS:
+            step_s = (time.perf_counter() - probe_started) / PROBE_STEPS
+            _fit_budget(settings, step + 1, time.perf_counter() - started, step_s, log)
         last = step + 1 == settings.steps
         if (step + 1) % settings.eval_every == 0 or last:
             train_loss = float(torch.stack(running).mean())
@@ -191,6 +195,7 @@ def train(model: LlamaForCausalLM, train_seqs, heldout_seqs, settings: TrainSett
                             "heldout_loss": round(heldout, 4), "seconds": round(elapsed, 1)})
             log(f"step {step + 1:>6}/{settings.steps}  train {train_loss:.4f}  "
                 f"held-out {heldout:.4f}  lr {lr_at(step, settings):.2e}  {elapsed:.0f}s")
+        step += 1
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - started
@@ -200,18 +205,19 @@ def train(model: LlamaForCausalLM, train_seqs, heldout_seqs, settings: TrainSett
                        tokens_seen=tokens_seen, device=describe_device(device), history=history)
 
 
-PROBE_STEPS = 50
+PROBE_SKIP, PROBE_STEPS = 10, 40  # the first steps pay for CUDA start-up: time later ones
 
 
-def _fit_budget(settings: TrainSettings, done: int, elapsed: float,
+def _fit_budget(settings: TrainSettings, done: int, elapsed: float, step_s: float,
                 log: Callable[[str], None]) -> None:
     # Evaluations and the final pass cost extra; keep 15 % of the budget for them.
-    affordable = int(settings.time_budget_s * 0.85 / (elapsed / done))
+    affordable = done + int((settings.time_budget_s * 0.85 - elapsed) / step_s)
     if affordable < settings.steps:
-        log(f"time budget {settings.time_budget_s:.0f}s: {elapsed / done * 1000:.1f} ms/step, "
-            f"shortening the run from {settings.steps} to {max(done, affordable)} steps")
-        settings.steps = max(done, affordable)
-        settings.eval_every = min(settings.eval_every, max(1, settings.steps // 8))
+        new_steps = max(done, affordable)
+        log(f"time budget {settings.time_budget_s:.0f}s: {step_s * 1000:.1f} ms/step, "
+            f"shortening the run (and its schedule) from {settings.steps} to {new_steps} steps")
+        settings.steps = new_steps
+        settings.eval_every = min(settings.eval_every, max(1, new_steps // 8))
 
 
 def describe_device(device: torch.device) -> str:
