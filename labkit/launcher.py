@@ -45,6 +45,7 @@ class ServerProcess:
     def __init__(self, model: str = "model", *, port: int | None = None,
                  host: str = "127.0.0.1", device: str = "auto", dtype: str = "auto",
                  max_tokens_limit: int = 1024, mode: str = "sequential", warmup: int = 1,
+                 threads: int | None = None,
                  extra_args: Sequence[str] = (), env: dict[str, str] | None = None,
                  echo: bool = False, command: Sequence[str] | None = None):
         self.model = model
@@ -55,7 +56,8 @@ class ServerProcess:
             sys.executable, "-m", "labkit", "serve", "--model", model, "--host", host,
             "--port", str(0 if port is None else port), "--device", device, "--dtype", dtype,
             "--max-tokens-limit", str(max_tokens_limit), "--mode", mode,
-            "--warmup", str(warmup), "--watch-parent", *extra_args,
+            "--warmup", str(warmup), "--watch-parent",
+            *(["--threads", str(threads)] if threads else []), *extra_args,
         ]
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.echo = echo  # also print the server's log lines here as they arrive
@@ -172,7 +174,7 @@ def launch(model: str = "model", port: int | None = None, *, timeout: float = 30
            **options) -> Iterator[ServerProcess]:
     """Run `labkit serve` for the duration of a `with` block; yields once the model is loaded.
     `port=None` lets the server pick a free one (see `srv.url`). Other keyword arguments: host,
-    device, dtype, max_tokens_limit, mode, warmup, extra_args, env, echo, command."""
+    device, dtype, max_tokens_limit, mode, warmup, threads, extra_args, env, echo, command."""
     server = ServerProcess(model, port=port, **options).start()
     try:
         server.wait_ready(timeout)

@@ -387,6 +387,9 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", help="auto, bf16, fp16 or fp32")
     parser.add_argument("--mode", default="sequential", choices=["sequential"],
                         help="serving mode: sequential = one generation at a time (the seed)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for generation (default on the CPU: one less than "
+                             "the cores, leaving one to the server and clients)")
     parser.add_argument("--warmup", type=int, default=1,
                         help="throwaway generations after loading, before serving (default 1)")
     parser.add_argument("--drain-timeout", type=float, default=600.0,
@@ -402,10 +405,13 @@ def run_cli(args) -> int:
     if args.max_tokens_limit < 1:
         print("error: --max-tokens-limit must be at least 1", file=sys.stderr)
         return 2
+    if args.threads is not None and args.threads < 1:
+        print("error: --threads must be at least 1", file=sys.stderr)
+        return 2
 
     def load() -> Backend:
         return load_model_backend(args.model, device=args.device, dtype=args.dtype,
-                                  warmup_runs=args.warmup)
+                                  warmup_runs=args.warmup, threads=args.threads)
 
     async def main() -> int:
         app = create_app(load, max_tokens_limit=args.max_tokens_limit, mode=args.mode)

@@ -12,13 +12,13 @@ from labkit import loadtest
 from labkit.server import launch
 
 PROMPT = "Suggest a skincare routine for dry skin"
-MAX_TOKENS = 16
+MAX_TOKENS = 12
 REQUESTS = 20  # per level, as in the seed's Experiment 3
 
 
 @pytest.fixture(scope="module")
 def model_server():
-    with launch(model="model", max_tokens_limit=64) as srv:
+    with launch(model="model", max_tokens_limit=64) as srv:  # CPU threads: the server's default
         yield srv
 
 
@@ -30,29 +30,39 @@ def rss_mb(pid: int) -> float:
 
 
 def test_concurrency_1_5_10_throughput_flat_latency_grows_queue_time_explains_it(model_server):
-    results = {}
-    for concurrency in (1, 5, 10):
-        # temperature 0: every request generates the same tokens, so the service time is the
-        # same and only queueing differs between the levels
-        results[concurrency] = loadtest.run(
+    # Levels run in the order 1, 5, 10, 10, 5, 1 and each level's two runs are averaged: a
+    # machine whose speed drifts (other work on a shared CPU) then affects every level alike.
+    # temperature 0: every request generates the same tokens, so only queueing differs.
+    runs: dict[int, list[dict]] = {1: [], 5: [], 10: []}
+    for concurrency in (1, 5, 10, 10, 5, 1):
+        runs[concurrency].append(loadtest.run(
             model_server.url, concurrency=concurrency, requests=REQUESTS, max_tokens=MAX_TOKENS,
-            prompt=PROMPT, temperature=0, warmup=1, progress=False).summary()
-    base = results[1]
-    service_ms = base["latency_ms"]["mean"]
-    for concurrency, s in results.items():
-        print(f"\nconcurrency {concurrency:>2}: {s['requests_per_sec']:.2f} req/s, "
-              f"p50 {s['latency_ms']['p50']:.0f} ms, mean queue {s['queue_time_ms']['mean']:.0f} "
-              f"ms, mean latency {s['latency_ms']['mean']:.0f} ms")
-        assert s["successful"] == REQUESTS
+            prompt=PROMPT, temperature=0, warmup=1, progress=False).summary())
+    levels = {c: {"rps": mean(r["requests_per_sec"] for r in rs),
+                  "p50": mean(r["latency_ms"]["p50"] for r in rs),
+                  "latency": mean(r["latency_ms"]["mean"] for r in rs),
+                  "queue": mean(r["queue_time_ms"]["mean"] for r in rs),
+                  "service": mean(r["latency_ms"]["mean"] - r["queue_time_ms"]["mean"]
+                                  for r in rs)}
+              for c, rs in runs.items()}
+    for c, level in levels.items():
+        print(f"\nconcurrency {c:>2}: {level['rps']:.2f} req/s, p50 {level['p50']:.0f} ms, "
+              f"mean queue {level['queue']:.0f} ms, mean latency {level['latency']:.0f} ms")
+    assert all(r["successful"] == REQUESTS for rs in runs.values() for r in rs)
+    base = levels[1]
+    for c, level in levels.items():
         # throughput flat: one generation at a time, whatever the concurrency
-        assert s["requests_per_sec"] == pytest.approx(base["requests_per_sec"], rel=0.25)
-        # p50 grows roughly with concurrency: c-1 requests ahead of each one in steady state
-        assert 0.6 * concurrency <= s["latency_ms"]["p50"] / base["latency_ms"]["p50"] \
-            <= 1.4 * concurrency
-        # queue time explains the growth: take it away and the latency is one service time
-        assert s["latency_ms"]["mean"] - s["queue_time_ms"]["mean"] == pytest.approx(
-            service_ms, rel=0.25)
-    assert base["queue_time_ms"]["mean"] < 0.1 * service_ms  # alone, nobody waits
+        assert level["rps"] == pytest.approx(base["rps"], rel=0.25), (c, levels)
+        # p50 grows roughly with concurrency: c - 1 requests ahead of each in steady state
+        assert 0.6 * c <= level["p50"] / base["p50"] <= 1.4 * c, (c, levels)
+        # queue time explains the growth: without it, the latency is one service time
+        assert level["service"] == pytest.approx(base["latency"], rel=0.25), (c, levels)
+    assert base["queue"] < 0.1 * base["latency"]  # alone, nobody waits
+
+
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
 
 
 def test_500_requests_at_concurrency_32_all_succeed_with_stable_server_memory(model_server):
