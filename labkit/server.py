@@ -99,10 +99,13 @@ class ServerState:
         self.finished_loading.set()
 
     async def device_info(self) -> dict:
+        """gpu.device_info() for the card the model runs on (card 0 before it has loaded)."""
         from labkit import gpu  # imports torch: done on the info thread, not the event loop
 
+        device = self.backend.device if self.backend is not None else "cpu"
+        index = int(device.split(":")[1]) if device.startswith("cuda:") else 0
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.info_executor, gpu.device_info)
+        return await loop.run_in_executor(self.info_executor, gpu.device_info, index)
 
 
 STATE = web.AppKey("labkit_state", ServerState)
