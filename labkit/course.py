@@ -15,11 +15,12 @@ RESULTS_DIR = REPO_ROOT / "results"
 GPU_DEFAULT = "synthetic:llama-3.2-3b"
 
 
-def param(name: str, default):
-    """`LABKIT_<NAME>` from the environment, converted to the type of `default`."""
+def param(name: str, default, ci=None):
+    """`LABKIT_<NAME>` from the environment, converted to the type of `default`; else `ci` in
+    fast mode (LABKIT_CI=1) when given; else `default`."""
     raw = os.environ.get(f"LABKIT_{name.upper()}")
     if raw is None:
-        return default
+        return ci if ci is not None and fast_mode() else default
     if isinstance(default, bool):
         return raw.lower() in {"1", "true", "yes"}
     if isinstance(default, (list, tuple)):
@@ -29,7 +30,7 @@ def param(name: str, default):
 
 def fast_mode() -> bool:
     """True under CI (LABKIT_CI=1): small request counts, short waits."""
-    return param("ci", False)
+    return os.environ.get("LABKIT_CI", "").lower() in {"1", "true", "yes"}
 
 
 def default_model() -> str:

@@ -110,7 +110,9 @@ def load_model(source: str = "model", device: str | torch.device = "auto",
                dtype: str | torch.dtype = "auto", seed: int = 0) -> LoadedModel:
     """Load `source` onto `device`; the wall time of the whole load is measured."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a per-tensor progress bar is noise in logs and notebooks
     target = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target)
     started = time.perf_counter()
