@@ -103,8 +103,9 @@ def test_tiny_build_end_to_end_gives_a_loadable_model(tmp_path):
     from labkit.model import load_model
 
     started = time.perf_counter()
-    figures = build(tmp_path, steps=6, device="cpu", examples=400, batch_size=8, shape="tiny",
-                    samples=True)
+    # A time budget far too small cuts the 60 requested steps to the probe's 50.
+    figures = build(tmp_path, steps=60, device="cpu", examples=400, batch_size=4, shape="tiny",
+                    samples=True, time_budget_s=0.001)
     assert time.perf_counter() - started < 40
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                  "generation_config.json", "MODEL_CARD.md"):
@@ -124,3 +125,4 @@ def test_tiny_build_end_to_end_gives_a_loadable_model(tmp_path):
     assert f"{figures['report'].heldout_loss:.4f}" in card
     assert f"{figures['parameters']:,}" in card
     assert card.count("temperature") >= 3 and "Limitations" in card
+    assert "60 steps were asked for" in card and "schedule to 50." in card

@@ -104,7 +104,7 @@ def build(out: Path, steps: int = 3000, device=None, seed: int = 0, examples: in
     figures = {
         "corpus": stats, "report": report, "settings": settings, "shape": shape,
         "config": model.config, "parameters": sum(p.numel() for p in model.parameters()),
-        "vocab_trained": len(tok), "dir_bytes": size, "seed": seed,
+        "vocab_trained": len(tok), "dir_bytes": size, "seed": seed, "requested_steps": steps,
         "torch": torch.__version__, "build_seconds": round(time.perf_counter() - started, 1),
         "samples": card.sample_outputs(out, SAMPLE_PROMPTS) if samples else [],
     }

@@ -29,6 +29,11 @@ def render(f: dict) -> str:
         f"stopped by {'EOS' if x['finish_reason'] == 'stop' else 'the 150-token limit'})\n\n"
         + "\n".join("> " + line for line in x["text"].splitlines())
         for i, x in enumerate(f["samples"], 1))
+    budget_note = ""
+    if r.steps != f["requested_steps"]:
+        budget_note = (f"\n{f['requested_steps']:,} steps were asked for; the "
+                       f"{s.time_budget_s:g} s time budget (`--time-budget`) cut the run and its "
+                       f"schedule to {r.steps:,}.\n")
     return f"""# Embedded skincare model (labkit default)
 
 A small Llama-architecture causal language model that this project trains itself, so the lab
@@ -83,7 +88,7 @@ tokenizer files take **{f['dir_bytes'] / 1e6:.2f} MB** (labkit loads them as flo
 | precision | {'bf16 autocast' if 'CPU' not in r.device else 'float32'} |
 | training time | {r.train_seconds} s (whole build {f['build_seconds']} s) |
 | final held-out loss | **{r.heldout_loss:.4f}** nats per answer token (all held-out pairs) |
-
+{budget_note}
 | step | train loss | held-out loss (first {s.eval_examples} held-out pairs) | seconds |
 | --- | --- | --- | --- |
 {history}
