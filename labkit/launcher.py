@@ -33,6 +33,8 @@ from collections.abc import Iterator, Sequence
 LOG_LINES_KEPT = 20_000
 _URL_LINE = re.compile(r"Serving on (http://\S+)")
 _live: weakref.WeakSet[ServerProcess] = weakref.WeakSet()
+# Our servers are local: never route the readiness check through an HTTP(S)_PROXY.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class ServerStartError(RuntimeError):
@@ -160,7 +162,7 @@ class ServerProcess:
 
     def _model_loaded(self) -> bool:
         try:
-            with urllib.request.urlopen(self.url + "/", timeout=2) as response:
+            with _DIRECT.open(self.url + "/", timeout=2) as response:
                 return bool(json.load(response).get("model_loaded"))
         except (OSError, ValueError, urllib.error.URLError):
             return False

@@ -32,7 +32,7 @@ from labkit import api
 from labkit.api import ApiError
 from labkit.backend import Backend, GenerationRequest, load_model_backend
 from labkit.launcher import ServerProcess, ServerStartError, launch, launch_many  # noqa: F401
-from labkit.serving import OutOfMemory, Scheduler, make_scheduler
+from labkit.serving import SCHEDULERS, OutOfMemory, Scheduler, make_scheduler
 
 log = logging.getLogger("labkit.server")
 
@@ -388,7 +388,7 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
                         help="largest max_tokens a request may ask for (default 1024)")
     parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
     parser.add_argument("--dtype", default="auto", help="auto, bf16, fp16 or fp32")
-    parser.add_argument("--mode", default="sequential", choices=["sequential"],
+    parser.add_argument("--mode", default="sequential", choices=sorted(SCHEDULERS),
                         help="serving mode: sequential = one generation at a time (the seed)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for generation (default on the CPU: one less than "

@@ -23,6 +23,7 @@ from labkit.server import ServerProcess, ServerStartError, launch, launch_many
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO = TESTS_DIR.parent
+DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # local: no proxy
 SEED_FIELDS = {"generated_text", "prompt", "tokens_generated", "inference_time_ms", "gpu_name",
                "gpu_memory_used_gb"}
 
@@ -37,7 +38,7 @@ def call(url: str, body: dict | None = None, timeout: float = 30) -> tuple[int, 
     request = urllib.request.Request(url, data=data,
                                      headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with DIRECT.open(request, timeout=timeout) as response:
             return response.status, json.load(response)
     except urllib.error.HTTPError as err:
         return err.code, json.load(err)

@@ -87,5 +87,6 @@ def loadtest_stats(url: str) -> dict:
     import json
     import urllib.request
 
-    with urllib.request.urlopen(url + "/stats", timeout=10) as response:
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with direct.open(url + "/stats", timeout=10) as response:
         return json.load(response)["server"]
