@@ -225,11 +225,11 @@ def describe_device(device: torch.device) -> str:
         return torch.cuda.get_device_name(device)
     import platform
 
-    cpu = _cpu_model() or platform.processor() or "unknown CPU"
+    cpu = cpu_model() or platform.processor() or "unknown CPU"
     return f"CPU ({cpu}, {torch.get_num_threads()} threads)"
 
 
-def _cpu_model() -> str | None:
+def cpu_model() -> str | None:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
