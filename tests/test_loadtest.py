@@ -3,6 +3,7 @@ labkit.loadstats' arithmetic on hand-made records."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 import signal
@@ -296,3 +297,23 @@ def test_prompts_file_is_read_and_prompts_are_used_in_turn(slow_url, tmp_path, c
     empty.write_text("\n")
     assert cli.main(["loadtest", "--url", slow_url, "--prompts-file", str(empty)]) == 2
     assert "no prompts" in capsys.readouterr().err
+
+
+def test_run_in_a_real_jupyter_kernel(slow_url):
+    """The notebook path for real: a kernel whose event loop is running, tqdm's widget."""
+    import nbclient
+    import nbformat
+
+    cells = [
+        "import asyncio\nfrom labkit import loadtest\nasyncio.get_event_loop().is_running()",
+        f"result = loadtest.run({slow_url!r}, concurrency=4, requests=8)\nresult",
+        "s = result.summary(); (s['successful'], round(s['latency_ms']['mean']))",
+    ]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    nbclient.NotebookClient(nb, timeout=60, kernel_name="python3").execute()
+    outputs = [cell.outputs for cell in nb.cells]
+    assert outputs[0][0]["data"]["text/plain"] == "True"  # a loop runs, as in every notebook
+    assert any(o["output_type"] == "display_data" for o in outputs[1])  # the progress widget
+    assert "LOAD TEST RESULTS" in outputs[1][-1]["data"]["text/plain"]
+    successful, mean_ms = ast.literal_eval(outputs[2][0]["data"]["text/plain"])
+    assert successful == 8 and mean_ms == pytest.approx(DELAY_S * 1000, rel=0.1)
