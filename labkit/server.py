@@ -243,7 +243,7 @@ def _raise_for_generation_error(error: BaseException, request_id: str) -> None:
     from labkit.engine import PromptTooLongError
 
     if isinstance(error, OutOfMemory):
-        raise ApiError(503, f"Out of GPU memory while generating ({error}). The server freed its "
+        raise ApiError(503, f"Out of memory while generating ({error}). The server freed its "
                             "cache and keeps serving: retry, or lower max_tokens / shorten the "
                             f"prompt. request_id {request_id}")
     if isinstance(error, PromptTooLongError):

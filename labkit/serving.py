@@ -227,16 +227,23 @@ class SequentialScheduler:
         try:
             result = self.backend.generate(job.request)
             return JobOutcome(result, None, queue_ms, self.backend.memory_used_gb())
-        except torch.OutOfMemoryError as err:
-            # Free what the failed request left in the allocator's cache, so the next request
-            # starts from the same memory as before instead of failing too.
-            self.backend.free_memory()
-            log.warning("Out of memory during a request (cache freed, still serving): %s", err)
-            return JobOutcome(None, OutOfMemory(str(err)), queue_ms)
+        except (torch.OutOfMemoryError, MemoryError) as err:
+            return self._out_of_memory(err, queue_ms)
+        except RuntimeError as err:
+            if "can't allocate memory" in str(err):  # torch's CPU allocator says it this way
+                return self._out_of_memory(err, queue_ms)
+            return JobOutcome(None, err, queue_ms)
         except Exception as err:  # reported to the client; the worker must survive it
             return JobOutcome(None, err, queue_ms)
         finally:
             self.busy.stop()
+
+    def _out_of_memory(self, err: BaseException, queue_ms: float) -> JobOutcome:
+        # Free what the failed request left in the allocator's cache, so the next request
+        # starts from the same memory as before instead of failing too.
+        self.backend.free_memory()
+        log.warning("Out of memory during a request (cache freed, still serving): %s", err)
+        return JobOutcome(None, OutOfMemory(str(err) or type(err).__name__), queue_ms)
 
     def _update_idle(self) -> None:
         if not self._waiting and not self._in_flight:

@@ -299,18 +299,23 @@ def test_client_disconnects_do_not_wedge_the_queue():
     assert server["requests_served"] == 2  # "running" finished, "next" answered
 
 
-def test_out_of_memory_answers_503_frees_the_cache_and_keeps_serving():
+@pytest.mark.parametrize("error, words", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB "
+                            "total capacity)"), "Tried to allocate 2.00 GiB"),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: can't allocate "
+                  "memory: you tried to allocate 8589934592 bytes."), "can't allocate memory"),
+])
+def test_out_of_memory_answers_503_frees_the_cache_and_keeps_serving(error, words):
     backend = StubBackend()
-    backend.fail_next = [torch.OutOfMemoryError(
-        "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total capacity)")]
+    backend.fail_next = [error]
 
     async def scenario():
         async with serving(backend) as client:
             failed = await client.post("/generate", json=VALID)
             assert failed.status == 503
-            error = (await failed.json())["error"]
-            assert "Out of GPU memory" in error and "Tried to allocate 2.00 GiB" in error
-            assert "lower max_tokens" in error
+            message = (await failed.json())["error"]
+            assert "Out of memory" in message and words in message
+            assert "lower max_tokens" in message and "keeps serving" in message
             assert backend.freed == 1
             ok = await client.post("/generate", json=VALID)
             assert ok.status == 200
