@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 # Jupyter refuses to start as root without --allow-root (CI and many containers run as root).
 LAB_ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
 
-.PHONY: venv lab test test-fast gpu-test lint model clean
+.PHONY: venv lab test gpu-test gpu-outputs lint model clean
 
 venv: $(STAMP)
 
@@ -40,3 +40,7 @@ model: venv
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# On a GPU machine: execute every notebook and store its outputs (what gets committed).
+gpu-outputs: venv
+	$(BIN)/python -m labkit.nbrun notebooks/*.ipynb

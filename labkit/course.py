@@ -55,3 +55,19 @@ def save_results(name: str, values: dict) -> Path:
 def load_results(name: str) -> dict | None:
     path = RESULTS_DIR / f"{name}.json"
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def banner(model: str | None = None) -> str:
+    """Where and when this notebook's numbers were measured (printed by each parameters cell)."""
+    import datetime
+
+    from labkit import gpu
+
+    info = gpu.device_info()
+    machine = (f"{info['gpu_name']} (driver {info['driver_version']}, CUDA {info['cuda_version']})"
+               if info["gpu_name"] else "CPU only (no GPU)")
+    text = (f"Measured on {machine}, torch {info['pytorch_version']}"
+            + (f", model {model}" if model else "")
+            + f", {datetime.date.today().isoformat()}" + (" [CI fast mode]" if fast_mode() else ""))
+    print(text)
+    return text
