@@ -67,6 +67,7 @@ class ServerProcess:
         self.process: subprocess.Popen | None = None
         self._lines: collections.deque[str] = collections.deque(maxlen=LOG_LINES_KEPT)
         self._url_seen = threading.Event()
+        self._terminated = False
         self._reader: threading.Thread | None = None
 
     @property
@@ -114,8 +115,10 @@ class ServerProcess:
         return self.process is not None and self.process.poll() is None
 
     def terminate(self) -> None:
-        """Send SIGTERM without waiting (the server drains, then exits)."""
-        if self.process is not None and self.process.poll() is None:
+        """Send SIGTERM without waiting (the server drains, then exits). Only once: a second
+        signal tells labkit serve to stop at once, abandoning accepted requests."""
+        if self.process is not None and self.process.poll() is None and not self._terminated:
+            self._terminated = True
             with contextlib.suppress(ProcessLookupError):
                 self.process.send_signal(signal.SIGTERM)
 

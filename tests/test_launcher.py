@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from labkit import launcher
 from labkit.server import ServerProcess, ServerStartError, launch, launch_many
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -196,12 +195,19 @@ def test_no_orphan_when_the_launching_process_ends(how):
     wait_until(lambda: not alive(pid), timeout=15, what=f"server {pid} to exit")
 
 
-def test_launch_many_side_by_side_and_stop_all_as_atexit_does():
-    with launch_many(2, "stub", command=stub_command(), timeout=60) as servers:
+def test_launch_many_side_by_side_each_stopped_once_and_gracefully():
+    with launch_many(2, "stub", command=stub_command(delay=0.5), timeout=60) as servers:
         assert len({srv.url for srv in servers}) == 2  # each picked its own free port
         for srv in servers:
             assert call(srv.url + "/generate", {"prompt": "hi", "max_tokens": 2})[0] == 200
-        launcher.stop_all()  # what atexit runs when a notebook kernel exits normally
-        assert not any(srv.running() or alive(srv.pid) for srv in servers)
-        assert [srv.process.returncode for srv in servers] == [0, 0]
+        pool = concurrent.futures.ThreadPoolExecutor(2)
+        # a request still running when the block ends must finish: one SIGTERM each, not two
+        pending = [pool.submit(call, srv.url + "/generate", {"prompt": "last"}) for srv in servers]
+        for srv in servers:
+            wait_until(lambda srv=srv: server_stats(srv)["in_flight"] == 1, what="in flight")
+    assert [future.result(timeout=10)[0] for future in pending] == [200, 200]
+    pool.shutdown()
+    assert not any(srv.running() or alive(srv.pid) for srv in servers)
+    assert [srv.process.returncode for srv in servers] == [0, 0]
     assert [srv.stop() for srv in servers] == [0, 0]  # stopping again is harmless
+    assert all("stopping now" not in srv.logs() for srv in servers)
