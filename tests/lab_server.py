@@ -51,9 +51,15 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_lab(tmp_path: Path, startup_timeout: float = 60) -> Iterator[Lab]:
+def running_lab(tmp_path: Path, startup_timeout: float = 60,
+                extra_env: dict[str, str] | None = None) -> Iterator[Lab]:
     port, token = free_port(), secrets.token_hex(16)
-    env = {**os.environ, "JUPYTER_TOKEN": token, "JUPYTER_RUNTIME_DIR": str(tmp_path / "rt")}
+    # Own runtime, workspace and settings folders: no layout saved by an earlier session reopens
+    # tabs, and the test's settings below apply only to this server.
+    env = {**os.environ, **(extra_env or {}), "JUPYTER_TOKEN": token,
+           "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
+           "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "workspaces"),
+           "JUPYTERLAB_SETTINGS_DIR": _write_settings(tmp_path / "settings")}
     log = tmp_path / "lab.log"
     with log.open("w") as out:
         process = subprocess.Popen(
@@ -67,6 +73,23 @@ def running_lab(tmp_path: Path, startup_timeout: float = 60) -> Iterator[Lab]:
         yield lab
     finally:
         stop(lab)
+
+
+# JupyterLab user settings for tests: every cell in the DOM (the default windowing leaves cells
+# outside the viewport unrendered, so a browser test could not see them), no news pop-up.
+TEST_SETTINGS = {
+    "@jupyterlab/notebook-extension/tracker.jupyterlab-settings": {"windowingMode": "none"},
+    "@jupyterlab/apputils-extension/notification.jupyterlab-settings": {
+        "fetchNews": "false", "checkForUpdates": False},
+}
+
+
+def _write_settings(folder: Path) -> str:
+    for name, values in TEST_SETTINGS.items():
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(values))
+    return str(folder)
 
 
 def _wait_until_up(lab: Lab, timeout: float) -> None:
