@@ -75,9 +75,11 @@ def running_lab(tmp_path: Path, startup_timeout: float = 60,
         stop(lab)
 
 
-# JupyterLab user settings for tests: every cell in the DOM (the default windowing leaves cells
+# JupyterLab user settings for tests: no autosave (a test that runs a notebook must not write
+# its outputs into the committed file), every cell in the DOM (the default windowing leaves cells
 # outside the viewport unrendered, so a browser test could not see them), no news pop-up.
 TEST_SETTINGS = {
+    "@jupyterlab/docmanager-extension/plugin.jupyterlab-settings": {"autosave": False},
     "@jupyterlab/notebook-extension/tracker.jupyterlab-settings": {"windowingMode": "none"},
     "@jupyterlab/apputils-extension/notification.jupyterlab-settings": {
         "fetchNews": "false", "checkForUpdates": False},
@@ -130,6 +132,11 @@ def stop(lab: Lab, timeout: float = 20) -> None:
 
 def notebook_names() -> list[str]:
     return sorted(p.name for p in (ROOT / "notebooks").glob("*.ipynb"))
+
+
+def notebook_bytes() -> dict[Path, bytes]:
+    """The committed notebooks as they are now, to prove a test left them untouched."""
+    return {p: p.read_bytes() for p in sorted((ROOT / "notebooks").glob("*.ipynb"))}
 
 
 def contents(lab: Lab, name: str) -> dict:

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from lab_server import ROOT, running_lab
+from lab_server import ROOT, notebook_bytes, running_lab
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = ROOT / "artifacts" / "browser"
@@ -36,9 +36,14 @@ def _notebook(prefix: str) -> Path | None:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
+    before = notebook_bytes()
     # The kernels inherit the server's environment: LABKIT_CI=1 puts notebooks in fast mode.
     with running_lab(tmp_path_factory.mktemp("lab"), extra_env={"LABKIT_CI": "1"}) as lab:
         yield lab
+    changed = [path for path, data in before.items() if path.read_bytes() != data]
+    for path in changed:  # put back what this test wrote, then fail: it must not write at all
+        path.write_bytes(before[path])
+    assert not changed, f"the browser test modified committed notebooks: {changed}"
 
 
 @pytest.fixture(scope="module")
