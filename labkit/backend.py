@@ -1,8 +1,8 @@
 """What the server asks of a model: check a prompt, generate one completion, free memory.
 
 The HTTP layer and the scheduler only see this small interface, so tests can serve a stub
-(an injected delay, a fake out-of-memory error) through the very same server code, and a batched
-backend (issue 6) can sit behind the same scheduler interface later.
+(an injected delay, a fake out-of-memory error) through the very same server code. `generate`
+serves the sequential mode, `generate_batch` the batched one (`labkit.serving`).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import gc
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -43,6 +44,11 @@ class Backend(Protocol):
 
     def generate(self, request: GenerationRequest):
         """Run one generation; returns an engine.GenerationResult."""
+
+    def generate_batch(self, requests: list[GenerationRequest],
+                       on_finish: Callable[[int, object], None] | None = None) -> list:
+        """Run `requests` as one batch; returns their engine.GenerationResults in order and
+        calls on_finish(index, result) as each one finishes."""
 
     def free_memory(self) -> None:
         """Release cached device memory (after an out-of-memory error)."""
@@ -81,6 +87,12 @@ class ModelBackend:
         return engine.generate(self.lm, request.prompt, max_tokens=request.max_tokens,
                                temperature=request.temperature, top_p=request.top_p,
                                seed=request.seed)
+
+    def generate_batch(self, requests: list[GenerationRequest],
+                       on_finish: Callable[[int, object], None] | None = None) -> list:
+        from labkit.batching import generate_batch
+
+        return generate_batch(self.lm, requests, on_finish)
 
     def free_memory(self) -> None:
         import torch

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -39,9 +40,13 @@ class BatchRequest:
     seed: int | None = None
 
 
-def generate_batch(lm: LoadedModel, requests: list[BatchRequest]) -> list[GenerationResult]:
+def generate_batch(lm: LoadedModel, requests: list[BatchRequest],
+                   on_finish: Callable[[int, GenerationResult], None] | None = None,
+                   ) -> list[GenerationResult]:
     """Generate every request in one batch; results in request order. Arguments are checked
-    before anything runs: a bad one raises engine's error, prefixed with the request's index."""
+    before anything runs: a bad one raises engine's error, prefixed with the request's index.
+    `on_finish(index, result)`, if given, is called as each row finishes (a server answers that
+    request at once instead of after the batch's longest row)."""
     prompts = [_encode(lm, i, r) for i, r in enumerate(requests)]
     if not prompts:
         return []
@@ -57,8 +62,8 @@ def generate_batch(lm: LoadedModel, requests: list[BatchRequest]) -> list[Genera
 
     rows = list(range(len(requests)))  # request index of each row still in the batch
     new_ids: list[list[int]] = [[] for _ in requests]
+    results: list[GenerationResult | None] = [None] * len(requests)
     first_at = [0.0] * len(requests)
-    last_at = [0.0] * len(requests)
     cache = DynamicCache(config=model.config)
 
     engine.synchronize(device)
@@ -77,9 +82,13 @@ def generate_batch(lm: LoadedModel, requests: list[BatchRequest]) -> list[Genera
                 if not new_ids[i]:
                     first_at[i] = now
                 new_ids[i].append(token)
-                last_at[i] = now
                 if token not in stop_ids and len(new_ids[i]) < requests[i].max_tokens:
                     keep.append(row)
+                    continue
+                results[i] = engine.build_result(lm, requests[i].prompt, prompts[i].numel(),
+                                                 new_ids[i], started, first_at[i], now)
+                if on_finish is not None:
+                    on_finish(i, results[i])
             if not keep:
                 break
             if len(keep) < len(rows):
@@ -97,8 +106,7 @@ def generate_batch(lm: LoadedModel, requests: list[BatchRequest]) -> list[Genera
                            position_ids=position_ids, past_key_values=cache,
                            use_cache=True).logits[:, -1]
 
-    return [engine.build_result(lm, r.prompt, prompts[i].numel(), new_ids[i], started,
-                                first_at[i], last_at[i]) for i, r in enumerate(requests)]
+    return results
 
 
 def _encode(lm: LoadedModel, index: int, request: BatchRequest) -> torch.Tensor:

@@ -32,7 +32,16 @@ from labkit import api
 from labkit.api import ApiError
 from labkit.backend import Backend, GenerationRequest, load_model_backend
 from labkit.launcher import ServerProcess, ServerStartError, launch, launch_many  # noqa: F401
-from labkit.serving import SCHEDULERS, OutOfMemory, Scheduler, make_scheduler
+from labkit.serving import (
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_WAIT_MS,
+    SCHEDULERS,
+    OutOfMemory,
+    Scheduler,
+    check_max_batch_size,
+    check_max_wait_ms,
+    make_scheduler,
+)
 
 log = logging.getLogger("labkit.server")
 
@@ -112,11 +121,12 @@ STATE = web.AppKey("labkit_state", ServerState)
 
 
 def create_app(load_backend: Callable[[], Backend], *, max_tokens_limit: int = 1024,
-               mode: str = "sequential") -> web.Application:
+               mode: str = "sequential", **scheduler_options) -> web.Application:
     """The aiohttp application. `load_backend` runs on a background thread at startup; tests
-    pass a stub, `labkit serve` passes `load_model_backend` for the chosen model."""
+    pass a stub, `labkit serve` passes `load_model_backend` for the chosen model.
+    `scheduler_options` go to the mode's scheduler (batched: max_batch_size, max_wait_ms)."""
     app = web.Application(middlewares=[_errors_as_json], client_max_size=api.MAX_BODY_BYTES)
-    state = ServerState(load_backend, make_scheduler(mode), max_tokens_limit)
+    state = ServerState(load_backend, make_scheduler(mode, **scheduler_options), max_tokens_limit)
     app[STATE] = state
     app.router.add_get("/", handle_root)
     app.router.add_get("/health", handle_health)
@@ -251,6 +261,13 @@ def _raise_for_generation_error(error: BaseException, request_id: str) -> None:
     raise error  # anything else is a bug: the middleware answers 500 and logs the traceback
 
 
+def _describe_mode(server: dict) -> str:
+    if server["mode"] != "batched":
+        return server["mode"]
+    return (f"batched: up to {server['max_batch_size']} requests a batch, waiting up to "
+            f"{server['max_wait_ms']:g} ms for one to fill")
+
+
 def _device_type(backend: Backend) -> str:
     return backend.device.split(":")[0]
 
@@ -332,7 +349,7 @@ async def serve(app: web.Application, host: str = "127.0.0.1", port: int = 8000,
             stop.set()
         else:
             log.info("Ready: POST %s/generate (mode %s, max_tokens up to %d)", url,
-                     state.scheduler.mode, state.max_tokens_limit)
+                     _describe_mode(state.scheduler.stats()), state.max_tokens_limit)
 
     watcher = asyncio.create_task(announce_ready())
     await stop.wait()
@@ -389,7 +406,14 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
     parser.add_argument("--dtype", default="auto", help="auto, bf16, fp16 or fp32")
     parser.add_argument("--mode", default="sequential", choices=sorted(SCHEDULERS),
-                        help="serving mode: sequential = one generation at a time (the seed)")
+                        help="serving mode: sequential = one generation at a time (the seed); "
+                             "batched = requests waiting for the model are generated together")
+    parser.add_argument("--max-batch-size", type=int, default=None, metavar="N",
+                        help="batched mode: most requests in one batch (default "
+                             f"{DEFAULT_MAX_BATCH_SIZE})")
+    parser.add_argument("--max-wait-ms", type=float, default=None, metavar="MS",
+                        help="batched mode: how long a batch waits to fill after its first "
+                             f"request arrives (default {DEFAULT_MAX_WAIT_MS:g})")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for generation (default on the CPU: one less than "
                              "the cores, leaving one to the server and clients)")
@@ -411,13 +435,19 @@ def run_cli(args) -> int:
     if args.threads is not None and args.threads < 1:
         print("error: --threads must be at least 1", file=sys.stderr)
         return 2
+    try:
+        scheduler_options = _scheduler_options(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
     def load() -> Backend:
         return load_model_backend(args.model, device=args.device, dtype=args.dtype,
                                   warmup_runs=args.warmup, threads=args.threads)
 
     async def main() -> int:
-        app = create_app(load, max_tokens_limit=args.max_tokens_limit, mode=args.mode)
+        app = create_app(load, max_tokens_limit=args.max_tokens_limit, mode=args.mode,
+                         **scheduler_options)
         return await serve(app, args.host, args.port, watch_parent=args.watch_parent,
                            drain_timeout_s=args.drain_timeout)
 
@@ -427,3 +457,26 @@ def run_cli(args) -> int:
         log.error("Could not listen on %s:%s: %s. Pick another --port (0 = any free one).",
                   args.host, args.port, err)
         return 1
+
+
+def _scheduler_options(args) -> dict:
+    """--max-batch-size / --max-wait-ms for batched mode; an error if given to another mode."""
+    flags = {"--max-batch-size": (args.max_batch_size, DEFAULT_MAX_BATCH_SIZE,
+                                  check_max_batch_size),
+             "--max-wait-ms": (args.max_wait_ms, DEFAULT_MAX_WAIT_MS, check_max_wait_ms)}
+    given = [flag for flag, (value, _, _) in flags.items() if value is not None]
+    if args.mode != "batched":
+        if given:
+            verb, pronoun = ("apply", "them") if len(given) > 1 else ("applies", "it")
+            raise ValueError(f"{' and '.join(given)} {verb} only to --mode batched; add "
+                             f"--mode batched or drop {pronoun}")
+        return {}
+    options = {}
+    for flag, (value, default, check) in flags.items():
+        value = default if value is None else value
+        try:
+            check(value)
+        except ValueError as err:
+            raise ValueError(f"{flag}: {err}") from None
+        options[flag.removeprefix("--").replace("-", "_")] = value
+    return options

@@ -2,7 +2,8 @@
 busy time. Independent of HTTP: `labkit.server` submits requests and awaits outcomes.
 
 `SequentialScheduler` is the seed's baseline: one generation at a time, the others wait in FIFO
-order. A batched scheduler (issue 6) implements the same `Scheduler` interface.
+order. `BatchedScheduler` generates the requests that queued up while the model was busy
+together, as one batch. Both share `QueueScheduler`'s queue, clock, counters and fault handling.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from labkit.backend import Backend, GenerationRequest
 log = logging.getLogger("labkit.server")
 
 RECENT_WINDOW_S = 5.0
+DEFAULT_MAX_BATCH_SIZE = 32
+DEFAULT_MAX_WAIT_MS = 5.0
+MAX_WAIT_LIMIT_MS = 10_000.0
 
 
 class BusyClock:
@@ -84,7 +88,7 @@ class BusyClock:
 
 
 class OutOfMemory(Exception):
-    """The device ran out of memory during one request; the cache was freed."""
+    """The device ran out of memory during a generation; the cache was freed."""
 
 
 @dataclass
@@ -93,7 +97,7 @@ class JobOutcome:
 
     result: object | None  # engine.GenerationResult
     error: BaseException | None
-    queue_time_ms: float  # submitted -> generation started
+    queue_time_ms: float  # submitted -> its generation (or its batch) started
     memory_used_gb: float | None = None
 
 
@@ -106,6 +110,7 @@ class _Job:
 
 class Scheduler(Protocol):
     mode: str
+    served: int
 
     def set_backend(self, backend: Backend) -> None: ...
     async def start(self) -> None: ...
@@ -115,25 +120,32 @@ class Scheduler(Protocol):
     def stats(self) -> dict: ...
 
 
-class SequentialScheduler:
-    """Exactly one generation at a time, FIFO. Generation runs on one dedicated thread, so the
-    event loop keeps answering /, /health and /stats while the model works.
+class QueueScheduler:
+    """A FIFO queue in front of one generation thread, which takes up to `max_batch_size` jobs
+    at a time. Subclasses say how a group of jobs is generated (`_generate_group`).
 
-    A request whose client goes away while it waits is dropped before it starts; one that is
-    already generating runs to the end (HF `generate` cannot be interrupted safely) and its
-    result is discarded. Either way the worker moves on to the next job: nothing wedges."""
+    Generation runs on one dedicated thread, so the event loop keeps answering /, /health and
+    /stats while the model works. A request whose client goes away while it waits is dropped
+    before it starts; one that is already generating runs to the end (a generation cannot be
+    interrupted safely) and its result is discarded. Either way the worker moves on: nothing
+    wedges. Out of memory frees the allocator's cache and fails only the requests it hit."""
 
-    mode = "sequential"
+    mode = "queue"
 
-    def __init__(self, backend: Backend | None = None, window_s: float = RECENT_WINDOW_S):
+    def __init__(self, backend: Backend | None = None, window_s: float = RECENT_WINDOW_S, *,
+                 max_batch_size: int = 1, max_wait_ms: float = 0.0):
         self.backend = backend
+        self.max_batch_size = max_batch_size
+        self.max_wait_ms = max_wait_ms
         self.busy = BusyClock(window_s)
-        self.served = 0  # generations that finished and returned a result
-        self.failed = 0  # generations that raised (out of memory, or a bug)
+        self.served = 0  # requests whose generation finished and returned a result
+        self.failed = 0  # requests whose generation raised (out of memory, or a bug)
         self.cancelled = 0  # client disconnected before its result was delivered
+        self.batches = 0  # generations started (a group of 1 in sequential mode)
+        self.batched_requests = 0  # requests in those generations
         self._queue: asyncio.Queue[_Job] | None = None
         self._waiting: set[_Job] = set()
-        self._in_flight = 0
+        self._in_flight = 0  # requests generating now, not yet answered
         self._idle: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(1, "labkit-generate")
@@ -190,6 +202,11 @@ class SequentialScheduler:
             "requests_cancelled": self.cancelled,
             "queue_depth": len(self._waiting),
             "in_flight": self._in_flight,
+            "batches": self.batches,
+            "mean_batch_size": (round(self.batched_requests / self.batches, 3)
+                                if self.batches else None),
+            "max_batch_size": self.max_batch_size,
+            "max_wait_ms": self.max_wait_ms,
             "busy_seconds": round(self.busy.busy_seconds(), 4),
             "busy_fraction": round(self.busy.busy_fraction(), 4),
             "busy_fraction_recent": round(self.busy.busy_fraction_recent(), 4),
@@ -199,58 +216,160 @@ class SequentialScheduler:
     async def _run_worker(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            job = await self._queue.get()
-            if job not in self._waiting:  # withdrawn while queued
+            jobs = await self._next_group()
+            if not jobs:  # all withdrawn while queued
                 self._update_idle()
                 continue
-            self._waiting.discard(job)
-            self._in_flight = 1
+            self._waiting.difference_update(jobs)
+            self._in_flight = len(jobs)
+            self.batches += 1
+            self.batched_requests += len(jobs)
+
+            def deliver(index: int, outcome: JobOutcome, jobs=jobs) -> None:
+                loop.call_soon_threadsafe(self._deliver, jobs[index], outcome)
+
             try:
-                outcome = await loop.run_in_executor(self._executor, self._generate, job)
-            finally:
+                await loop.run_in_executor(self._executor, self._generate, jobs, deliver)
+            finally:  # every delivery was scheduled before the executor's own completion
                 self._in_flight = 0
-            if outcome.error is None:
-                self.served += 1
-            else:
-                self.failed += 1
-            if not job.future.done():
-                job.future.set_result(outcome)
             self._update_idle()
 
-    def _generate(self, job: _Job) -> JobOutcome:
-        """Runs on the generation thread: time the wait, generate, catch what a request can
-        cause without taking the server down."""
+    async def _next_group(self) -> list[_Job]:
+        """The oldest waiting job, then whatever else is queued, up to `max_batch_size` jobs;
+        while the group is short, wait for more until `max_wait_ms` after the first job was
+        submitted. Jobs withdrawn meanwhile are left out."""
+        first = await self._queue.get()
+        group = [first]
+        deadline = first.submitted + self.max_wait_ms / 1000
+        while len(group) < self.max_batch_size:
+            if self._queue.empty():
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    break
+                try:
+                    group.append(await asyncio.wait_for(self._queue.get(), remaining))
+                except asyncio.TimeoutError:
+                    break
+            else:
+                group.append(self._queue.get_nowait())
+        return [job for job in group if job in self._waiting]
+
+    def _deliver(self, job: _Job, outcome: JobOutcome) -> None:
+        """On the event loop: count the outcome and answer the request (if anyone still waits)."""
+        if outcome.error is None:
+            self.served += 1
+        else:
+            self.failed += 1
+        self._in_flight = max(0, self._in_flight - 1)
+        if not job.future.done():
+            job.future.set_result(outcome)
+
+    def _generate(self, jobs: list[_Job], deliver) -> None:
+        """Runs on the generation thread: time each job's wait, generate the group, hand each
+        result to `deliver(index, outcome)` as soon as it exists, and turn what a request can
+        cause (out of memory, a bug) into outcomes for the jobs not answered yet."""
         import torch
 
-        queue_ms = (time.perf_counter() - job.submitted) * 1000
+        started = time.perf_counter()
+        queue_ms = [(started - job.submitted) * 1000 for job in jobs]
+        answered: set[int] = set()
+
+        def on_result(index: int, result) -> None:
+            answered.add(index)
+            deliver(index, JobOutcome(result, None, queue_ms[index],
+                                      self.backend.memory_used_gb()))
+
         self.busy.start()
         try:
-            result = self.backend.generate(job.request)
-            return JobOutcome(result, None, queue_ms, self.backend.memory_used_gb())
+            self._generate_group([job.request for job in jobs], on_result)
+            return
         except (torch.OutOfMemoryError, MemoryError) as err:
-            return self._out_of_memory(err, queue_ms)
+            error = self._out_of_memory(err, len(jobs))
         except RuntimeError as err:
-            if "can't allocate memory" in str(err):  # torch's CPU allocator says it this way
-                return self._out_of_memory(err, queue_ms)
-            return JobOutcome(None, err, queue_ms)
-        except Exception as err:  # reported to the client; the worker must survive it
-            return JobOutcome(None, err, queue_ms)
+            # torch's CPU allocator says it this way
+            oom = "can't allocate memory" in str(err)
+            error = self._out_of_memory(err, len(jobs)) if oom else err
+        except Exception as err:  # reported to the clients; the worker must survive it
+            error = err
         finally:
             self.busy.stop()
+        for index in range(len(jobs)):
+            if index not in answered:
+                deliver(index, JobOutcome(None, error, queue_ms[index]))
 
-    def _out_of_memory(self, err: BaseException, queue_ms: float) -> JobOutcome:
-        # Free what the failed request left in the allocator's cache, so the next request
+    def _generate_group(self, requests: list[GenerationRequest], on_result) -> None:
+        """Generate `requests`, calling on_result(index, result) for each as it finishes."""
+        raise NotImplementedError
+
+    def _out_of_memory(self, err: BaseException, group_size: int) -> OutOfMemory:
+        # Free what the failed generation left in the allocator's cache, so the next one
         # starts from the same memory as before instead of failing too.
         self.backend.free_memory()
-        log.warning("Out of memory during a request (cache freed, still serving): %s", err)
-        return JobOutcome(None, OutOfMemory(str(err) or type(err).__name__), queue_ms)
+        log.warning("Out of memory during a generation of %d request(s) (cache freed, still "
+                    "serving): %s", group_size, err)
+        message = str(err) or type(err).__name__
+        if group_size > 1:
+            message += (f"; in a batch of {group_size} requests, which all failed: a smaller "
+                        "--max-batch-size needs less memory")
+        return OutOfMemory(message)
 
     def _update_idle(self) -> None:
         if not self._waiting and not self._in_flight:
             self._idle.set()
 
 
-SCHEDULERS: dict[str, type] = {"sequential": SequentialScheduler}
+class SequentialScheduler(QueueScheduler):
+    """The seed's baseline: exactly one generation at a time (Hugging Face `generate`), FIFO."""
+
+    mode = "sequential"
+
+    def __init__(self, backend: Backend | None = None, window_s: float = RECENT_WINDOW_S):
+        super().__init__(backend, window_s, max_batch_size=1, max_wait_ms=0.0)
+
+    def _generate_group(self, requests: list[GenerationRequest], on_result) -> None:
+        [request] = requests
+        on_result(0, self.backend.generate(request))
+
+
+def check_max_batch_size(value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"the most requests in one batch must be a whole number, at least 1; "
+                         f"got {value!r}")
+
+
+def check_max_wait_ms(value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not 0 <= value <= MAX_WAIT_LIMIT_MS:
+        raise ValueError(f"the wait for a batch to fill must be from 0 to {MAX_WAIT_LIMIT_MS:g} "
+                         f"ms; got {value!r}")
+
+
+class BatchedScheduler(QueueScheduler):
+    """Requests that arrive while the model is busy are generated together, in one batch of up
+    to `max_batch_size` (`labkit.batching.generate_batch`: each keeps its own max_tokens,
+    temperature, top_p and seed). When the model frees up, the oldest waiting request starts a
+    batch with everything queued behind it; if that is short of `max_batch_size`, the batch
+    waits for more until `max_wait_ms` after that request arrived, and no longer.
+
+    Static batching: a batch runs until its last row finishes, and requests arriving meanwhile
+    wait for the next batch. Rows that finish early leave the batch and are answered at once.
+    `queue_time_ms` is submit -> its batch started (the wait to fill a batch included)."""
+
+    mode = "batched"
+
+    def __init__(self, backend: Backend | None = None, window_s: float = RECENT_WINDOW_S, *,
+                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+                 max_wait_ms: float = DEFAULT_MAX_WAIT_MS):
+        check_max_batch_size(max_batch_size)
+        check_max_wait_ms(max_wait_ms)
+        super().__init__(backend, window_s, max_batch_size=max_batch_size,
+                         max_wait_ms=max_wait_ms)
+
+    def _generate_group(self, requests: list[GenerationRequest], on_result) -> None:
+        self.backend.generate_batch(requests, on_result)
+
+
+SCHEDULERS: dict[str, type] = {"sequential": SequentialScheduler, "batched": BatchedScheduler}
 
 
 def make_scheduler(mode: str = "sequential", **kwargs) -> Scheduler:
