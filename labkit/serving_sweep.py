@@ -1,17 +1,29 @@
 """Serve the same load under different set-ups and measure each: the engine of notebooks 06/07
 and `benchmarks/serving.py`. Every row is measured here: load-test figures from the client,
-utilization and GPM activity from the sampler over exactly that load test's window."""
+utilization and GPM activity from the sampler over exactly that load test's window, batch sizes
+and busy time from the servers' own /stats counters before and after it.
+
+Batched servers get `--max-wait-ms 50` here, not the server's 5 ms default. A closed-loop load
+test answers every row of a batch at the same moment, and its clients' next requests then reach
+the server one after another: over 12.6 ms for 32 clients and about twice that for 64 (measured
+on the 2-core development VM, client and server on the same machine). A 5 ms window closes
+before they are all in and splits them over two half-size batches; 50 ms adds under 1 % to a GPU
+batch of 150 tokens, and `mean_batch_size` in every row shows whether batches filled.
+"""
 
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from labkit import client, gpu, loadtest
-from labkit.launcher import launch, launch_many
+from labkit.launcher import ServerProcess, launch, launch_many
 
 SEED_PHASE3_FACTOR = 3.0  # the seed's "3x throughput" promise for GPU sharing
 MIN_REQUESTS = 8
+SWEEP_MAX_WAIT_MS = 50.0
 
 
 @dataclass
@@ -19,6 +31,7 @@ class Sweep:
     model: str
     device: str
     rows: list[dict] = field(default_factory=list)
+    timeline: object | None = None  # the final live-timeline Figure, when run(live=True)
 
 
 def _server_options(mode: str, max_batch_size: int, max_wait_ms: float) -> dict:
@@ -32,15 +45,42 @@ def _sampler(url: str) -> gpu.Sampler:
     return gpu.Sampler(interval=0.1, url=None if gpu.nvml() else url)
 
 
-def measure(urls: list[str], sampler: gpu.Sampler, concurrency: int, requests: int,
-            max_tokens: int, **labels) -> dict:
-    """One load test against `urls` (round-robin), with the sampler's view of its window."""
+def _server_counters(servers: list[ServerProcess]) -> list[dict]:
+    return [client.get(s.url + "/stats").body["server"] for s in servers]
+
+
+def _rss_gb(pid: int | None) -> float | None:
+    """Resident memory of a server process (Linux /proc), GB: its weights live there on a CPU."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def measure(servers: list[ServerProcess], sampler: gpu.Sampler, concurrency: int,
+            requests: int, max_tokens: int, watch=None, **labels) -> dict:
+    """One load test spread over `servers` (round-robin), with the sampler's view of its window
+    and the servers' counters. `watch` runs the load test (a LiveTimeline's watch, to draw it)."""
+    urls = [s.url + "/generate" for s in servers]
+    before = _server_counters(servers)
+    sampler.mark(f"c={concurrency}")
     start = time.perf_counter()
-    result = loadtest.run(urls, concurrency=concurrency, requests=requests,
-                          max_tokens=max_tokens, temperature=0.7, progress=False)
+    result = (watch or (lambda fn, *a, **k: fn(*a, **k)))(
+        loadtest.run, urls, concurrency=concurrency, requests=requests, max_tokens=max_tokens,
+        temperature=0.7, progress=False)
     end = time.perf_counter()
+    after = _server_counters(servers)
     s = result.summary()
     util = sampler.summary(start=start, end=end)
+    batches = sum(a["batches"] - b["batches"] for a, b in zip(after, before, strict=True))
+    generated = sum(a["requests_served"] + a["requests_failed"] - b["requests_served"]
+                    - b["requests_failed"] for a, b in zip(after, before, strict=True))
+    busy = [(a["busy_seconds"] - b["busy_seconds"]) / (a["uptime_s"] - b["uptime_s"])
+            for a, b in zip(after, before, strict=True)]
+    rss = [_rss_gb(srv.pid) for srv in servers]
     return {
         **labels, "concurrency": concurrency, "requests": requests,
         "success_rate": s["success_rate"], "requests_per_second": s["requests_per_sec"],
@@ -52,48 +92,58 @@ def measure(urls: list[str], sampler: gpu.Sampler, concurrency: int, requests: i
         "tensor_activity_mean": util.get("tensor_activity_mean"),
         "gpu_memory_used_gb": util.get("mem_used_max_gb"),
         "utilization_source": util["source"],
+        "mean_batch_size": generated / batches if batches else None,
+        "server_busy_pct": 100 * sum(busy) / len(busy),  # mean over the servers
+        "server_rss_gb": sum(rss) if None not in rss else None,  # all servers together
     }
 
 
-def run(model: str, mode: str, levels: list[int], *, rounds: int = 2, max_tokens: int = 150,
-        max_batch_size: int = 64, max_wait_ms: float = 5.0, warmup: bool = True) -> Sweep:
-    """Start one `mode` server and load it at each concurrency level in turn."""
+def run(model: str, mode: str, levels: list[int], *, rounds: int = 2,
+        min_requests: int = MIN_REQUESTS, max_tokens: int = 150, max_batch_size: int = 64,
+        max_wait_ms: float = SWEEP_MAX_WAIT_MS, warmup: bool = True, live: bool = False,
+        deadline: float | None = None) -> Sweep:
+    """Start one `mode` server and load it at each concurrency level in turn, with
+    max(min_requests, rounds x concurrency) requests per level. `live` draws the utilization
+    timeline while it runs (in a notebook). Levels left when time.perf_counter() passes
+    `deadline` are skipped (each finished level is kept)."""
     with launch(model=model, **_server_options(mode, max_batch_size, max_wait_ms)) as srv:
         health = client.get(srv.url + "/health").body
         sweep = Sweep(health["model"], health["gpu_name"] or "CPU")
         if warmup:  # batch shapes the server has not seen yet pay one-off costs
             loadtest.run(srv.url, concurrency=max(levels), requests=max(levels),
                          max_tokens=8, progress=False)
-        with _sampler(srv.url) as sampler:
+        with ExitStack() as stack:
+            sampler = stack.enter_context(_sampler(srv.url))
+            timeline = None
+            if live:
+                from labkit import plots  # matplotlib: only where a timeline is drawn
+
+                timeline = stack.enter_context(plots.LiveTimeline(
+                    sampler, model=sweep.model, refresh=2.0,
+                    title=f"{mode} server, concurrency {', '.join(map(str, levels))}"))
             for c in levels:
-                before = client.get(srv.url + "/stats").body["server"]
-                row = measure([srv.url + "/generate"], sampler, c,
-                              max(MIN_REQUESTS, rounds * c), max_tokens, mode=mode, series=mode)
-                after = client.get(srv.url + "/stats").body["server"]
-                row["mean_batch_size"] = _mean_batch(before, after)
-                sweep.rows.append(row)
+                if deadline is not None and time.perf_counter() > deadline:
+                    break
+                sweep.rows.append(measure(
+                    [srv], sampler, c, max(min_requests, rounds * c), max_tokens,
+                    watch=timeline.watch if timeline else None, mode=mode, series=mode))
+        if timeline is not None:
+            sweep.timeline = timeline.figure
     return sweep
 
 
 def run_shared(model: str, servers: int, mode: str, concurrency: int, requests: int,
-               max_tokens: int, max_batch_size: int = 64) -> dict:
+               max_tokens: int, max_batch_size: int = 64,
+               max_wait_ms: float = SWEEP_MAX_WAIT_MS) -> dict:
     """`servers` separate server processes on one GPU, the load spread over them round-robin."""
-    with launch_many(servers, model=model, **_server_options(mode, max_batch_size, 5.0)) as srvs:
+    with launch_many(servers, model=model,
+                     **_server_options(mode, max_batch_size, max_wait_ms)) as srvs:
         urls = [s.url + "/generate" for s in srvs]
         loadtest.run(urls, concurrency=concurrency, requests=concurrency, max_tokens=8,
                      progress=False)  # warm-up
         with _sampler(srvs[0].url) as sampler:
-            return measure(urls, sampler, concurrency, requests, max_tokens, mode=mode,
+            return measure(srvs, sampler, concurrency, requests, max_tokens, mode=mode,
                            servers=servers, series=f"{servers} x {mode}")
-
-
-def _mean_batch(before: dict, after: dict) -> float | None:
-    """Requests per batch over one load test, from the server's counters (batched mode)."""
-    if "batches" not in after:
-        return None
-    batches = after["batches"] - before.get("batches", 0)
-    served = after["requests_served"] - before["requests_served"]
-    return served / batches if batches else None
 
 
 def seed_phase3_claim(sequential_rows: list[dict]) -> float | None:
@@ -112,24 +162,32 @@ def table(rows: list[dict]) -> str:
                      f"{r['output_tokens_per_sec']:>9.1f}{r['p50_ms']:>9.0f}{r['p95_ms']:>9.0f}"
                      f"{_pct(r['mean_util']):>8}{_pct(r.get('sm_activity_mean')):>7}"
                      f"{_num(r.get('mean_batch_size')):>7}")
-    return "\n".join(lines)
+    return "\n".join(lines) + _util_note(rows)
 
 
 def shared_table(rows: list[dict]) -> str:
     head = (f"{'set-up':<16}{'req/s':>8}{'tok/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'util %':>8}"
-            f"{'SM %':>7}{'GPU GB':>8}")
+            f"{'SM %':>7}{'busy %':>8}{'GPU GB':>8}{'RSS GB':>8}")
     lines = [head]
     for r in rows:
         lines.append(f"{r['series']:<16}{r['requests_per_second']:>8.2f}"
                      f"{r['output_tokens_per_sec']:>9.1f}{r['p50_ms']:>9.0f}{r['p95_ms']:>9.0f}"
                      f"{_pct(r['mean_util']):>8}{_pct(r.get('sm_activity_mean')):>7}"
-                     f"{_num(r.get('gpu_memory_used_gb')):>8}")
-    return "\n".join(lines)
+                     f"{_pct(r.get('server_busy_pct')):>8}"
+                     f"{_num(r.get('gpu_memory_used_gb')):>8}{_num(r.get('server_rss_gb'), 2):>8}")
+    return "\n".join(lines) + _util_note(rows)
+
+
+def _util_note(rows: list[dict]) -> str:
+    if any(r.get("utilization_source") == "cpu-mode" for r in rows):
+        return ("\nutil % = CPU mode: share of time the (first) server's inference worker was "
+                "busy, from its /stats; no GPU here, so no SM activity")
+    return "\nutil % = NVML utilization.gpu (any kernel running); SM % = NVML GPM SM activity"
 
 
 def _pct(value) -> str:
     return "n/a" if value is None or value != value else f"{value:.1f}"
 
 
-def _num(value) -> str:
-    return "-" if value is None else f"{value:.1f}"
+def _num(value, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
