@@ -60,19 +60,20 @@ def _rss_gb(pid: int | None) -> float | None:
     return None
 
 
-def measure(servers: list[ServerProcess], sampler: gpu.Sampler, concurrency: int,
+def measure(procs: list[ServerProcess], sampler: gpu.Sampler, concurrency: int,
             requests: int, max_tokens: int, watch=None, **labels) -> dict:
-    """One load test spread over `servers` (round-robin), with the sampler's view of its window
-    and the servers' counters. `watch` runs the load test (a LiveTimeline's watch, to draw it)."""
-    urls = [s.url + "/generate" for s in servers]
-    before = _server_counters(servers)
+    """One load test spread over the server processes `procs` (round-robin), with the sampler's
+    view of its window and the servers' counters. `watch` runs the load test (a LiveTimeline's
+    watch, to draw it)."""
+    urls = [s.url + "/generate" for s in procs]
+    before = _server_counters(procs)
     sampler.mark(f"c={concurrency}")
     start = time.perf_counter()
     result = (watch or (lambda fn, *a, **k: fn(*a, **k)))(
         loadtest.run, urls, concurrency=concurrency, requests=requests, max_tokens=max_tokens,
         temperature=0.7, progress=False)
     end = time.perf_counter()
-    after = _server_counters(servers)
+    after = _server_counters(procs)
     s = result.summary()
     util = sampler.summary(start=start, end=end)
     batches = sum(a["batches"] - b["batches"] for a, b in zip(after, before, strict=True))
@@ -80,7 +81,7 @@ def measure(servers: list[ServerProcess], sampler: gpu.Sampler, concurrency: int
                     - b["requests_failed"] for a, b in zip(after, before, strict=True))
     busy = [(a["busy_seconds"] - b["busy_seconds"]) / (a["uptime_s"] - b["uptime_s"])
             for a, b in zip(after, before, strict=True)]
-    rss = [_rss_gb(srv.pid) for srv in servers]
+    rss = [_rss_gb(srv.pid) for srv in procs]
     return {
         **labels, "concurrency": concurrency, "requests": requests,
         "success_rate": s["success_rate"], "requests_per_second": s["requests_per_sec"],
