@@ -14,6 +14,7 @@ without it and must run from top to bottom with every answer still blank.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,7 @@ GROUPS: dict[str, tuple[Path, dict[str, str]]] = {
     "solutions": (ROOT / "exercises" / "solutions", {"LABKIT_CHECK_STRICT": "1"}),
     "learner": (ROOT / "exercises" / "learner", {}),
 }
+ANSI = re.compile(r"\x1b\[[0-9;]*m")  # colours in kernel tracebacks
 CELL_TIMEOUT_S = 180
 NOTEBOOK_BUDGET_S = 300  # the budget is 3 minutes a notebook; this leaves headroom
 # Once the GPU-run outputs are committed, set this to True (or LABKIT_REQUIRE_OUTPUTS=1):
@@ -61,9 +63,9 @@ def test_notebook_runs_with_nbval(group: str, path: Path):
     except subprocess.TimeoutExpired as err:
         pytest.fail(f"{path.name} ran past its {NOTEBOOK_BUDGET_S} s budget:\n"
                     f"{(err.stdout or '')[-3000:]}")
+    report = ANSI.sub("", result.stdout[-8000:] + result.stderr[-2000:])
     assert result.returncode == 0, (
-        f"{path.relative_to(ROOT)} failed under nbval (env {CI_ENV | GROUPS[group][1]}):\n"
-        f"{result.stdout[-6000:]}{result.stderr[-2000:]}")
+        f"{path.relative_to(ROOT)} failed under nbval (env {CI_ENV | GROUPS[group][1]}):\n{report}")
 
 
 def stored_output_problems(nb: nbformat.NotebookNode) -> list[str]:
