@@ -9,8 +9,8 @@ throughput does not grow with concurrency (one generation at a time), so sequent
 at --sequential-max-concurrency and run one round (max(4, concurrency) requests); batched levels
 run two rounds (2 × concurrency requests, at least 4), so each level sees batches re-formed from
 returning clients. Batched servers get --max-wait-ms 50 (see labkit/serving_sweep.py for why).
-Levels not started within --max-seconds (shared: sequential first, batched from 45 % of the
-budget on) are skipped and listed.
+Levels not started within --max-seconds (shared: sequential levels start only in the first 45 %
+of it) are skipped and listed; the first level of each mode always runs.
 
 The last lines compare batched throughput at concurrency 32 with the best sequential throughput
 and mean utilization at concurrency 32 with issue 6's targets (≥ 10×, ≥ 80 %).

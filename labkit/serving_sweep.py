@@ -106,7 +106,7 @@ def run(model: str, mode: str, levels: list[int], *, rounds: int = 2,
     """Start one `mode` server and load it at each concurrency level in turn, with
     max(min_requests, rounds x concurrency) requests per level. `live` draws the utilization
     timeline while it runs (in a notebook). Levels left when time.perf_counter() passes
-    `deadline` are skipped (each finished level is kept)."""
+    `deadline` are skipped (the first level always runs)."""
     with launch(model=model, **_server_options(mode, max_batch_size, max_wait_ms)) as srv:
         health = client.get(srv.url + "/health").body
         sweep = Sweep(health["model"], health["gpu_name"] or "CPU")
@@ -123,7 +123,7 @@ def run(model: str, mode: str, levels: list[int], *, rounds: int = 2,
                     sampler, model=sweep.model, refresh=2.0,
                     title=f"{mode} server, concurrency {', '.join(map(str, levels))}"))
             for c in levels:
-                if deadline is not None and time.perf_counter() > deadline:
+                if sweep.rows and deadline is not None and time.perf_counter() > deadline:
                     break
                 sweep.rows.append(measure(
                     [srv], sampler, c, max(min_requests, rounds * c), max_tokens,
@@ -180,6 +180,8 @@ def shared_table(rows: list[dict]) -> str:
 
 
 def _util_note(rows: list[dict]) -> str:
+    if not rows:
+        return "\n(no rows)"
     if any(r.get("utilization_source") == "cpu-mode" for r in rows):
         return ("\nutil % = CPU mode: share of time the (first) server's inference worker was "
                 "busy, from its /stats; no GPU here, so no SM activity")
