@@ -99,17 +99,19 @@ def main(argv: list[str] | None = None) -> int:
             "batched": (args.levels, 2, began + args.max_seconds)}
     rows: list[dict] = []
     name = model
+    def progress(r: dict) -> None:
+        print(f"  {r['mode']} c={r['concurrency']}: {r['requests_per_second']:.2f} req/s, "
+              f"mean batch {r['mean_batch_size'] or 0:.1f} ({time.perf_counter() - began:.0f} s)",
+              flush=True)
+
     for mode, (levels, rounds, deadline) in plan.items():
         if not levels:
             continue
         sweep = serving_sweep.run(model, mode, levels, rounds=rounds, min_requests=MIN_REQUESTS,
                                   max_tokens=args.max_tokens, max_batch_size=args.max_batch_size,
-                                  deadline=deadline)
+                                  deadline=deadline, on_row=progress)
         rows += sweep.rows
         name = sweep.model
-        for r in sweep.rows:
-            print(f"  {mode} c={r['concurrency']}: {r['requests_per_second']:.2f} req/s "
-                  f"({time.perf_counter() - began:.0f} s)", flush=True)
     skipped = [(mode, c) for mode, (levels, _, _) in plan.items() for c in levels
                if not any(r["mode"] == mode and r["concurrency"] == c for r in rows)]
 

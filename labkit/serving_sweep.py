@@ -102,11 +102,12 @@ def measure(procs: list[ServerProcess], sampler: gpu.Sampler, concurrency: int,
 def run(model: str, mode: str, levels: list[int], *, rounds: int = 2,
         min_requests: int = MIN_REQUESTS, max_tokens: int = 150, max_batch_size: int = 64,
         max_wait_ms: float = SWEEP_MAX_WAIT_MS, warmup: bool = True, live: bool = False,
-        deadline: float | None = None) -> Sweep:
+        deadline: float | None = None, on_row=None) -> Sweep:
     """Start one `mode` server and load it at each concurrency level in turn, with
     max(min_requests, rounds x concurrency) requests per level. `live` draws the utilization
     timeline while it runs (in a notebook). Levels left when time.perf_counter() passes
-    `deadline` are skipped (the first level always runs)."""
+    `deadline` are skipped (the first level always runs). `on_row(row)` sees each row as it
+    is measured."""
     with launch(model=model, **_server_options(mode, max_batch_size, max_wait_ms)) as srv:
         health = client.get(srv.url + "/health").body
         sweep = Sweep(health["model"], health["gpu_name"] or "CPU")
@@ -128,6 +129,8 @@ def run(model: str, mode: str, levels: list[int], *, rounds: int = 2,
                 sweep.rows.append(measure(
                     [srv], sampler, c, max(min_requests, rounds * c), max_tokens,
                     watch=timeline.watch if timeline else None, mode=mode, series=mode))
+                if on_row is not None:
+                    on_row(sweep.rows[-1])
         if timeline is not None:
             sweep.timeline = timeline.figure
     return sweep
