@@ -106,10 +106,13 @@ def test_each_request_gets_its_own_tokens_and_consistent_timing(batch_run):
         else:
             assert 1 <= body["tokens_generated"] < max_tokens
         # queue (submit -> batch start) + inference (batch start -> own last token) is the
-        # time in the server, less request parsing and the prompt check: a few ms at most.
+        # time in the server less parsing, the prompt check, tokenizing the batch and handing the
+        # result to the event loop: 6-10 ms measured on the 2-core VM, where each hand-off between
+        # the generation thread and the event loop can wait out Python's 5 ms GIL switch interval.
+        # A row billed the whole batch, or a queue time missing the batch wait, is off by 100+ ms.
         accounted = body["queue_time_ms"] + body["inference_time_ms"]
         assert body["total_time_ms"] >= accounted - 1, body
-        assert body["total_time_ms"] - accounted < 25, body
+        assert body["total_time_ms"] - accounted < 40, body
         assert 0 < body["time_to_first_token_ms"] <= body["inference_time_ms"]
     # a row that finished early was answered then, not when the batch's longest row ended
     shortest = min(bodies, key=lambda b: b["tokens_generated"])
@@ -316,8 +319,8 @@ def test_disconnects_in_batched_mode_withdraw_queued_requests_and_spare_the_batc
     backend.gate = threading.Event()
 
     async def scenario():
-        async with batched_app(backend, max_batch_size=8, max_wait_ms=0) as client:
-            running = [generate(client, "r0"), generate(client, "r1")]
+        async with batched_app(backend, max_batch_size=8, max_wait_ms=300) as client:
+            running = [generate(client, "r0"), generate(client, "r1")]  # one batch
             await until(client, lambda s: s["in_flight"] == 2)
             queued = [generate(client, "gone"), generate(client, "kept")]
             await until(client, lambda s: s["queue_depth"] == 2)
