@@ -12,7 +12,7 @@ from labkit import loadtest
 from labkit.server import launch
 
 PROMPT = "Suggest a skincare routine for dry skin"
-MAX_TOKENS = 12
+MAX_TOKENS = 32  # long enough that HTTP and event-loop overhead stay small next to generation
 REQUESTS = 20  # per level, as in the seed's Experiment 3
 
 
@@ -41,9 +41,7 @@ def test_concurrency_1_5_10_throughput_flat_latency_grows_queue_time_explains_it
     levels = {c: {"rps": mean(r["requests_per_sec"] for r in rs),
                   "p50": mean(r["latency_ms"]["p50"] for r in rs),
                   "latency": mean(r["latency_ms"]["mean"] for r in rs),
-                  "queue": mean(r["queue_time_ms"]["mean"] for r in rs),
-                  "service": mean(r["latency_ms"]["mean"] - r["queue_time_ms"]["mean"]
-                                  for r in rs)}
+                  "queue": mean(r["queue_time_ms"]["mean"] for r in rs)}
               for c, rs in runs.items()}
     for c, level in levels.items():
         print(f"\nconcurrency {c:>2}: {level['rps']:.2f} req/s, p50 {level['p50']:.0f} ms, "
@@ -55,8 +53,10 @@ def test_concurrency_1_5_10_throughput_flat_latency_grows_queue_time_explains_it
         assert level["rps"] == pytest.approx(base["rps"], rel=0.25), (c, levels)
         # p50 grows roughly with concurrency: c - 1 requests ahead of each in steady state
         assert 0.6 * c <= level["p50"] / base["p50"] <= 1.4 * c, (c, levels)
-        # queue time explains the growth: without it, the latency is one service time
-        assert level["service"] == pytest.approx(base["latency"], rel=0.25), (c, levels)
+        # queue time explains the growth: it accounts for (nearly) all the added latency
+        growth = level["latency"] - base["latency"]
+        if c > 1:
+            assert level["queue"] == pytest.approx(growth, rel=0.25), (c, levels)
     assert base["queue"] < 0.1 * base["latency"]  # alone, nobody waits
 
 
