@@ -27,12 +27,14 @@ lab: venv
 	$(BIN)/jupyter lab --notebook-dir=notebooks --ip=$(LAB_IP) --port=$(LAB_PORT) --no-browser $(LAB_ROOT_FLAG)
 
 test: venv
+	$(BIN)/ruff check labkit tests benchmarks
 	$(BIN)/python -m pytest
 
 lint: venv
 	$(BIN)/ruff check labkit tests benchmarks
 
 gpu-test: venv
+	$(BIN)/ruff check labkit tests benchmarks
 	$(BIN)/python -m pytest -m gpu
 
 model: venv
