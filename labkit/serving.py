@@ -237,8 +237,10 @@ class QueueScheduler:
     async def _next_group(self) -> list[_Job]:
         """The oldest waiting job, then whatever else is queued, up to `max_batch_size` jobs;
         while the group is short, wait for more until `max_wait_ms` after the first job was
-        submitted. Jobs withdrawn meanwhile are left out."""
+        submitted. Jobs withdrawn by their clients are skipped ([] if the first one was)."""
         first = await self._queue.get()
+        if first not in self._waiting:
+            return []
         group = [first]
         deadline = first.submitted + self.max_wait_ms / 1000
         while len(group) < self.max_batch_size:
@@ -247,12 +249,14 @@ class QueueScheduler:
                 if remaining <= 0:
                     break
                 try:
-                    group.append(await asyncio.wait_for(self._queue.get(), remaining))
+                    job = await asyncio.wait_for(self._queue.get(), remaining)
                 except asyncio.TimeoutError:
                     break
             else:
-                group.append(self._queue.get_nowait())
-        return [job for job in group if job in self._waiting]
+                job = self._queue.get_nowait()
+            if job in self._waiting:
+                group.append(job)
+        return [job for job in group if job in self._waiting]  # some may leave meanwhile
 
     def _deliver(self, job: _Job, outcome: JobOutcome) -> None:
         """On the event loop: count the outcome and answer the request (if anyone still waits)."""

@@ -319,21 +319,23 @@ def test_disconnects_in_batched_mode_withdraw_queued_requests_and_spare_the_batc
     backend.gate = threading.Event()
 
     async def scenario():
-        async with batched_app(backend, max_batch_size=8, max_wait_ms=300) as client:
+        async with batched_app(backend, max_batch_size=2, max_wait_ms=300) as client:
             running = [generate(client, "r0"), generate(client, "r1")]  # one batch
             await until(client, lambda s: s["in_flight"] == 2)
-            queued = [generate(client, "gone"), generate(client, "kept")]
-            await until(client, lambda s: s["queue_depth"] == 2)
+            queued = {}
+            for n, prompt in enumerate(("kept", "gone", "kept too"), 1):  # in this order
+                queued[prompt] = generate(client, prompt)
+                await until(client, lambda s, n=n: s["queue_depth"] == n)
             running[0].cancel()  # its client leaves mid-batch: r1 must still be answered
-            queued[0].cancel()  # leaves before its batch starts: withdrawn
-            await asyncio.gather(running[0], queued[0], return_exceptions=True)
-            await until(client, lambda s: s["queue_depth"] == 1 and s["requests_cancelled"] == 2)
+            queued["gone"].cancel()  # leaves before its batch starts: withdrawn, takes no slot
+            await asyncio.gather(running[0], queued["gone"], return_exceptions=True)
+            await until(client, lambda s: s["queue_depth"] == 2 and s["requests_cancelled"] == 2)
             backend.gate.set()
-            r1, kept = await asyncio.gather(running[1], queued[1])
-            assert (r1.status, kept.status) == (200, 200)
+            answered = await asyncio.gather(running[1], queued["kept"], queued["kept too"])
+            assert [r.status for r in answered] == [200, 200, 200]
             return await stats(client)
 
     server = asyncio.run(scenario())
-    assert [sorted(b) for b in backend.batches] == [["r0", "r1"], ["kept"]]
+    assert backend.batches == [["r0", "r1"], ["kept", "kept too"]]
     assert server["queue_depth"] == 0 and server["in_flight"] == 0
-    assert server["requests_served"] == 3  # r0 generated (result dropped), r1, kept
+    assert server["requests_served"] == 4  # r0 generated (result dropped), r1, kept, kept too
