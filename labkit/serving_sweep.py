@@ -5,10 +5,11 @@ and busy time from the servers' own /stats counters before and after it.
 
 Batched servers get `--max-wait-ms 50` here, not the server's 5 ms default. A closed-loop load
 test answers every row of a batch at the same moment, and its clients' next requests then reach
-the server one after another: over 12.6 ms for 32 clients and about twice that for 64 (measured
-on the 2-core development VM, client and server on the same machine). A 5 ms window closes
-before they are all in and splits them over two half-size batches; 50 ms adds under 1 % to a GPU
-batch of 150 tokens, and `mean_batch_size` in every row shows whether batches filled.
+the server one after another: over 12.6 ms for 32 clients, and over more than 20 ms for 64 (a
+20 ms window still split them), measured on the 2-core development VM with client and server on
+the same machine. A 5 ms window closes before they are all in and splits them over two half-size
+batches; 50 ms adds about 1 % to a GPU batch of 150 tokens, and `mean_batch_size` in every row
+shows whether batches filled.
 """
 
 from __future__ import annotations
