@@ -19,6 +19,8 @@ import torch
 from aiohttp.test_utils import TestClient, TestServer
 from stub_backend import StubBackend
 from test_launcher import alive, call, server_stats, wait_until
+from test_server import stats
+from test_server import wait_for as until
 
 from labkit import cli
 from labkit.batching import BatchRequest, generate_batch
@@ -220,20 +222,6 @@ async def batched_app(backend: BatchStub, **options):
             assert time.monotonic() < deadline, "stub never loaded"
             await asyncio.sleep(0.01)
         yield client
-
-
-async def stats(client: TestClient) -> dict:
-    return (await (await client.get("/stats")).json())["server"]
-
-
-async def until(client: TestClient, predicate, timeout: float = 5.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        server = await stats(client)
-        if predicate(server):
-            return server
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"condition not reached; last /stats server block: {server}")
 
 
 def generate(client: TestClient, prompt: str, max_tokens: int = 3):
