@@ -6,7 +6,6 @@ import torch
 from labkit import engine
 from labkit.batching import BatchRequest, _next_tokens, generate_batch
 from labkit.engine import PromptTooLongError
-from labkit.model import load_model
 
 # Different lengths, so the batch is left-padded.
 PROMPTS = [
@@ -15,16 +14,6 @@ PROMPTS = [
     "What does niacinamide do?",
     "Oily skin",
 ]
-
-
-@pytest.fixture(scope="module")
-def lm():
-    return load_model("model", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model("synthetic:tiny", device="cpu")
 
 
 def greedy_ids(lm, prompt: str, max_tokens: int) -> list[int]:

@@ -4,21 +4,10 @@ import pytest
 
 from labkit import engine
 from labkit.engine import PromptTooLongError
-from labkit.model import load_model
 
 SEED_PROMPTS = ["Suggest a skincare routine", "Suggest a skincare routine for dry skin"]
 ON_TOPIC = {"skin", "cleanser", "moisturizer", "moisturiser", "sunscreen", "serum", "spf",
             "routine", "toner", "hydrat", "gentle", "cream"}
-
-
-@pytest.fixture(scope="module")
-def lm():
-    return load_model("model", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model("synthetic:tiny", device="cpu")
 
 
 def on_topic_words(text: str) -> set[str]:

@@ -1,0 +1,17 @@
+"""Fixtures shared by several test modules."""
+
+import pytest
+
+from labkit.model import load_model
+
+
+@pytest.fixture(scope="module")
+def lm():
+    """The embedded default model on the CPU (module scope: a test may adjust its config)."""
+    return load_model("model", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """synthetic:tiny on the CPU: the Llama architecture at toy size."""
+    return load_model("synthetic:tiny", device="cpu")
