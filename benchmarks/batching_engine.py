@@ -1,5 +1,7 @@
 """Output tokens per second: B requests one after another (`engine.generate`) vs one
-`batching.generate_batch` of the same B requests, on this machine, in the same run.
+`batching.generate_batch` of the same B requests, decoded eagerly and (on a GPU) from CUDA
+graphs, on this machine, in the same run, with the mean NVML utilization and SM activity of
+each batched run.
 
 Throughput = output tokens (the sum of each request's `tokens_generated`) ÷ wall time of the
 whole set (time.perf_counter, after the device has finished). Sequential throughput does not
@@ -22,9 +24,10 @@ import time
 import torch
 import transformers
 
-from labkit import engine
+from labkit import engine, gpu
 from labkit.batching import BatchRequest, generate_batch
 from labkit.model import load_model, resolve_device
+from labkit.static_decode import StaticDecoders
 
 PROMPTS = [
     "Suggest a skincare routine",
@@ -55,11 +58,18 @@ def run_sequential(lm, requests: list[BatchRequest], seconds: float) -> tuple[li
     return results, time.perf_counter() - started
 
 
-def run_batched(lm, requests: list[BatchRequest]) -> tuple[list, float]:
+def run_batched(lm, requests: list[BatchRequest], static, sampler) -> dict:
+    """One generate_batch, timed, with the sampler's view of its window."""
     engine.synchronize(lm.device)
     started = time.perf_counter()
-    results = generate_batch(lm, requests)  # returns after the last token is on the CPU
-    return results, time.perf_counter() - started
+    results = generate_batch(lm, requests, static=static)  # returns after the last token
+    ended = time.perf_counter()
+    row = summary(results, ended - started)
+    if sampler is not None:
+        time.sleep(0.3)  # NVML averages over its sample period: let it cover the window's end
+        util = sampler.summary(start=started, end=ended)
+        row.update(mean_util=util["mean_util"], sm_activity=util.get("sm_activity_mean"))
+    return row | {"results": results}
 
 
 def summary(results: list, wall_s: float) -> dict:
@@ -67,6 +77,10 @@ def summary(results: list, wall_s: float) -> dict:
     return {"requests": len(results), "output_tokens": tokens, "wall_s": round(wall_s, 3),
             "output_tokens_per_s": round(tokens / wall_s, 1),
             "mean_ttft_ms": round(sum(r.time_to_first_token_ms for r in results) / len(results), 1)}
+
+
+def pct(value) -> str:
+    return "-" if value is None else f"{value:.0f} %"
 
 
 def card_name(device: torch.device) -> str:
@@ -102,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.max_tokens} new tokens per request, temperature {args.temperature}"
           f"{' (greedy)' if args.temperature == 0 else ''}\n")
     engine.warmup(lm, runs=2)
+    graphs = StaticDecoders(lm) if device.type == "cuda" else None
+    sampler = gpu.Sampler(interval=0.05).start() if device.type == "cuda" else None
+    modes = {"eager": None} | ({"graphs": graphs} if graphs else {})
 
     rows, skipped = [], []
     for batch in args.batches:
@@ -109,36 +126,51 @@ def main(argv: list[str] | None = None) -> int:
             skipped.append(batch)
             continue
         requests = requests_for(batch, args.max_tokens, args.temperature)
-        generate_batch(lm, requests_for(batch, 4, args.temperature))  # warm-up at this shape
+        for static in modes.values():  # warm-up at this shape (captures its graph)
+            generate_batch(lm, requests_for(batch, 4, args.temperature), static=static)
         seq_results, seq_s = run_sequential(lm, requests, args.sequential_seconds)
-        bat_results, bat_s = run_batched(lm, requests)
-        seq, bat = summary(seq_results, seq_s), summary(bat_results, bat_s)
-        row = {"batch": batch, "sequential": seq, "batched": bat,
-               "speedup": round(bat["output_tokens_per_s"] / seq["output_tokens_per_s"], 2)}
-        if args.temperature == 0:  # greedy: does batching change any text? (bf16 may)
-            row["same_text_as_sequential"] = sum(
-                a.generated_text == b.generated_text
-                for a, b in zip(seq_results, bat_results, strict=False))
+        seq = summary(seq_results, seq_s)
+        row = {"batch": batch, "sequential": seq}
+        for name, static in modes.items():
+            measured = run_batched(lm, requests, static, sampler)
+            results = measured.pop("results")
+            measured["speedup"] = round(measured["output_tokens_per_s"]
+                                        / seq["output_tokens_per_s"], 2)
+            if args.temperature == 0:  # greedy: does batching change any text? (bf16 may)
+                measured["same_text_as_sequential"] = sum(
+                    a.generated_text == b.generated_text
+                    for a, b in zip(seq_results, results, strict=False))
+            row[name] = measured
         rows.append(row)
         print(f"batch {batch:>3}: sequential {seq['output_tokens_per_s']:>8.1f} tok/s "
-              f"({seq['requests']} req), batched {bat['output_tokens_per_s']:>8.1f} tok/s, "
-              f"x{row['speedup']}", flush=True)
+              f"({seq['requests']} req), " + ", ".join(
+                  f"{name} {row[name]['output_tokens_per_s']:>8.1f} tok/s "
+                  f"x{row[name]['speedup']}" for name in modes), flush=True)
+    if sampler is not None:
+        sampler.stop()
 
     print(f"\n{card}, {lm.name}\n")
-    print("| batch | sequential tok/s (requests run) | batched tok/s | speed-up | "
-          "batched TTFT ms | batch wall s |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| batch | decoding | tok/s | x sequential | utilization | SM activity | TTFT ms | "
+          "wall s |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for row in rows:
-        seq, bat = row["sequential"], row["batched"]
-        print(f"| {row['batch']} | {seq['output_tokens_per_s']:.1f} ({seq['requests']}) | "
-              f"{bat['output_tokens_per_s']:.1f} | {row['speedup']:.2f}x | "
-              f"{bat['mean_ttft_ms']:.0f} | {bat['wall_s']:.2f} |")
+        seq = row["sequential"]
+        print(f"| {row['batch']} | sequential ({seq['requests']} req) | "
+              f"{seq['output_tokens_per_s']:.1f} | 1.00x | | | {seq['mean_ttft_ms']:.0f} | "
+              f"{seq['wall_s']:.2f} |")
+        for name in modes:
+            bat = row[name]
+            print(f"| {row['batch']} | batched, {name} | {bat['output_tokens_per_s']:.1f} | "
+                  f"{bat['speedup']:.2f}x | {pct(bat.get('mean_util'))} | "
+                  f"{pct(bat.get('sm_activity'))} | {bat['mean_ttft_ms']:.0f} | "
+                  f"{bat['wall_s']:.2f} |")
     if skipped:
         print(f"\nskipped batch sizes {skipped}: --max-seconds {args.max_seconds:g} reached")
     if args.temperature == 0:
-        print("\ngreedy text identical to sequential: " + ", ".join(
-            f"B={r['batch']}: {r['same_text_as_sequential']}/{r['sequential']['requests']}"
-            for r in rows))
+        print("\ngreedy text identical to sequential: " + "; ".join(
+            f"B={r['batch']}: " + ", ".join(
+                f"{name} {r[name]['same_text_as_sequential']}/{r['sequential']['requests']}"
+                for name in modes) for r in rows))
 
     if args.json:
         result = {

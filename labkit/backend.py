@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import gc
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -38,6 +39,7 @@ class Backend(Protocol):
     gpu_name: str | None  # the card generation runs on; None on the CPU
     context_length: int
     load_time_s: float
+    cuda_graphs: bool  # batched decode steps replayed from CUDA graphs
 
     def check_prompt(self, prompt: str, max_tokens: int) -> int:
         """Prompt tokens; raises engine.PromptTooLongError when it cannot fit the context."""
@@ -58,12 +60,15 @@ class Backend(Protocol):
 
 
 class ModelBackend:
-    """A `labkit.model.LoadedModel` served with `labkit.engine.generate`."""
+    """A `labkit.model.LoadedModel` served with `labkit.engine.generate`, and in batches with
+    `labkit.batching.generate_batch` (over `static` decoders when given: CUDA graphs)."""
 
-    def __init__(self, lm):
+    def __init__(self, lm, static=None):
         import torch
 
         self.lm = lm
+        self.static = static
+        self.cuda_graphs = static is not None and static.capture
         self.name = lm.name
         self.synthetic = lm.synthetic
         self.device = str(lm.device)
@@ -92,11 +97,25 @@ class ModelBackend:
                        on_finish: Callable[[int, object], None] | None = None) -> list:
         from labkit.batching import generate_batch
 
-        return generate_batch(self.lm, requests, on_finish)
+        return generate_batch(self.lm, requests, on_finish, static=self.static)
+
+    def warm_batches(self, max_batch_size: int) -> None:
+        """One short batch of each padded batch size up to max_batch_size, so each CUDA graph
+        is captured before the first request instead of during it."""
+        from labkit.batching import BatchRequest
+
+        rows = 1
+        while True:
+            self.generate_batch([BatchRequest("warm-up", 2, 0)] * rows)
+            if rows >= max_batch_size:
+                break
+            rows *= 2
 
     def free_memory(self) -> None:
         import torch
 
+        if self.static is not None:
+            self.static.clear()  # made again, smaller, as batches need them
         gc.collect()
         if self.lm.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -110,11 +129,16 @@ class ModelBackend:
 
 
 def load_model_backend(source: str = "model", device: str = "auto", dtype: str = "auto",
-                       warmup_runs: int = 1, threads: int | None = None) -> ModelBackend:
+                       warmup_runs: int = 1, threads: int | None = None,
+                       max_batch_size: int | None = None,
+                       cuda_graphs: bool = True) -> ModelBackend:
     """Load `source`, log it in the seed's words, and warm it up so the first timed request
-    does not pay for one-off costs (allocator growth, kernel selection, lazy imports)."""
+    does not pay for one-off costs (allocator growth, kernel selection, lazy imports).
+    `max_batch_size` (batched mode) on a GPU also captures the CUDA graphs of batched decoding
+    unless `cuda_graphs` is false."""
     from labkit import engine, gpu, synthetic
     from labkit.model import load_model, resolve_local_path
+    from labkit.static_decode import StaticDecoders
 
     where = source if synthetic.is_synthetic(source) else resolve_local_path(source).resolve()
     log.info("Loading model from %s", where)
@@ -126,7 +150,17 @@ def load_model_backend(source: str = "model", device: str = "auto", dtype: str =
     log.info("Model loaded successfully! %s, %s parameters, %s, on %s, in %.1f s%s",
              lm.name, f"{lm.num_parameters:,}", str(lm.dtype).removeprefix("torch."),
              lm.device, lm.load_time_s, f" (+ {warmup_runs} warm-up run)" if warmup_runs else "")
-    return ModelBackend(lm)
+    graphs = bool(max_batch_size) and cuda_graphs and lm.device.type == "cuda"
+    backend = ModelBackend(lm, StaticDecoders(lm) if graphs else None)
+    if graphs and warmup_runs:
+        began = time.perf_counter()
+        backend.warm_batches(max_batch_size)
+        log.info("CUDA graphs of batched decoding captured for shapes %s (batch, cache tokens) "
+                 "in %.1f s", backend.static.shapes, time.perf_counter() - began)
+    elif max_batch_size and lm.device.type == "cuda":
+        log.info("Batched decoding runs eagerly (--no-cuda-graphs): the GPU waits on Python "
+                 "between kernels")
+    return backend
 
 
 def set_cpu_threads(device_type: str, threads: int | None) -> None:

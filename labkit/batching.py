@@ -1,14 +1,16 @@
 """Batched generation: many requests share each forward pass of the model.
 
 One prefill runs every prompt at once, then each decode step runs one forward for all rows still
-generating, over a shared KV cache (`DynamicCache`). Prompts are left-padded so every row's next
-token sits in the last column; the attention mask hides the padding and per-row position ids
-give each token the position it would have alone, so a row's logits are those of the same
-request generated on its own (greedy output equals `engine.generate`'s).
+generating, over a shared KV cache: eagerly over a `DynamicCache`, or over a static cache whose
+step replays a CUDA graph (`labkit.static_decode`, passed as `static=`). Prompts are
+left-padded so every row's next token sits in the last column; the attention mask hides the
+padding and per-row position ids give each token the position it would have alone, so a row's
+logits are those of the same request generated on its own (greedy output equals
+`engine.generate`'s).
 
 Each row keeps its own max_tokens, temperature, top_p and seed. Sampling draws from a per-row
-`torch.Generator` on the model's device, so a seeded request gets the same text whatever else
-shares its batch. Timing is per row: TTFT is batch start → the row's first token on the CPU,
+`random.Random` on the host, so a seeded request gets the same text whatever else shares its
+batch. Timing is per row: TTFT is batch start → the row's first token on the CPU,
 inference time is batch start → its own last token; a row that stops early is not billed the
 batch's length.
 """
@@ -16,6 +18,7 @@ batch's length.
 from __future__ import annotations
 
 import inspect
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +29,7 @@ from transformers import DynamicCache
 from labkit import engine
 from labkit.engine import GenerationResult
 from labkit.model import LoadedModel
+from labkit.static_decode import StaticDecoders
 
 
 @dataclass(frozen=True)
@@ -42,39 +46,42 @@ class BatchRequest:
 
 def generate_batch(lm: LoadedModel, requests: list[BatchRequest],
                    on_finish: Callable[[int, GenerationResult], None] | None = None,
-                   ) -> list[GenerationResult]:
+                   static: StaticDecoders | None = None) -> list[GenerationResult]:
     """Generate every request in one batch; results in request order. Arguments are checked
     before anything runs: a bad one raises engine's error, prefixed with the request's index.
     `on_finish(index, result)`, if given, is called as each row finishes (a server answers that
-    request at once instead of after the batch's longest row)."""
+    request at once instead of after the batch's longest row). With `static`, decoding runs over
+    its static caches (CUDA graphs on a GPU, `labkit.static_decode`); without, eagerly over a
+    `DynamicCache`."""
     prompts = [_encode(lm, i, r) for i, r in enumerate(requests)]
     if not prompts:
         return []
-    device, model = lm.device, lm.model
+    device = lm.device
     input_ids, attention_mask = _left_pad(prompts, lm.tokenizer.pad_token_id or 0, device)
     # Position of each token in its own prompt; padding gets 0 (masked anyway).
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     temperature = torch.tensor([float(r.temperature) for r in requests], device=device)
     top_p = torch.tensor([float(r.top_p or 1.0) for r in requests], device=device)
-    generators = [_generator(device, r.seed) if r.temperature > 0 else None for r in requests]
+    rngs = [random.Random(r.seed) if r.temperature > 0 else None for r in requests]
     stop_ids = engine.stop_token_ids(lm)
-    prefill_kwargs = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+    if static is None:
+        decoder = _DynamicDecoder(lm.model)
+    else:
+        decoder = static.decoder(len(requests), input_ids.shape[1]
+                                 + max(r.max_tokens for r in requests))
 
     rows = list(range(len(requests)))  # request index of each row still in the batch
     new_ids: list[list[int]] = [[] for _ in requests]
     results: list[GenerationResult | None] = [None] * len(requests)
     first_at = [0.0] * len(requests)
-    cache = DynamicCache(config=model.config)
 
     engine.synchronize(device)
     started = time.perf_counter()
     with torch.inference_mode():
-        logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                       position_ids=position_ids, past_key_values=cache, use_cache=True,
-                       **prefill_kwargs).logits[:, -1]
-        position_ids = position_ids[:, -1:]
+        logits = decoder.prefill(input_ids, attention_mask, position_ids)
         while True:
-            tokens = _next_tokens(logits, temperature, top_p, [generators[i] for i in rows])
+            tokens = _next_tokens(logits, temperature, top_p, _uniforms([rngs[i] for i in rows],
+                                                                        device))
             host_tokens = tokens.tolist()  # waits for the device, so the clock reads after it
             now = time.perf_counter()
             keep = []
@@ -92,21 +99,45 @@ def generate_batch(lm: LoadedModel, requests: list[BatchRequest],
             if not keep:
                 break
             if len(keep) < len(rows):
-                # Finished rows leave the batch: later steps compute only live rows, which
-                # shrinks the tail when lengths differ. The price is one copy of the KV cache
-                # per step in which some row finishes, no more than one step's cache reads.
                 index = torch.tensor(keep, device=device)
-                cache.batch_select_indices(index)
-                attention_mask, position_ids = attention_mask[index], position_ids[index]
+                decoder.keep(index)
                 tokens, temperature, top_p = tokens[index], temperature[index], top_p[index]
                 rows = [rows[row] for row in keep]
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], 1)
-            position_ids = position_ids + 1
-            logits = model(input_ids=tokens[:, None], attention_mask=attention_mask,
-                           position_ids=position_ids, past_key_values=cache,
-                           use_cache=True).logits[:, -1]
+            logits = decoder.step(tokens)
 
     return results
+
+
+class _DynamicDecoder:
+    """Eager decoding over a `DynamicCache` that grows by one token per step."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.cache = DynamicCache(config=model.config)
+        self.prefill_kwargs = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor) -> torch.Tensor:
+        self.attention_mask, self.position_ids = attention_mask, position_ids[:, -1:]
+        return self.model(input_ids=input_ids, attention_mask=attention_mask,
+                          position_ids=position_ids, past_key_values=self.cache, use_cache=True,
+                          **self.prefill_kwargs).logits[:, -1]
+
+    def keep(self, index: torch.Tensor) -> None:
+        # Finished rows leave the batch: later steps compute only live rows, which shrinks the
+        # tail when lengths differ. The price is one copy of the KV cache per step in which some
+        # row finishes, no more than one step's cache reads.
+        self.cache.batch_select_indices(index)
+        self.attention_mask = self.attention_mask[index]
+        self.position_ids = self.position_ids[index]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        mask = self.attention_mask
+        self.attention_mask = torch.cat([mask, mask.new_ones(len(mask), 1)], 1)
+        self.position_ids = self.position_ids + 1
+        return self.model(input_ids=tokens[:, None], attention_mask=self.attention_mask,
+                          position_ids=self.position_ids, past_key_values=self.cache,
+                          use_cache=True).logits[:, -1]
 
 
 def _encode(lm: LoadedModel, index: int, request: BatchRequest) -> torch.Tensor:
@@ -130,33 +161,28 @@ def _left_pad(prompts: list[torch.Tensor], pad_id: int, device: torch.device):
     return input_ids.to(device), attention_mask.to(device)
 
 
-def _generator(device: torch.device, seed: int | None) -> torch.Generator:
-    generator = torch.Generator(device=device)
-    if seed is None:
-        generator.seed()  # non-deterministic, like an unseeded engine.generate
-    else:
-        generator.manual_seed(seed)
-    return generator
+def _uniforms(rngs: list[random.Random | None], device: torch.device) -> torch.Tensor | None:
+    """One uniform draw per row from that row's own generator (0 for greedy rows), or None when
+    every row is greedy. Drawn on the host: one small copy per step instead of a kernel per row,
+    and a seed gives the same draws on any device and whatever else shares the batch."""
+    if all(rng is None for rng in rngs):
+        return None
+    return torch.tensor([0.0 if rng is None else rng.random() for rng in rngs], device=device)
 
 
 def _next_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
-                 generators: list[torch.Generator | None]) -> torch.Tensor:
+                 uniform: torch.Tensor | None) -> torch.Tensor:
     """Next token of each row: argmax where temperature is 0, else a draw from the row's
-    temperature-scaled distribution cut to its top-p nucleus, by its own generator."""
+    temperature-scaled distribution cut to its top-p nucleus, by inverse CDF at `uniform`."""
     logits = logits.float()  # as `generate` does, whatever the model's dtype
     greedy = logits.argmax(-1)
-    if all(g is None for g in generators):
+    if uniform is None:
         return greedy
     scale = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
     probs, order = torch.softmax(logits / scale[:, None], -1).sort(-1, descending=True)
     # Nucleus: keep the most likely tokens until their mass reaches top_p (the first always).
     outside = (probs.cumsum(-1) - probs >= top_p[:, None]) & (top_p[:, None] < 1)
     cdf = probs.masked_fill(outside, 0).cumsum(-1)
-    # Inverse-CDF sampling with one uniform per row drawn from that row's generator only, so a
-    # row's draws do not depend on which other rows share the batch.
-    zero = torch.zeros((), device=logits.device)
-    uniform = torch.stack([zero if g is None else torch.rand((), generator=g, device=g.device)
-                           for g in generators])
     pick = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None]).clamp(max=cdf.shape[1] - 1)
     sampled = order.gather(-1, pick).squeeze(-1)
     return torch.where(temperature > 0, sampled, greedy)

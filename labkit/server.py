@@ -223,6 +223,7 @@ async def handle_stats(request: web.Request) -> web.Response:
     server["requests_rejected"] = state.rejected
     server["shutting_down"] = state.shutdown_reason is not None
     backend = state.backend
+    server["cuda_graphs"] = bool(getattr(backend, "cuda_graphs", False))
     return web.json_response({
         "gpu_name": backend.gpu_name if backend else info["gpu_name"],
         "gpu_count": info["gpu_count"],
@@ -414,6 +415,10 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-wait-ms", type=float, default=None, metavar="MS",
                         help="batched mode: how long a batch waits to fill after its first "
                              f"request arrives (default {DEFAULT_MAX_WAIT_MS:g})")
+    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                        help="batched mode on a GPU: replay each decode step from a CUDA graph "
+                             "(default on; --no-cuda-graphs decodes eagerly, the GPU waiting "
+                             "on Python between kernels)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for generation (default on the CPU: one less than "
                              "the cores, leaving one to the server and clients)")
@@ -443,7 +448,9 @@ def run_cli(args) -> int:
 
     def load() -> Backend:
         return load_model_backend(args.model, device=args.device, dtype=args.dtype,
-                                  warmup_runs=args.warmup, threads=args.threads)
+                                  warmup_runs=args.warmup, threads=args.threads,
+                                  max_batch_size=scheduler_options.get("max_batch_size"),
+                                  cuda_graphs=args.cuda_graphs is not False)
 
     async def main() -> int:
         app = create_app(load, max_tokens_limit=args.max_tokens_limit, mode=args.mode,
@@ -465,6 +472,8 @@ def _scheduler_options(args) -> dict:
                                   check_max_batch_size),
              "--max-wait-ms": (args.max_wait_ms, DEFAULT_MAX_WAIT_MS, check_max_wait_ms)}
     given = [flag for flag, (value, _, _) in flags.items() if value is not None]
+    if args.cuda_graphs is not None:
+        given.append("--cuda-graphs" if args.cuda_graphs else "--no-cuda-graphs")
     if args.mode != "batched":
         if given:
             verb, pronoun = ("apply", "them") if len(given) > 1 else ("applies", "it")

@@ -98,6 +98,7 @@ def test_concurrent_requests_really_were_batched(batch_run):
     assert served == len(PROMPTS) and batches < served  # at least one batch of several
     assert after["mean_batch_size"] > 1
     assert after["queue_depth"] == 0 and after["in_flight"] == 0
+    assert after["cuda_graphs"] is False  # CPU: batched decoding runs eagerly
 
 
 def test_each_request_gets_its_own_tokens_and_consistent_timing(batch_run):
@@ -164,6 +165,7 @@ def test_launch_many_batched_servers_serve_drain_and_stop_with_no_orphans():
     (["--mode", "batched", "--max-wait-ms", "-1"], "--max-wait-ms: "),
     (["--mode", "batched", "--max-wait-ms", "nan"], "--max-wait-ms: "),
     (["--max-batch-size", "4"], "applies only to --mode batched"),
+    (["--no-cuda-graphs"], "--no-cuda-graphs applies only to --mode batched"),
 ])
 def test_serve_rejects_bad_batching_flags_before_loading(args, words, capsys):
     assert cli.main(["serve", "--model", "no-such-model", *args]) == 2

@@ -6,6 +6,7 @@ import torch
 from labkit import engine
 from labkit.batching import BatchRequest, _next_tokens, generate_batch
 from labkit.engine import PromptTooLongError
+from labkit.static_decode import StaticDecoders
 
 # Different lengths, so the batch is left-padded.
 PROMPTS = [
@@ -14,6 +15,16 @@ PROMPTS = [
     "What does niacinamide do?",
     "Oily skin",
 ]
+
+
+@pytest.fixture(params=["dynamic", "static"])
+def batch(request):
+    """generate_batch over a DynamicCache, or over static caches (the CUDA-graph path, run
+    eagerly: the same masks, cache slots and padding rows, without the capture)."""
+    def run(lm, requests, **kwargs):
+        static = StaticDecoders(lm, capture=False) if request.param == "static" else None
+        return generate_batch(lm, requests, static=static, **kwargs)
+    return run
 
 
 def greedy_ids(lm, prompt: str, max_tokens: int) -> list[int]:
@@ -32,9 +43,9 @@ def assert_same_as_alone(batched, alone):
     assert batched.prompt_tokens == alone.prompt_tokens
 
 
-def test_greedy_batch_equals_sequential_with_mixed_lengths(lm):
+def test_greedy_batch_equals_sequential_with_mixed_lengths(lm, batch):
     max_tokens = [60, 12, 35, 1]
-    results = generate_batch(lm, [BatchRequest(p, m, temperature=0)
+    results = batch(lm, [BatchRequest(p, m, temperature=0)
                                   for p, m in zip(PROMPTS, max_tokens, strict=True)])
     assert [r.prompt for r in results] == PROMPTS
     for prompt, m, batched in zip(PROMPTS, max_tokens, results, strict=True):
@@ -42,8 +53,8 @@ def test_greedy_batch_equals_sequential_with_mixed_lengths(lm):
         assert 1 <= batched.tokens_generated <= m
 
 
-def test_batch_of_one_equals_sequential(lm):
-    [batched] = generate_batch(lm, [BatchRequest(PROMPTS[1], 40, temperature=0)])
+def test_batch_of_one_equals_sequential(lm, batch):
+    [batched] = batch(lm, [BatchRequest(PROMPTS[1], 40, temperature=0)])
     assert_same_as_alone(batched, engine.generate(lm, PROMPTS[1], 40, temperature=0))
 
 
@@ -67,9 +78,9 @@ def stop_on_token(lm):
         config.eos_token_id = saved
 
 
-def test_row_that_stops_early_is_billed_its_own_tokens(lm, stop_on_token):
+def test_row_that_stops_early_is_billed_its_own_tokens(lm, stop_on_token, batch):
     row, step = stop_on_token
-    results = generate_batch(lm, [BatchRequest(p, 30, temperature=0) for p in PROMPTS])
+    results = batch(lm, [BatchRequest(p, 30, temperature=0) for p in PROMPTS])
     stopped = results[row]
     assert stopped.finish_reason == "stop" and stopped.tokens_generated == step
     for prompt, batched in zip(PROMPTS, results, strict=True):
@@ -79,10 +90,10 @@ def test_row_that_stops_early_is_billed_its_own_tokens(lm, stop_on_token):
     assert stopped.inference_time_ms < longest.inference_time_ms
 
 
-def test_synthetic_rows_generate_exactly_their_max_tokens(tiny):
+def test_synthetic_rows_generate_exactly_their_max_tokens(tiny, batch):
     requests = [BatchRequest("hello", 1, 0), BatchRequest("a longer synthetic prompt", 33, 0.8),
                 BatchRequest("hi", 7, 0, seed=3), BatchRequest("x y z", 20, 1.2, 0.9, seed=4)]
-    results = generate_batch(tiny, requests)
+    results = batch(tiny, requests)
     for request, r in zip(requests, results, strict=True):
         assert r.tokens_generated == request.max_tokens
         assert r.finish_reason == "length" and r.synthetic and "synthetic" in r.model
@@ -91,18 +102,18 @@ def test_synthetic_rows_generate_exactly_their_max_tokens(tiny):
         assert_same_as_alone(batched, engine.generate(tiny, request.prompt, request.max_tokens, 0))
 
 
-def test_seeded_sampling_does_not_depend_on_the_rest_of_the_batch(lm):
+def test_seeded_sampling_does_not_depend_on_the_rest_of_the_batch(lm, batch):
     # Rows of different lengths drop out of the batch at different steps, so the remaining
     # rows are re-indexed mid-generation: each must keep drawing from its own generator.
     requests = [BatchRequest(PROMPTS[0], 40, 1.0, seed=7), BatchRequest(PROMPTS[1], 5, 0.8),
                 BatchRequest(PROMPTS[2], 40, 1.3, 0.95, seed=11), BatchRequest(PROMPTS[3], 9, 0),
                 BatchRequest(PROMPTS[0], 40, 1.0, seed=7)]
-    batched = generate_batch(lm, requests)
+    batched = batch(lm, requests)
     for i in (0, 2):
-        [alone] = generate_batch(lm, [requests[i]])
+        [alone] = batch(lm, [requests[i]])
         assert batched[i].generated_text == alone.generated_text
     assert batched[4].generated_text == batched[0].generated_text  # same seed, same draws
-    [other_seed] = generate_batch(lm, [BatchRequest(PROMPTS[0], 40, 1.0, seed=8)])
+    [other_seed] = batch(lm, [BatchRequest(PROMPTS[0], 40, 1.0, seed=8)])
     assert other_seed.generated_text != batched[0].generated_text
 
 
@@ -114,11 +125,11 @@ def test_tiny_top_p_is_greedy(lm):
 def test_sampling_follows_temperature_and_top_p():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     logits = probs.log().expand(4000, 4)
-    generators = [torch.Generator().manual_seed(i) for i in range(4000)]
+    uniform = torch.rand(4000, generator=torch.Generator().manual_seed(0))
 
     def frequencies(temperature: float, top_p: float) -> torch.Tensor:
         tokens = _next_tokens(logits, torch.full((4000,), temperature), torch.full((4000,), top_p),
-                              generators)
+                              uniform)
         return (torch.bincount(tokens, minlength=4) / 4000).tolist()
 
     assert frequencies(1.0, 1.0) == pytest.approx(probs.tolist(), abs=0.03)
@@ -174,3 +185,35 @@ def test_prompt_too_long_names_the_request(lm):
 
 def test_empty_batch_returns_nothing(tiny):
     assert generate_batch(tiny, []) == []
+
+
+def test_static_and_dynamic_decoding_draw_the_same_samples(lm):
+    requests = [BatchRequest(p, 25, 1.0, seed=i) for i, p in enumerate(PROMPTS)]
+    dynamic = generate_batch(lm, requests)
+    static = generate_batch(lm, requests, static=StaticDecoders(lm, capture=False))
+    assert [r.generated_text for r in static] == [r.generated_text for r in dynamic]
+
+
+def test_static_decoders_reuse_padded_shapes(tiny):
+    decoders = StaticDecoders(tiny, capture=False)
+    first = generate_batch(tiny, [BatchRequest("a b", 5, 0)] * 3, static=decoders)
+    again = generate_batch(tiny, [BatchRequest("a b", 5, 0)] * 4, static=decoders)
+    assert decoders.shapes == [(4, 256)]  # 3 and 4 rows, 7 slots: one shape, reset between
+    assert [r.generated_text for r in again[:3]] == [r.generated_text for r in first]
+    generate_batch(tiny, [BatchRequest("a b", 300, 0)] * 5, static=decoders)
+    assert decoders.shapes == [(4, 256), (8, 512)]
+
+
+def test_static_decoders_drop_the_least_recently_used_beyond_their_budget(tiny):
+    decoders = StaticDecoders(tiny, capture=False)
+    unit = decoders.decoder(1, 10).cache_bytes  # 1 row x 256 slots
+    decoders.max_cache_bytes = 4 * unit
+    decoders.decoder(2, 10)  # 2 units
+    decoders.decoder(1, 10)  # used again: (2, 256) is now the least recently used
+    decoders.decoder(1, 300)  # 1 x 512 = 2 units: 5 > 4, so (2, 256) goes
+    assert decoders.shapes == [(1, 256), (1, 512)] and decoders.cache_bytes == 3 * unit
+
+
+def test_cuda_graphs_need_a_cuda_device(tiny):
+    with pytest.raises(ValueError, match="CUDA"):
+        StaticDecoders(tiny, capture=True)

@@ -1,0 +1,46 @@
+"""GPU checks for batched decoding over CUDA graphs (run on a GPU machine: pytest -m gpu)."""
+
+import pytest
+import torch
+
+from labkit import engine
+from labkit.batching import BatchRequest, generate_batch
+from labkit.model import load_model
+from labkit.static_decode import StaticDecoders
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU"),
+]
+
+PROMPTS = ["Suggest a skincare routine", "What does niacinamide do?",
+           "Suggest a skincare routine for dry, flaky skin in winter, with a gentle cleanser"]
+
+
+@pytest.fixture(scope="module")
+def lm32():
+    """The embedded model on the GPU in float32, where greedy text does not hinge on bf16
+    rounding."""
+    return load_model("model", device="cuda", dtype="fp32")
+
+
+def test_graph_replay_equals_sequential_greedy(lm32):
+    requests = [BatchRequest(p, m, 0) for p, m in zip(PROMPTS, [60, 7, 33], strict=True)]
+    decoders = StaticDecoders(lm32)
+    assert decoders.capture
+    for _ in range(2):  # the second batch replays the graphs captured by the first
+        results = generate_batch(lm32, requests, static=decoders)
+        for request, r in zip(requests, results, strict=True):
+            alone = engine.generate(lm32, request.prompt, request.max_tokens, temperature=0)
+            assert r.generated_text == alone.generated_text
+            assert r.tokens_generated == alone.tokens_generated
+    assert decoders.shapes == [(4, 256)]
+
+
+def test_graph_replay_equals_eager_static_decoding_with_sampling():
+    lm = load_model("synthetic:llama-3.2-1b")  # bf16, vocabulary of 128k, 16 layers
+    requests = [BatchRequest(f"prompt {i} " * (i + 1), 40, 0.9, seed=i) for i in range(5)]
+    graphs = generate_batch(lm, requests, static=StaticDecoders(lm))
+    eager = generate_batch(lm, requests, static=StaticDecoders(lm, capture=False))
+    assert [r.generated_text for r in graphs] == [r.generated_text for r in eager]
+    assert all(r.tokens_generated == 40 for r in graphs)
