@@ -1,5 +1,7 @@
 """GPU checks for batched decoding over CUDA graphs (run on a GPU machine: pytest -m gpu)."""
 
+import gc
+
 import pytest
 import torch
 
@@ -21,7 +23,14 @@ PROMPTS = ["Suggest a skincare routine", "What does niacinamide do?",
 def lm32():
     """The embedded model on the GPU in float32, where greedy text does not hinge on bf16
     rounding."""
-    return load_model("model", device="cuda", dtype="fp32")
+    yield load_model("model", device="cuda", dtype="fp32")
+    free_gpu_memory()
+
+
+def free_gpu_memory():
+    """Models, caches and graph pools go before the next module measures GPU memory."""
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def test_graph_replay_equals_sequential_greedy(lm32):
@@ -42,5 +51,7 @@ def test_graph_replay_equals_eager_static_decoding_with_sampling():
     requests = [BatchRequest(f"prompt {i} " * (i + 1), 40, 0.9, seed=i) for i in range(5)]
     graphs = generate_batch(lm, requests, static=StaticDecoders(lm))
     eager = generate_batch(lm, requests, static=StaticDecoders(lm, capture=False))
+    del lm
+    free_gpu_memory()
     assert [r.generated_text for r in graphs] == [r.generated_text for r in eager]
     assert all(r.tokens_generated == 40 for r in graphs)
