@@ -35,11 +35,13 @@ class Sweep:
     timeline: object | None = None  # the final live-timeline Figure, when run(live=True)
 
 
-def _server_options(mode: str, max_batch_size: int, max_wait_ms: float) -> dict:
+def _server_options(mode: str, max_batch_size: int, max_wait_ms: float,
+                    cuda_graphs: bool = True) -> dict:
     if mode != "batched":
         return {"mode": mode}
     return {"mode": mode, "extra_args": ["--max-batch-size", str(max_batch_size),
-                                         "--max-wait-ms", str(max_wait_ms)]}
+                                         "--max-wait-ms", str(max_wait_ms),
+                                         "--cuda-graphs" if cuda_graphs else "--no-cuda-graphs"]}
 
 
 def _sampler(url: str) -> gpu.Sampler:
@@ -95,6 +97,7 @@ def measure(procs: list[ServerProcess], sampler: gpu.Sampler, concurrency: int,
         "gpu_memory_used_gb": util.get("mem_used_max_gb"),
         "utilization_source": util["source"],
         "mean_batch_size": generated / batches if batches else None,
+        "cuda_graphs": all(a.get("cuda_graphs", False) for a in after),
         "server_busy_pct": 100 * sum(busy) / len(busy),  # mean over the servers
         "server_rss_gb": sum(rss) if None not in rss else None,  # all servers together
     }
@@ -102,14 +105,16 @@ def measure(procs: list[ServerProcess], sampler: gpu.Sampler, concurrency: int,
 
 def run(model: str, mode: str, levels: list[int], *, rounds: int = 2,
         min_requests: int = MIN_REQUESTS, max_tokens: int = 150, max_batch_size: int = 64,
-        max_wait_ms: float = SWEEP_MAX_WAIT_MS, warmup: bool = True, live: bool = False,
-        deadline: float | None = None, on_row=None) -> Sweep:
+        max_wait_ms: float = SWEEP_MAX_WAIT_MS, cuda_graphs: bool = True, warmup: bool = True,
+        live: bool = False, deadline: float | None = None, on_row=None) -> Sweep:
     """Start one `mode` server and load it at each concurrency level in turn, with
     max(min_requests, rounds x concurrency) requests per level. `live` draws the utilization
     timeline while it runs (in a notebook). Levels left when time.perf_counter() passes
     `deadline` are skipped (the first level always runs). `on_row(row)` sees each row as it
-    is measured."""
-    with launch(model=model, **_server_options(mode, max_batch_size, max_wait_ms)) as srv:
+    is measured. `cuda_graphs=False` serves batches eagerly on a GPU (series "batched, eager")."""
+    series = mode if cuda_graphs or mode != "batched" else f"{mode}, eager"
+    options = _server_options(mode, max_batch_size, max_wait_ms, cuda_graphs)
+    with launch(model=model, **options) as srv:
         health = client.get(srv.url + "/health").body
         sweep = Sweep(health["model"], health["gpu_name"] or "CPU")
         if warmup:  # batch shapes the server has not seen yet pay one-off costs
@@ -129,7 +134,7 @@ def run(model: str, mode: str, levels: list[int], *, rounds: int = 2,
                     break
                 sweep.rows.append(measure(
                     [srv], sampler, c, max(min_requests, rounds * c), max_tokens,
-                    watch=timeline.watch if timeline else None, mode=mode, series=mode))
+                    watch=timeline.watch if timeline else None, mode=mode, series=series))
                 if on_row is not None:
                     on_row(sweep.rows[-1])
         if timeline is not None:
@@ -159,11 +164,12 @@ def seed_phase3_claim(sequential_rows: list[dict]) -> float | None:
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"{'mode':<11}{'conc':>5}{'req/s':>8}{'tok/s':>9}{'p50 ms':>9}{'p95 ms':>9}"
+    head = (f"{'mode':<15}{'conc':>5}{'req/s':>8}{'tok/s':>9}{'p50 ms':>9}{'p95 ms':>9}"
             f"{'util %':>8}{'SM %':>7}{'batch':>7}")
     lines = [head]
     for r in rows:
-        lines.append(f"{r['mode']:<11}{r['concurrency']:>5}{r['requests_per_second']:>8.2f}"
+        lines.append(f"{r.get('series', r['mode']):<15}{r['concurrency']:>5}"
+                     f"{r['requests_per_second']:>8.2f}"
                      f"{r['output_tokens_per_sec']:>9.1f}{r['p50_ms']:>9.0f}{r['p95_ms']:>9.0f}"
                      f"{_pct(r['mean_util']):>8}{_pct(r.get('sm_activity_mean')):>7}"
                      f"{_num(r.get('mean_batch_size')):>7}")
