@@ -18,6 +18,7 @@ eagerly, like the decode steps on a CPU (capture=False), which is how tests chec
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 
 import torch
@@ -27,6 +28,13 @@ from labkit import memory
 from labkit.model import LoadedModel
 
 MIN_CACHE_LEN = 256  # short requests share one cache length: fewer shapes, fewer graphs
+
+
+@functools.cache
+def _warmup_stream(device: torch.device) -> torch.cuda.Stream:
+    """One side stream per device for every capture's warm-up: cuBLAS keeps a workspace for
+    each stream it has run on, so a new stream per graph would leak one workspace per graph."""
+    return torch.cuda.Stream(device)
 
 
 def _next_power_of_two(n: int) -> int:
@@ -114,7 +122,7 @@ class StaticDecoder:
             return self.logits
         # First step: run it eagerly on a side stream (the warm-up a capture needs; it is also
         # this step's real work), then record the same step; recording runs nothing.
-        side = torch.cuda.Stream()
+        side = _warmup_stream(self.tokens.device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             logits = self._forward()
