@@ -55,3 +55,22 @@ def test_graph_replay_equals_eager_static_decoding_with_sampling():
     free_gpu_memory()
     assert [r.generated_text for r in graphs] == [r.generated_text for r in eager]
     assert all(r.tokens_generated == 40 for r in graphs)
+
+
+def test_cleared_decoders_give_their_memory_back():
+    lm = load_model("synthetic:llama-3.2-1b")
+
+    def allocated_after_a_round(lm) -> int:
+        decoders = StaticDecoders(lm)
+        for rows in (1, 8):
+            generate_batch(lm, [BatchRequest("a b", 20, 0.7, seed=1)] * rows, static=decoders)
+        assert decoders.shapes == [(1, 256), (8, 256)]
+        decoders.clear()
+        del decoders
+        free_gpu_memory()
+        return torch.cuda.memory_allocated()
+
+    first = allocated_after_a_round(lm)  # may keep the warm-up stream's cuBLAS workspace
+    assert allocated_after_a_round(lm) == pytest.approx(first, abs=1e6)  # nothing more
+    del lm
+    free_gpu_memory()

@@ -32,9 +32,8 @@ GROUPS: dict[str, tuple[Path, dict[str, str]]] = {
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # colours in kernel tracebacks
 CELL_TIMEOUT_S = 180
 NOTEBOOK_BUDGET_S = 300  # the budget is 3 minutes a notebook; this leaves headroom
-# Once the GPU-run outputs are committed, set this to True (or LABKIT_REQUIRE_OUTPUTS=1):
-# then a course notebook committed without outputs fails instead of being skipped.
-REQUIRE_STORED_OUTPUTS = os.environ.get("LABKIT_REQUIRE_OUTPUTS") == "1"
+# Every course notebook is committed with the outputs of its GPU run: one without fails.
+REQUIRE_STORED_OUTPUTS = True
 
 
 def _notebooks(group: str) -> list[Path]:
