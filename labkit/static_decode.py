@@ -128,7 +128,9 @@ class StaticDecoder:
             logits = self._forward()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: a server's other threads (/stats asks torch for free memory) may call
+        # CUDA while this thread records; only this thread must keep to capture-safe calls.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self.logits = self._forward()
         self.graph = graph
         return logits

@@ -1,11 +1,12 @@
 """GPU checks for batched decoding over CUDA graphs (run on a GPU machine: pytest -m gpu)."""
 
 import gc
+import threading
 
 import pytest
 import torch
 
-from labkit import engine
+from labkit import engine, gpu
 from labkit.batching import BatchRequest, generate_batch
 from labkit.model import load_model
 from labkit.static_decode import StaticDecoders
@@ -74,3 +75,27 @@ def test_cleared_decoders_give_their_memory_back():
     assert allocated_after_a_round(lm) == pytest.approx(first, abs=1e6)  # nothing more
     del lm
     free_gpu_memory()
+
+
+def test_capture_survives_cuda_calls_from_another_thread(lm32):
+    """A server's /stats thread asks torch for memory figures while the generation thread may be
+    capturing a graph (a new batch shape); neither may break the other."""
+    stop = threading.Event()
+    calls = []
+
+    def poll_memory():
+        while not stop.is_set():
+            calls.append(gpu.memory_gb(0))
+
+    poller = threading.Thread(target=poll_memory)
+    poller.start()
+    try:
+        decoders = StaticDecoders(lm32)
+        for rows in (1, 2, 4, 8):
+            results = generate_batch(lm32, [BatchRequest("Oily skin", 12, 0)] * rows,
+                                     static=decoders)
+            assert all(r.tokens_generated >= 1 for r in results)
+    finally:
+        stop.set()
+        poller.join()
+    assert len(decoders.shapes) == 4 and len(calls) > 10
