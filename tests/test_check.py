@@ -14,6 +14,12 @@ ROWS = [
     {"batch_size": 4, "throughput": 30.0, "p95_ms": 200.0},
     {"batch_size": 8, "throughput": 50.0, "p95_ms": 400.0},
 ]
+SHARED = [  # rows of serving_sweep.run_shared, as measured on the H100 (notebook 07)
+    {"mode": "sequential", "servers": 1, "requests_per_second": 0.22, "gpu_memory_used_gb": 9.1},
+    {"mode": "sequential", "servers": 2, "requests_per_second": 0.30, "gpu_memory_used_gb": 17.1},
+    {"mode": "sequential", "servers": 4, "requests_per_second": 0.47, "gpu_memory_used_gb": 33.2},
+    {"mode": "batched", "servers": 1, "requests_per_second": 11.06, "gpu_memory_used_gb": 13.1},
+]
 LATENCIES = [720.0, 800.0, 831.0, 850.0, 900.0, 1000.0, 1100.0, 1543.0]
 
 # checker -> (inputs the exercise supplies, a correct answer)
@@ -33,6 +39,9 @@ CASES: dict[str, tuple[dict, object]] = {
     "timeline_request_count": ({"request_spans": SPANS}, 4),
     "timeline_idle_gap": ({"request_spans": SPANS}, (2.0, 4.0)),
     "best_batch_size": ({"rows": ROWS, "p95_target_ms": 250}, 4),
+    "memory_per_server": ({"rows": SHARED}, (33.2 - 9.1) / 3),
+    "servers_that_fit": ({"rows": SHARED, "capacity_gb": 80}, 9),
+    "servers_to_match": ({"rows": SHARED}, 51),
 }
 
 
@@ -95,6 +104,9 @@ def test_close_answer_says_how_far_off():
     (lambda a: check.littles_law_latency(a, 0.8, 5), 0.8, "queue"),
     (lambda a: check.idle_percent(a, [0, 0, 3, 80, 90, 100]), 0.5, "fraction"),
     (lambda a: check.effective_cost(a, 3.0, 0.18), 0.54, "divide"),
+    (lambda a: check.memory_per_server(a, SHARED), 33.2 / 4, "including memory"),
+    (lambda a: check.servers_that_fit(a, SHARED, 80), 10, "One too many"),
+    (lambda a: check.servers_to_match(a, SHARED), 50, "round up"),
 ])
 def test_known_mistakes_get_a_specific_explanation(checker, answer, phrase):
     result = checker(answer)
@@ -154,7 +166,18 @@ def test_best_batch_size_explains_a_row_over_the_target():
     assert check.best_batch_size(8, pandas.DataFrame(ROWS), 500).correct
 
 
+def test_sharing_checkers_read_cpu_rows_by_their_memory_key():
+    rows = [dict(r, server_rss_gb=r["servers"] * 0.9 + 0.1, gpu_memory_used_gb=None)
+            for r in SHARED]
+    assert check.memory_per_server(0.9, rows, memory_key="server_rss_gb").correct
+    assert check.servers_that_fit(8, rows, 7.3, memory_key="server_rss_gb").correct  # exactly
+    assert check.servers_that_fit(7, rows, 7.2, memory_key="server_rss_gb").correct
+
+
 @pytest.mark.parametrize(("call", "match"), [
+    (lambda: check.memory_per_server(1, SHARED[:1]), "two different server counts"),
+    (lambda: check.servers_to_match(1, SHARED[:3]), "batched"),
+    (lambda: check.servers_that_fit(1, SHARED, 5), "already uses"),
     (lambda: check.weight_memory(1, "llama-9"), "unknown shape"),
     (lambda: check.weight_memory(1, "tiny", unit="gigs"), "unit"),
     (lambda: check.p95_latency(1, [None]), "no finite values"),
