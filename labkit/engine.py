@@ -153,7 +153,10 @@ def decode(lm: LoadedModel, ids: list[int]) -> str:
     return lm.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
-def warmup(lm: LoadedModel, runs: int = 1, max_tokens: int = 150) -> None:
+WARMUP_TOKENS = 150
+
+
+def warmup(lm: LoadedModel, runs: int = 1, max_tokens: int = WARMUP_TOKENS) -> None:
     """Run throwaway generations so CUDA context, kernels and allocator are ready before timing.
     The KV cache grows by one token per step and each new length can meet new kernels, so warm
     up over as many tokens as will be timed (on an H100 a first 150-token request ran 2.8x

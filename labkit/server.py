@@ -89,6 +89,9 @@ class ServerState:
         def load() -> None:
             try:
                 backend = self.load_backend()
+                warm_up = getattr(backend, "warm_up", None)  # test stubs have none
+                if warm_up is not None:  # where requests will run: see ModelBackend.warm_up
+                    self.scheduler.run_on_generation_thread(warm_up)
             except BaseException as err:  # reported in the log, and the server exits with 1
                 loop.call_soon_threadsafe(self._load_failed, err)
             else:

@@ -14,6 +14,7 @@ import concurrent.futures
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -113,6 +114,7 @@ class Scheduler(Protocol):
     served: int
 
     def set_backend(self, backend: Backend) -> None: ...
+    def run_on_generation_thread(self, fn: Callable[[], object]) -> object: ...
     async def start(self) -> None: ...
     async def submit(self, request: GenerationRequest) -> JobOutcome: ...
     async def wait_idle(self, timeout: float | None = None) -> bool: ...
@@ -152,6 +154,11 @@ class QueueScheduler:
 
     def set_backend(self, backend: Backend) -> None:
         self.backend = backend
+
+    def run_on_generation_thread(self, fn: Callable[[], object]) -> object:
+        """Run `fn` on the thread that generates, and wait for it (the warm-up at load time:
+        a thread's first generation pays costs that a warm-up elsewhere does not remove)."""
+        return self._executor.submit(fn).result()
 
     async def start(self) -> None:
         self._queue = asyncio.Queue()

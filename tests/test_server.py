@@ -131,6 +131,37 @@ def test_503_while_the_model_loads_then_serves():
     asyncio.run(scenario())
 
 
+class WarmStub(StubBackend):
+    """Records the thread of its warm-up and of each generation; the warm-up takes a moment."""
+
+    def __init__(self):
+        super().__init__()
+        self.threads: list[tuple[str, str]] = []
+
+    def warm_up(self) -> None:
+        time.sleep(0.2)
+        self.threads.append(("warm-up", threading.current_thread().name))
+
+    def generate(self, request):
+        self.threads.append(("generate", threading.current_thread().name))
+        return super().generate(request)
+
+
+def test_warm_up_runs_on_the_generation_thread_before_the_server_is_ready():
+    backend = WarmStub()
+
+    async def scenario():
+        async with serving(backend, wait=False) as client:
+            assert (await client.post("/generate", json=VALID)).status == 503  # warming up
+            await wait_loaded(client)
+            assert (await client.post("/generate", json=VALID)).status == 200
+
+    asyncio.run(scenario())
+    (first, warm_thread), (then, generate_thread) = backend.threads
+    assert (first, then) == ("warm-up", "generate")
+    assert warm_thread == generate_thread and warm_thread.startswith("labkit-generate")
+
+
 BAD_INPUT = [
     # (description, request kwargs, status, words the error must contain)
     ("body not JSON", {"data": b"prompt=hi", "headers": {"Content-Type": "application/json"}},
