@@ -52,6 +52,10 @@ class Backend(Protocol):
         """Run `requests` as one batch; returns their engine.GenerationResults in order and
         calls on_finish(index, result) as each one finishes."""
 
+    def warm_up(self) -> None:
+        """Throwaway work before the first request; the server calls it on the thread that
+        will generate, before it reports ready."""
+
     def free_memory(self) -> None:
         """Release cached device memory (after an out-of-memory error)."""
 
@@ -110,20 +114,21 @@ class ModelBackend:
         from labkit import engine
         from labkit.batching import BatchRequest
 
+        if not self.warmup_runs:
+            return
         began = time.perf_counter()
-        if self.warmup_runs:
-            engine.warmup(self.lm, runs=self.warmup_runs)
-        rows = 1
-        while self.static is not None and self.warmup_runs:
-            self.generate_batch([BatchRequest("warm-up", 2, 0)] * rows)
-            if rows >= self.max_batch_size:
-                break
-            rows *= 2
-        if self.warmup_runs:
-            graphs = (f"; CUDA graphs captured for shapes (batch, cache tokens) "
-                      f"{self.static.shapes}" if self.static is not None else "")
-            log.info("Warm-up: %d run(s) of %d tokens%s, in %.1f s", self.warmup_runs,
-                     engine.WARMUP_TOKENS, graphs, time.perf_counter() - began)
+        engine.warmup(self.lm, runs=self.warmup_runs)
+        graphs = ""
+        if self.static is not None:
+            rows = 1
+            while True:  # each padded batch size up to max_batch_size: 1, 2, 4, ...
+                self.generate_batch([BatchRequest("warm-up", 2, 0)] * rows)
+                if rows >= self.max_batch_size:
+                    break
+                rows *= 2
+            graphs = f"; CUDA graphs captured for (batch, cache tokens) {self.static.shapes}"
+        log.info("Warm-up: %d run(s) of %d tokens%s, in %.1f s", self.warmup_runs,
+                 engine.WARMUP_TOKENS, graphs, time.perf_counter() - began)
 
     def free_memory(self) -> None:
         import torch

@@ -89,9 +89,8 @@ class ServerState:
         def load() -> None:
             try:
                 backend = self.load_backend()
-                warm_up = getattr(backend, "warm_up", None)  # test stubs have none
-                if warm_up is not None:  # where requests will run: see ModelBackend.warm_up
-                    self.scheduler.run_on_generation_thread(warm_up)
+                # On the thread requests will run on: see ModelBackend.warm_up.
+                self.scheduler.run_on_generation_thread(backend.warm_up)
             except BaseException as err:  # reported in the log, and the server exits with 1
                 loop.call_soon_threadsafe(self._load_failed, err)
             else:
@@ -226,7 +225,7 @@ async def handle_stats(request: web.Request) -> web.Response:
     server["requests_rejected"] = state.rejected
     server["shutting_down"] = state.shutdown_reason is not None
     backend = state.backend
-    server["cuda_graphs"] = bool(getattr(backend, "cuda_graphs", False))
+    server["cuda_graphs"] = backend.cuda_graphs if backend else False
     return web.json_response({
         "gpu_name": backend.gpu_name if backend else info["gpu_name"],
         "gpu_count": info["gpu_count"],

@@ -20,6 +20,7 @@ class StubBackend:
     gpu_name = None
     context_length = 512  # "tokens" are whitespace-separated words here
     load_time_s = 0.0
+    cuda_graphs = False
 
     def __init__(self, delay_s: float = 0.0):
         self.delay_s = delay_s
@@ -36,6 +37,9 @@ class StubBackend:
                 f"prompt is {n} tokens; with max_tokens={max_tokens} that exceeds the model's "
                 f"context of {self.context_length} tokens. Shorten the prompt or lower max_tokens.")
         return n
+
+    def warm_up(self) -> None:
+        pass
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
         self.calls.append(request)
