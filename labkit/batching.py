@@ -17,7 +17,6 @@ batch's length.
 
 from __future__ import annotations
 
-import inspect
 import random
 import time
 from collections.abc import Callable
@@ -29,7 +28,7 @@ from transformers import DynamicCache
 from labkit import engine
 from labkit.engine import GenerationResult
 from labkit.model import LoadedModel
-from labkit.static_decode import StaticDecoders
+from labkit.static_decode import StaticDecoders, last_logits_only
 
 
 @dataclass(frozen=True)
@@ -114,7 +113,7 @@ class _DynamicDecoder:
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
         self.cache = DynamicCache(config=model.config)
-        self.prefill_kwargs = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+        self.prefill_kwargs = last_logits_only(model)
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor) -> torch.Tensor:
@@ -186,9 +185,3 @@ def _next_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.T
     pick = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None]).clamp(max=cdf.shape[1] - 1)
     sampled = order.gather(-1, pick).squeeze(-1)
     return torch.where(temperature > 0, sampled, greedy)
-
-
-def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
-    """Whether the prefill can skip the vocabulary projection for all but the last position
-    (B × prompt × vocab logits would otherwise dominate prefill memory)."""
-    return "logits_to_keep" in inspect.signature(model.forward).parameters

@@ -19,6 +19,7 @@ eagerly, like the decode steps on a CPU (capture=False), which is how tests chec
 from __future__ import annotations
 
 import functools
+import inspect
 from collections import OrderedDict
 
 import torch
@@ -35,6 +36,14 @@ def _warmup_stream(device: torch.device) -> torch.cuda.Stream:
     """One side stream per device for every capture's warm-up: cuBLAS keeps a workspace for
     each stream it has run on, so a new stream per graph would leak one workspace per graph."""
     return torch.cuda.Stream(device)
+
+
+def last_logits_only(model: torch.nn.Module) -> dict:
+    """Prefill keyword that skips the vocabulary projection for all but the last position,
+    where the model accepts it (B × prompt × vocab logits would otherwise dominate prefill
+    memory)."""
+    accepts = "logits_to_keep" in inspect.signature(model.forward).parameters
+    return {"logits_to_keep": 1} if accepts else {}
 
 
 def _next_power_of_two(n: int) -> int:
@@ -86,7 +95,7 @@ class StaticDecoder:
         self.cache.reset()
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                             past_key_values=self.cache, use_cache=True,
-                            logits_to_keep=1).logits[:, -1]
+                            **last_logits_only(self.model)).logits[:, -1]
         self.mask.fill_(self.blocked)
         self.mask[:, 0, 0, :width].masked_fill_(valid[:, :width], 0)
         self.positions.copy_(positions[:, -1:])
