@@ -57,6 +57,7 @@ class StaticDecoder:
     def __init__(self, model: torch.nn.Module, batch: int, cache_len: int,
                  device: torch.device, dtype: torch.dtype, capture: bool) -> None:
         self.model, self.batch, self.cache_len, self.capture = model, batch, cache_len, capture
+        self.prefill_kwargs = last_logits_only(model)
         self.cache = StaticCache(config=model.config, max_cache_len=cache_len)
         self.tokens = torch.zeros((batch, 1), dtype=torch.long, device=device)
         self.positions = torch.zeros_like(self.tokens)
@@ -95,7 +96,7 @@ class StaticDecoder:
         self.cache.reset()
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                             past_key_values=self.cache, use_cache=True,
-                            **last_logits_only(self.model)).logits[:, -1]
+                            **self.prefill_kwargs).logits[:, -1]
         self.mask.fill_(self.blocked)
         self.mask[:, 0, 0, :width].masked_fill_(valid[:, :width], 0)
         self.positions.copy_(positions[:, -1:])
