@@ -25,10 +25,11 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 # A non-root user with uid 1000 (the usual first user on a host, so bind mounts stay writable);
-# Ubuntu's image already has `ubuntu` there, which is removed.
+# Ubuntu's image already has `ubuntu` there, which is removed. /lab/downloads exists in the image
+# so that a named volume mounted there (compose.yaml) starts out owned by, and writable for, lab.
 RUN userdel --remove ubuntu \
     && useradd --create-home --uid 1000 --shell /bin/bash lab \
-    && install -d -o lab -g lab /lab
+    && install -d -o lab -g lab /lab /lab/downloads
 WORKDIR /lab
 USER 1000
 

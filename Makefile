@@ -45,4 +45,4 @@ clean:
 
 # On a GPU machine: execute every notebook and store its outputs (what gets committed).
 gpu-outputs: venv
-	$(BIN)/python -m labkit.nbrun notebooks/*.ipynb
+	$(BIN)/python -m labkit.course.nbrun notebooks/*.ipynb

@@ -1,4 +1,4 @@
-"""Output tokens per second: B requests one after another (`engine.generate`) vs one
+"""Output tokens per second: B requests one after another (`hf_generate.generate`) vs one
 `batching.generate_batch` of the same B requests, decoded eagerly and (on a GPU) from CUDA
 graphs, on this machine, in the same run, with the mean NVML utilization and SM activity of
 each batched run.
@@ -24,10 +24,12 @@ import time
 import torch
 import transformers
 
-from labkit import engine, gpu
-from labkit.batching import BatchRequest, generate_batch
-from labkit.model import load_model, resolve_device
-from labkit.static_decode import StaticDecoders
+from labkit.engine import hf_generate
+from labkit.engine.batched import generate_batch
+from labkit.engine.model import load_model, resolve_device, synchronize
+from labkit.engine.request import Request
+from labkit.engine.static_decode import StaticDecoders
+from labkit.measure import utilization
 
 PROMPTS = [
     "Suggest a skincare routine",
@@ -41,26 +43,25 @@ PROMPTS = [
 ]
 
 
-def requests_for(batch: int, max_tokens: int, temperature: float) -> list[BatchRequest]:
-    return [BatchRequest(PROMPTS[i % len(PROMPTS)], max_tokens, temperature, seed=i)
+def requests_for(batch: int, max_tokens: int, temperature: float) -> list[Request]:
+    return [Request(PROMPTS[i % len(PROMPTS)], max_tokens, temperature, seed=i)
             for i in range(batch)]
 
 
-def run_sequential(lm, requests: list[BatchRequest], seconds: float) -> tuple[list, float]:
-    """engine.generate one request after another, stopping early once `seconds` have passed."""
+def run_sequential(lm, requests: list[Request], seconds: float) -> tuple[list, float]:
+    """`hf_generate.generate` one request after another; stops once `seconds` have passed."""
     results = []
     started = time.perf_counter()
     for r in requests:
-        results.append(engine.generate(lm, r.prompt, r.max_tokens, r.temperature, r.top_p,
-                                       r.seed))
+        results.append(hf_generate.generate(lm, r))
         if time.perf_counter() - started > seconds:
             break
     return results, time.perf_counter() - started
 
 
-def run_batched(lm, requests: list[BatchRequest], static, sampler) -> dict:
+def run_batched(lm, requests: list[Request], static, sampler) -> dict:
     """One generate_batch, timed, with the sampler's view of its window."""
-    engine.synchronize(lm.device)
+    synchronize(lm.device)
     started = time.perf_counter()
     results = generate_batch(lm, requests, static=static)  # returns after the last token
     ended = time.perf_counter()
@@ -115,9 +116,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{str(lm.dtype).removeprefix('torch.')}, loaded in {lm.load_time_s:.1f} s")
     print(f"{args.max_tokens} new tokens per request, temperature {args.temperature}"
           f"{' (greedy)' if args.temperature == 0 else ''}\n")
-    engine.warmup(lm, runs=2)
+    hf_generate.warmup(lm, runs=2)
     graphs = StaticDecoders(lm) if device.type == "cuda" else None
-    sampler = gpu.Sampler(interval=0.05).start() if device.type == "cuda" else None
+    sampler = (utilization.UtilizationSampler(interval=0.05).start()
+               if device.type == "cuda" else None)
     modes = {"eager": None} | ({"graphs": graphs} if graphs else {})
 
     rows, skipped = [], []

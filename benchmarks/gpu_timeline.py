@@ -24,11 +24,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from labkit import loadtest  # noqa: E402
-from labkit.gpu import Sampler  # noqa: E402
-from labkit.plots import plot_latency_distribution, plot_timeline, save  # noqa: E402
-from labkit.sampler import CPU_MODE_LABEL, loadtest_t0  # noqa: E402
-from labkit.server import launch  # noqa: E402
+from labkit.measure import loadtest  # noqa: E402
+from labkit.measure.plots import plot_latency_distribution, plot_timeline, save  # noqa: E402
+from labkit.measure.utilization import (  # noqa: E402
+    CPU_MODE_LABEL,
+    UtilizationSampler,  # noqa: E402
+    loadtest_t0,
+)
+from labkit.serve.launcher import launch  # noqa: E402
 
 SEED_CLAIM = "seed (A100, 3B model): 15-25 % mean utilization, 75-85 % idle"
 
@@ -92,7 +95,7 @@ def main(argv=None) -> int:
         print(f"server ready at {srv.url} after {time.perf_counter() - t_launch:.1f} s",
               flush=True)
         # Without NVML this falls back to the server's busy % (CPU mode), labelled as such.
-        sampler = Sampler(interval=args.interval, url=srv.url)
+        sampler = UtilizationSampler(interval=args.interval, url=srv.url)
         if sampler.source != "nvml":
             print(f"no NVML on this machine: recording {CPU_MODE_LABEL}", flush=True)
         with sampler:
@@ -140,8 +143,8 @@ def main(argv=None) -> int:
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "device": device,
         "source": sampler.source,
-        "gpm": getattr(sampler.backend, "gpm_status", None),
-        "power": getattr(sampler.backend, "power_kind", None),
+        "gpm": getattr(sampler.reader, "gpm_status", None),
+        "power": getattr(sampler.reader, "power_kind", None),
         "model": args.model,
         "config": {k: v for k, v in vars(args).items() if k not in ("png", "json")},
         "phases": phases,

@@ -35,7 +35,7 @@ notebooks)
   step "notebooks ${NOTEBOOKS:-notebooks/0[0-5]*.ipynb}"
   mkdir -p "$RES/notebooks"
   # shellcheck disable=SC2086
-  timeout 570 python3 -m labkit.nbrun ${NOTEBOOKS:-notebooks/0[0-5]*.ipynb} --out "$RES/notebooks" \
+  timeout 570 python3 -m labkit.course.nbrun ${NOTEBOOKS:-notebooks/0[0-5]*.ipynb} --out "$RES/notebooks" \
     --timeout 500 2>&1 | tail -40
   cp -r results "$RES/" 2>/dev/null
   ;;

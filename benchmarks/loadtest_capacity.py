@@ -18,8 +18,8 @@ import platform
 import sys
 import time
 
-from labkit import loadtest
-from labkit.launcher import ServerProcess
+from labkit.measure import loadtest
+from labkit.serve.launcher import ServerProcess
 
 TARGET_RPS = 1500
 

@@ -18,15 +18,15 @@ import time
 
 import torch
 
-from labkit import engine
-from labkit.model import load_model
+from labkit.engine import hf_generate
+from labkit.engine.model import load_model
 from labkit.train.trainer import cpu_model
 
 PROMPT = "Suggest a skincare routine for dry skin"
 
 
 def time_forced(lm, tokens: int) -> float:
-    ids = engine.encode_prompt(lm, PROMPT, tokens)
+    ids = hf_generate.encode_prompt(lm, PROMPT, tokens)
     started = time.perf_counter()
     with torch.inference_mode():
         out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [measure(lm, int(t), args.runs, args.warmup, args.tokens)
             for t in args.threads.split(",")]
     torch.set_num_threads(default_threads)
-    natural = engine.generate(lm, PROMPT, max_tokens=args.tokens, temperature=0)
+    natural = hf_generate.generate(lm, PROMPT, max_tokens=args.tokens, temperature=0)
     result = {
         "cpu": cpu_model() or "unknown CPU", "cpu_count": os.cpu_count(),
         "torch": torch.__version__, "model": lm.name, "parameters": lm.num_parameters,

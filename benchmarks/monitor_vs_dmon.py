@@ -32,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from labkit.server import launch  # noqa: E402
+from labkit.serve.launcher import launch  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

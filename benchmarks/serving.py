@@ -1,14 +1,14 @@
 """Sequential vs batched serving of the same closed-loop load: `labkit serve --mode sequential`
 and `--mode batched` on the same machine, in the same run, at concurrency 1, 4, 16, 32, 64.
 
-Each row is one `labkit.serving_sweep.measure`: requests/s and output tokens/s (successful
+Each row is one `labkit.course.experiments.measure`: requests/s and output tokens/s (successful
 requests and their `tokens_generated` ÷ wall time from the first send to the last completion),
 client-side p50/p95 latency, and over that load test's window the mean NVML utilization and GPM
 SM activity (on a CPU: the server's busy share from /stats, and no SM activity). Sequential
 throughput does not grow with concurrency (one generation at a time), so sequential levels stop
 at --sequential-max-concurrency and run one round (max(4, concurrency) requests); batched levels
 run two rounds (2 × concurrency requests, at least 4), so each level sees batches re-formed from
-returning clients. Batched servers get --max-wait-ms 50 (see labkit/serving_sweep.py for why).
+returning clients. Batched servers get --max-wait-ms 50 (see labkit/experiments.py for why).
 Levels not started within --max-seconds (shared: sequential levels start only in the first 45 %
 of it) are skipped and listed; the first level of each mode always runs.
 
@@ -28,7 +28,8 @@ import json
 import os
 import time
 
-from labkit import course, gpu, serving_sweep
+from labkit.course import experiments, notebook
+from labkit.measure import gpu
 
 TARGET_SPEEDUP = 10.0
 TARGET_UTIL_PCT = 80.0
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--levels and --max-tokens must be at least 1, --max-seconds positive")
 
     began = time.perf_counter()
-    model = args.model or course.default_model()
+    model = args.model or notebook.default_model()
     where = card()
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     print(f"{where} | {date} | model {model} | {args.max_tokens} tokens per request")
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     for mode, (levels, rounds, deadline) in plan.items():
         if not levels:
             continue
-        sweep = serving_sweep.run(model, mode, levels, rounds=rounds, min_requests=MIN_REQUESTS,
+        sweep = experiments.sweep(model, mode, levels, rounds=rounds, min_requests=MIN_REQUESTS,
                                   max_tokens=args.max_tokens, max_batch_size=args.max_batch_size,
                                   deadline=deadline, on_row=progress)
         rows += sweep.rows
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                if not any(r["mode"] == mode and r["concurrency"] == c for r in rows)]
 
     print(f"\n{where}, {name}, {date}\n")
-    print(serving_sweep.table(rows))
+    print(experiments.table(rows))
     if skipped:
         print(f"\nskipped (--max-seconds {args.max_seconds:g} reached): "
               + ", ".join(f"{m} c={c}" for m, c in skipped))
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as fh:
             json.dump({"date": date, "card": where, "model": name, "source": model,
                        "max_tokens": args.max_tokens, "max_batch_size": args.max_batch_size,
-                       "max_wait_ms": serving_sweep.SWEEP_MAX_WAIT_MS, "rows": rows,
+                       "max_wait_ms": experiments.SWEEP_MAX_WAIT_MS, "rows": rows,
                        "skipped": skipped, "verdict": lines, "total_s": round(total_s, 1)},
                       fh, indent=2)
         print(f"wrote {args.json}")

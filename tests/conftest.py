@@ -2,7 +2,7 @@
 
 import pytest
 
-from labkit.model import load_model
+from labkit.engine.model import load_model
 
 
 @pytest.fixture(scope="module")

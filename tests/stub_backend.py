@@ -1,4 +1,4 @@
-"""A test-only model backend for labkit.server: controllable delay, blocking and failures.
+"""A test-only model backend for labkit.serve.http: controllable delay, blocking and failures.
 
 It goes through the real server, scheduler and error handling; only the model is replaced, so
 the tests can hold a generation open, inject an out-of-memory error, or time the queue exactly.
@@ -9,8 +9,7 @@ from __future__ import annotations
 import threading
 import time
 
-from labkit.backend import GenerationRequest
-from labkit.engine import GenerationResult, PromptTooLongError
+from labkit.engine.request import PromptTooLong, Request, Result
 
 
 class StubBackend:
@@ -28,20 +27,21 @@ class StubBackend:
         self.started = threading.Event()  # set when a generation begins
         self.fail_next: list[BaseException] = []  # raised by the next generations, in order
         self.freed = 0
-        self.calls: list[GenerationRequest] = []
+        self.calls: list[Request] = []
 
-    def check_prompt(self, prompt: str, max_tokens: int) -> int:
-        n = len(prompt.split())
-        if n + max_tokens > self.context_length:
-            raise PromptTooLongError(
-                f"prompt is {n} tokens; with max_tokens={max_tokens} that exceeds the model's "
-                f"context of {self.context_length} tokens. Shorten the prompt or lower max_tokens.")
-        return n
+    def tokenize(self, request: Request) -> None:
+        ids = list(range(len(request.prompt.split())))  # one "token" per word
+        if len(ids) + request.max_tokens > self.context_length:
+            raise PromptTooLong(
+                f"prompt is {len(ids)} tokens; with max_tokens={request.max_tokens} that exceeds "
+                f"the model's context of {self.context_length} tokens. Shorten the prompt or "
+                "lower max_tokens.")
+        request.prompt_ids = ids
 
     def warm_up(self) -> None:
         pass
 
-    def generate(self, request: GenerationRequest) -> GenerationResult:
+    def generate(self, request: Request) -> Result:
         self.calls.append(request)
         self.started.set()
         started = time.perf_counter()
@@ -53,7 +53,7 @@ class StubBackend:
             raise self.fail_next.pop(0)
         elapsed_ms = (time.perf_counter() - started) * 1000
         n = request.max_tokens
-        return GenerationResult(
+        return Result(
             generated_text=" ".join(["word"] * n), prompt=request.prompt, tokens_generated=n,
             prompt_tokens=len(request.prompt.split()),
             time_to_first_token_ms=round(elapsed_ms / max(n, 1), 2),

@@ -1,4 +1,4 @@
-"""Run the real labkit server (labkit.server.serve) with the stub model, as a subprocess:
+"""Run the real labkit server (labkit.serve.http.serve) with the stub model, as a subprocess:
 `python tests/stub_server.py --delay 1.0`. For signal and lifecycle tests."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sys
 
 from stub_backend import StubBackend
 
-from labkit.server import create_app, serve
+from labkit.serve.http import create_app, serve
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()

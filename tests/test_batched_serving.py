@@ -23,11 +23,11 @@ from test_server import stats
 from test_server import wait_for as until
 
 from labkit import cli
-from labkit.batching import BatchRequest, generate_batch
-from labkit.engine import GenerationResult
-from labkit.launcher import ServerProcess, launch_many
-from labkit.model import load_model
-from labkit.server import create_app
+from labkit.engine.batched import generate_batch
+from labkit.engine.model import load_model
+from labkit.engine.request import Request, Result
+from labkit.serve.http import create_app
+from labkit.serve.launcher import ServerProcess, launch_many
 
 PROMPTS = [
     "Suggest a skincare routine",
@@ -175,8 +175,8 @@ def test_serve_rejects_bad_batching_flags_before_loading(args, words, capsys):
 def test_generate_batch_reports_each_row_as_it_finishes():
     tiny = load_model("synthetic:tiny", device="cpu")
     finished: list[tuple[int, int]] = []
-    results = generate_batch(tiny, [BatchRequest("a", 9, 0), BatchRequest("b", 2, 0),
-                                    BatchRequest("c", 5, 0.7, seed=1)],
+    results = generate_batch(tiny, [Request("a", 9, 0), Request("b", 2, 0),
+                                    Request("c", 5, 0.7, seed=1)],
                              on_finish=lambda i, r: finished.append((i, r.tokens_generated)))
     assert finished == [(1, 2), (2, 5), (0, 9)]  # in the order the rows finished
     assert [r.tokens_generated for r in results] == [9, 2, 5]
@@ -192,7 +192,7 @@ class BatchStub(StubBackend):
         super().__init__(delay_s)
         self.batches: list[list[str]] = []
 
-    def generate_batch(self, requests, on_finish=None) -> list[GenerationResult]:
+    def generate_batch(self, requests, on_finish=None) -> list[Result]:
         self.batches.append([r.prompt for r in requests])
         if self.fail_next:  # checked first: a test can arm it while a batch is held
             raise self.fail_next.pop(0)
@@ -203,7 +203,7 @@ class BatchStub(StubBackend):
         if self.delay_s:
             time.sleep(self.delay_s)
         elapsed_ms = (time.perf_counter() - started) * 1000
-        results = [GenerationResult(
+        results = [Result(
             generated_text=" ".join(["word"] * r.max_tokens), prompt=r.prompt,
             tokens_generated=r.max_tokens, prompt_tokens=len(r.prompt.split()),
             time_to_first_token_ms=1.0, inference_time_ms=round(elapsed_ms, 2),

@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from labkit import engine
-from labkit.batching import BatchRequest, _next_tokens, generate_batch
-from labkit.engine import PromptTooLongError
-from labkit.static_decode import StaticDecoders
+from labkit.engine import hf_generate
+from labkit.engine.batched import generate_batch
+from labkit.engine.request import InvalidRequest, PromptTooLong, Request
+from labkit.engine.sampling import next_tokens
+from labkit.engine.static_decode import StaticDecoders
 
 # Different lengths, so the batch is left-padded.
 PROMPTS = [
@@ -28,11 +29,12 @@ def batch(request):
 
 
 def greedy_ids(lm, prompt: str, max_tokens: int) -> list[int]:
-    ids = engine.encode_prompt(lm, prompt, max_tokens)
+    request = Request(prompt, max_tokens, temperature=0)
+    ids = torch.tensor([hf_generate.tokenize(lm, request)])
     with torch.inference_mode():
         out = lm.model.generate(ids, attention_mask=torch.ones_like(ids),
                                 pad_token_id=lm.tokenizer.pad_token_id,
-                                **engine.sampling_kwargs(lm, max_tokens, 0, None))
+                                **hf_generate.sampling_kwargs(lm, request))
     return out[0, ids.shape[1]:].tolist()
 
 
@@ -45,17 +47,17 @@ def assert_same_as_alone(batched, alone):
 
 def test_greedy_batch_equals_sequential_with_mixed_lengths(lm, batch):
     max_tokens = [60, 12, 35, 1]
-    results = batch(lm, [BatchRequest(p, m, temperature=0)
+    results = batch(lm, [Request(p, m, temperature=0)
                                   for p, m in zip(PROMPTS, max_tokens, strict=True)])
     assert [r.prompt for r in results] == PROMPTS
     for prompt, m, batched in zip(PROMPTS, max_tokens, results, strict=True):
-        assert_same_as_alone(batched, engine.generate(lm, prompt, m, temperature=0))
+        assert_same_as_alone(batched, hf_generate.generate(lm, prompt, max_tokens=m, temperature=0))
         assert 1 <= batched.tokens_generated <= m
 
 
 def test_batch_of_one_equals_sequential(lm, batch):
-    [batched] = batch(lm, [BatchRequest(PROMPTS[1], 40, temperature=0)])
-    assert_same_as_alone(batched, engine.generate(lm, PROMPTS[1], 40, temperature=0))
+    [batched] = batch(lm, [Request(PROMPTS[1], 40, temperature=0)])
+    assert_same_as_alone(batched, hf_generate.generate(lm, PROMPTS[1], max_tokens=40, temperature=0))
 
 
 @pytest.fixture
@@ -80,46 +82,48 @@ def stop_on_token(lm):
 
 def test_row_that_stops_early_is_billed_its_own_tokens(lm, stop_on_token, batch):
     row, step = stop_on_token
-    results = batch(lm, [BatchRequest(p, 30, temperature=0) for p in PROMPTS])
+    results = batch(lm, [Request(p, 30, temperature=0) for p in PROMPTS])
     stopped = results[row]
     assert stopped.finish_reason == "stop" and stopped.tokens_generated == step
     for prompt, batched in zip(PROMPTS, results, strict=True):
-        assert_same_as_alone(batched, engine.generate(lm, prompt, 30, temperature=0))
+        assert_same_as_alone(batched, hf_generate.generate(lm, prompt, max_tokens=30, temperature=0))
     longest = max(results, key=lambda r: r.tokens_generated)
     assert longest.tokens_generated > stopped.tokens_generated
     assert stopped.inference_time_ms < longest.inference_time_ms
 
 
 def test_synthetic_rows_generate_exactly_their_max_tokens(tiny, batch):
-    requests = [BatchRequest("hello", 1, 0), BatchRequest("a longer synthetic prompt", 33, 0.8),
-                BatchRequest("hi", 7, 0, seed=3), BatchRequest("x y z", 20, 1.2, 0.9, seed=4)]
+    requests = [Request("hello", 1, 0), Request("a longer synthetic prompt", 33, 0.8),
+                Request("hi", 7, 0, seed=3), Request("x y z", 20, 1.2, 0.9, seed=4)]
     results = batch(tiny, requests)
     for request, r in zip(requests, results, strict=True):
         assert r.tokens_generated == request.max_tokens
         assert r.finish_reason == "length" and r.synthetic and "synthetic" in r.model
     for request in requests[:1] + requests[2:3]:  # the greedy rows
         batched = results[requests.index(request)]
-        assert_same_as_alone(batched, engine.generate(tiny, request.prompt, request.max_tokens, 0))
+        assert_same_as_alone(batched, hf_generate.generate(tiny, request.prompt,
+                                                         max_tokens=request.max_tokens,
+                                                         temperature=0))
 
 
 def test_seeded_sampling_does_not_depend_on_the_rest_of_the_batch(lm, batch):
     # Rows of different lengths drop out of the batch at different steps, so the remaining
     # rows are re-indexed mid-generation: each must keep drawing from its own generator.
-    requests = [BatchRequest(PROMPTS[0], 40, 1.0, seed=7), BatchRequest(PROMPTS[1], 5, 0.8),
-                BatchRequest(PROMPTS[2], 40, 1.3, 0.95, seed=11), BatchRequest(PROMPTS[3], 9, 0),
-                BatchRequest(PROMPTS[0], 40, 1.0, seed=7)]
+    requests = [Request(PROMPTS[0], 40, 1.0, seed=7), Request(PROMPTS[1], 5, 0.8),
+                Request(PROMPTS[2], 40, 1.3, 0.95, seed=11), Request(PROMPTS[3], 9, 0),
+                Request(PROMPTS[0], 40, 1.0, seed=7)]
     batched = batch(lm, requests)
     for i in (0, 2):
         [alone] = batch(lm, [requests[i]])
         assert batched[i].generated_text == alone.generated_text
     assert batched[4].generated_text == batched[0].generated_text  # same seed, same draws
-    [other_seed] = batch(lm, [BatchRequest(PROMPTS[0], 40, 1.0, seed=8)])
+    [other_seed] = batch(lm, [Request(PROMPTS[0], 40, 1.0, seed=8)])
     assert other_seed.generated_text != batched[0].generated_text
 
 
 def test_tiny_top_p_is_greedy(lm):
-    [nucleus] = generate_batch(lm, [BatchRequest(PROMPTS[2], 30, temperature=1.5, top_p=1e-6)])
-    assert_same_as_alone(nucleus, engine.generate(lm, PROMPTS[2], 30, temperature=0))
+    [nucleus] = generate_batch(lm, [Request(PROMPTS[2], 30, temperature=1.5, top_p=1e-6)])
+    assert_same_as_alone(nucleus, hf_generate.generate(lm, PROMPTS[2], max_tokens=30, temperature=0))
 
 
 def test_sampling_follows_temperature_and_top_p():
@@ -128,7 +132,7 @@ def test_sampling_follows_temperature_and_top_p():
     uniform = torch.rand(4000, generator=torch.Generator().manual_seed(0))
 
     def frequencies(temperature: float, top_p: float) -> torch.Tensor:
-        tokens = _next_tokens(logits, torch.full((4000,), temperature), torch.full((4000,), top_p),
+        tokens = next_tokens(logits, torch.full((4000,), temperature), torch.full((4000,), top_p),
                               uniform)
         return (torch.bincount(tokens, minlength=4) / 4000).tolist()
 
@@ -140,7 +144,7 @@ def test_sampling_follows_temperature_and_top_p():
 
 
 def test_timing_is_per_row(tiny):
-    requests = [BatchRequest("a", 5, 0), BatchRequest("b c d", 40, 0), BatchRequest("e", 20, 0.7)]
+    requests = [Request("a", 5, 0), Request("b c d", 40, 0), Request("e", 20, 0.7)]
     results = generate_batch(tiny, requests)
     ttfts = {r.time_to_first_token_ms for r in results}
     assert len(ttfts) == 1  # every row's first token comes out of the same prefill
@@ -152,7 +156,7 @@ def test_timing_is_per_row(tiny):
             r.tokens_generated / (r.inference_time_ms / 1000), rel=0.02)
         assert r.time_per_output_token_ms == pytest.approx(
             (r.inference_time_ms - r.time_to_first_token_ms) / (r.tokens_generated - 1), abs=0.01)
-    [one] = generate_batch(tiny, [BatchRequest("a", 1, 0)])
+    [one] = generate_batch(tiny, [Request("a", 1, 0)])
     assert one.tokens_generated == 1 and one.time_per_output_token_ms is None
 
 
@@ -165,21 +169,22 @@ BAD_ARGUMENTS = [
 
 
 @pytest.mark.parametrize("kwargs", BAD_ARGUMENTS)
-def test_bad_arguments_raise_engines_error_naming_the_request(tiny, kwargs):
+def test_bad_arguments_are_refused_once_when_the_request_is_made(tiny, kwargs):
+    """A Request checks its arguments when it is made, and the Python entry makes one: both
+    refuse the same value with the same message, naming the field."""
     arguments = {"prompt": "hello", **kwargs}
-    with pytest.raises(ValueError) as alone:
-        engine.generate(tiny, **arguments)
-    good = BatchRequest("hello", 3)
-    with pytest.raises(ValueError) as batched:
-        generate_batch(tiny, [good, BatchRequest(**arguments)])
-    assert type(batched.value) is type(alone.value)
-    assert str(batched.value) == f"request 1: {alone.value}"
+    [field] = kwargs
+    with pytest.raises(InvalidRequest, match=field) as made:
+        Request(**arguments)
+    with pytest.raises(InvalidRequest) as alone:
+        hf_generate.generate(tiny, arguments.pop("prompt"), **arguments)
+    assert str(alone.value) == str(made.value)
 
 
 def test_prompt_too_long_names_the_request(lm):
-    requests = [BatchRequest("hello", 3), BatchRequest("hi", 3),
-                BatchRequest("dry skin " * 2000, 10)]
-    with pytest.raises(PromptTooLongError, match=r"^request 2: .*context"):
+    requests = [Request("hello", 3), Request("hi", 3),
+                Request("dry skin " * 2000, 10)]
+    with pytest.raises(PromptTooLong, match=r"^request 2: .*context"):
         generate_batch(lm, requests)
 
 
@@ -188,7 +193,7 @@ def test_empty_batch_returns_nothing(tiny):
 
 
 def test_static_and_dynamic_decoding_draw_the_same_samples(lm):
-    requests = [BatchRequest(p, 25, 1.0, seed=i) for i, p in enumerate(PROMPTS)]
+    requests = [Request(p, 25, 1.0, seed=i) for i, p in enumerate(PROMPTS)]
     dynamic = generate_batch(lm, requests)
     static = generate_batch(lm, requests, static=StaticDecoders(lm, capture=False))
     assert [r.generated_text for r in static] == [r.generated_text for r in dynamic]
@@ -196,11 +201,11 @@ def test_static_and_dynamic_decoding_draw_the_same_samples(lm):
 
 def test_static_decoders_reuse_padded_shapes(tiny):
     decoders = StaticDecoders(tiny, capture=False)
-    first = generate_batch(tiny, [BatchRequest("a b", 5, 0)] * 3, static=decoders)
-    again = generate_batch(tiny, [BatchRequest("a b", 5, 0)] * 4, static=decoders)
+    first = generate_batch(tiny, [Request("a b", 5, 0)] * 3, static=decoders)
+    again = generate_batch(tiny, [Request("a b", 5, 0)] * 4, static=decoders)
     assert decoders.shapes == [(4, 256)]  # 3 and 4 rows, 7 slots: one shape, reset between
     assert [r.generated_text for r in again[:3]] == [r.generated_text for r in first]
-    generate_batch(tiny, [BatchRequest("a b", 300, 0)] * 5, static=decoders)
+    generate_batch(tiny, [Request("a b", 300, 0)] * 5, static=decoders)
     assert decoders.shapes == [(4, 256), (8, 512)]
 
 

@@ -1,4 +1,4 @@
-"""labkit.check: each checker says right / how far off / not answered; stubs never crash it."""
+"""labkit.course.answers: each checker says right / how far off / not answered; stubs never crash it."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from labkit import check, cost, memory, synthetic
+from labkit.course import answers
+from labkit.engine import memory, synthetic
+from labkit.measure import cost
 
 SPANS = [(0.0, 1.0), (1.2, 2.0), (4.0, 5.0), (5.1, 6.0)]  # longest gap: (2.0, 4.0)
 ROWS = [
@@ -14,7 +16,7 @@ ROWS = [
     {"batch_size": 4, "throughput": 30.0, "p95_ms": 200.0},
     {"batch_size": 8, "throughput": 50.0, "p95_ms": 400.0},
 ]
-SHARED = [  # rows of serving_sweep.run_shared, as measured on the H100 (notebook 07)
+SHARED = [  # rows of experiments.share_one_gpu, as measured on the H100 (notebook 07)
     {"mode": "sequential", "servers": 1, "requests_per_second": 0.22, "gpu_memory_used_gb": 9.1},
     {"mode": "sequential", "servers": 2, "requests_per_second": 0.30, "gpu_memory_used_gb": 17.1},
     {"mode": "sequential", "servers": 4, "requests_per_second": 0.47, "gpu_memory_used_gb": 33.2},
@@ -47,13 +49,13 @@ CASES: dict[str, tuple[dict, object]] = {
 
 def run(name: str, answer):
     inputs, _ = CASES[name]
-    return getattr(check, name)(answer, **inputs)
+    return getattr(answers, name)(answer, **inputs)
 
 
 def test_every_exercise_has_a_case_and_a_checker():
-    assert set(CASES) == set(check.EXERCISES)
-    assert len(check.EXERCISES) >= 9
-    assert all(callable(getattr(check, name)) for name in check.EXERCISES)
+    assert set(CASES) == set(answers.EXERCISES)
+    assert len(answers.EXERCISES) >= 9
+    assert all(callable(getattr(answers, name)) for name in answers.EXERCISES)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -81,32 +83,32 @@ def test_far_off_answer_is_wrong_without_revealing_the_reference(name):
 
 @pytest.mark.parametrize("answer", ["6.4", True, float("nan"), [1, 2]])
 def test_unusable_answer_is_reported_not_raised(answer):
-    result = check.weight_memory(answer, "llama-3.2-3b")
+    result = answers.weight_memory(answer, "llama-3.2-3b")
     assert result.status == "invalid"
     assert "⚠️" in result.message
 
 
 def test_close_answer_says_how_far_off():
-    result = check.parameter_count(3.4e9, "llama-3.2-3b")
+    result = answers.parameter_count(3.4e9, "llama-3.2-3b")
     assert result.status == "close"
     assert "5.8% above" in result.message and "±1%" in result.message
 
 
 @pytest.mark.parametrize(("checker", "answer", "phrase"), [
-    (lambda a: check.parameter_count(a, "llama-3.2-3b"), 3.2127e9 + 128256 * 3072, "once"),
-    (lambda a: check.weight_memory(a, "llama-3.2-3b"), 3.2127e9 * 2 / 2**30, "GiB"),
-    (lambda a: check.weight_memory(a, "llama-3.2-3b"), 3.2127e9 * 4 / 1e9, "float32"),
-    (lambda a: check.kv_cache_size(a, "llama-3.2-3b", 8192), 0.9395 / 2, "K and V"),
-    (lambda a: check.kv_cache_size(a, "llama-3.2-3b", 8192), 0.9395 * 3, "num_key_value"),
-    (lambda a: check.ms_per_token(a, 823.4, 145), 145 / 0.8234, "tokens per second"),
-    (lambda a: check.p95_latency(a, LATENCIES), 1543.0, "maximum"),
-    (lambda a: check.littles_law_throughput(a, 0.8, 5), 6.25, "parallel"),
-    (lambda a: check.littles_law_latency(a, 0.8, 5), 0.8, "queue"),
-    (lambda a: check.idle_percent(a, [0, 0, 3, 80, 90, 100]), 0.5, "fraction"),
-    (lambda a: check.effective_cost(a, 3.0, 0.18), 0.54, "divide"),
-    (lambda a: check.memory_per_server(a, SHARED), 33.2 / 4, "including memory"),
-    (lambda a: check.servers_that_fit(a, SHARED, 80), 10, "One too many"),
-    (lambda a: check.servers_to_match(a, SHARED), 50, "round up"),
+    (lambda a: answers.parameter_count(a, "llama-3.2-3b"), 3.2127e9 + 128256 * 3072, "once"),
+    (lambda a: answers.weight_memory(a, "llama-3.2-3b"), 3.2127e9 * 2 / 2**30, "GiB"),
+    (lambda a: answers.weight_memory(a, "llama-3.2-3b"), 3.2127e9 * 4 / 1e9, "float32"),
+    (lambda a: answers.kv_cache_size(a, "llama-3.2-3b", 8192), 0.9395 / 2, "K and V"),
+    (lambda a: answers.kv_cache_size(a, "llama-3.2-3b", 8192), 0.9395 * 3, "num_key_value"),
+    (lambda a: answers.ms_per_token(a, 823.4, 145), 145 / 0.8234, "tokens per second"),
+    (lambda a: answers.p95_latency(a, LATENCIES), 1543.0, "maximum"),
+    (lambda a: answers.littles_law_throughput(a, 0.8, 5), 6.25, "parallel"),
+    (lambda a: answers.littles_law_latency(a, 0.8, 5), 0.8, "queue"),
+    (lambda a: answers.idle_percent(a, [0, 0, 3, 80, 90, 100]), 0.5, "fraction"),
+    (lambda a: answers.effective_cost(a, 3.0, 0.18), 0.54, "divide"),
+    (lambda a: answers.memory_per_server(a, SHARED), 33.2 / 4, "including memory"),
+    (lambda a: answers.servers_that_fit(a, SHARED, 80), 10, "One too many"),
+    (lambda a: answers.servers_to_match(a, SHARED), 50, "round up"),
 ])
 def test_known_mistakes_get_a_specific_explanation(checker, answer, phrase):
     result = checker(answer)
@@ -115,12 +117,12 @@ def test_known_mistakes_get_a_specific_explanation(checker, answer, phrase):
 
 
 def test_strict_mode_raises_on_anything_but_correct(monkeypatch):
-    monkeypatch.setenv(check.STRICT_ENV, "1")
-    assert check.ms_per_token(5.679, 823.4, 145)
-    with pytest.raises(check.ExerciseNotPassed, match="not yet"):
-        check.ms_per_token(50, 823.4, 145)
-    with pytest.raises(check.ExerciseNotPassed, match="not answered yet"):
-        check.ms_per_token(None, 823.4, 145)
+    monkeypatch.setenv(answers.STRICT_ENV, "1")
+    assert answers.ms_per_token(5.679, 823.4, 145)
+    with pytest.raises(answers.ExerciseNotPassed, match="not yet"):
+        answers.ms_per_token(50, 823.4, 145)
+    with pytest.raises(answers.ExerciseNotPassed, match="not answered yet"):
+        answers.ms_per_token(None, 823.4, 145)
 
 
 def test_parameter_count_from_config_matches_a_real_model_and_the_3b_figure():
@@ -133,57 +135,57 @@ def test_parameter_count_from_config_matches_a_real_model_and_the_3b_figure():
 
 def test_references_come_from_labkit():
     expected = cost.effective_cost(2.5, 0.3).per_useful_hour
-    assert check.effective_cost(expected, 2.5, 0.3).expected == pytest.approx(expected)
+    assert answers.effective_cost(expected, 2.5, 0.3).expected == pytest.approx(expected)
     config = synthetic.synthetic_config("llama-3.1-8b")
     kv = memory.kv_cache_bytes(config, torch.bfloat16, 4, 1000) / 2**20
-    assert check.kv_cache_size(kv, "llama-3.1-8b", 1000, batch_size=4, unit="MiB").correct
+    assert answers.kv_cache_size(kv, "llama-3.1-8b", 1000, batch_size=4, unit="MiB").correct
 
 
 def test_p95_leaves_failed_requests_out():
     with_failures = LATENCIES + [None, float("nan")]
-    assert check.p95_latency(float(np.percentile(LATENCIES, 95)), with_failures).correct
+    assert answers.p95_latency(float(np.percentile(LATENCIES, 95)), with_failures).correct
 
 
 def test_p95_other_percentile_definition_is_named():
     answer = float(np.percentile(LATENCIES, 95, method="lower"))
-    assert "linear interpolation" in check.p95_latency(answer, LATENCIES).message
+    assert "linear interpolation" in answers.p95_latency(answer, LATENCIES).message
 
 
 def test_timeline_answers():
-    assert check.timeline_request_count(2, SPANS, window=(1.5, 4.5)).correct
-    assert check.timeline_request_count(3, SPANS).status == "close"
-    assert check.timeline_idle_gap((2.1, 3.9), SPANS).correct
-    assert check.timeline_idle_gap((2.5, 3.5), SPANS).status == "close"
-    assert "not the longest" in check.timeline_idle_gap((1.0, 1.2), SPANS).message
-    assert check.timeline_idle_gap("soon", SPANS).status == "invalid"
-    assert check.idle_intervals([(0, 2), (1, 3), (5, 6)]) == [(3, 5)]
+    assert answers.timeline_request_count(2, SPANS, window=(1.5, 4.5)).correct
+    assert answers.timeline_request_count(3, SPANS).status == "close"
+    assert answers.timeline_idle_gap((2.1, 3.9), SPANS).correct
+    assert answers.timeline_idle_gap((2.5, 3.5), SPANS).status == "close"
+    assert "not the longest" in answers.timeline_idle_gap((1.0, 1.2), SPANS).message
+    assert answers.timeline_idle_gap("soon", SPANS).status == "invalid"
+    assert answers.idle_intervals([(0, 2), (1, 3), (5, 6)]) == [(3, 5)]
 
 
 def test_best_batch_size_explains_a_row_over_the_target():
-    result = check.best_batch_size(8, ROWS, 250)
+    result = answers.best_batch_size(8, ROWS, 250)
     assert result.status == "wrong" and "over the 250 ms target" in result.message
     pandas = pytest.importorskip("pandas")
-    assert check.best_batch_size(8, pandas.DataFrame(ROWS), 500).correct
+    assert answers.best_batch_size(8, pandas.DataFrame(ROWS), 500).correct
 
 
 def test_sharing_checkers_read_cpu_rows_by_their_memory_key():
     rows = [dict(r, server_rss_gb=r["servers"] * 0.9 + 0.1, gpu_memory_used_gb=None)
             for r in SHARED]
-    assert check.memory_per_server(0.9, rows, memory_key="server_rss_gb").correct
-    assert check.servers_that_fit(8, rows, 7.3, memory_key="server_rss_gb").correct  # exactly
-    assert check.servers_that_fit(7, rows, 7.2, memory_key="server_rss_gb").correct
+    assert answers.memory_per_server(0.9, rows, memory_key="server_rss_gb").correct
+    assert answers.servers_that_fit(8, rows, 7.3, memory_key="server_rss_gb").correct  # exactly
+    assert answers.servers_that_fit(7, rows, 7.2, memory_key="server_rss_gb").correct
 
 
 @pytest.mark.parametrize(("call", "match"), [
-    (lambda: check.memory_per_server(1, SHARED[:1]), "two different server counts"),
-    (lambda: check.servers_to_match(1, SHARED[:3]), "batched"),
-    (lambda: check.servers_that_fit(1, SHARED, 5), "already uses"),
-    (lambda: check.weight_memory(1, "llama-9"), "unknown shape"),
-    (lambda: check.weight_memory(1, "tiny", unit="gigs"), "unit"),
-    (lambda: check.p95_latency(1, [None]), "no finite values"),
-    (lambda: check.ms_per_token(1, 100, 0), "tokens_generated"),
-    (lambda: check.best_batch_size(1, ROWS, 50), "no measured batch size"),
-    (lambda: check.effective_cost(1, 3.0, 18), "fraction"),
+    (lambda: answers.memory_per_server(1, SHARED[:1]), "two different server counts"),
+    (lambda: answers.servers_to_match(1, SHARED[:3]), "batched"),
+    (lambda: answers.servers_that_fit(1, SHARED, 5), "already uses"),
+    (lambda: answers.weight_memory(1, "llama-9"), "unknown shape"),
+    (lambda: answers.weight_memory(1, "tiny", unit="gigs"), "unit"),
+    (lambda: answers.p95_latency(1, [None]), "no finite values"),
+    (lambda: answers.ms_per_token(1, 100, 0), "tokens_generated"),
+    (lambda: answers.best_batch_size(1, ROWS, 50), "no measured batch size"),
+    (lambda: answers.effective_cost(1, 3.0, 18), "fraction"),
 ])
 def test_bad_exercise_inputs_raise_clear_errors(call, match):
     with pytest.raises(ValueError, match=match):

@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from labkit import cli, download
+from labkit import cli
+from labkit.engine import download
 
 TOKEN = "hf_SECRETsecretSECRET123"
 

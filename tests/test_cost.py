@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from labkit.cost import cost_per_1000_requests, effective_cost
+from labkit.measure.cost import cost_per_1000_requests, effective_cost
 
 
 def test_seed_example():

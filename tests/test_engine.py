@@ -2,8 +2,8 @@
 
 import pytest
 
-from labkit import engine
-from labkit.engine import PromptTooLongError
+from labkit.engine import hf_generate
+from labkit.engine.request import PromptTooLong
 
 SEED_PROMPTS = ["Suggest a skincare routine", "Suggest a skincare routine for dry skin"]
 ON_TOPIC = {"skin", "cleanser", "moisturizer", "moisturiser", "sunscreen", "serum", "spf",
@@ -18,7 +18,7 @@ def on_topic_words(text: str) -> set[str]:
 @pytest.mark.parametrize("prompt", SEED_PROMPTS)
 @pytest.mark.parametrize("temperature", [0, 0.7])
 def test_default_model_answers_seed_prompts_on_topic(lm, prompt, temperature):
-    result = engine.generate(lm, prompt, max_tokens=150, temperature=temperature, seed=0)
+    result = hf_generate.generate(lm, prompt, max_tokens=150, temperature=temperature, seed=0)
     words = result.generated_text.split()
     assert len(words) >= 10, result.generated_text
     assert len(on_topic_words(result.generated_text)) >= 2, result.generated_text
@@ -26,7 +26,7 @@ def test_default_model_answers_seed_prompts_on_topic(lm, prompt, temperature):
 
 
 def test_result_fields_and_timing_are_consistent(lm):
-    r = engine.generate(lm, SEED_PROMPTS[0], max_tokens=40, temperature=0)
+    r = hf_generate.generate(lm, SEED_PROMPTS[0], max_tokens=40, temperature=0)
     assert r.prompt == SEED_PROMPTS[0] and r.device == "cpu"
     assert r.prompt_tokens > 0
     assert 0 < r.time_to_first_token_ms <= r.inference_time_ms
@@ -38,20 +38,20 @@ def test_result_fields_and_timing_are_consistent(lm):
 
 
 def test_seeded_sampling_is_deterministic(lm):
-    a = engine.generate(lm, SEED_PROMPTS[1], max_tokens=60, temperature=0.9, seed=123)
-    b = engine.generate(lm, SEED_PROMPTS[1], max_tokens=60, temperature=0.9, seed=123)
+    a = hf_generate.generate(lm, SEED_PROMPTS[1], max_tokens=60, temperature=0.9, seed=123)
+    b = hf_generate.generate(lm, SEED_PROMPTS[1], max_tokens=60, temperature=0.9, seed=123)
     assert a.generated_text == b.generated_text
 
 
 def test_greedy_is_deterministic_without_seed(lm):
-    a = engine.generate(lm, SEED_PROMPTS[0], max_tokens=30, temperature=0)
-    b = engine.generate(lm, SEED_PROMPTS[0], max_tokens=30, temperature=0)
+    a = hf_generate.generate(lm, SEED_PROMPTS[0], max_tokens=30, temperature=0)
+    b = hf_generate.generate(lm, SEED_PROMPTS[0], max_tokens=30, temperature=0)
     assert a.generated_text == b.generated_text
 
 
 def test_synthetic_always_generates_exactly_max_tokens(tiny):
     for n in (1, 7, 33):
-        r = engine.generate(tiny, "hello", max_tokens=n, temperature=0.7, seed=1)
+        r = hf_generate.generate(tiny, "hello", max_tokens=n, temperature=0.7, seed=1)
         assert r.tokens_generated == n and r.finish_reason == "length" and r.synthetic
     assert r.time_per_output_token_ms > 0
 
@@ -65,19 +65,19 @@ def test_synthetic_always_generates_exactly_max_tokens(tiny):
 ])
 def test_out_of_range_arguments_name_the_argument(tiny, kwargs, name):
     with pytest.raises(ValueError, match=name):
-        engine.generate(tiny, "hello", **kwargs)
+        hf_generate.generate(tiny, "hello", **kwargs)
 
 
 @pytest.mark.parametrize("prompt", ["", "   ", None, 42])
 def test_prompt_must_be_non_empty_text(tiny, prompt):
     with pytest.raises(ValueError, match="prompt"):
-        engine.generate(tiny, prompt)
+        hf_generate.generate(tiny, prompt)
 
 
 def test_prompt_longer_than_context_is_refused(lm):
-    with pytest.raises(PromptTooLongError, match="context"):
-        engine.generate(lm, "dry skin " * 2000, max_tokens=10)
+    with pytest.raises(PromptTooLong, match="context"):
+        hf_generate.generate(lm, "dry skin " * 2000, max_tokens=10)
 
 
 def test_warmup_runs(tiny):
-    engine.warmup(tiny, runs=2)
+    hf_generate.warmup(tiny, runs=2)

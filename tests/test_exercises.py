@@ -10,8 +10,8 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-from labkit import check, exercises
 from labkit.cli import main
+from labkit.course import answers, exercises
 
 SOLUTIONS = exercises.DEFAULT_SRC
 LEARNER = exercises.DEFAULT_OUT
@@ -24,9 +24,9 @@ def test_committed_learner_copies_match_their_solutions():
 
 def test_every_checker_is_used_by_a_solution_notebook():
     sources = "\n".join(p.read_text() for p in exercises.solution_paths(SOLUTIONS))
-    unused = [name for name in check.EXERCISES if f"check.{name}(" not in sources]
+    unused = [name for name in answers.EXERCISES if f"check.{name}(" not in sources]
     assert not unused
-    for name, exercise_set in check.EXERCISES.items():
+    for name, exercise_set in answers.EXERCISES.items():
         text = (SOLUTIONS / f"{exercise_set}.ipynb").read_text()
         assert f"check.{name}(" in text, f"{name} belongs in {exercise_set}.ipynb"
 
@@ -61,7 +61,7 @@ def test_stub_replaces_exactly_the_names_later_code_reads():
     learner = exercises.learner_notebook(_solution_notebook(), "../solutions/x.ipynb")
     third, fourth = learner.cells[2], learner.cells[3]
     assert third.source == ("answer = None  # YOUR CODE HERE\n"
-                            "check.ms_per_token(answer, 700, 100)")
+                            "answers.ms_per_token(answer, 700, 100)")
     assert "helper" not in third.source  # an intermediate of the solution is not revealed
     assert third.outputs == [] and third.execution_count is None
     assert fourth.source.splitlines()[1] == "    total = None  # YOUR CODE HERE"

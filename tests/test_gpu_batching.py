@@ -6,10 +6,12 @@ import threading
 import pytest
 import torch
 
-from labkit import engine, gpu
-from labkit.batching import BatchRequest, generate_batch
-from labkit.model import load_model
-from labkit.static_decode import StaticDecoders
+from labkit.engine import hf_generate
+from labkit.engine.batched import generate_batch
+from labkit.engine.model import load_model
+from labkit.engine.request import Request
+from labkit.engine.static_decode import StaticDecoders
+from labkit.measure import gpu
 
 pytestmark = [
     pytest.mark.gpu,
@@ -35,13 +37,13 @@ def free_gpu_memory():
 
 
 def test_graph_replay_equals_sequential_greedy(lm32):
-    requests = [BatchRequest(p, m, 0) for p, m in zip(PROMPTS, [60, 7, 33], strict=True)]
+    requests = [Request(p, m, 0) for p, m in zip(PROMPTS, [60, 7, 33], strict=True)]
     decoders = StaticDecoders(lm32)
     assert decoders.capture
     for _ in range(2):  # the second batch replays the graphs captured by the first
         results = generate_batch(lm32, requests, static=decoders)
         for request, r in zip(requests, results, strict=True):
-            alone = engine.generate(lm32, request.prompt, request.max_tokens, temperature=0)
+            alone = hf_generate.generate(lm32, request.prompt, request.max_tokens, temperature=0)
             assert r.generated_text == alone.generated_text
             assert r.tokens_generated == alone.tokens_generated
     assert decoders.shapes == [(4, 256)]
@@ -49,7 +51,7 @@ def test_graph_replay_equals_sequential_greedy(lm32):
 
 def test_graph_replay_equals_eager_static_decoding_with_sampling():
     lm = load_model("synthetic:llama-3.2-1b")  # bf16, vocabulary of 128k, 16 layers
-    requests = [BatchRequest(f"prompt {i} " * (i + 1), 40, 0.9, seed=i) for i in range(5)]
+    requests = [Request(f"prompt {i} " * (i + 1), 40, 0.9, seed=i) for i in range(5)]
     graphs = generate_batch(lm, requests, static=StaticDecoders(lm))
     eager = generate_batch(lm, requests, static=StaticDecoders(lm, capture=False))
     del lm
@@ -64,7 +66,7 @@ def test_cleared_decoders_give_their_memory_back():
     def allocated_after_a_round(lm) -> int:
         decoders = StaticDecoders(lm)
         for rows in (1, 8):
-            generate_batch(lm, [BatchRequest("a b", 20, 0.7, seed=1)] * rows, static=decoders)
+            generate_batch(lm, [Request("a b", 20, 0.7, seed=1)] * rows, static=decoders)
         assert decoders.shapes == [(1, 256), (8, 256)]
         decoders.clear()
         del decoders
@@ -92,7 +94,7 @@ def test_capture_survives_cuda_calls_from_another_thread(lm32):
     try:
         decoders = StaticDecoders(lm32)
         for rows in (1, 2, 4, 8):
-            results = generate_batch(lm32, [BatchRequest("Oily skin", 12, 0)] * rows,
+            results = generate_batch(lm32, [Request("Oily skin", 12, 0)] * rows,
                                      static=decoders)
             assert all(r.tokens_generated >= 1 for r in results)
     finally:

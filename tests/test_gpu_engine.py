@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from labkit import engine, memory
-from labkit.model import load_model
+from labkit.engine import hf_generate, memory
+from labkit.engine.model import load_model
 
 pytestmark = [
     pytest.mark.gpu,
@@ -46,8 +46,8 @@ def test_weights_were_built_on_the_gpu_not_the_cpu(lm):
 
 
 def test_generate_150_tokens_with_consistent_timing(lm):
-    engine.warmup(lm)
-    r = engine.generate(lm, "Suggest a skincare routine", max_tokens=150, temperature=0)
+    hf_generate.warmup(lm)
+    r = hf_generate.generate(lm, "Suggest a skincare routine", max_tokens=150, temperature=0)
     assert r.tokens_generated == 150 and r.synthetic and r.device == "cuda"
     assert 0 < r.time_to_first_token_ms < r.inference_time_ms
     # decode of a 3B model at batch 1 on a modern GPU: between the bandwidth floor and 200 ms
@@ -56,7 +56,7 @@ def test_generate_150_tokens_with_consistent_timing(lm):
 
 def test_kv_cache_grows_as_predicted(lm):
     r, peak = memory.peak_gpu_bytes_during(
-        lambda: engine.generate(lm, "hello", max_tokens=150, temperature=0), lm.device)
+        lambda: hf_generate.generate(lm, "hello", max_tokens=150, temperature=0), lm.device)
     report = lm.memory_report()
     kv = report.kv_cache_bytes(1, r.prompt_tokens + r.tokens_generated)
     assert peak >= report.weight_bytes + kv

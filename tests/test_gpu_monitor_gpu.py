@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from labkit.gpu import Sampler
+from labkit.measure.utilization import UtilizationSampler
 
 pytestmark = pytest.mark.gpu
 
@@ -39,26 +39,26 @@ def torch():
 
 @pytest.fixture(scope="module")
 def sampler(torch):
-    s = Sampler(interval=0.1)
+    s = UtilizationSampler(interval=0.1)
     assert s.source == "nvml", "expected NVML on the GPU machine"
     s.start()
     yield s
     s.stop()
     out = os.environ.get("LABKIT_RESULTS_DIR")
     if out:
-        from labkit.plots import plot_timeline, save
+        from labkit.measure.plots import plot_timeline, save
 
         Path(out).mkdir(parents=True, exist_ok=True)
         save(plot_timeline(s.frame(), s.marks, title=f"labkit GPU tests on {s.device_name}: "
                            "idle, bf16 matmul, one-thread spin, idle"),
              str(Path(out) / "gpu_monitor_tests_timeline.png"))
         (Path(out) / "gpu_monitor_tests.json").write_text(json.dumps(
-            {"device": s.device_name, "gpm": s.backend.gpm_status,
-             "power": s.backend.power_kind, "phases": RESULTS}, indent=2))
+            {"device": s.device_name, "gpm": s.reader.gpm_status,
+             "power": s.reader.power_kind, "phases": RESULTS}, indent=2))
     s.close()
 
 
-def measure(sampler: Sampler, name: str, work=None, seconds: float = PHASE_S) -> dict:
+def measure(sampler: UtilizationSampler, name: str, work=None, seconds: float = PHASE_S) -> dict:
     """Run work(deadline) (or sleep) for `seconds`; summarise the window after SETTLE_S."""
     start = time.perf_counter()
     sampler.mark(name, start, start + seconds)
@@ -77,10 +77,10 @@ def measure(sampler: Sampler, name: str, work=None, seconds: float = PHASE_S) ->
     return summary
 
 
-def require_gpm(summary: dict, sampler: Sampler) -> float:
+def require_gpm(summary: dict, sampler: UtilizationSampler) -> float:
     if "sm_activity_mean" not in summary:
         pytest.fail(f"NVML GPM gave no SM activity on {sampler.device_name}: "
-                    f"{sampler.backend.gpm_status}")
+                    f"{sampler.reader.gpm_status}")
     return summary["sm_activity_mean"]
 
 

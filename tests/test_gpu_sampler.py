@@ -13,40 +13,50 @@ import numpy as np
 import pytest
 from fake_nvml import FakeClock, FakeNvml, scripted_stats_server
 
-import labkit.gpu
-from labkit.gpu import CPU_MODE_LABEL, NoGpuError, NvmlBackend, Sampler, ServerStatsBackend
-from labkit.sampler import Mark, loadtest_t0, open_backend, request_spans, stats_url
+import labkit.measure.gpu
+from labkit.measure.utilization import (
+    CPU_MODE_LABEL,
+    Mark,
+    NoGpuError,
+    NvmlReader,
+    ServerStatsReader,
+    UtilizationSampler,
+    loadtest_t0,
+    open_reader,
+    request_spans,
+    stats_url,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def sampler_for(lib: FakeNvml, **kwargs) -> Sampler:
-    return Sampler(backend=NvmlBackend(lib), **kwargs)
+def sampler_for(lib: FakeNvml, **kwargs) -> UtilizationSampler:
+    return UtilizationSampler(reader=NvmlReader(lib), **kwargs)
 
 
-def take(sampler: Sampler, n: int) -> None:
+def take(sampler: UtilizationSampler, n: int) -> None:
     for _ in range(n):
         sampler.sample_once()
         time.sleep(0.001)
 
 
-# ------------------------------------------------------------------------------ NVML backend
+# ------------------------------------------------------------------------------ NVML reader
 
 
 def test_reads_every_metric_in_the_right_units():
     lib = FakeNvml([{"gpu_util": 42, "mem_util": 7, "mem_used": 6.5e9, "power_mw": 123_456}])
     clock = FakeClock()
-    backend = NvmlBackend(lib, clock=clock, sleep=clock.sleep)
+    reader = NvmlReader(lib, clock=clock, sleep=clock.sleep)
     clock.t += 0.1
-    row = backend.read()
+    row = reader.read()
     assert row == {
         "gpu_util": 42.0, "mem_util": 7.0, "mem_used_gb": 6.5, "mem_total_gb": 80.0,
         "power_w": pytest.approx(123.456), "sm_clock_mhz": 1980.0, "temp_c": 40.0,
         "sm_activity": 30.0, "sm_occupancy": 20.0, "tensor_activity": 5.0, "dram_bw": 12.0,
     }
-    assert backend.device_name == "Fake GPU 80GB"
-    assert backend.power_kind == "instant"
-    assert backend.gpm_status == "available"
+    assert reader.device_name == "Fake GPU 80GB"
+    assert reader.power_kind == "instant"
+    assert reader.gpm_status == "available"
 
 
 def test_summary_arithmetic():
@@ -56,7 +66,7 @@ def test_summary_arithmetic():
     lib = FakeNvml([{"gpu_util": u, "mem_used": m, "sm_activity": s}
                     for u, m, s in zip(utils, mems, sms, strict=True)])
     clock = FakeClock()
-    s = Sampler(backend=NvmlBackend(lib, clock=clock, sleep=clock.sleep), clock=clock)
+    s = UtilizationSampler(reader=NvmlReader(lib, clock=clock, sleep=clock.sleep), clock=clock)
     for _ in utils:
         clock.t += 0.1
         s.sample_once()
@@ -79,7 +89,7 @@ def test_summary_arithmetic():
 def test_summary_window_selects_samples_by_perf_counter_time():
     lib = FakeNvml([{"gpu_util": u} for u in (0, 0, 90, 90, 0)])
     clock = FakeClock(t=10.0)
-    s = Sampler(backend=NvmlBackend(lib, clock=clock, sleep=clock.sleep), clock=clock)
+    s = UtilizationSampler(reader=NvmlReader(lib, clock=clock, sleep=clock.sleep), clock=clock)
     for _ in range(5):
         clock.t += 1.0
         s.sample_once()  # times 11 .. 15
@@ -110,10 +120,10 @@ def test_unsupported_metric_is_detected_once_and_skipped():
 
 def test_power_falls_back_to_the_average_when_the_instant_field_is_missing():
     lib = FakeNvml(unsupported={"power_instant_field"})
-    backend = NvmlBackend(lib)
-    rows = [backend.read() for _ in range(3)]
+    reader = NvmlReader(lib)
+    rows = [reader.read() for _ in range(3)]
     assert [r["power_w"] for r in rows] == [250.0] * 3
-    assert backend.power_kind == "average"
+    assert reader.power_kind == "average"
     assert lib.calls["nvmlDeviceGetFieldValues"] == 1
 
 
@@ -124,15 +134,15 @@ def test_gpu_without_gpm_has_no_gpm_columns_and_never_samples_gpm():
     assert "sm_activity" not in s.frame()
     assert not any(k.startswith(("sm_activity", "tensor", "dram", "sm_occ")) for k in s.summary())
     assert lib.calls["nvmlGpmSampleGet"] == 0
-    assert "Hopper" in s.backend.gpm_status
+    assert "Hopper" in s.reader.gpm_status
 
 
 def test_gpm_metric_the_driver_lacks_is_missing_not_zero():
     lib = FakeNvml(gpm_unsupported_metrics={"dram_bw"})
     clock = FakeClock()
-    backend = NvmlBackend(lib, clock=clock, sleep=clock.sleep)
+    reader = NvmlReader(lib, clock=clock, sleep=clock.sleep)
     clock.t += 0.2
-    row = backend.read()
+    row = reader.read()
     assert row["dram_bw"] is None and row["sm_activity"] == 30.0
 
 
@@ -144,36 +154,36 @@ def test_older_pynvml_without_a_gpm_constant_keeps_the_other_metrics():
             return super().__getattribute__(name)
 
     clock = FakeClock()
-    backend = NvmlBackend(OldNvml(), clock=clock, sleep=clock.sleep)
-    assert "dram_bw" not in backend.columns and "sm_activity" in backend.columns
+    reader = NvmlReader(OldNvml(), clock=clock, sleep=clock.sleep)
+    assert "dram_bw" not in reader.columns and "sm_activity" in reader.columns
     clock.t += 0.1
-    row = backend.read()
+    row = reader.read()
     assert "dram_bw" not in row and row["tensor_activity"] == 5.0
 
 
 def test_gpm_samples_are_at_least_100_ms_apart():
     lib = FakeNvml([{"sm_activity": v} for v in (10, 20, 30)])
     clock = FakeClock()
-    backend = NvmlBackend(lib, clock=clock, sleep=clock.sleep)
+    reader = NvmlReader(lib, clock=clock, sleep=clock.sleep)
     assert lib.calls["nvmlGpmSampleGet"] == 1  # the first interval starts at construction
     clock.t += 0.05  # too early: missing, and the interval keeps its start
-    assert backend.read()["sm_activity"] is None
+    assert reader.read()["sm_activity"] is None
     assert lib.calls["nvmlGpmSampleGet"] == 1
     clock.t += 0.048  # 98 ms: a 2 ms wait is cheaper than losing the value
-    assert backend.read()["sm_activity"] == 10
+    assert reader.read()["sm_activity"] == 10
     assert clock.slept == [pytest.approx(0.002)]
     clock.t += 0.15
-    assert backend.read()["sm_activity"] == 20
-    backend.close()
+    assert reader.read()["sm_activity"] == 20
+    reader.close()
     assert lib.freed == 2
 
 
 def test_gpm_unavailable_at_start_is_reported_not_raised():
     lib = FakeNvml(unsupported={"nvmlGpmSampleGet"})
-    backend = NvmlBackend(lib)
-    assert "sm_activity" not in backend.columns
-    assert backend.gpm_status.startswith("unavailable")
-    assert backend.read()["gpu_util"] == 50
+    reader = NvmlReader(lib)
+    assert "sm_activity" not in reader.columns
+    assert reader.gpm_status.startswith("unavailable")
+    assert reader.read()["gpu_util"] == 50
 
 
 # --------------------------------------------------------------------------------- the sampler
@@ -194,7 +204,7 @@ def test_background_thread_samples_at_the_interval():
     assert not s.running
 
 
-def test_a_crashing_backend_is_reported_by_stop():
+def test_a_crashing_reader_is_reported_by_stop():
     class Broken:
         source, device_name, columns = "nvml", "broken", ("gpu_util",)
 
@@ -204,7 +214,7 @@ def test_a_crashing_backend_is_reported_by_stop():
         def close(self):
             pass
 
-    s = Sampler(backend=Broken(), interval=0.01).start()
+    s = UtilizationSampler(reader=Broken(), interval=0.01).start()
     time.sleep(0.05)
     with pytest.raises(RuntimeError, match="sampler thread failed"):
         s.stop()
@@ -231,7 +241,7 @@ def test_marks_and_request_spans():
 
 
 def test_spans_from_a_labkit_load_test_result():
-    from labkit.loadstats import LoadTestResult, RequestRecord
+    from labkit.measure.loadstats import LoadTestResult, RequestRecord
 
     def rec(i, sent, done, ok=True):
         return RequestRecord(index=i, url="u", scheduled_s=sent, sent_s=sent, done_s=done,
@@ -249,20 +259,20 @@ def test_spans_from_a_labkit_load_test_result():
     assert request_spans(result)[0] == (50.0, 51.0)
 
 
-# ------------------------------------------------------------------------- choosing a backend
+# ------------------------------------------------------------------------- choosing a reader
 
 
 def test_no_nvml_and_no_url_says_how_to_use_cpu_mode(monkeypatch):
-    monkeypatch.setattr(labkit.gpu, "nvml", lambda: None)
+    monkeypatch.setattr(labkit.measure.gpu, "nvml", lambda: None)
     with pytest.raises(NoGpuError, match="--url"):
-        Sampler()
+        UtilizationSampler()
 
 
 def test_missing_device_index_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(labkit.gpu, "nvml", lambda: FakeNvml())
-    assert open_backend(0).device_name == "Fake GPU 80GB"
+    monkeypatch.setattr(labkit.measure.gpu, "nvml", lambda: FakeNvml())
+    assert open_reader(0).device_name == "Fake GPU 80GB"
     with pytest.raises(NoGpuError, match="no GPU 1"):
-        open_backend(1)
+        open_reader(1)
 
 
 def test_stats_url_normalisation():
@@ -273,7 +283,7 @@ def test_stats_url_normalisation():
 
 def test_unreachable_server_is_a_clear_error():
     with pytest.raises(ConnectionError, match="labkit serve"):
-        ServerStatsBackend("http://127.0.0.1:9", timeout=0.5)
+        ServerStatsReader("http://127.0.0.1:9", timeout=0.5)
 
 
 # ---------------------------------------------------------------- CPU mode: scripted /stats
@@ -294,7 +304,7 @@ def test_cpu_mode_busy_percent_from_busy_seconds_deltas(scripted_stats):
         {**block, "uptime_s": 12.0, "busy_seconds": 2.75, "in_flight": 1, "queue_depth": 2},
         {**block, "uptime_s": 12.5, "busy_seconds": 3.25},  # fully busy
     ]
-    s = Sampler(backend=ServerStatsBackend(url + "/generate"))
+    s = UtilizationSampler(reader=ServerStatsReader(url + "/generate"))
     take(s, 4)
     frame = s.frame()
     assert list(frame["busy_pct"].iloc[:3]) == [0.0, 75.0, 100.0]
@@ -311,10 +321,10 @@ def test_cpu_mode_busy_percent_from_busy_seconds_deltas(scripted_stats):
 def test_sampler_uses_cpu_mode_only_without_nvml(monkeypatch, scripted_stats):
     url, script = scripted_stats
     script.append({"uptime_s": 1.0, "busy_seconds": 0.0})
-    monkeypatch.setattr(labkit.gpu, "nvml", lambda: None)
-    assert Sampler(url=url).source == "cpu-mode"
-    monkeypatch.setattr(labkit.gpu, "nvml", lambda: FakeNvml())
-    assert Sampler(url=url).source == "nvml"
+    monkeypatch.setattr(labkit.measure.gpu, "nvml", lambda: None)
+    assert UtilizationSampler(url=url).source == "cpu-mode"
+    monkeypatch.setattr(labkit.measure.gpu, "nvml", lambda: FakeNvml())
+    assert UtilizationSampler(url=url).source == "nvml"
 
 
 # ------------------------------------------------------------ CPU mode: a real `labkit serve`
@@ -322,13 +332,13 @@ def test_sampler_uses_cpu_mode_only_without_nvml(monkeypatch, scripted_stats):
 
 @pytest.mark.slow
 def test_cpu_mode_against_a_real_server():
-    from labkit.server import launch
+    from labkit.serve.launcher import launch
 
     if not (REPO / "model" / "config.json").exists():
         pytest.skip("the default model (model/) is not built yet")
     body = json.dumps({"prompt": "Suggest a skincare routine", "max_tokens": 40}).encode()
     with launch(model="model", port=None) as srv:
-        s = Sampler(interval=0.2, backend=ServerStatsBackend(srv.url))
+        s = UtilizationSampler(interval=0.2, reader=ServerStatsReader(srv.url))
         with s:
             time.sleep(1.5)
             idle_end = busy_start = time.perf_counter()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from labkit.server import ServerProcess, ServerStartError, launch, launch_many
+from labkit.serve.launcher import ServerProcess, ServerStartError, launch, launch_many
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO = TESTS_DIR.parent
@@ -175,7 +175,7 @@ def test_sigint_drains_too_and_a_second_signal_stops_at_once():
 
 PARENT_SCRIPT = textwrap.dedent("""
     import os, signal, sys
-    from labkit.launcher import ServerProcess
+    from labkit.serve.launcher import ServerProcess
     srv = ServerProcess("stub", command={command!r}).start().wait_ready(60)
     print(srv.pid, flush=True)
     if sys.argv[1] == "kill":

@@ -1,5 +1,5 @@
-"""labkit.loadtest against a server whose delay the test controls (labkit.delay_server), and
-labkit.loadstats' arithmetic on hand-made records."""
+"""labkit.measure.loadtest against a server whose delay the test controls (labkit.delay_server), and
+labkit.measure.loadstats' arithmetic on hand-made records."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ import time
 import numpy as np
 import pytest
 
-from labkit import cli, loadtest
-from labkit.launcher import ServerProcess
-from labkit.loadstats import DEFINITIONS, LoadTestResult, RequestRecord, percentiles
+from labkit import cli
+from labkit.measure import loadtest
+from labkit.measure.loadstats import DEFINITIONS, LoadTestResult, RequestRecord, percentiles
+from labkit.serve.launcher import ServerProcess
 
 DELAY_S = 0.2
 

@@ -1,5 +1,5 @@
 """The seed's experiments, for real: `labkit serve` with the default model on this machine's CPU,
-driven by `labkit.loadtest`. Sequential serving means throughput stays flat as concurrency
+driven by `labkit.measure.loadtest`. Sequential serving means throughput stays flat as concurrency
 grows, latency grows with it, and the server's queue time accounts for the growth."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from labkit import loadtest
-from labkit.server import launch
+from labkit.measure import loadtest
+from labkit.serve.launcher import launch
 
 PROMPT = "Suggest a skincare routine for dry skin"
 MAX_TOKENS = 32  # long enough that HTTP and event-loop overhead stay small next to generation

@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from labkit import memory
-from labkit.synthetic import synthetic_config
+from labkit.engine import memory
+from labkit.engine.synthetic import synthetic_config
 
 
 @pytest.fixture(scope="module")

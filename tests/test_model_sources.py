@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from labkit import model as lkmodel
-from labkit.model import ModelSourceError, load_model
+from labkit.engine import model as lkmodel
+from labkit.engine.model import ModelSourceError, load_model
 
 
 def test_default_model_loads_on_cpu_with_timing():

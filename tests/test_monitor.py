@@ -12,17 +12,17 @@ from pathlib import Path
 import pytest
 from fake_nvml import FakeNvml, scripted_stats_server
 
-import labkit.gpu
+import labkit.measure.gpu
 from labkit import cli
-from labkit.gpu import CPU_MODE_LABEL, NvmlBackend, Sampler
-from labkit.monitor import monitor
+from labkit.measure.monitor import monitor
+from labkit.measure.utilization import CPU_MODE_LABEL, NvmlReader, UtilizationSampler
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def run_monitor(lib: FakeNvml, count: int, **kwargs) -> tuple[list[str], dict]:
     out = io.StringIO()
-    summary = monitor(Sampler(interval=0.1, backend=NvmlBackend(lib)), count, out=out, **kwargs)
+    summary = monitor(UtilizationSampler(interval=0.1, reader=NvmlReader(lib)), count, out=out, **kwargs)
     return out.getvalue().splitlines(), summary
 
 
@@ -68,7 +68,7 @@ def test_csv_gets_every_sample(tmp_path):
 
 
 def test_ctrl_c_ends_with_the_summary():
-    class Interrupting(NvmlBackend):
+    class Interrupting(NvmlReader):
         reads = 0
 
         def read(self):
@@ -78,13 +78,13 @@ def test_ctrl_c_ends_with_the_summary():
             return super().read()
 
     out = io.StringIO()
-    summary = monitor(Sampler(interval=0.01, backend=Interrupting(FakeNvml())), None, out=out)
+    summary = monitor(UtilizationSampler(interval=0.01, reader=Interrupting(FakeNvml())), None, out=out)
     assert summary["samples"] == 2
     assert "# 2 samples over" in out.getvalue()
 
 
 def test_cli_cpu_mode_labels_busy_percent(capsys, monkeypatch):
-    monkeypatch.setattr(labkit.gpu, "nvml", lambda: None)
+    monkeypatch.setattr(labkit.measure.gpu, "nvml", lambda: None)
     with scripted_stats_server() as (url, script):
         script += [{"uptime_s": t, "busy_seconds": b, "queue_depth": 0, "in_flight": 1,
                     "requests_served": 3} for t, b in ((1, 0), (2, 1), (3, 1.5), (4, 1.5))]
@@ -99,7 +99,7 @@ def test_cli_cpu_mode_labels_busy_percent(capsys, monkeypatch):
 
 
 def test_cli_without_gpu_or_url_explains_and_fails(capsys, monkeypatch):
-    monkeypatch.setattr(labkit.gpu, "nvml", lambda: None)
+    monkeypatch.setattr(labkit.measure.gpu, "nvml", lambda: None)
     assert cli.main(["monitor", "--count", "1"]) == 1
     err = capsys.readouterr().err
     assert "NVML is not available" in err and "labkit monitor --url" in err
@@ -107,7 +107,7 @@ def test_cli_without_gpu_or_url_explains_and_fails(capsys, monkeypatch):
 
 
 def test_cli_with_an_unreachable_server(capsys, monkeypatch):
-    monkeypatch.setattr(labkit.gpu, "nvml", lambda: None)
+    monkeypatch.setattr(labkit.measure.gpu, "nvml", lambda: None)
     assert cli.main(["monitor", "--url", "http://127.0.0.1:9", "--count", "1"]) == 1
     assert "Is `labkit serve` running" in capsys.readouterr().err
 
@@ -119,7 +119,7 @@ def test_cli_rejects_bad_flags(flags, capsys):
 
 
 def test_real_command_on_a_machine_without_nvml():
-    if labkit.gpu.nvml() is not None:
+    if labkit.measure.gpu.nvml() is not None:
         pytest.skip("this machine has NVML; the message is for machines without it")
     proc = subprocess.run([sys.executable, "-m", "labkit", "monitor", "--count", "1"],
                           capture_output=True, text=True, timeout=60, cwd=REPO)

@@ -2,7 +2,7 @@
 through nbval (`--nbval-lax`, the current environment's kernel, a per-cell timeout) in CI fast
 mode. The committed course notebooks' stored outputs must come from one clean top-to-bottom run.
 
-Fast mode: CI_ENV below is set for every run; notebooks read it through `labkit.course`
+Fast mode: CI_ENV below is set for every run; notebooks read it through `labkit.course.notebook`
 (`course.fast_mode()` is True under LABKIT_CI=1, and `course.param("name", default)` reads
 LABKIT_NAME), so CI executes the same cells with smaller numbers. Solutions also run with
 LABKIT_CHECK_STRICT=1, so a checker that does not say ✅ fails the notebook; learner copies run

@@ -12,8 +12,7 @@ import pytest
 from fake_nvml import FakeClock, FakeNvml
 from nbclient import NotebookClient
 
-from labkit.gpu import CPU_MODE_LABEL, NvmlBackend, Sampler
-from labkit.plots import (
+from labkit.measure.plots import (
     LiveTimeline,
     figure_png,
     merge_spans,
@@ -21,6 +20,7 @@ from labkit.plots import (
     plot_latency_distribution,
     plot_timeline,
 )
+from labkit.measure.utilization import CPU_MODE_LABEL, NvmlReader, UtilizationSampler
 
 PNG = b"\x89PNG\r\n\x1a\n"
 TESTS = Path(__file__).parent
@@ -43,7 +43,7 @@ def fake_frame(n: int = 30, **nvml_kwargs):
     script = [{"gpu_util": 90 if 10 <= i < 20 else 0, "sm_activity": 40 if 10 <= i < 20 else 0}
               for i in range(n)]
     clock = FakeClock()  # GPM needs 100 ms between samples
-    s = Sampler(backend=NvmlBackend(FakeNvml(script, **nvml_kwargs), clock=clock), clock=clock)
+    s = UtilizationSampler(reader=NvmlReader(FakeNvml(script, **nvml_kwargs), clock=clock), clock=clock)
     for _ in range(n):
         clock.t += 0.1
         s.sample_once()
@@ -75,7 +75,7 @@ def test_timeline_without_gpm_draws_no_gpm_lines():
 
 
 def test_timeline_from_a_plain_dict_frame_and_all_missing_values():
-    s = Sampler(backend=NvmlBackend(FakeNvml(unsupported={"nvmlDeviceGetUtilizationRates",
+    s = UtilizationSampler(reader=NvmlReader(FakeNvml(unsupported={"nvmlDeviceGetUtilizationRates",
                                                           "nvmlDeviceGetMemoryInfo"})))
     for _ in range(3):
         s.sample_once()
@@ -101,7 +101,7 @@ def test_cpu_mode_timeline_says_it_is_not_gpu_utilization():
         def close(self):
             pass
 
-    s = Sampler(backend=Stats())
+    s = UtilizationSampler(reader=Stats())
     for _ in range(6):
         s.sample_once()
     text = texts(plot_timeline(s.frame(), model="model"))
@@ -144,7 +144,7 @@ def test_concurrency_sweep_with_several_series():
 
 
 def test_live_timeline_outside_ipython_keeps_the_final_figure(tmp_path):
-    sampler = Sampler(interval=0.02, backend=NvmlBackend(FakeNvml()))
+    sampler = UtilizationSampler(interval=0.02, reader=NvmlReader(FakeNvml()))
     out = tmp_path / "live.png"
     with LiveTimeline(sampler, refresh=0.1, save_to=str(out)) as live:
         assert sampler.running
@@ -157,7 +157,7 @@ def test_live_timeline_outside_ipython_keeps_the_final_figure(tmp_path):
 
 
 def test_watching_a_load_test_shades_its_requests():
-    from labkit.loadstats import LoadTestResult, RequestRecord
+    from labkit.measure.loadstats import LoadTestResult, RequestRecord
 
     def fake_load_test():
         time.sleep(0.3)
@@ -165,7 +165,7 @@ def test_watching_a_load_test_shades_its_requests():
                                              done_s=0.2, latency_ms=200.0, status=200, ok=True)],
                               {})
 
-    sampler = Sampler(interval=0.02, backend=NvmlBackend(FakeNvml()))
+    sampler = UtilizationSampler(interval=0.02, reader=NvmlReader(FakeNvml()))
     with LiveTimeline(sampler, refresh=0.1) as live:
         result = live.watch(fake_load_test)
     (mark,) = sampler.marks
@@ -175,7 +175,7 @@ def test_watching_a_load_test_shades_its_requests():
 
 
 def test_live_timeline_with_a_running_sampler_and_marks():
-    sampler = Sampler(interval=0.02, backend=NvmlBackend(FakeNvml())).start()
+    sampler = UtilizationSampler(interval=0.02, reader=NvmlReader(FakeNvml())).start()
     with LiveTimeline(sampler, refresh=0.1,
                       requests=lambda: [(time.perf_counter() - 0.1, time.perf_counter())]) as live:
         time.sleep(0.35)  # the background thread redraws
@@ -192,9 +192,9 @@ def test_live_timeline_under_nbclient_leaves_one_png_output():
 import sys, time
 sys.path.insert(0, {str(TESTS)!r})
 from fake_nvml import FakeClock, FakeNvml
-from labkit.gpu import NvmlBackend, Sampler
-from labkit.plots import LiveTimeline, plot_timeline
-s = Sampler(interval=0.05, backend=NvmlBackend(FakeNvml()))
+from labkit.measure.utilization import NvmlReader, UtilizationSampler
+from labkit.measure.plots import LiveTimeline, plot_timeline
+s = UtilizationSampler(interval=0.05, reader=NvmlReader(FakeNvml()))
 with LiveTimeline(s, refresh=0.4, model="model") as live:
     live.watch(time.sleep, 2.0)
 print("updates", live.updates)

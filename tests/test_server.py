@@ -1,4 +1,4 @@
-"""labkit.server's HTTP contract, bad input, queueing and faults, with a stub model.
+"""labkit.serve.http's HTTP contract, bad input, queueing and faults, with a stub model.
 
 The stub (tests/stub_backend.py) replaces only the model: the app, scheduler, validation and
 error handling are the real ones. Each test runs its scenario with asyncio.run and aiohttp's
@@ -17,8 +17,8 @@ import torch
 from aiohttp.test_utils import TestClient, TestServer
 from stub_backend import StubBackend
 
-from labkit.server import create_app
-from labkit.serving import BusyClock
+from labkit.serve.http import create_app
+from labkit.serve.schedulers import BusyClock
 
 GENERATE_FIELDS = {
     "generated_text": str, "prompt": str, "tokens_generated": int, "inference_time_ms": float,

@@ -99,8 +99,8 @@ def test_time_budget_shortens_the_run_and_its_schedule(tok, examples):
 def test_tiny_build_end_to_end_gives_a_loadable_model(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from labkit import engine
-    from labkit.model import load_model
+    from labkit.engine import hf_generate
+    from labkit.engine.model import load_model
 
     started = time.perf_counter()
     # A time budget far too small cuts the 60 requested steps to the probe's 50.
@@ -118,7 +118,7 @@ def test_tiny_build_end_to_end_gives_a_loadable_model(tmp_path):
     hf_tok = AutoTokenizer.from_pretrained(tmp_path)
     assert model.generation_config.eos_token_id == hf_tok.eos_token_id
     lm = load_model(str(tmp_path), device="cpu")
-    result = engine.generate(lm, "Suggest a skincare routine", max_tokens=5, temperature=0)
+    result = hf_generate.generate(lm, "Suggest a skincare routine", max_tokens=5, temperature=0)
     assert result.tokens_generated <= 5 and lm.dtype == torch.float32
 
     card = (tmp_path / "MODEL_CARD.md").read_text()

@@ -2,6 +2,8 @@
 
 corpus (seeded) -> byte-level BPE tokenizer -> training -> Hugging Face export -> MODEL_CARD.md
 with sample outputs from the exported model, reloaded the way labkit loads it.
+
+May import: labkit.engine (loading and generating with the model it has just built).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args) -> int:
-    from labkit.model import resolve_device
+    from labkit.engine.model import resolve_device
 
     if args.steps < 1 or args.examples < 100 or args.batch_size < 1:
         print("error: --steps and --batch-size must be at least 1, --examples at least 100")

@@ -7,14 +7,14 @@ from pathlib import Path
 
 def sample_outputs(model_dir: Path, prompts: list[tuple[str, float]]) -> list[dict]:
     """Generate from the exported directory exactly as labkit users do: float32 on the CPU
-    through labkit.model.load_model and labkit.engine.generate."""
-    from labkit import engine
-    from labkit.model import load_model
+    through labkit.engine.model.load_model and labkit.engine.hf_generate.generate."""
+    from labkit.engine import hf_generate
+    from labkit.engine.model import load_model
 
     lm = load_model(str(model_dir), device="cpu")
     out = []
     for prompt, temperature in prompts:
-        result = engine.generate(lm, prompt, max_tokens=150, temperature=temperature, seed=0)
+        result = hf_generate.generate(lm, prompt, max_tokens=150, temperature=temperature, seed=0)
         out.append({"prompt": prompt, "temperature": temperature, "text": result.generated_text,
                     "tokens": result.tokens_generated, "finish_reason": result.finish_reason})
     return out
@@ -67,7 +67,7 @@ Byte-level BPE trained with `tokenizers` on the training split (target vocabular
 corpus's small vocabulary saturates it at **{f['vocab_trained']:,} tokens**, padded to
 {cfg.vocab_size:,} rows in the embedding). `<|endoftext|>` is EOS and padding. The chat template
 in `tokenizer_config.json` renders one user turn as `User: {{prompt}}\\nAssistant:`, the prefix
-used in training; `labkit.engine` applies it automatically.
+used in training; `labkit.engine.hf_generate` applies it automatically.
 
 ## Architecture
 
@@ -93,7 +93,7 @@ tokenizer files take **{f['dir_bytes'] / 1e6:.2f} MB** (labkit loads them as flo
 | --- | --- | --- | --- |
 {history}
 
-## Sample outputs (this model, CPU, float32, via `labkit.engine.generate`, seed 0)
+## Sample outputs (this model, CPU, float32, via `labkit.engine.hf_generate.generate`, seed 0)
 
 {samples}
 

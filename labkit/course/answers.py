@@ -1,0 +1,666 @@
+"""Exercise checkers: each one recomputes the reference answer with labkit and tells the learner
+whether theirs is right, how far off it is, and a hint.
+
+Every checker takes the learner's answer first, then the inputs the answer was computed from
+(a model shape, or the measured numbers), prints one line and returns a `CheckResult`:
+
+    ✅ correct · 🟡 close (how far off, the tolerance) · ❌ not yet (how far off, a hint)
+    ✏️ not answered yet (the stub's `None` or `...`) · ⚠️ not a usable answer (e.g. text)
+
+Checkers never raise on the learner's answer. Inputs that the exercise itself supplies (a shape,
+measured numbers) are validated and raise ValueError when they cannot give a reference.
+With LABKIT_CHECK_STRICT=1 (the solution notebooks in CI) anything but ✅ raises
+`ExerciseNotPassed`, so a wrong solution fails the notebook run.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from labkit.engine import memory, synthetic
+from labkit.measure.utilization import IDLE_THRESHOLD_PCT
+
+STRICT_ENV = "LABKIT_CHECK_STRICT"
+UNITS = {"bytes": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+
+# Exercise name -> exercise set (the course notebook it belongs to).
+EXERCISES: dict[str, str] = {
+    "parameter_count": "01_memory",
+    "weight_memory": "01_memory",
+    "kv_cache_size": "01_memory",
+    "ms_per_token": "02_timing",
+    "time_per_output_token": "02_timing",
+    "bandwidth_floor": "02_timing",
+    "p95_latency": "04_queueing",
+    "littles_law_throughput": "04_queueing",
+    "littles_law_latency": "04_queueing",
+    "idle_percent": "05_utilization_cost",
+    "effective_cost": "05_utilization_cost",
+    "timeline_request_count": "05_utilization_cost",
+    "timeline_idle_gap": "05_utilization_cost",
+    "best_batch_size": "06_batching",
+    "memory_per_server": "07_sharing",
+    "servers_that_fit": "07_sharing",
+    "servers_to_match": "07_sharing",
+}
+
+
+class ExerciseNotPassed(AssertionError):
+    """Raised in strict mode (LABKIT_CHECK_STRICT=1) when a checker's verdict is not ✅."""
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    exercise: str
+    status: str  # "correct", "close", "wrong", "unanswered" or "invalid"
+    message: str
+    answer: object = None
+    expected: object = None
+
+    @property
+    def correct(self) -> bool:
+        return self.status == "correct"
+
+    def __bool__(self) -> bool:
+        return self.correct
+
+    def __str__(self) -> str:
+        return self.message
+
+    def _ipython_display_(self) -> None:
+        """The checker already printed the message; show it once when the call ends a cell."""
+
+
+# --- verdict helpers -------------------------------------------------------------------------
+
+def _finish(result: CheckResult) -> CheckResult:
+    print(result.message)
+    if os.environ.get(STRICT_ENV, "") not in ("", "0") and not result.correct:
+        raise ExerciseNotPassed(result.message)
+    return result
+
+
+def _unanswered(exercise: str) -> CheckResult:
+    return CheckResult(exercise, "unanswered", f"✏️ {exercise}: not answered yet — replace the "
+                       "`None` (or `...`) with your answer and run the cell again.")
+
+
+def _number(exercise: str, answer: object) -> float | CheckResult:
+    """The answer as a float, or the verdict for a stub / an unusable answer."""
+    if answer is None or answer is Ellipsis:
+        return _unanswered(exercise)
+    if isinstance(answer, (str, bytes, bool)):
+        return CheckResult(exercise, "invalid", f"⚠️ {exercise}: expected a number, got "
+                           f"{answer!r}. Give the value itself, e.g. 6.43, not text.", answer)
+    try:
+        value = float(answer)  # ints, floats, numpy and one-element torch scalars
+    except (TypeError, ValueError):
+        return CheckResult(exercise, "invalid", f"⚠️ {exercise}: expected a single number, got "
+                           f"{type(answer).__name__} {answer!r}.", answer)
+    if not math.isfinite(value):
+        return CheckResult(exercise, "invalid", f"⚠️ {exercise}: got {value}; the answer must be "
+                           "a finite number (a division by zero somewhere?).", answer)
+    return value
+
+
+def _how_far(value: float, expected: float) -> str:
+    if expected == 0:
+        return f"{value:.4g} away from the reference"
+    ratio = value / expected
+    if ratio >= 2 or 0 < ratio <= 0.5:
+        return f"about {ratio:.3g}× the reference" if ratio > 1 else \
+            f"about 1/{1 / ratio:.3g} of the reference"
+    if ratio <= 0:
+        return "of the opposite sign to the reference"
+    return f"{abs(ratio - 1):.1%} {'above' if ratio > 1 else 'below'} the reference"
+
+
+def _compare(exercise: str, answer: object, expected: float, *, unit: str, hint: str,
+             rel_tol: float = 0.0, abs_tol: float = 0.0,
+             mistakes: Iterable[tuple[float, str]] = ()) -> CheckResult:
+    """Numeric verdict: within tolerance → correct; a known mistake → its explanation;
+    within a few tolerances → close; otherwise wrong. Wrong answers never reveal the reference."""
+    value = _number(exercise, answer)
+    if isinstance(value, CheckResult):
+        return value
+
+    def tolerance(ref: float) -> float:
+        return max(rel_tol * abs(ref), abs_tol)
+
+    shown = f"{value:.4g} {unit}".rstrip()
+    if abs(value - expected) <= tolerance(expected):
+        return CheckResult(exercise, "correct", f"✅ {exercise}: correct — {shown} "
+                           f"(reference {expected:.4g} {unit}).",
+                           answer, expected)
+    for wrong_value, explanation in mistakes:
+        if abs(value - wrong_value) <= tolerance(wrong_value) and \
+                abs(wrong_value - expected) > tolerance(expected):
+            return CheckResult(exercise, "wrong", f"❌ {exercise}: {shown} is "
+                               f"{_how_far(value, expected)}. {explanation}", answer, expected)
+    allowed = f"±{rel_tol:.0%}" if rel_tol else f"±{abs_tol:g} {unit}".rstrip()
+    off = _how_far(value, expected)
+    if abs(value - expected) <= max(4 * tolerance(expected), 0.1 * abs(expected)):
+        return CheckResult(exercise, "close", f"🟡 {exercise}: close — {shown} is {off} "
+                           f"(tolerance {allowed}). Hint: {hint}", answer, expected)
+    return CheckResult(exercise, "wrong", f"❌ {exercise}: not yet — {shown} is {off}. "
+                       f"Hint: {hint}", answer, expected)
+
+
+# --- inputs the exercise supplies --------------------------------------------------------------
+
+def _config(shape: str):
+    name = shape.removeprefix(synthetic.PREFIX)
+    if name not in synthetic.SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; use one of {', '.join(synthetic.SHAPES)}")
+    return synthetic.synthetic_config(name)
+
+
+def _dtype_bytes(dtype) -> int:
+    import torch
+
+    from labkit.engine.model import resolve_dtype
+
+    if dtype == "auto":
+        raise ValueError("give an explicit dtype (bfloat16, float16, float32), not 'auto'")
+    return memory.dtype_bytes(resolve_dtype(dtype, torch.device("cpu")))
+
+
+def _unit(unit: str) -> float:
+    if unit not in UNITS:
+        raise ValueError(f"unit {unit!r}: use one of {', '.join(UNITS)}")
+    return UNITS[unit]
+
+
+def _positive(name: str, value: float) -> float:
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return value
+
+
+def _count(name: str, value: int, minimum: int = 1) -> int:
+    if isinstance(value, bool) or int(value) != value or value < minimum:
+        raise ValueError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
+    return int(value)
+
+
+def _gib_mixup(n_bytes: float, unit: str) -> list[tuple[float, str]]:
+    """GB and GiB differ by 7 %: the classic unit slip, in whichever direction applies."""
+    twins = {"GB": "GiB", "GiB": "GB", "MB": "MiB", "MiB": "MB", "KB": "KiB", "KiB": "KB"}
+    if unit not in twins:
+        return []
+    return [(n_bytes / UNITS[twins[unit]], f"That is the size in {twins[unit]}; the question "
+             f"asks for {unit} (1 GB = 10^9 bytes, 1 GiB = 2^30 bytes).")]
+
+
+# --- 01 memory -------------------------------------------------------------------------------
+
+def parameter_count(answer, shape: str) -> CheckResult:
+    """Parameters of the model `shape` (e.g. "llama-3.2-3b"), counted from its config."""
+    config = _config(shape)
+    expected = memory.parameter_count_from_config(config)
+    embed = config.vocab_size * config.hidden_size
+    mistakes = [(expected + embed, "The LM head shares its weights with the embeddings "
+                 "(tie_word_embeddings=True): count that matrix once.")
+                if config.tie_word_embeddings else
+                (expected - embed, "This model has a separate LM head (tie_word_embeddings="
+                 "False): count vocab_size × hidden_size twice."),
+                (_count_with_full_kv_heads(config), "K and V projections have "
+                 "num_key_value_heads × head_dim outputs (grouped-query attention), "
+                 "not num_attention_heads × head_dim.")]
+    return _finish(_compare(
+        "parameter_count", answer, expected, unit="parameters", rel_tol=0.01, mistakes=mistakes,
+        hint="embeddings (vocab × hidden) + per layer: q, k, v, o projections, the MLP's gate, "
+             "up and down (3 × hidden × intermediate), two norms (hidden each); a final norm; "
+             "an LM head only if it is not tied."))
+
+
+def _count_with_full_kv_heads(config) -> int:
+    full = copy.deepcopy(config)
+    full.num_key_value_heads = config.num_attention_heads
+    return memory.parameter_count_from_config(full)
+
+
+def weight_memory(answer, shape: str, dtype="bfloat16", unit: str = "GB") -> CheckResult:
+    """Memory of the weights of `shape` in `dtype`, in `unit` (GB = 10^9 bytes by default)."""
+    config = _config(shape)
+    params = memory.parameter_count_from_config(config)
+    per = _dtype_bytes(dtype)
+    scale = _unit(unit)
+    n_bytes = params * per
+    mistakes = [
+        (params * 4 / scale, f"That is 4 bytes per parameter (float32); {dtype} has {per}."),
+        (params * 2 / scale, f"That is 2 bytes per parameter; {dtype} has {per}."),
+        (params / scale, f"That is 1 byte per parameter; {dtype} has {per} bytes per element."),
+        (n_bytes * 8 / scale, "That is bits, not bytes: one byte is 8 bits."),
+        (params / 1e9, "That is the parameter count in billions; multiply by the bytes per "
+                       "parameter to get memory."),
+        *_gib_mixup(n_bytes, unit),
+    ]
+    return _finish(_compare(
+        "weight_memory", answer, n_bytes / scale, unit=unit, rel_tol=0.02, mistakes=mistakes,
+        hint="parameters × bytes per parameter (bfloat16/float16: 2, float32: 4); count the "
+             "parameters from the config (tied embeddings once)."))
+
+
+def kv_cache_size(answer, shape: str, context_tokens: int, batch_size: int = 1,
+                  dtype="bfloat16", unit: str = "GB") -> CheckResult:
+    """KV-cache memory of `shape` for `batch_size` sequences of `context_tokens` tokens."""
+    import torch
+
+    from labkit.engine.model import resolve_dtype
+
+    config = _config(shape)
+    tokens = _count("context_tokens", context_tokens)
+    batch = _count("batch_size", batch_size)
+    _dtype_bytes(dtype)  # validates dtype with a clear message
+    torch_dtype = resolve_dtype(dtype, torch.device("cpu"))
+    scale = _unit(unit)
+    n_bytes = memory.kv_cache_bytes(config, torch_dtype, batch, tokens)
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    mistakes = [
+        (n_bytes / 2 / scale, "Count both K and V: the cache stores two tensors per layer."),
+        (n_bytes / config.num_hidden_layers / scale, "Every layer keeps its own K and V: "
+                                                     "multiply by num_hidden_layers."),
+        (n_bytes * heads / kv_heads / scale, "Grouped-query attention: the cache holds "
+         f"num_key_value_heads ({kv_heads}) heads, not num_attention_heads ({heads})."),
+        *_gib_mixup(n_bytes, unit),
+    ]
+    if batch > 1:
+        mistakes.append((n_bytes / batch / scale, f"Each of the {batch} sequences has its own "
+                                                  "cache: multiply by the batch size."))
+    return _finish(_compare(
+        "kv_cache_size", answer, n_bytes / scale, unit=unit, rel_tol=0.02, mistakes=mistakes,
+        hint="2 (K and V) × layers × kv_heads × head_dim × bytes per element, per token; "
+             "then × tokens × batch size."))
+
+
+# --- 02 timing -------------------------------------------------------------------------------
+
+def ms_per_token(answer, inference_time_ms: float, tokens_generated: int) -> CheckResult:
+    """Average milliseconds per generated token of one measured generation."""
+    total = _positive("inference_time_ms", inference_time_ms)
+    n = _count("tokens_generated", tokens_generated)
+    expected = total / n
+    mistakes = [(n / total * 1000, "That is tokens per second; the question asks for "
+                                   "milliseconds per token (its inverse, × 1000)."),
+                (expected / 1000, "That is seconds per token; give milliseconds.")]
+    return _finish(_compare(
+        "ms_per_token", answer, expected, unit="ms/token", rel_tol=0.01, mistakes=mistakes,
+        hint="inference time in ms ÷ tokens generated."))
+
+
+def time_per_output_token(answer, inference_time_ms: float, time_to_first_token_ms: float,
+                          tokens_generated: int) -> CheckResult:
+    """TPOT as DESIGN.md defines it (vLLM's): (latency − TTFT) ÷ (tokens − 1)."""
+    total = _positive("inference_time_ms", inference_time_ms)
+    ttft = _positive("time_to_first_token_ms", time_to_first_token_ms)
+    n = _count("tokens_generated", tokens_generated, minimum=2)
+    if ttft > total:
+        raise ValueError(f"time_to_first_token_ms ({ttft}) exceeds inference_time_ms ({total})")
+    expected = (total - ttft) / (n - 1)
+    mistakes = [(total / n, "That is the average over all tokens, prefill included; TPOT "
+                            "leaves out the first token (the prompt's prefill).")]
+    if n < 60:  # dividing by n instead of n − 1 only shows for short generations
+        mistakes.append(((total - ttft) / n, "After the first token there are tokens − 1 "
+                                             "decode steps: divide by n − 1."))
+    return _finish(_compare(
+        "time_per_output_token", answer, expected, unit="ms", rel_tol=0.01, mistakes=mistakes,
+        hint="(inference time − time to first token) ÷ (tokens generated − 1)."))
+
+
+def bandwidth_floor(answer, weight_bytes: float, bandwidth_bytes_per_s: float) -> CheckResult:
+    """Fastest possible ms per token at batch 1: every weight read once per decode step."""
+    from labkit.measure.roofline import decode_floor_ms
+
+    weights = _positive("weight_bytes", weight_bytes)
+    bandwidth = _positive("bandwidth_bytes_per_s", bandwidth_bytes_per_s)
+    expected = decode_floor_ms(weights, bandwidth)
+    mistakes = [(expected / 1000, "That is seconds; give milliseconds."),
+                (expected * 1000, "That is microseconds (or a GB vs B slip); give ms."),
+                (bandwidth / weights, "That is decode steps per second, the inverse.")]
+    return _finish(_compare(
+        "bandwidth_floor", answer, expected, unit="ms/token", rel_tol=0.02, mistakes=mistakes,
+        hint="weight bytes ÷ bandwidth in bytes per second gives seconds per token; × 1000."))
+
+
+# --- 04 queueing -----------------------------------------------------------------------------
+
+def p95_latency(answer, latencies_ms: Iterable[float | None]) -> CheckResult:
+    """95th percentile of measured latencies (numpy's linear interpolation). Failed requests,
+    given as None or NaN, are left out, as DESIGN.md's metric definitions say."""
+    from labkit.measure.loadstats import percentiles
+
+    values = _finite_values("latencies_ms", latencies_ms)
+    expected = percentiles(values, (95,))["p95"]
+    mistakes = [(float(np.mean(values)), "That is the mean; p95 is the latency that 95 % of "
+                                         "requests beat."),
+                (float(np.median(values)), "That is the median (p50)."),
+                (float(np.max(values)), "That is the maximum; p95 interpolates below it.")]
+    for method in ("nearest", "lower", "higher", "inverted_cdf", "closest_observation"):
+        mistakes.append((float(np.percentile(values, 95, method=method)),
+                         f"That is the {method!r} percentile definition; the course uses "
+                         "linear interpolation (numpy's default, np.percentile(x, 95))."))
+    return _finish(_compare(
+        "p95_latency", answer, expected, unit="ms", rel_tol=0.002, mistakes=mistakes,
+        hint="np.percentile(latencies, 95) over the successful requests only."))
+
+
+def _finite_values(name: str, values: Iterable[float | None]) -> np.ndarray:
+    kept = np.array([float(v) for v in values if v is not None], dtype=float)
+    kept = kept[np.isfinite(kept)]
+    if kept.size == 0:
+        raise ValueError(f"{name} holds no finite values")
+    return kept
+
+
+def littles_law_throughput(answer, single_request_latency_s: float,
+                           concurrency: int) -> CheckResult:
+    """Requests/s a one-at-a-time server reaches at `concurrency`: still 1 / service time."""
+    service = _positive("single_request_latency_s", single_request_latency_s)
+    n = _count("concurrency", concurrency)
+    expected = 1 / service
+    mistakes = [(expected * 60, "That is requests per minute; give requests per second."),
+                (service, "That is seconds per request; throughput is its inverse.")]
+    if n > 1:
+        mistakes.append((n / service, f"That assumes the {n} requests run in parallel. This "
+                         "server generates one request at a time: more clients only queue."))
+    return _finish(_compare(
+        "littles_law_throughput", answer, expected, unit="requests/s", rel_tol=0.02,
+        mistakes=mistakes,
+        hint="a sequential server finishes one request per service time, whatever the "
+             "concurrency: throughput = 1 / latency of one request."))
+
+
+def littles_law_latency(answer, single_request_latency_s: float, concurrency: int) -> CheckResult:
+    """Latency each client sees with `concurrency` requests always in flight: W = N / λ = N × S."""
+    service = _positive("single_request_latency_s", single_request_latency_s)
+    n = _count("concurrency", concurrency)
+    expected = n * service
+    mistakes = [(expected * 1000, "That is milliseconds; give seconds."),
+                ((n + 1) / 2 * service, "That is the mean for one burst of N requests arriving "
+                                        "together; with N always in flight, W = N / throughput.")]
+    if n > 1:
+        mistakes.append((service, "Latency does not stay flat: each request waits behind the "
+                                  "others in the queue."))
+    return _finish(_compare(
+        "littles_law_latency", answer, expected, unit="s", rel_tol=0.05, mistakes=mistakes,
+        hint="Little's law: requests in flight = throughput × latency, so latency = N ÷ "
+             "throughput, with throughput = 1 / service time."))
+
+
+# --- 05 utilization and cost -------------------------------------------------------------------
+
+def idle_percent(answer, utilization_trace: Iterable[float],
+                 threshold: float = IDLE_THRESHOLD_PCT) -> CheckResult:
+    """Percent of samples with utilization below `threshold` % (DESIGN.md's idle fraction)."""
+    trace = _finite_values("utilization_trace", utilization_trace)
+    expected = 100 * float(np.mean(trace < threshold))
+    mistakes = [(expected / 100, "That is a fraction; give a percentage (× 100)."),
+                (100 - expected, "That is the busy share; idle is the rest."),
+                (100 * float(np.mean(trace <= threshold)), f"Idle means strictly below "
+                                                           f"{threshold:g} %."),
+                (100 * float(np.mean(trace == 0)), f"Count every sample below {threshold:g} %, "
+                                                   "not only exact zeros."),
+                (100 - float(np.mean(trace)), "That is 100 − mean utilization; idle % counts "
+                                              "samples below the threshold.")]
+    return _finish(_compare(
+        "idle_percent", answer, expected, unit="%", abs_tol=0.5, mistakes=mistakes,
+        hint=f"the share of samples with utilization < {threshold:g} %, as a percentage: "
+             f"100 * np.mean(np.asarray(trace) < {threshold:g})."))
+
+
+def effective_cost(answer, hourly_price: float, utilization: float) -> CheckResult:
+    """Dollars per hour of useful GPU compute: `labkit.measure.cost.effective_cost` (utilization is a
+    fraction, 0.18 for 18 %)."""
+    from labkit.measure import cost
+
+    reference = cost.effective_cost(hourly_price, utilization)
+    expected = reference.per_useful_hour
+    mistakes = [(reference.hourly_price * reference.utilization, "You multiplied: the less the "
+                 "GPU works, the more each useful hour costs, so divide by the utilization."),
+                (reference.idle_cost_per_hour, "That is the idle cost per paid hour; the "
+                 "question asks what one hour of useful compute costs."),
+                (expected / 100, "Use utilization as a fraction (0.18), not a percentage (18).")]
+    return _finish(_compare(
+        "effective_cost", answer, expected, unit="$/useful hour", rel_tol=0.01,
+        mistakes=mistakes, hint="price per hour ÷ utilization (as a fraction)."))
+
+
+def timeline_request_count(answer, request_spans: Sequence[tuple[float, float]],
+                           window: tuple[float, float] | None = None) -> CheckResult:
+    """How many requests ran (overlapped `window`, or at all) in a timeline of (start, end)."""
+    exercise = "timeline_request_count"
+    spans = _spans(request_spans)
+    if window is not None:
+        w_start, w_end = sorted(map(float, window))
+        spans = [(s, e) for s, e in spans if s < w_end and e > w_start]
+    expected = len(spans)
+    value = _number(exercise, answer)
+    if isinstance(value, CheckResult):
+        return _finish(value)
+    where = f" between t = {w_start:g} s and {w_end:g} s" if window is not None else ""
+    if value == expected:
+        return _finish(CheckResult(exercise, "correct", f"✅ {exercise}: correct — {expected} "
+                                   f"requests ran{where}.", answer, expected))
+    off = value - expected
+    status = "close" if abs(off) == 1 else "wrong"
+    mark = "🟡" if status == "close" else "❌"
+    return _finish(CheckResult(
+        exercise, status, f"{mark} {exercise}: {value:g} is {abs(off):g} too "
+        f"{'many' if off > 0 else 'few'}. Hint: count every bar{where}, including those that "
+        "start before or end after the window; bars that touch are separate requests.",
+        answer, expected))
+
+
+def timeline_idle_gap(answer, request_spans: Sequence[tuple[float, float]],
+                      min_overlap: float = 0.6) -> CheckResult:
+    """The longest interval with no request running, read off a timeline, as (start, end) in s.
+    Correct when it overlaps the true gap by ≥ `min_overlap` (intersection over union)."""
+    exercise = "timeline_idle_gap"
+    gaps = idle_intervals(_spans(request_spans))
+    if not gaps:
+        raise ValueError("the timeline has no idle interval between requests")
+    expected = max(gaps, key=lambda g: g[1] - g[0])
+    if answer is None or answer is Ellipsis:
+        return _finish(_unanswered(exercise))
+    interval = _interval(answer)
+    if interval is None:
+        return _finish(CheckResult(exercise, "invalid", f"⚠️ {exercise}: give the interval as "
+                                   f"(start_s, end_s), e.g. (3.2, 4.0); got {answer!r}.", answer))
+    start, end = interval
+    iou = _overlap(interval, expected) / (max(end, expected[1]) - min(start, expected[0]))
+    shown = f"({start:g}, {end:g}) s"
+    if iou >= min_overlap:
+        return _finish(CheckResult(exercise, "correct", f"✅ {exercise}: correct — {shown} "
+                                   f"matches the longest idle gap, ({expected[0]:.2f}, "
+                                   f"{expected[1]:.2f}) s.", answer, expected))
+    other = max(gaps, key=lambda g: _overlap(interval, g))
+    if _overlap(interval, other) > 0 and other != expected:
+        return _finish(CheckResult(exercise, "wrong", f"❌ {exercise}: {shown} is an idle gap, "
+                                   "but not the longest one. Hint: compare the widths of all the "
+                                   "gaps between bars.", answer, expected))
+    if _overlap(interval, expected) > 0:
+        return _finish(CheckResult(
+            exercise, "close", f"🟡 {exercise}: close — {shown} overlaps the gap, but its start "
+            f"is {start - expected[0]:+.2f} s and its end {end - expected[1]:+.2f} s off. "
+            "Hint: the gap runs from the end of one bar to the start of the next.",
+            answer, expected))
+    return _finish(CheckResult(exercise, "wrong", f"❌ {exercise}: {shown} does not overlap "
+                               "any idle gap. Hint: look for the widest stretch with no bar.",
+                               answer, expected))
+
+
+def idle_intervals(spans: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Gaps between busy periods (overlapping spans merged), from the first start to last end."""
+    from labkit.measure.plots import merge_spans
+
+    merged = merge_spans(spans)
+    return [(a[1], b[0]) for a, b in zip(merged, merged[1:], strict=False)]
+
+
+def _spans(request_spans) -> list[tuple[float, float]]:
+    spans = [_interval(span) for span in request_spans]
+    if not spans or any(span is None for span in spans):
+        raise ValueError("request_spans must be a non-empty list of (start_s, end_s) pairs "
+                         "with start ≤ end")
+    return spans  # type: ignore[return-value]
+
+
+def _interval(value) -> tuple[float, float] | None:
+    try:
+        start, end = (float(x) for x in value)
+    except (TypeError, ValueError):
+        return None
+    if not (math.isfinite(start) and math.isfinite(end)) or end < start:
+        return None
+    return start, end
+
+
+def _overlap(a: tuple[float, float], b: tuple[float, float]) -> float:
+    return max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
+
+
+# --- 06 batching -----------------------------------------------------------------------------
+
+def best_batch_size(answer, rows, p95_target_ms: float, *, batch_key: str = "batch_size",
+                    throughput_key: str = "throughput", p95_key: str = "p95_ms") -> CheckResult:
+    """The batch size with the highest throughput among measured rows whose p95 meets the target.
+    `rows`: a list of mappings (or a pandas DataFrame) with batch size, throughput and p95."""
+    exercise = "best_batch_size"
+    target = _positive("p95_target_ms", p95_target_ms)
+    table = _rows(rows, (batch_key, throughput_key, p95_key))
+    meeting = [r for r in table if r[p95_key] <= target]
+    if not meeting:
+        raise ValueError(f"no measured batch size has p95 ≤ {target:g} ms; choose a target at or "
+                         "above the smallest measured p95")
+    best = max(meeting, key=lambda r: r[throughput_key])
+    expected = best[batch_key]
+    value = _number(exercise, answer)
+    if isinstance(value, CheckResult):
+        return _finish(value)
+    sizes = [r[batch_key] for r in table]
+    if value not in sizes:
+        listed = ", ".join(f"{b:g}" for b in sizes)
+        return _finish(CheckResult(exercise, "wrong", f"❌ {exercise}: {value:g} is not one of "
+                                   f"the measured batch sizes: {listed}.", answer, expected))
+    chosen = next(r for r in table if r[batch_key] == value)
+    if value == expected:
+        return _finish(CheckResult(
+            exercise, "correct", f"✅ {exercise}: correct — batch {value:g} gives "
+            f"{chosen[throughput_key]:.4g} throughput at p95 {chosen[p95_key]:.4g} ms "
+            f"(target {target:g} ms).", answer, expected))
+    if chosen[p95_key] > target:
+        message = (f"❌ {exercise}: batch {value:g} has p95 {chosen[p95_key]:.4g} ms, over the "
+                   f"{target:g} ms target. Hint: first drop the rows that miss the target.")
+    else:
+        message = (f"❌ {exercise}: batch {value:g} meets the target, but another batch size that "
+                   "meets it gives more throughput. Hint: among the rows under the target, "
+                   "take the highest throughput.")
+    return _finish(CheckResult(exercise, "wrong", message, answer, expected))
+
+
+# --- 07 sharing one GPU ------------------------------------------------------------------------
+
+def _memory_line(rows, memory_key: str) -> tuple[float, dict, dict]:
+    """(memory per extra server, the row with the fewest servers, the row with the most) of the
+    sequential set-ups in `rows` (rows of `experiments.share_one_gpu`): the slope of memory
+    between the fewest and the most servers measured."""
+    table = _rows([r for r in rows if r.get("mode", "sequential") == "sequential"],
+                  ("servers", memory_key))
+    fewest = min(table, key=lambda r: r["servers"])
+    most = max(table, key=lambda r: r["servers"])
+    if most["servers"] == fewest["servers"]:
+        raise ValueError("measure at least two different server counts")
+    slope = (most[memory_key] - fewest[memory_key]) / (most["servers"] - fewest["servers"])
+    if not slope > 0:
+        raise ValueError(f"{memory_key} did not grow with the server count; measure again")
+    return slope, fewest, most
+
+
+def memory_per_server(answer, rows, memory_key: str = "gpu_memory_used_gb") -> CheckResult:
+    """GB each extra server process adds: the slope of memory against the server count."""
+    slope, _, most = _memory_line(rows, memory_key)
+    mistakes = [(most[memory_key] / most["servers"], "That divides everything in use by the "
+                 "server count, including memory that was in use without any of them; take "
+                 "the difference between two set-ups instead.")]
+    return _finish(_compare(
+        "memory_per_server", answer, slope, unit="GB", rel_tol=0.02, mistakes=mistakes,
+        hint="(memory with the most servers − memory with the fewest) ÷ (the difference in "
+             "server count)."))
+
+
+def servers_that_fit(answer, rows, capacity_gb: float,
+                     memory_key: str = "gpu_memory_used_gb") -> CheckResult:
+    """How many server processes fit in `capacity_gb`, each extra one adding the measured
+    memory per server to the smallest set-up's."""
+    exercise = "servers_that_fit"
+    capacity = _positive("capacity_gb", capacity_gb)
+    slope, fewest, _ = _memory_line(rows, memory_key)
+    servers, used = fewest["servers"], fewest[memory_key]
+    if used > capacity:
+        raise ValueError(f"the smallest set-up already uses {used:g} GB of {capacity:g} GB")
+    expected = int(servers + math.floor((capacity - used) / slope + 1e-9))  # 1e-9: float noise
+    value = _number(exercise, answer)
+    if isinstance(value, CheckResult):
+        return _finish(value)
+    if value == expected:
+        return _finish(CheckResult(exercise, "correct", f"✅ {exercise}: correct — {expected} "
+                                   f"servers fit in {capacity:g} GB.", answer, expected))
+    if value == math.floor(capacity / slope + 1e-9):
+        hint = ("That ignores what the first set-up already holds beyond one server's share; "
+                "start from its measured memory and add servers until the capacity is reached.")
+    elif value == expected + 1:
+        hint = "One too many: round down, a server that does not fully fit cannot start."
+    else:
+        hint = ("start from the smallest set-up's memory and add one server's memory at a "
+                "time: servers + (capacity − memory) ÷ memory per server, rounded down.")
+    return _finish(CheckResult(exercise, "wrong", f"❌ {exercise}: not yet — {value:g} servers. "
+                               f"Hint: {hint}", answer, expected))
+
+
+def servers_to_match(answer, rows) -> CheckResult:
+    """Sequential servers needed to match the batched server's throughput, if each added one
+    lone server's throughput (the best case): ceil(batched req/s ÷ one server's req/s)."""
+    exercise = "servers_to_match"
+    table = _rows(rows, ("servers", "requests_per_second"))
+    single = [r for r in table if r.get("mode") == "sequential" and r["servers"] == 1]
+    batched = [r for r in table if r.get("mode") == "batched"]
+    if not single or not batched:
+        raise ValueError("rows need a one-server sequential set-up and a batched one")
+    ratio = batched[0]["requests_per_second"] / single[0]["requests_per_second"]
+    expected = math.ceil(ratio - 1e-9)
+    value = _number(exercise, answer)
+    if isinstance(value, CheckResult):
+        return _finish(value)
+    if value == expected:
+        return _finish(CheckResult(exercise, "correct", f"✅ {exercise}: correct — {expected} "
+                                   f"servers (the batched server did {ratio:.3g}× one).",
+                                   answer, expected))
+    hint = ("round up: a fraction of a server cannot run." if value == math.floor(ratio)
+            else "divide the batched server's requests/s by one sequential server's, and round "
+                 "up.")
+    return _finish(CheckResult(exercise, "wrong", f"❌ {exercise}: not yet — {value:g} servers. "
+                               f"Hint: {hint}", answer, expected))
+
+
+def _rows(rows, keys: Sequence[str]) -> list[dict]:
+    if hasattr(rows, "to_dict"):  # a pandas DataFrame
+        rows = rows.to_dict("records")
+    table = [dict(r) for r in rows if isinstance(r, Mapping)]
+    if not table or len(table) != len(rows):
+        raise ValueError("rows must be a non-empty list of mappings (or a DataFrame)")
+    for r in table:
+        missing = [k for k in keys if k not in r]
+        if missing:
+            raise ValueError(f"row {r} lacks {', '.join(missing)}; pass the key names used")
+        for k in keys:
+            r[k] = float(r[k])
+    return table

@@ -1,0 +1,207 @@
+"""Serve the same load under different set-ups and measure each: the engine of notebooks 06/07
+and `benchmarks/serving.py`. Every row is measured here: load-test figures from the client,
+utilization and GPM activity from the sampler over exactly that load test's window, batch sizes
+and busy time from the servers' own /stats counters before and after it.
+
+Batched servers get `--max-wait-ms 50` here, not the server's 5 ms default. A closed-loop load
+test answers every row of a batch at the same moment, and its clients' next requests then reach
+the server one after another: over 12.6 ms for 32 clients, and over more than 20 ms for 64 (a
+20 ms window still split them), measured on the 2-core development VM with client and server on
+the same machine. A 5 ms window closes before they are all in and splits them over two half-size
+batches; 50 ms adds about 1 % to a GPU batch of 150 tokens, and `mean_batch_size` in every row
+shows whether batches filled.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from labkit.measure import gpu, loadtest, utilization
+from labkit.serve import client
+from labkit.serve.launcher import ServerProcess, launch, launch_many
+
+SEED_PHASE3_FACTOR = 3.0  # the seed's "3x throughput" promise for GPU sharing
+MIN_REQUESTS = 8
+SWEEP_MAX_WAIT_MS = 50.0
+
+
+@dataclass
+class Sweep:
+    model: str
+    device: str
+    rows: list[dict] = field(default_factory=list)
+    timeline: object | None = None  # the final live-timeline Figure, when run(live=True)
+
+
+def _server_options(mode: str, max_batch_size: int, max_wait_ms: float,
+                    cuda_graphs: bool = True) -> dict:
+    if mode != "batched":
+        return {"mode": mode}
+    return {"mode": mode, "extra_args": ["--max-batch-size", str(max_batch_size),
+                                         "--max-wait-ms", str(max_wait_ms),
+                                         "--cuda-graphs" if cuda_graphs else "--no-cuda-graphs"]}
+
+
+def _sampler(url: str) -> utilization.UtilizationSampler:
+    return utilization.UtilizationSampler(interval=0.1, url=None if gpu.nvml() else url)
+
+
+def _server_counters(servers: list[ServerProcess]) -> list[dict]:
+    return [client.get(s.url + "/stats").body["server"] for s in servers]
+
+
+def _rss_gb(pid: int | None) -> float | None:
+    """Resident memory of a server process (Linux /proc), GB: its weights live there on a CPU."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def measure(procs: list[ServerProcess], sampler: utilization.UtilizationSampler, concurrency: int,
+            requests: int, max_tokens: int, watch=None, **labels) -> dict:
+    """One load test spread over the server processes `procs` (round-robin), with the sampler's
+    view of its window and the servers' counters. `watch` runs the load test (a LiveTimeline's
+    watch, to draw it)."""
+    urls = [s.url + "/generate" for s in procs]
+    before = _server_counters(procs)
+    sampler.mark(f"c={concurrency}")
+    start = time.perf_counter()
+    result = (watch or (lambda fn, *a, **k: fn(*a, **k)))(
+        loadtest.run, urls, concurrency=concurrency, requests=requests, max_tokens=max_tokens,
+        temperature=0.7, progress=False)
+    end = time.perf_counter()
+    after = _server_counters(procs)
+    s = result.summary()
+    util = sampler.summary(start=start, end=end)
+    batches = sum(a["batches"] - b["batches"] for a, b in zip(after, before, strict=True))
+    generated = sum(a["requests_served"] + a["requests_failed"] - b["requests_served"]
+                    - b["requests_failed"] for a, b in zip(after, before, strict=True))
+    busy = [(a["busy_seconds"] - b["busy_seconds"]) / (a["uptime_s"] - b["uptime_s"])
+            for a, b in zip(after, before, strict=True)]
+    rss = [_rss_gb(srv.pid) for srv in procs]
+    return {
+        **labels, "concurrency": concurrency, "requests": requests,
+        "success_rate": s["success_rate"], "requests_per_second": s["requests_per_sec"],
+        "output_tokens_per_sec": s["output_tokens_per_sec"],
+        "p50_ms": s["latency_ms"]["p50"], "p95_ms": s["latency_ms"]["p95"],
+        "queue_ms": s["queue_time_ms"]["mean"],
+        "mean_util": util["mean_util"], "idle_fraction": util["idle_fraction"],
+        "sm_activity_mean": util.get("sm_activity_mean"),
+        "tensor_activity_mean": util.get("tensor_activity_mean"),
+        "gpu_memory_used_gb": util.get("mem_used_max_gb"),
+        "utilization_source": util["source"],
+        "mean_batch_size": generated / batches if batches else None,
+        "cuda_graphs": all(a.get("cuda_graphs", False) for a in after),
+        "server_busy_pct": 100 * sum(busy) / len(busy),  # mean over the servers
+        "server_rss_gb": sum(rss) if None not in rss else None,  # all servers together
+    }
+
+
+def sweep(model: str, mode: str, levels: list[int], *, rounds: int = 2,
+        min_requests: int = MIN_REQUESTS, max_tokens: int = 150, max_batch_size: int = 64,
+        max_wait_ms: float = SWEEP_MAX_WAIT_MS, cuda_graphs: bool = True, warmup: bool = True,
+        live: bool = False, deadline: float | None = None, on_row=None) -> Sweep:
+    """Start one `mode` server and load it at each concurrency level in turn, with
+    max(min_requests, rounds x concurrency) requests per level. `live` draws the utilization
+    timeline while it runs (in a notebook). Levels left when time.perf_counter() passes
+    `deadline` are skipped (the first level always runs). `on_row(row)` sees each row as it
+    is measured. `cuda_graphs=False` serves batches eagerly on a GPU (series "batched, eager")."""
+    series = mode if cuda_graphs or mode != "batched" else f"{mode}, eager"
+    options = _server_options(mode, max_batch_size, max_wait_ms, cuda_graphs)
+    with launch(model=model, **options) as srv:
+        health = client.get(srv.url + "/health").body
+        sweep = Sweep(health["model"], health["gpu_name"] or "CPU")
+        if warmup:  # batch shapes the server has not seen yet pay one-off costs
+            loadtest.run(srv.url, concurrency=max(levels), requests=max(levels),
+                         max_tokens=8, progress=False)
+        with ExitStack() as stack:
+            sampler = stack.enter_context(_sampler(srv.url))
+            timeline = None
+            if live:
+                from labkit.measure import plots  # matplotlib: only where a timeline is drawn
+
+                timeline = stack.enter_context(plots.LiveTimeline(
+                    sampler, model=sweep.model, refresh=2.0,
+                    title=f"{mode} server, concurrency {', '.join(map(str, levels))}"))
+            for c in levels:
+                if sweep.rows and deadline is not None and time.perf_counter() > deadline:
+                    break
+                sweep.rows.append(measure(
+                    [srv], sampler, c, max(min_requests, rounds * c), max_tokens,
+                    watch=timeline.watch if timeline else None, mode=mode, series=series))
+                if on_row is not None:
+                    on_row(sweep.rows[-1])
+        if timeline is not None:
+            sweep.timeline = timeline.figure
+    return sweep
+
+
+def share_one_gpu(model: str, servers: int, mode: str, concurrency: int, requests: int,
+               max_tokens: int, max_batch_size: int = 64,
+               max_wait_ms: float = SWEEP_MAX_WAIT_MS) -> dict:
+    """`servers` separate server processes on one GPU, the load spread over them round-robin."""
+    with launch_many(servers, model=model,
+                     **_server_options(mode, max_batch_size, max_wait_ms)) as srvs:
+        urls = [s.url + "/generate" for s in srvs]
+        loadtest.run(urls, concurrency=concurrency, requests=concurrency, max_tokens=8,
+                     progress=False)  # warm-up
+        with _sampler(srvs[0].url) as sampler:
+            return measure(srvs, sampler, concurrency, requests, max_tokens, mode=mode,
+                           servers=servers, series=f"{servers} x {mode}")
+
+
+def seed_phase3_claim(sequential_rows: list[dict]) -> float | None:
+    """The seed's promise, 3x the best sequential throughput, in requests per second."""
+    if not sequential_rows:
+        return None
+    return SEED_PHASE3_FACTOR * max(r["requests_per_second"] for r in sequential_rows)
+
+
+def table(rows: list[dict]) -> str:
+    head = (f"{'mode':<15}{'conc':>5}{'req/s':>8}{'tok/s':>9}{'p50 ms':>9}{'p95 ms':>9}"
+            f"{'util %':>8}{'SM %':>7}{'batch':>7}")
+    lines = [head]
+    for r in rows:
+        lines.append(f"{r.get('series', r['mode']):<15}{r['concurrency']:>5}"
+                     f"{r['requests_per_second']:>8.2f}"
+                     f"{r['output_tokens_per_sec']:>9.1f}{r['p50_ms']:>9.0f}{r['p95_ms']:>9.0f}"
+                     f"{_pct(r['mean_util']):>8}{_pct(r.get('sm_activity_mean')):>7}"
+                     f"{_num(r.get('mean_batch_size')):>7}")
+    return "\n".join(lines) + _util_note(rows)
+
+
+def shared_table(rows: list[dict]) -> str:
+    head = (f"{'set-up':<16}{'req/s':>8}{'tok/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'util %':>8}"
+            f"{'SM %':>7}{'busy %':>8}{'GPU GB':>8}{'RSS GB':>8}")
+    lines = [head]
+    for r in rows:
+        lines.append(f"{r['series']:<16}{r['requests_per_second']:>8.2f}"
+                     f"{r['output_tokens_per_sec']:>9.1f}{r['p50_ms']:>9.0f}{r['p95_ms']:>9.0f}"
+                     f"{_pct(r['mean_util']):>8}{_pct(r.get('sm_activity_mean')):>7}"
+                     f"{_pct(r.get('server_busy_pct')):>8}"
+                     f"{_num(r.get('gpu_memory_used_gb')):>8}{_num(r.get('server_rss_gb'), 2):>8}")
+    return "\n".join(lines) + _util_note(rows)
+
+
+def _util_note(rows: list[dict]) -> str:
+    if not rows:
+        return "\n(no rows)"
+    if any(r.get("utilization_source") == "cpu-mode" for r in rows):
+        return ("\nutil % = CPU mode: share of time the (first) server's inference worker was "
+                "busy, from its /stats; no GPU here, so no SM activity")
+    return "\nutil % = NVML utilization.gpu (any kernel running); SM % = NVML GPM SM activity"
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None or value != value else f"{value:.1f}"
+
+
+def _num(value, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"

@@ -1,0 +1,146 @@
+"""Batched generation: many requests share each forward pass of the model.
+
+One prefill runs every prompt at once, then each decode step runs one forward for all rows still
+generating, over a shared KV cache: eagerly over a `DynamicCache`, or over a static cache whose
+step replays a CUDA graph (`labkit.engine.static_decode`, passed as `static=`). Prompts are
+left-padded so every row's next token sits in the last column; the attention mask hides the
+padding and per-row position ids give each token the position it would have alone, so a row's
+logits are those of the same request generated on its own (greedy output equals
+`hf_generate.generate`'s).
+
+Each row keeps its own max_tokens, temperature, top_p and seed. Sampling draws from a per-row
+`random.Random` on the host, so a seeded request gets the same text whatever else shares its
+batch. Timing is per row: TTFT is batch start → the row's first token on the CPU,
+inference time is batch start → its own last token; a row that stops early is not billed the
+batch's length.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+
+import torch
+from transformers import DynamicCache
+
+from labkit.engine import hf_generate
+from labkit.engine.model import LoadedModel, synchronize
+from labkit.engine.request import Request, Result
+from labkit.engine.sampling import next_tokens, uniforms
+from labkit.engine.static_decode import StaticDecoders, last_logits_only
+
+
+def generate_batch(lm: LoadedModel, requests: list[Request],
+                   on_finish: Callable[[int, Result], None] | None = None,
+                   static: StaticDecoders | None = None) -> list[Result]:
+    """Generate every request in one batch; results in request order. Every prompt is checked
+    against the context before anything runs: one that does not fit raises PromptTooLong,
+    prefixed with the request's index. `on_finish(index, result)`, if given, is called as each
+    row finishes (a server answers that request at once instead of after the batch's longest
+    row). With `static`, decoding runs over its static caches (CUDA graphs on a GPU,
+    `labkit.engine.static_decode`); without, eagerly over a `DynamicCache`."""
+    prompts = [torch.tensor(_tokenize(lm, i, r)) for i, r in enumerate(requests)]
+    if not prompts:
+        return []
+    device = lm.device
+    input_ids, attention_mask = _left_pad(prompts, lm.tokenizer.pad_token_id or 0, device)
+    # Position of each token in its own prompt; padding gets 0 (masked anyway).
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    temperature = torch.tensor([float(r.temperature) for r in requests], device=device)
+    top_p = torch.tensor([float(r.top_p or 1.0) for r in requests], device=device)
+    rngs = [None if r.greedy else random.Random(r.seed) for r in requests]
+    stop_ids = hf_generate.stop_token_ids(lm)
+    if static is None:
+        decoder = _DynamicDecoder(lm.model)
+    else:
+        decoder = static.decoder(len(requests), input_ids.shape[1]
+                                 + max(r.max_tokens for r in requests))
+
+    rows = list(range(len(requests)))  # request index of each row still in the batch
+    new_ids: list[list[int]] = [[] for _ in requests]
+    results: list[Result | None] = [None] * len(requests)
+    first_at = [0.0] * len(requests)
+
+    synchronize(device)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        logits = decoder.prefill(input_ids, attention_mask, position_ids)
+        while True:
+            draws = uniforms([rngs[i] for i in rows], device)
+            tokens = next_tokens(logits, temperature, top_p, draws)
+            host_tokens = tokens.tolist()  # waits for the device, so the clock reads after it
+            now = time.perf_counter()
+            keep = []
+            for row, (i, token) in enumerate(zip(rows, host_tokens, strict=True)):
+                if not new_ids[i]:
+                    first_at[i] = now
+                new_ids[i].append(token)
+                if token not in stop_ids and len(new_ids[i]) < requests[i].max_tokens:
+                    keep.append(row)
+                    continue
+                results[i] = hf_generate.build_result(lm, requests[i], new_ids[i], started,
+                                                      first_at[i], now)
+                if on_finish is not None:
+                    on_finish(i, results[i])
+            if not keep:
+                break
+            if len(keep) < len(rows):
+                index = torch.tensor(keep, device=device)
+                decoder.keep(index)
+                tokens, temperature, top_p = tokens[index], temperature[index], top_p[index]
+                rows = [rows[row] for row in keep]
+            logits = decoder.step(tokens)
+
+    return results
+
+
+class _DynamicDecoder:
+    """Eager decoding over a `DynamicCache` that grows by one token per step."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.cache = DynamicCache(config=model.config)
+        self.prefill_kwargs = last_logits_only(model)
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor) -> torch.Tensor:
+        self.attention_mask, self.position_ids = attention_mask, position_ids[:, -1:]
+        return self.model(input_ids=input_ids, attention_mask=attention_mask,
+                          position_ids=position_ids, past_key_values=self.cache, use_cache=True,
+                          **self.prefill_kwargs).logits[:, -1]
+
+    def keep(self, index: torch.Tensor) -> None:
+        # Finished rows leave the batch: later steps compute only live rows, which shrinks the
+        # tail when lengths differ. The price is one copy of the KV cache per step in which some
+        # row finishes, no more than one step's cache reads.
+        self.cache.batch_select_indices(index)
+        self.attention_mask = self.attention_mask[index]
+        self.position_ids = self.position_ids[index]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        mask = self.attention_mask
+        self.attention_mask = torch.cat([mask, mask.new_ones(len(mask), 1)], 1)
+        self.position_ids = self.position_ids + 1
+        return self.model(input_ids=tokens[:, None], attention_mask=self.attention_mask,
+                          position_ids=self.position_ids, past_key_values=self.cache,
+                          use_cache=True).logits[:, -1]
+
+
+def _tokenize(lm: LoadedModel, index: int, request: Request) -> list[int]:
+    """Prompt ids of one request (`hf_generate.tokenize`); an error names the request."""
+    try:
+        return hf_generate.tokenize(lm, request)
+    except ValueError as err:  # PromptTooLong: keep the type, name the request
+        raise type(err)(f"request {index}: {err}") from None
+
+
+def _left_pad(prompts: list[torch.Tensor], pad_id: int, device: torch.device):
+    """(input_ids, attention_mask), both (batch, longest prompt), prompts aligned to the right."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids):] = ids
+        attention_mask[row, width - len(ids):] = 1
+    return input_ids.to(device), attention_mask.to(device)

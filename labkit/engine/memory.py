@@ -1,0 +1,150 @@
+"""Where the GPU memory goes: weights + KV cache, estimated from the config and measured."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+GB = 1e9  # memory figures are decimal GB, like nvidia-smi's MiB are not: say which when printing
+KIB = 1024
+
+
+def dtype_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes held by the model's parameters and buffers; tied weights are counted once."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.data_ptr() in seen or tensor.device.type == "meta":
+            continue
+        seen.add(tensor.data_ptr())
+        total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    """Parameters, tied weights counted once (what `model.num_parameters()` reports)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def kv_cache_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """2 (K and V) × layers × kv_heads × head_dim × bytes per element."""
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim(config) * dtype_bytes(dtype)
+
+
+def kv_cache_bytes(config, dtype: torch.dtype, batch_size: int, seq_len: int) -> int:
+    return kv_cache_bytes_per_token(config, dtype) * batch_size * seq_len
+
+
+@dataclass
+class MeasuredMemory:
+    """GPU memory as torch's allocator and the driver see it (bytes); None without a GPU."""
+
+    torch_allocated: int | None
+    torch_reserved: int | None
+    nvml_used: int | None
+    total: int | None
+
+
+def measure_gpu_memory(device: torch.device) -> MeasuredMemory:
+    if device.type != "cuda":
+        return MeasuredMemory(None, None, None, None)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    torch.cuda.synchronize(index)
+    free, total = torch.cuda.mem_get_info(index)
+    return MeasuredMemory(
+        torch_allocated=torch.cuda.memory_allocated(index),
+        torch_reserved=torch.cuda.memory_reserved(index),
+        nvml_used=total - free,  # the driver's view: everything on the card, all processes
+        total=total,
+    )
+
+
+@dataclass
+class MemoryReport:
+    """Estimate next to measurement, for one loaded model."""
+
+    model: str
+    dtype: str
+    parameters: int
+    weight_bytes: int
+    kv_bytes_per_token: int
+    measured: MeasuredMemory
+
+    def kv_cache_bytes(self, batch_size: int, seq_len: int) -> int:
+        return self.kv_bytes_per_token * batch_size * seq_len
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def table(self, batch_size: int = 1, seq_len: int = 170) -> str:
+        m = self.measured
+        kv = self.kv_cache_bytes(batch_size, seq_len)
+        rows = [
+            ("parameters", f"{self.parameters / 1e9:.2f} B" if self.parameters > 1e8
+             else f"{self.parameters / 1e6:.2f} M"),
+            (f"weights ({self.dtype})", _gb(self.weight_bytes)),
+            ("KV cache per token", f"{self.kv_bytes_per_token / KIB:.1f} KiB"),
+            (f"KV cache, batch {batch_size} × {seq_len} tokens", _gb(kv)),
+            ("estimate: weights + KV cache", _gb(self.weight_bytes + kv)),
+        ]
+        if m.torch_allocated is None:
+            rows.append(("measured GPU memory", "no GPU: nothing to measure"))
+        else:
+            rows += [
+                ("measured: torch allocated", _gb(m.torch_allocated)),
+                ("measured: torch reserved", _gb(m.torch_reserved)),
+                ("measured: driver (NVML) used, whole card", _gb(m.nvml_used)),
+                ("card total", _gb(m.total)),
+            ]
+        width = max(len(name) for name, _ in rows)
+        return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def _gb(n: int | None) -> str:
+    if n is None:
+        return "n/a"
+    return f"{n / GB:.3f} GB" if n < 0.1 * GB else f"{n / GB:.2f} GB"
+
+
+def parameter_count_from_config(config) -> int:
+    """Parameters of a Llama-style decoder (Llama, Phi-3, …) computed from its config alone.
+
+    Lets a learner (and `labkit.course.answers`) size a model before loading it: embeddings, per layer
+    attention (q, k, v, o) + gated MLP (gate, up, down) + two RMSNorms, a final norm, and the
+    LM head unless it is tied to the embeddings. Phi-3's fused qkv/gate_up have the same counts.
+    """
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    q_width, kv_width = heads * head_dim(config), kv_heads * head_dim(config)
+    attention = hidden * q_width + 2 * hidden * kv_width + q_width * hidden
+    if getattr(config, "attention_bias", False):
+        attention += q_width + 2 * kv_width + hidden
+    mlp = 3 * hidden * config.intermediate_size
+    if getattr(config, "mlp_bias", False):
+        mlp += 2 * config.intermediate_size + hidden
+    per_layer = attention + mlp + 2 * hidden
+    embeddings = config.vocab_size * hidden
+    lm_head = 0 if getattr(config, "tie_word_embeddings", False) else config.vocab_size * hidden
+    return embeddings + layers * per_layer + hidden + lm_head
+
+
+def peak_gpu_bytes_during(fn, device: torch.device):
+    """Run `fn()`; return (its result, peak torch-allocated bytes during it, or None on CPU)."""
+    if device.type != "cuda":
+        return fn(), None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    result = fn()
+    torch.cuda.synchronize(device)
+    return result, torch.cuda.max_memory_allocated(device)

@@ -1,0 +1,124 @@
+"""One request and its result, from where it enters (HTTP or Python) to the model and back.
+
+A `Request` is validated once, when it is made: the sampling parameters are checked here and
+nowhere else. Before it is generated, `hf_generate.tokenize` checks that its prompt fits the
+model's context and stores the prompt's token ids on it, so the prompt is tokenized once. Every
+way of generating (one at a time, batched) returns the same `Result`.
+
+The errors a server turns into status codes live here too: `InvalidRequest` (400),
+`PromptTooLong` (413) and `OutOfMemory` (503). No torch here: a server imports this module
+before its model, and torch with it, has loaded.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+DEFAULT_MAX_TOKENS = 150
+DEFAULT_TEMPERATURE = 0.7
+MAX_TEMPERATURE = 2.0
+
+
+class InvalidRequest(ValueError):
+    """A request argument of the wrong type or out of range; the message names it and says
+    what is valid."""
+
+
+class PromptTooLong(InvalidRequest):
+    """Prompt plus max_tokens does not fit in the model's context window."""
+
+
+class OutOfMemory(RuntimeError):
+    """The device ran out of memory while generating; the allocator's cache was freed."""
+
+
+@dataclass
+class Request:
+    """What to generate and how to sample it. temperature 0 is greedy; top_p None keeps the
+    whole distribution; a seed makes sampling repeatable."""
+
+    prompt: str
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    temperature: float = DEFAULT_TEMPERATURE
+    top_p: float | None = None
+    seed: int | None = None
+    prompt_ids: list[int] | None = field(default=None, repr=False)  # set by tokenize, once
+
+    def __post_init__(self) -> None:
+        _check_prompt(self.prompt)
+        _check_max_tokens(self.max_tokens)
+        self.temperature = _check_temperature(self.temperature)
+        self.top_p = _check_top_p(self.top_p)
+        _check_seed(self.seed)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class Result:
+    """One finished generation. Times are host clock readings after the device finished
+    (ms); `queue_time_ms` and `memory_used_gb` are filled in by a server's scheduler."""
+
+    generated_text: str
+    prompt: str
+    tokens_generated: int
+    prompt_tokens: int
+    time_to_first_token_ms: float
+    inference_time_ms: float
+    tokens_per_second: float
+    time_per_output_token_ms: float | None
+    device: str
+    model: str
+    synthetic: bool
+    finish_reason: str  # "length" (hit max_tokens) or "stop" (a stop token)
+    queue_time_ms: float | None = None  # waiting in a server before its generation started
+    memory_used_gb: float | None = None  # GPU memory held by tensors when it finished
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_prompt(prompt) -> None:
+    if not isinstance(prompt, str):
+        raise InvalidRequest(f"prompt must be a string, got {type(prompt).__name__}")
+    if not prompt.strip():
+        raise InvalidRequest("prompt is empty; send some text to continue")
+
+
+def _check_max_tokens(max_tokens) -> None:
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
+        raise InvalidRequest(f"max_tokens must be an integer, at least 1, got {max_tokens!r}")
+    if max_tokens < 1:
+        raise InvalidRequest(f"max_tokens must be at least 1, got {max_tokens}")
+
+
+def _check_temperature(temperature) -> float:
+    if not _is_number(temperature):
+        raise InvalidRequest(f"temperature must be a number from 0 to {MAX_TEMPERATURE:g}, got "
+                             f"{temperature!r}")
+    if not math.isfinite(temperature) or not 0 <= temperature <= MAX_TEMPERATURE:
+        raise InvalidRequest(f"temperature must be from 0 to {MAX_TEMPERATURE:g} (0 = greedy), "
+                             f"got {temperature}")
+    return float(temperature)
+
+
+def _check_top_p(top_p) -> float | None:
+    if top_p is None:
+        return None
+    if not _is_number(top_p):
+        raise InvalidRequest(f"top_p must be a number in (0, 1], got {top_p!r}")
+    if not math.isfinite(top_p) or not 0 < top_p <= 1:
+        raise InvalidRequest(f"top_p must be in (0, 1], got {top_p}")
+    return float(top_p)
+
+
+def _check_seed(seed) -> None:
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise InvalidRequest(f"seed must be a non-negative integer or null, got {seed!r}")

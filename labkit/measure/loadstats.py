@@ -1,0 +1,288 @@
+"""Load-test results: per-request records, the metrics computed from them, the seed's report.
+
+Metric definitions (DESIGN.md); `labkit loadtest --explain` prints DEFINITIONS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+DEFINITIONS = """\
+Metric definitions
+  latency      client side: from sending the request (open loop: from its scheduled send time)
+               to receiving the whole response, time.perf_counter. Failed requests are counted,
+               reported by type, and kept out of the latency percentiles.
+  percentiles  linear interpolation between the two nearest samples (numpy's default).
+  throughput   successful requests / wall time from the first send to the last completion.
+  tokens/s     output tokens of successful requests (the server's tokens_generated) / that
+               same wall time.
+  queue time   the server's queue_time_ms: how long a request waited in the server before its
+               generation started (with one generation at a time, the others wait).
+  TTFT         send -> first token. The server answers only when the text is complete, so it is
+               latency - (inference_time_ms - time_to_first_token_ms): the client's latency
+               minus the part of generation that came after the first token.
+  TPOT         (latency - TTFT) / (tokens - 1), per request with 2 or more tokens (vLLM's
+               definition); the same as the server's decode time per token.
+  send lag     how late the client itself sent a request: from the moment it was due (closed
+               loop: its worker was free; open loop: its scheduled arrival, or when a
+               concurrency slot freed up) to its headers being written to the socket. A large
+               send lag means the client, not the server, limits the measurement.
+"""
+
+# Warn when the client's own lag (p99) exceeds both of these: it then distorts the latencies.
+CLIENT_LAG_WARN_MS = 10.0
+CLIENT_LAG_WARN_SHARE = 0.1  # of the median latency
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """One request as the client saw it. Times in seconds are relative to the test's start."""
+
+    index: int
+    url: str
+    scheduled_s: float  # when it was meant to leave: latency counts from here
+    sent_s: float | None  # headers written to the socket; None if it never got that far
+    done_s: float  # response fully read, or the error raised
+    latency_ms: float
+    status: int | None  # HTTP status, None when no response came (timeout, connection)
+    ok: bool
+    error_type: str | None = None  # "HTTP 503", "timeout", "connection error", ...
+    # When it could leave: `scheduled_s`, or later when it waited for a free concurrency slot
+    # (open loop with a cap). The send lag counts from here.
+    ready_s: float | None = None
+    error: str | None = None
+    tokens_generated: int | None = None
+    prompt_tokens: int | None = None
+    queue_time_ms: float | None = None
+    inference_time_ms: float | None = None
+    server_ttft_ms: float | None = None  # the server's time_to_first_token_ms (from gen. start)
+    server_total_ms: float | None = None
+    request_id: str | None = None
+    model: str | None = None
+    device: str | None = None
+    gpu_name: str | None = None
+    synthetic: bool | None = None
+
+    @property
+    def send_lag_ms(self) -> float | None:
+        if self.sent_s is None:
+            return None
+        ready = self.scheduled_s if self.ready_s is None else self.ready_s
+        return (self.sent_s - ready) * 1000
+
+    @property
+    def ttft_ms(self) -> float | None:
+        """Send -> first token (see DEFINITIONS)."""
+        if not self.ok or self.inference_time_ms is None or self.server_ttft_ms is None:
+            return None
+        return self.latency_ms - (self.inference_time_ms - self.server_ttft_ms)
+
+    @property
+    def tpot_ms(self) -> float | None:
+        ttft = self.ttft_ms
+        if ttft is None or not self.tokens_generated or self.tokens_generated < 2:
+            return None
+        return (self.latency_ms - ttft) / (self.tokens_generated - 1)
+
+    def as_dict(self) -> dict:
+        row = dataclasses.asdict(self)
+        row.update(send_lag_ms=self.send_lag_ms, ttft_ms=self.ttft_ms, tpot_ms=self.tpot_ms)
+        return row
+
+
+def percentiles(values, qs=(50, 95, 99)) -> dict[str, float]:
+    """{'p50': ..., ...} with linear interpolation; NaN when there are no values."""
+    if len(values) == 0:
+        return {f"p{q}": math.nan for q in qs}
+    found = np.percentile(np.asarray(values, dtype=float), qs)  # method="linear" (default)
+    return {f"p{q}": float(v) for q, v in zip(qs, found, strict=True)}
+
+
+def _mean(values) -> float:
+    return float(np.mean(values)) if len(values) else math.nan
+
+
+class LoadTestResult:
+    """What `labkit.measure.loadtest.run` returns: records, summary(), report(), to_dataframe()."""
+
+    def __init__(self, records: list[RequestRecord], config: dict):
+        self.records = sorted(records, key=lambda r: r.index)
+        self.config = config
+
+    @property
+    def ok_records(self) -> list[RequestRecord]:
+        return [r for r in self.records if r.ok]
+
+    def summary(self) -> dict:
+        """Every figure of the report, as plain JSON-friendly numbers."""
+        ok = self.ok_records
+        latencies = [r.latency_ms for r in ok]
+        wall = self.wall_time_s()
+        tokens = sum(r.tokens_generated or 0 for r in ok)
+        lat = {"min": min(latencies, default=math.nan), "max": max(latencies, default=math.nan),
+               "mean": _mean(latencies), **percentiles(latencies)}
+        queue = [r.queue_time_ms for r in ok if r.queue_time_ms is not None]
+        ttft = [r.ttft_ms for r in ok if r.ttft_ms is not None]
+        tpot = [r.tpot_ms for r in ok if r.tpot_ms is not None]
+        lags = [r.send_lag_ms for r in self.records if r.send_lag_ms is not None]
+        lag = percentiles(lags, (50, 99))
+        return {
+            "total_requests": len(self.records),
+            "successful": len(ok),
+            "failed": len(self.records) - len(ok),
+            "success_rate": len(ok) / len(self.records) if self.records else math.nan,
+            "latency_ms": lat,
+            "total_time_s": wall,
+            "requests_per_sec": len(ok) / wall if wall > 0 else math.nan,
+            "requests_per_min": 60 * len(ok) / wall if wall > 0 else math.nan,
+            "output_tokens": tokens,
+            "output_tokens_per_sec": tokens / wall if wall > 0 else math.nan,
+            "queue_time_ms": {"mean": _mean(queue), **percentiles(queue, (50, 95))},
+            "ttft_ms": {"mean": _mean(ttft), **percentiles(ttft, (50, 95))},
+            "tpot_ms": {"mean": _mean(tpot)},
+            "errors_by_type": self.errors_by_type(),
+            "send_lag_ms": lag,
+            "client_bound": self.client_bound(lag["p99"], lat["p50"]),
+            "server": self.server_description(),
+            "config": self.config,
+        }
+
+    def wall_time_s(self) -> float:
+        """From the first request's scheduled send to the last completion."""
+        if not self.records:
+            return 0.0
+        return max(r.done_s for r in self.records) - min(r.scheduled_s for r in self.records)
+
+    def errors_by_type(self) -> dict[str, dict]:
+        errors: dict[str, dict] = {}
+        for r in self.records:
+            if not r.ok:
+                entry = errors.setdefault(r.error_type or "error", {"count": 0, "example": r.error})
+                entry["count"] += 1
+        return errors
+
+    @staticmethod
+    def client_bound(lag_p99_ms: float, latency_p50_ms: float) -> bool:
+        if math.isnan(lag_p99_ms):
+            return False
+        threshold = CLIENT_LAG_WARN_MS
+        if not math.isnan(latency_p50_ms):
+            threshold = max(threshold, CLIENT_LAG_WARN_SHARE * latency_p50_ms)
+        return lag_p99_ms > threshold
+
+    def server_description(self) -> dict | None:
+        """Model and device as the server reported them (first successful response)."""
+        for r in self.records:
+            if r.ok and r.model is not None:
+                return {"model": r.model, "device": r.device, "gpu_name": r.gpu_name,
+                        "synthetic": r.synthetic}
+        return None
+
+    def report(self, explain: bool = False) -> str:
+        """The seed's LOAD TEST RESULTS block, then tokens, server-side times, errors, lag."""
+        s = self.summary()
+        lat = s["latency_ms"]
+        per_min = s["requests_per_min"]
+        rule = "=" * 60
+        lines = [
+            rule, "LOAD TEST RESULTS", rule, "",
+            "Success Rate:",
+            f"  Total requests: {s['total_requests']}",
+            f"  Successful: {s['successful']}",
+            f"  Success rate: {_pct(s['success_rate'])}",
+            "",
+            "Latency (ms):",
+            f"  Min: {_ms(lat['min'])}",
+            f"  Max: {_ms(lat['max'])}",
+            f"  Mean: {_ms(lat['mean'])}",
+            f"  Median (p50): {_ms(lat['p50'])}",
+            f"  p95: {_ms(lat['p95'])}",
+            f"  p99: {_ms(lat['p99'])}",
+            "",
+            "Throughput:",
+            f"  Total time: {s['total_time_s']:.1f}s",
+            f"  Requests/sec: {_num(s['requests_per_sec'], 2)}",
+            f"  Requests/min: {_num(per_min, 0 if per_min >= 10 else 1)}",
+            rule,
+            "",
+            "Tokens:",
+            f"  Output tokens/sec: {_num(s['output_tokens_per_sec'], 1)} "
+            f"({s['output_tokens']} tokens in {s['successful']} responses)",
+            "",
+            "Server side (from response fields):",
+            f"  Queue time (ms): mean {_ms(s['queue_time_ms']['mean'])}, "
+            f"p95 {_ms(s['queue_time_ms']['p95'])}",
+            f"  TTFT (ms, send -> first token): mean {_ms(s['ttft_ms']['mean'])}, "
+            f"p95 {_ms(s['ttft_ms']['p95'])}",
+            f"  TPOT (ms per output token): mean {_num(s['tpot_ms']['mean'], 2)}",
+            "",
+            "Errors by type:",
+        ]
+        if not s["errors_by_type"]:
+            lines.append("  none")
+        for kind, entry in sorted(s["errors_by_type"].items(), key=lambda kv: -kv[1]["count"]):
+            example = (entry["example"] or "")[:160]
+            lines.append(f"  {kind}: {entry['count']}" + (f"  (e.g. {example})" if example else ""))
+        lag = s["send_lag_ms"]
+        lines += ["", f"Client send lag (ms): p50 {_num(lag['p50'], 2)}, p99 {_num(lag['p99'], 2)}"]
+        if s["client_bound"]:
+            lines.append(
+                "  WARNING: the client, not the server, is the bottleneck: requests left late "
+                f"(p99 {lag['p99']:.1f} ms). Latencies include the client's own delay; use fewer "
+                "concurrent requests, a lower --rate, or several load-test processes.")
+        lines += ["", "Setup:", f"  {self._describe_setup()}"]
+        server = s["server"]
+        if server:
+            where = server["gpu_name"] or f"{server['device']} (no GPU)"
+            synthetic = ("  [synthetic: random weights, meaningless text; real timings]"
+                         if server["synthetic"] else "")
+            lines.append(f"  Server: {server['model']} on {where}{synthetic}")
+        lines.append(rule)
+        if explain:
+            lines += ["", DEFINITIONS]
+        return "\n".join(lines)
+
+    def _describe_setup(self) -> str:
+        c = self.config
+        if c.get("rate"):
+            loop = f"open loop, Poisson arrivals at {c['rate']:g} req/s"
+            loop += f", at most {c['concurrency']} in flight" if c.get("concurrency") else ""
+        else:
+            loop = f"closed loop, concurrency {c.get('concurrency')}"
+        urls = c.get("urls") or []
+        where = urls[0] if len(urls) == 1 else f"{len(urls)} URLs round-robin"
+        return (f"{len(self.records)} requests, {loop}, max_tokens {c.get('max_tokens')}, "
+                f"temperature {c.get('temperature')}, {where}"
+                + (f", {c['warmup']} warm-up request(s) not counted" if c.get("warmup") else ""))
+
+    def to_dataframe(self):
+        """One row per request (records plus send_lag_ms, ttft_ms, tpot_ms)."""
+        import pandas as pd
+
+        return pd.DataFrame([r.as_dict() for r in self.records])
+
+    def __repr__(self) -> str:
+        s = self.summary()
+        return (f"<LoadTestResult {s['successful']}/{s['total_requests']} ok, "
+                f"p50 {_ms(s['latency_ms']['p50'])} ms, {_num(s['requests_per_sec'], 2)} req/s>")
+
+    def _repr_pretty_(self, printer, cycle) -> None:  # IPython shows the report
+        printer.text(self.report())
+
+
+def _ms(value: float) -> str:
+    if value is None or math.isnan(value):
+        return "n/a"
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.1f}"
+
+
+def _num(value: float, digits: int) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def _pct(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{100 * value:.1f}%"

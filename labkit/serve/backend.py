@@ -1,0 +1,168 @@
+"""What the server asks of a model: tokenize a request, generate it (alone or in a batch),
+free memory after an out-of-memory error.
+
+The HTTP layer and the schedulers only see the `Backend` interface, so tests can serve a stub
+(an injected delay, a fake out-of-memory error) through the very same server code. `generate`
+serves the sequential mode, `generate_batch` the batched one (`labkit.serve.schedulers`). This
+module imports torch: the server imports it only when it starts loading the model.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import gc
+import logging
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+
+from labkit.engine import hf_generate, synthetic
+from labkit.engine.batched import generate_batch
+from labkit.engine.model import LoadedModel, load_model, resolve_local_path
+from labkit.engine.request import Request, Result
+from labkit.engine.static_decode import StaticDecoders
+from labkit.measure import gpu
+
+log = logging.getLogger("labkit.server")
+
+
+class Backend(Protocol):
+    """A loaded model, as the server uses it. `generate` blocks; it runs off the event loop."""
+
+    name: str  # shown in every response ("... (synthetic: ...)" for synthetic models)
+    synthetic: bool
+    device: str  # "cpu" or "cuda"/"cuda:N": where generation runs
+    gpu_name: str | None  # the card generation runs on; None on the CPU
+    context_length: int
+    load_time_s: float
+    cuda_graphs: bool  # batched decode steps replayed from CUDA graphs
+
+    def tokenize(self, request: Request) -> None:
+        """Store the prompt's token ids on the request; raises PromptTooLong when it cannot
+        fit the context. Runs on the server's check thread, not the generation thread."""
+
+    def generate(self, request: Request) -> Result:
+        """Run one generation."""
+
+    def generate_batch(self, requests: list[Request],
+                       on_finish: Callable[[int, Result], None] | None = None) -> list[Result]:
+        """Run `requests` as one batch; returns their results in order and calls
+        on_finish(index, result) as each one finishes."""
+
+    def warm_up(self) -> None:
+        """Throwaway work before the first request; the server calls it on the thread that
+        will generate, before it reports ready."""
+
+    def free_memory(self) -> None:
+        """Release cached device memory (after an out-of-memory error)."""
+
+    def memory_used_gb(self) -> float | None:
+        """GPU memory held by tensors now (torch allocated), None on the CPU."""
+
+
+class ModelBackend:
+    """A loaded model served with `hf_generate.generate`, and in batches with
+    `batched.generate_batch` (over `static` decoders when given: CUDA graphs)."""
+
+    def __init__(self, lm: LoadedModel, static: StaticDecoders | None = None,
+                 warmup_runs: int = 0, max_batch_size: int | None = None):
+        self.lm = lm
+        self.static = static
+        self.warmup_runs, self.max_batch_size = warmup_runs, max_batch_size
+        self.cuda_graphs = static is not None and static.capture
+        self.name = lm.name
+        self.synthetic = lm.synthetic
+        self.device = str(lm.device)
+        self.gpu_name = (torch.cuda.get_device_name(lm.device)
+                         if lm.device.type == "cuda" else None)
+        self.context_length = lm.context_length
+        self.load_time_s = lm.load_time_s
+        # Prompt checks run on another thread than generation. A fast tokenizer is a Rust object
+        # that raises "Already borrowed" when two threads use it at once, so the checker gets
+        # its own copy instead of sharing the generation thread's.
+        self._checker = dataclasses.replace(lm, tokenizer=copy.deepcopy(lm.tokenizer))
+
+    def tokenize(self, request: Request) -> None:
+        hf_generate.tokenize(self._checker, request)
+
+    def generate(self, request: Request) -> Result:
+        return hf_generate.generate(self.lm, request)
+
+    def generate_batch(self, requests: list[Request],
+                       on_finish: Callable[[int, Result], None] | None = None) -> list[Result]:
+        return generate_batch(self.lm, requests, on_finish, static=self.static)
+
+    def warm_up(self) -> None:
+        """Throwaway generations, so the first timed request does not pay one-off costs
+        (allocator growth, kernel selection, lazy imports); with CUDA graphs, one short batch
+        of each padded batch size, so each graph is captured before the first request. The
+        server runs this on its generation thread: after a warm-up on another thread, the first
+        request on that thread was 3x slower than the next ones (benchmarks/RESULTS.md, H100,
+        "Model loading and one generation")."""
+        if not self.warmup_runs:
+            return
+        began = time.perf_counter()
+        hf_generate.warmup(self.lm, runs=self.warmup_runs)
+        graphs = ""
+        if self.static is not None:
+            rows = 1
+            while True:  # each padded batch size up to max_batch_size: 1, 2, 4, ...
+                self.generate_batch([Request("warm-up", 2, 0) for _ in range(rows)])
+                if rows >= self.max_batch_size:
+                    break
+                rows *= 2
+            graphs = f"; CUDA graphs captured for (batch, cache tokens) {self.static.shapes}"
+        log.info("Warm-up: %d run(s) of %d tokens%s, in %.1f s", self.warmup_runs,
+                 hf_generate.WARMUP_TOKENS, graphs, time.perf_counter() - began)
+
+    def free_memory(self) -> None:
+        if self.static is not None:
+            self.static.clear()  # made again, smaller, as batches need them
+        gc.collect()
+        if self.lm.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def memory_used_gb(self) -> float | None:
+        if self.lm.device.type != "cuda":
+            return None
+        return round(torch.cuda.memory_allocated(self.lm.device) / 1e9, 3)
+
+
+def load_model_backend(source: str = "model", device: str = "auto", dtype: str = "auto",
+                       warmup_runs: int = 1, threads: int | None = None,
+                       max_batch_size: int | None = None,
+                       cuda_graphs: bool = True) -> ModelBackend:
+    """Load `source` and log it in the seed's words. The warm-up (`warmup_runs` generations;
+    with `max_batch_size`, batched mode, on a GPU also the CUDA graphs of batched decoding
+    unless `cuda_graphs` is false) is left to `ModelBackend.warm_up`, to run on the thread
+    that will generate."""
+    where = source if synthetic.is_synthetic(source) else resolve_local_path(source).resolve()
+    log.info("Loading model from %s", where)
+    log.info("%s", gpu.describe())
+    lm = load_model(source, device=device, dtype=dtype)
+    set_cpu_threads(lm.device.type, threads)
+    log.info("Model loaded successfully! %s, %s parameters, %s, on %s, in %.1f s",
+             lm.name, f"{lm.num_parameters:,}", str(lm.dtype).removeprefix("torch."),
+             lm.device, lm.load_time_s)
+    graphs = bool(max_batch_size) and cuda_graphs and lm.device.type == "cuda"
+    if max_batch_size and lm.device.type == "cuda" and not graphs:
+        log.info("Batched decoding runs eagerly (--no-cuda-graphs): the GPU waits on Python "
+                 "between kernels")
+    return ModelBackend(lm, StaticDecoders(lm) if graphs else None,
+                        warmup_runs=warmup_runs, max_batch_size=max_batch_size)
+
+
+def set_cpu_threads(device_type: str, threads: int | None) -> None:
+    """CPU generation: leave one core to the event loop and to a load tester on the same
+    machine. torch's default (one thread per core) spin-waits against them: on a loaded 2-core
+    machine 2 threads ran 15x slower than 1 (benchmarks/RESULTS.md, "Embedded model on the
+    CPU"). An explicit `threads` always wins; on a GPU the default is left alone."""
+    if threads is None and device_type != "cpu":
+        return
+    available = torch.get_num_threads()
+    chosen = threads or max(1, available - 1)
+    torch.set_num_threads(chosen)
+    log.info("CPU threads for generation: %d (of %d; --threads to change)", chosen, available)

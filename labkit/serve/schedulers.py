@@ -1,0 +1,382 @@
+"""Serving modes: how queued /generate requests reach the model, and the server's own clock of
+busy time. Independent of HTTP: `labkit.serve.http` submits requests and awaits outcomes.
+
+`SequentialScheduler` is the seed's baseline: one generation at a time, the others wait in FIFO
+order. `BatchedScheduler` generates the requests that queued up while the model was busy
+together, as one batch. Both share `QueueScheduler`'s queue, clock, counters and fault handling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from labkit.engine.request import OutOfMemory, Request, Result
+
+if TYPE_CHECKING:
+    from labkit.serve.backend import Backend
+
+log = logging.getLogger("labkit.serve.http")
+
+RECENT_WINDOW_S = 5.0
+DEFAULT_MAX_BATCH_SIZE = 32
+DEFAULT_MAX_WAIT_MS = 5.0
+MAX_WAIT_LIMIT_MS = 10_000.0
+
+
+class BusyClock:
+    """Wall time during which a generation was running: the server's own view of idle time,
+    which needs no GPU. busy_fraction = busy time ÷ wall time, since start or over the last
+    `window_s` seconds. Thread-safe: intervals open and close on the generation thread."""
+
+    def __init__(self, window_s: float = RECENT_WINDOW_S, clock=time.perf_counter):
+        self.window_s = window_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._started_at = clock()
+        self._closed_total = 0.0
+        self._running_since: float | None = None
+        self._recent: collections.deque[tuple[float, float]] = collections.deque()
+
+    def start(self) -> None:
+        with self._lock:
+            self._running_since = self._clock()
+
+    def stop(self) -> None:
+        with self._lock:
+            if self._running_since is None:
+                return
+            end = self._clock()
+            self._closed_total += end - self._running_since
+            self._recent.append((self._running_since, end))
+            self._running_since = None
+            self._prune(end)
+
+    def uptime_s(self) -> float:
+        return self._clock() - self._started_at
+
+    def busy_seconds(self) -> float:
+        with self._lock:
+            now = self._clock()
+            running = now - self._running_since if self._running_since is not None else 0.0
+            return self._closed_total + running
+
+    def busy_fraction(self) -> float:
+        uptime = self.uptime_s()
+        return min(1.0, self.busy_seconds() / uptime) if uptime > 0 else 0.0
+
+    def busy_fraction_recent(self) -> float:
+        """Share of the last `window_s` seconds (or of the uptime, if shorter) spent generating."""
+        with self._lock:
+            now = self._clock()
+            start = max(now - self.window_s, self._started_at)
+            span = now - start
+            if span <= 0:
+                return 0.0
+            self._prune(now)
+            busy = sum(min(e, now) - max(s, start) for s, e in self._recent if e > start)
+            if self._running_since is not None:
+                busy += now - max(self._running_since, start)
+            return min(1.0, busy / span)
+
+    def _prune(self, now: float) -> None:
+        while self._recent and self._recent[0][1] < now - self.window_s:
+            self._recent.popleft()
+
+
+@dataclass(eq=False)  # hashed by identity: jobs live in a set while they wait
+class _Job:
+    request: Request
+    submitted: float
+    future: asyncio.Future = field(repr=False)  # its Result, or the error that stopped it
+
+
+class Scheduler(Protocol):
+    mode: str
+    served: int
+
+    def set_backend(self, backend: Backend) -> None: ...
+    def run_on_generation_thread(self, fn: Callable[[], object]) -> object: ...
+    async def start(self) -> None: ...
+    async def submit(self, request: Request) -> Result: ...
+    async def wait_idle(self, timeout: float | None = None) -> bool: ...
+    async def close(self) -> None: ...
+    def stats(self) -> dict: ...
+
+
+class QueueScheduler:
+    """A FIFO queue in front of one generation thread, which takes up to `max_batch_size` jobs
+    at a time. Subclasses say how a group of jobs is generated (`_generate_group`).
+
+    Generation runs on one dedicated thread, so the event loop keeps answering /, /health and
+    /stats while the model works. A request whose client goes away while it waits is dropped
+    before it starts; one that is already generating runs to the end (a generation cannot be
+    interrupted safely) and its result is discarded. Either way the worker moves on: nothing
+    wedges. Out of memory frees the allocator's cache and fails only the requests it hit."""
+
+    mode = "queue"
+
+    def __init__(self, backend: Backend | None = None, window_s: float = RECENT_WINDOW_S, *,
+                 max_batch_size: int = 1, max_wait_ms: float = 0.0):
+        self.backend = backend
+        self.max_batch_size = max_batch_size
+        self.max_wait_ms = max_wait_ms
+        self.busy = BusyClock(window_s)
+        self.served = 0  # requests whose generation finished and returned a result
+        self.failed = 0  # requests whose generation raised (out of memory, or a bug)
+        self.cancelled = 0  # client disconnected before its result was delivered
+        self.batches = 0  # generations started (a group of 1 in sequential mode)
+        self.batched_requests = 0  # requests in those generations
+        self._queue: asyncio.Queue[_Job] | None = None
+        self._waiting: set[_Job] = set()
+        self._in_flight = 0  # requests generating now, not yet answered
+        self._idle: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, "labkit-generate")
+
+    def set_backend(self, backend: Backend) -> None:
+        self.backend = backend
+
+    def run_on_generation_thread(self, fn: Callable[[], object]) -> object:
+        """Run `fn` on the thread that generates, and wait for it (the warm-up at load time:
+        a thread's first generation pays costs that a warm-up elsewhere does not remove)."""
+        return self._executor.submit(fn).result()
+
+    async def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._worker = asyncio.create_task(self._run_worker(), name="labkit-scheduler")
+
+    async def submit(self, request: Request) -> Result:
+        """Queue `request` and wait for its result, with `queue_time_ms` and `memory_used_gb`
+        filled in; raises what stopped it (OutOfMemory, or a bug). Cancelling the caller (a
+        client that disconnects) withdraws the job if it has not started yet."""
+        if self.backend is None or self._queue is None:
+            raise RuntimeError("scheduler has no model yet")
+        job = _Job(request, time.perf_counter(), asyncio.get_running_loop().create_future())
+        self._waiting.add(job)
+        self._idle.clear()
+        self._queue.put_nowait(job)
+        try:
+            return await job.future
+        except asyncio.CancelledError:
+            if job in self._waiting:  # never started: the worker will skip it
+                self._waiting.discard(job)
+            self.cancelled += 1
+            self._update_idle()
+            raise
+
+    async def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until nothing is queued or running; False on timeout."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    async def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+        # A generation still running (forced stop) is abandoned, not joined.
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def stats(self) -> dict:
+        uptime = self.busy.uptime_s()
+        return {
+            "mode": self.mode,
+            "uptime_s": round(uptime, 3),
+            "requests_served": self.served,
+            "requests_failed": self.failed,
+            "requests_cancelled": self.cancelled,
+            "queue_depth": len(self._waiting),
+            "in_flight": self._in_flight,
+            "batches": self.batches,
+            "mean_batch_size": (round(self.batched_requests / self.batches, 3)
+                                if self.batches else None),
+            "max_batch_size": self.max_batch_size,
+            "max_wait_ms": self.max_wait_ms,
+            "busy_seconds": round(self.busy.busy_seconds(), 4),
+            "busy_fraction": round(self.busy.busy_fraction(), 4),
+            "busy_fraction_recent": round(self.busy.busy_fraction_recent(), 4),
+            "recent_window_s": self.busy.window_s,
+        }
+
+    async def _run_worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            jobs = await self._next_group()
+            if not jobs:  # all withdrawn while queued
+                self._update_idle()
+                continue
+            self._waiting.difference_update(jobs)
+            self._in_flight = len(jobs)
+            self.batches += 1
+            self.batched_requests += len(jobs)
+            try:
+                await loop.run_in_executor(self._executor, self._generate, jobs, loop)
+            finally:  # every answer was scheduled before the executor's own completion
+                self._in_flight = 0
+            self._update_idle()
+
+    async def _next_group(self) -> list[_Job]:
+        """The oldest waiting job, then whatever else is queued, up to `max_batch_size` jobs;
+        while the group is short, wait for more until `max_wait_ms` after the first job was
+        submitted. Jobs withdrawn by their clients are skipped ([] if the first one was)."""
+        first = await self._queue.get()
+        if first not in self._waiting:
+            return []
+        group = [first]
+        deadline = first.submitted + self.max_wait_ms / 1000
+        while len(group) < self.max_batch_size:
+            if self._queue.empty():
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    break
+                try:
+                    job = await asyncio.wait_for(self._queue.get(), remaining)
+                except asyncio.TimeoutError:
+                    break
+            else:
+                job = self._queue.get_nowait()
+            if job in self._waiting:
+                group.append(job)
+        return [job for job in group if job in self._waiting]  # some may leave meanwhile
+
+    def _answer(self, job: _Job, result: Result | None, error: BaseException | None) -> None:
+        """On the event loop: count the outcome and hand it to the waiting handler (if it still
+        waits). The one hand-off from the generation thread to the handler."""
+        if error is None:
+            self.served += 1
+        else:
+            self.failed += 1
+        self._in_flight = max(0, self._in_flight - 1)
+        if not job.future.done():
+            if error is None:
+                job.future.set_result(result)
+            else:
+                job.future.set_exception(error)
+
+    def _generate(self, jobs: list[_Job], loop: asyncio.AbstractEventLoop) -> None:
+        """Runs on the generation thread: time each job's wait, generate the group, answer each
+        job as soon as its result exists, and turn what a request can cause (out of memory, a
+        bug) into the error of every job not answered yet."""
+        import torch
+
+        started = time.perf_counter()
+        answered: set[int] = set()
+
+        def finish(index: int, result: Result) -> None:
+            answered.add(index)
+            result.queue_time_ms = (started - jobs[index].submitted) * 1000
+            result.memory_used_gb = self.backend.memory_used_gb()
+            loop.call_soon_threadsafe(self._answer, jobs[index], result, None)
+
+        self.busy.start()
+        try:
+            self._generate_group([job.request for job in jobs], finish)
+            return
+        except (torch.OutOfMemoryError, MemoryError) as err:
+            error = self._out_of_memory(err, len(jobs))
+        except RuntimeError as err:
+            # torch's CPU allocator says it this way
+            oom = "can't allocate memory" in str(err)
+            error = self._out_of_memory(err, len(jobs)) if oom else err
+        except Exception as err:  # reported to the clients; the worker must survive it
+            error = err
+        finally:
+            self.busy.stop()
+        for index, job in enumerate(jobs):
+            if index not in answered:
+                loop.call_soon_threadsafe(self._answer, job, None, error)
+
+    def _generate_group(self, requests: list[Request],
+                        finish: Callable[[int, Result], None]) -> None:
+        """Generate `requests`, calling finish(index, result) for each as it finishes."""
+        raise NotImplementedError
+
+    def _out_of_memory(self, err: BaseException, group_size: int) -> OutOfMemory:
+        # Free what the failed generation left in the allocator's cache, so the next one
+        # starts from the same memory as before instead of failing too.
+        self.backend.free_memory()
+        log.warning("Out of memory during a generation of %d request(s) (cache freed, still "
+                    "serving): %s", group_size, err)
+        message = str(err) or type(err).__name__
+        if group_size > 1:
+            message += (f"; in a batch of {group_size} requests, which all failed: a smaller "
+                        "--max-batch-size needs less memory")
+        return OutOfMemory(message)
+
+    def _update_idle(self) -> None:
+        if not self._waiting and not self._in_flight:
+            self._idle.set()
+
+
+class SequentialScheduler(QueueScheduler):
+    """The seed's baseline: exactly one generation at a time (Hugging Face `generate`), FIFO."""
+
+    mode = "sequential"
+
+    def __init__(self, backend: Backend | None = None, window_s: float = RECENT_WINDOW_S):
+        super().__init__(backend, window_s, max_batch_size=1, max_wait_ms=0.0)
+
+    def _generate_group(self, requests: list[Request],
+                        finish: Callable[[int, Result], None]) -> None:
+        [request] = requests
+        finish(0, self.backend.generate(request))
+
+
+def check_max_batch_size(value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"the most requests in one batch must be a whole number, at least 1; "
+                         f"got {value!r}")
+
+
+def check_max_wait_ms(value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not 0 <= value <= MAX_WAIT_LIMIT_MS:
+        raise ValueError(f"the wait for a batch to fill must be from 0 to {MAX_WAIT_LIMIT_MS:g} "
+                         f"ms; got {value!r}")
+
+
+class BatchedScheduler(QueueScheduler):
+    """Requests that arrive while the model is busy are generated together, in one batch of up
+    to `max_batch_size` (`labkit.engine.batched.generate_batch`: each keeps its own max_tokens,
+    temperature, top_p and seed). When the model frees up, the oldest waiting request starts a
+    batch with everything queued behind it; if that is short of `max_batch_size`, the batch
+    waits for more until `max_wait_ms` after that request arrived, and no longer.
+
+    Static batching: a batch runs until its last row finishes, and requests arriving meanwhile
+    wait for the next batch. Rows that finish early leave the batch and are answered at once.
+    `queue_time_ms` is submit -> its batch started (the wait to fill a batch included)."""
+
+    mode = "batched"
+
+    def __init__(self, backend: Backend | None = None, window_s: float = RECENT_WINDOW_S, *,
+                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+                 max_wait_ms: float = DEFAULT_MAX_WAIT_MS):
+        check_max_batch_size(max_batch_size)
+        check_max_wait_ms(max_wait_ms)
+        super().__init__(backend, window_s, max_batch_size=max_batch_size,
+                         max_wait_ms=max_wait_ms)
+
+    def _generate_group(self, requests: list[Request],
+                        finish: Callable[[int, Result], None]) -> None:
+        self.backend.generate_batch(requests, finish)
+
+
+SCHEDULERS: dict[str, type] = {"sequential": SequentialScheduler, "batched": BatchedScheduler}
+
+
+def make_scheduler(mode: str = "sequential", **kwargs) -> Scheduler:
+    if mode not in SCHEDULERS:
+        raise ValueError(f"unknown serving mode {mode!r}; choose one of {', '.join(SCHEDULERS)}")
+    return SCHEDULERS[mode](**kwargs)

@@ -1,0 +1,124 @@
+"""The package layout holds: sub-packages import only downward, and nothing imports in a cycle.
+
+    course  →  serve  →  engine          train → engine
+       └──────→ measure ←──┘ (serve and course may use measure; engine and measure use neither)
+
+Read from the source with `ast` (no import is executed), so a lazy import inside a function
+counts as much as one at the top of a module.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+LABKIT = Path(__file__).resolve().parent.parent / "labkit"
+# sub-package -> the other sub-packages it may import
+ALLOWED: dict[str, set[str]] = {
+    "engine": set(),
+    "measure": set(),
+    "serve": {"engine", "measure"},
+    "train": {"engine"},
+    "course": {"engine", "serve", "measure", "train"},
+}
+TOP_LEVEL = {"cli", "__main__", "__init__"}  # the command router may name any package
+
+
+def _module_name(path: Path, root: Path) -> str:
+    parts = list(path.relative_to(root.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def labkit_imports(root: Path = LABKIT) -> dict[str, set[str]]:
+    """module -> the labkit modules it imports (package-level names resolved to modules)."""
+    modules = {_module_name(p, root): p for p in root.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names if a.name.startswith("labkit")}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 \
+                    and node.module.startswith("labkit"):
+                for alias in node.names:  # `from labkit.engine import model` names a module
+                    candidate = f"{node.module}.{alias.name}"
+                    found.add(candidate if candidate in modules else node.module)
+        graph[name] = {m for m in found if m != name}
+    return graph
+
+
+def _package(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else None
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    problems = []
+    for module, targets in sorted(graph.items()):
+        source = _package(module)
+        if source is None or source in TOP_LEVEL:
+            continue
+        for target in sorted(targets):
+            dest = _package(target)
+            if dest is not None and dest != source and dest not in ALLOWED[source]:
+                problems.append(f"{module} imports {target}: labkit.{source} may import only "
+                                f"{sorted(ALLOWED[source]) or 'nothing else from labkit'}")
+    return problems
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every import cycle between modules, each as the path that closes it."""
+    found, state = [], {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                found.append(path[path.index(nxt):] + [nxt] if nxt in path else [node, nxt])
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    return found
+
+
+def test_every_subpackage_is_known_to_the_rules():
+    packages = {p.name for p in LABKIT.iterdir() if (p / "__init__.py").is_file()}
+    assert packages == set(ALLOWED), "add the new sub-package to ALLOWED with what it may import"
+
+
+def test_subpackages_import_only_downward():
+    assert upward_imports(labkit_imports()) == []
+
+
+def test_no_import_cycles():
+    assert cycles(labkit_imports()) == []
+
+
+def test_the_checks_catch_a_planted_violation(tmp_path: Path):
+    """An upward import (engine → serve) and a cycle are both reported."""
+    root = tmp_path / "labkit"
+    for package in ("engine", "serve"):
+        (root / package).mkdir(parents=True)
+        (root / package / "__init__.py").write_text("")
+    (root / "__init__.py").write_text("")
+    (root / "engine" / "model.py").write_text("def load():\n    from labkit.serve import http\n")
+    (root / "serve" / "http.py").write_text("from labkit.engine import model\n")
+    graph = labkit_imports(root)
+    assert upward_imports(graph) == [
+        "labkit.engine.model imports labkit.serve.http: labkit.engine may import only "
+        "nothing else from labkit"]
+    assert cycles(graph) == [["labkit.engine.model", "labkit.serve.http", "labkit.engine.model"]]
+
+
+@pytest.mark.parametrize("package", sorted(ALLOWED))
+def test_each_subpackage_says_what_it_owns_and_may_import(package: str):
+    doc = ast.get_docstring(ast.parse((LABKIT / package / "__init__.py").read_text()))
+    assert doc and "May import" in doc
