@@ -33,7 +33,7 @@ RUN userdel --remove ubuntu \
 WORKDIR /lab
 USER 1000
 
-# The same install as `make venv` (pinned dependencies, labkit in editable mode, the kernel).
+# The same install as `make venv` (pinned dependencies, labkit in editable mode).
 # It runs before the rest of the repo is copied, against a placeholder package, so that editing
 # the course does not reinstall torch; the editable install then picks up the real labkit/.
 COPY --chown=1000:1000 pyproject.toml README.md Makefile ./

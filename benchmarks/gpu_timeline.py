@@ -7,7 +7,7 @@ SM and tensor activity during the load test and over the whole window, next to t
 
     PYTHONPATH=. python3 benchmarks/gpu_timeline.py [--idle 30] [--png PATH] [--json PATH]
 
-Metric definitions: DESIGN.md ("Metric definitions") and labkit/sampler.py.
+Metric definitions: ARCHITECTURE.md ("Metric definitions") and labkit/measure/utilization.py.
 """
 
 from __future__ import annotations

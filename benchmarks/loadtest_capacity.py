@@ -1,5 +1,5 @@
 """How many requests per second can `labkit loadtest` drive from one process, and how late do
-its requests leave? Measured against a trivial endpoint (labkit.delay_server with no delay, in
+its requests leave? Measured against a trivial endpoint (tests/delay_server.py with no delay, in
 its own process), so the load tester itself is what runs out of steam.
 
     python benchmarks/loadtest_capacity.py [--requests 6000] [--concurrency 1 8 32 64]
@@ -17,11 +17,15 @@ import os
 import platform
 import sys
 import time
+from pathlib import Path
 
 from labkit.measure import loadtest
 from labkit.serve.launcher import ServerProcess
 
 TARGET_RPS = 1500
+
+
+DELAY_SERVER = Path(__file__).resolve().parent.parent / "tests" / "delay_server.py"
 
 
 def process_cpu_s(pid: int) -> float:
@@ -57,7 +61,7 @@ def main() -> int:
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
 
-    command = [sys.executable, "-m", "labkit.delay_server", "--delay", "0"]
+    command = [sys.executable, str(DELAY_SERVER), "--delay", "0"]
     server = ServerProcess("trivial endpoint", command=command).start().wait_ready(60)
     try:
         rows = [measure(server.url, server.pid, c, args.requests) for c in args.concurrency]

@@ -9,12 +9,15 @@ import sys
 
 # command -> (module, one-line help). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "info": ("labkit.course.info", "device, driver, CUDA, torch, GPU memory, NVML, and the default model"),
+    "info": ("labkit.course.info",
+             "device, driver, CUDA, torch, GPU memory, NVML, and the default model"),
     "generate": ("labkit.engine.generate_cli", "generate one completion and print its timings"),
     "download": ("labkit.engine.download", "download a Hugging Face model (needs internet)"),
     "serve": ("labkit.serve.http", "run the HTTP inference server (the seed's API)"),
-    "loadtest": ("labkit.measure.loadtest", "load-test a running server and print the seed's report"),
-    "monitor": ("labkit.measure.monitor", "sample GPU utilization like `nvidia-smi dmon`, at 10 Hz"),
+    "loadtest": ("labkit.measure.loadtest",
+                 "load-test a running server and print the seed's report"),
+    "monitor": ("labkit.measure.monitor",
+                "sample GPU utilization like `nvidia-smi dmon`, at 10 Hz"),
     "exercises": ("labkit.course.exercises", "build learner copies of the exercise notebooks"),
     "build-model": ("labkit.train", "rebuild the embedded model: corpus, tokenizer, training"),
 }

@@ -1,7 +1,7 @@
 """A stand-in /generate endpoint that answers after a fixed delay, with no model: it calibrates
 the load tester itself (its accuracy tests, `benchmarks/loadtest_capacity.py`).
 
-    python -m labkit.delay_server --delay 0.1 --port 0
+    python tests/delay_server.py --delay 0.1 --port 0
 
 Requests are answered concurrently (asyncio.sleep), so a closed loop of N workers against a
 delay d must measure latency d and throughput N / d; anything else is the client's error.

@@ -51,13 +51,15 @@ def test_greedy_batch_equals_sequential_with_mixed_lengths(lm, batch):
                                   for p, m in zip(PROMPTS, max_tokens, strict=True)])
     assert [r.prompt for r in results] == PROMPTS
     for prompt, m, batched in zip(PROMPTS, max_tokens, results, strict=True):
-        assert_same_as_alone(batched, hf_generate.generate(lm, prompt, max_tokens=m, temperature=0))
+        alone = hf_generate.generate(lm, prompt, max_tokens=m, temperature=0)
+        assert_same_as_alone(batched, alone)
         assert 1 <= batched.tokens_generated <= m
 
 
 def test_batch_of_one_equals_sequential(lm, batch):
     [batched] = batch(lm, [Request(PROMPTS[1], 40, temperature=0)])
-    assert_same_as_alone(batched, hf_generate.generate(lm, PROMPTS[1], max_tokens=40, temperature=0))
+    alone = hf_generate.generate(lm, PROMPTS[1], max_tokens=40, temperature=0)
+    assert_same_as_alone(batched, alone)
 
 
 @pytest.fixture
@@ -86,7 +88,8 @@ def test_row_that_stops_early_is_billed_its_own_tokens(lm, stop_on_token, batch)
     stopped = results[row]
     assert stopped.finish_reason == "stop" and stopped.tokens_generated == step
     for prompt, batched in zip(PROMPTS, results, strict=True):
-        assert_same_as_alone(batched, hf_generate.generate(lm, prompt, max_tokens=30, temperature=0))
+        alone = hf_generate.generate(lm, prompt, max_tokens=30, temperature=0)
+        assert_same_as_alone(batched, alone)
     longest = max(results, key=lambda r: r.tokens_generated)
     assert longest.tokens_generated > stopped.tokens_generated
     assert stopped.inference_time_ms < longest.inference_time_ms
@@ -123,7 +126,8 @@ def test_seeded_sampling_does_not_depend_on_the_rest_of_the_batch(lm, batch):
 
 def test_tiny_top_p_is_greedy(lm):
     [nucleus] = generate_batch(lm, [Request(PROMPTS[2], 30, temperature=1.5, top_p=1e-6)])
-    assert_same_as_alone(nucleus, hf_generate.generate(lm, PROMPTS[2], max_tokens=30, temperature=0))
+    alone = hf_generate.generate(lm, PROMPTS[2], max_tokens=30, temperature=0)
+    assert_same_as_alone(nucleus, alone)
 
 
 def test_sampling_follows_temperature_and_top_p():

@@ -1,4 +1,5 @@
-"""labkit.course.answers: each checker says right / how far off / not answered; stubs never crash it."""
+"""labkit.course.answers: each checker says right / how far off / not answered; stubs never
+crash it."""
 
 from __future__ import annotations
 

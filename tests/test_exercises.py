@@ -24,11 +24,11 @@ def test_committed_learner_copies_match_their_solutions():
 
 def test_every_checker_is_used_by_a_solution_notebook():
     sources = "\n".join(p.read_text() for p in exercises.solution_paths(SOLUTIONS))
-    unused = [name for name in answers.EXERCISES if f"check.{name}(" not in sources]
+    unused = [name for name in answers.EXERCISES if f"answers.{name}(" not in sources]
     assert not unused
     for name, exercise_set in answers.EXERCISES.items():
         text = (SOLUTIONS / f"{exercise_set}.ipynb").read_text()
-        assert f"check.{name}(" in text, f"{name} belongs in {exercise_set}.ipynb"
+        assert f"answers.{name}(" in text, f"{name} belongs in {exercise_set}.ipynb"
 
 
 def test_learner_copies_hold_no_solution_and_no_outputs():
@@ -47,9 +47,9 @@ def test_learner_copies_hold_no_solution_and_no_outputs():
 def _solution_notebook() -> nbformat.NotebookNode:
     return new_notebook(cells=[
         new_markdown_cell("# An exercise"),
-        new_code_cell("from labkit import check\nx = 3"),
+        new_code_cell("from labkit.course import answers\nx = 3"),
         new_code_cell("### BEGIN SOLUTION\nhelper = x * 2\nanswer = helper + 1\n"
-                      "### END SOLUTION\ncheck.ms_per_token(answer, 700, 100)",
+                      "### END SOLUTION\nanswers.ms_per_token(answer, 700, 100)",
                       execution_count=2, outputs=[nbformat.v4.new_output(
                           "stream", name="stdout", text="✅ ms_per_token: correct\n")]),
         new_code_cell("for i in range(2):\n    ### BEGIN SOLUTION\n    total = i\n"

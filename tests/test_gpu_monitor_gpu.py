@@ -1,7 +1,7 @@
 """The sampler on a real GPU. On the GPU machine: `pytest -m gpu -s tests/test_gpu_monitor_gpu.py`.
 
 One sampler runs at 10 Hz through the whole module; each test runs a workload for a few seconds
-and checks the summary of its own window. What they show (DESIGN.md, Metric definitions):
+and checks the summary of its own window. What they show (ARCHITECTURE.md, Metric definitions):
 - a large bf16 matmul loop keeps the GPU busy *and* the SMs working;
 - a one-thread spin kernel (`torch.cuda._sleep`) is 100 % "utilization" with idle SMs;
 - the sampler itself costs < 2 % of one CPU core.

@@ -1,5 +1,5 @@
-"""labkit.measure.loadtest against a server whose delay the test controls (labkit.delay_server), and
-labkit.measure.loadstats' arithmetic on hand-made records."""
+"""labkit.measure.loadtest against a server whose delay the test controls (tests/delay_server.py),
+and labkit.measure.loadstats' arithmetic on hand-made records."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,8 +24,11 @@ from labkit.serve.launcher import ServerProcess
 DELAY_S = 0.2
 
 
+DELAY_SERVER = Path(__file__).resolve().parent / "delay_server.py"
+
+
 def delay_server(delay: float) -> ServerProcess:
-    command = [sys.executable, "-m", "labkit.delay_server", "--delay", str(delay)]
+    command = [sys.executable, str(DELAY_SERVER), "--delay", str(delay)]
     return ServerProcess("delay", command=command).start().wait_ready(60)
 
 
@@ -306,7 +310,7 @@ def test_run_in_a_real_jupyter_kernel(slow_url):
     import nbformat
 
     cells = [
-        "import asyncio\nfrom labkit import loadtest\nasyncio.get_event_loop().is_running()",
+        "import asyncio\nfrom labkit.measure import loadtest\nasyncio.get_event_loop().is_running()",
         f"result = loadtest.run({slow_url!r}, concurrency=4, requests=8)\nresult",
         "s = result.summary(); (s['successful'], round(s['latency_ms']['mean']))",
     ]

@@ -22,7 +22,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 def run_monitor(lib: FakeNvml, count: int, **kwargs) -> tuple[list[str], dict]:
     out = io.StringIO()
-    summary = monitor(UtilizationSampler(interval=0.1, reader=NvmlReader(lib)), count, out=out, **kwargs)
+    sampler = UtilizationSampler(interval=0.1, reader=NvmlReader(lib))
+    summary = monitor(sampler, count, out=out, **kwargs)
     return out.getvalue().splitlines(), summary
 
 
@@ -78,7 +79,8 @@ def test_ctrl_c_ends_with_the_summary():
             return super().read()
 
     out = io.StringIO()
-    summary = monitor(UtilizationSampler(interval=0.01, reader=Interrupting(FakeNvml())), None, out=out)
+    sampler = UtilizationSampler(interval=0.01, reader=Interrupting(FakeNvml()))
+    summary = monitor(sampler, None, out=out)
     assert summary["samples"] == 2
     assert "# 2 samples over" in out.getvalue()
 

@@ -43,7 +43,8 @@ def fake_frame(n: int = 30, **nvml_kwargs):
     script = [{"gpu_util": 90 if 10 <= i < 20 else 0, "sm_activity": 40 if 10 <= i < 20 else 0}
               for i in range(n)]
     clock = FakeClock()  # GPM needs 100 ms between samples
-    s = UtilizationSampler(reader=NvmlReader(FakeNvml(script, **nvml_kwargs), clock=clock), clock=clock)
+    reader = NvmlReader(FakeNvml(script, **nvml_kwargs), clock=clock)
+    s = UtilizationSampler(reader=reader, clock=clock)
     for _ in range(n):
         clock.t += 0.1
         s.sample_once()

@@ -299,7 +299,7 @@ def ms_per_token(answer, inference_time_ms: float, tokens_generated: int) -> Che
 
 def time_per_output_token(answer, inference_time_ms: float, time_to_first_token_ms: float,
                           tokens_generated: int) -> CheckResult:
-    """TPOT as DESIGN.md defines it (vLLM's): (latency − TTFT) ÷ (tokens − 1)."""
+    """TPOT as ARCHITECTURE.md defines it (vLLM's): (latency − TTFT) ÷ (tokens − 1)."""
     total = _positive("inference_time_ms", inference_time_ms)
     ttft = _positive("time_to_first_token_ms", time_to_first_token_ms)
     n = _count("tokens_generated", tokens_generated, minimum=2)
@@ -335,7 +335,7 @@ def bandwidth_floor(answer, weight_bytes: float, bandwidth_bytes_per_s: float) -
 
 def p95_latency(answer, latencies_ms: Iterable[float | None]) -> CheckResult:
     """95th percentile of measured latencies (numpy's linear interpolation). Failed requests,
-    given as None or NaN, are left out, as DESIGN.md's metric definitions say."""
+    given as None or NaN, are left out, as ARCHITECTURE.md's metric definitions say."""
     from labkit.measure.loadstats import percentiles
 
     values = _finite_values("latencies_ms", latencies_ms)
@@ -400,7 +400,7 @@ def littles_law_latency(answer, single_request_latency_s: float, concurrency: in
 
 def idle_percent(answer, utilization_trace: Iterable[float],
                  threshold: float = IDLE_THRESHOLD_PCT) -> CheckResult:
-    """Percent of samples with utilization below `threshold` % (DESIGN.md's idle fraction)."""
+    """Percent of samples with utilization below `threshold` % (ARCHITECTURE.md's idle fraction)."""
     trace = _finite_values("utilization_trace", utilization_trace)
     expected = 100 * float(np.mean(trace < threshold))
     mistakes = [(expected / 100, "That is a fraction; give a percentage (× 100)."),
@@ -418,8 +418,8 @@ def idle_percent(answer, utilization_trace: Iterable[float],
 
 
 def effective_cost(answer, hourly_price: float, utilization: float) -> CheckResult:
-    """Dollars per hour of useful GPU compute: `labkit.measure.cost.effective_cost` (utilization is a
-    fraction, 0.18 for 18 %)."""
+    """Dollars per hour of useful GPU compute: `labkit.measure.cost.effective_cost`
+    (utilization is a fraction, 0.18 for 18 %)."""
     from labkit.measure import cost
 
     reference = cost.effective_cost(hourly_price, utilization)

@@ -1,20 +1,20 @@
-"""Serve the same load under different set-ups and measure each: the engine of notebooks 06/07
-and `benchmarks/serving.py`. Every row is measured here: load-test figures from the client,
-utilization and GPM activity from the sampler over exactly that load test's window, batch sizes
-and busy time from the servers' own /stats counters before and after it.
+"""The serving experiments of notebooks 03–07 and `benchmarks/serving.py`: start servers, load
+them, and measure every row. Load-test figures come from the client, utilization and GPM activity
+from the sampler over exactly that load test's window, batch sizes and busy time from the servers'
+own /stats counters before and after it.
 
 Batched servers get `--max-wait-ms 50` here, not the server's 5 ms default. A closed-loop load
 test answers every row of a batch at the same moment, and its clients' next requests then reach
-the server one after another: over 12.6 ms for 32 clients, and over more than 20 ms for 64 (a
-20 ms window still split them), measured on the 2-core development VM with client and server on
-the same machine. A 5 ms window closes before they are all in and splits them over two half-size
-batches; 50 ms adds about 1 % to a GPU batch of 150 tokens, and `mean_batch_size` in every row
-shows whether batches filled.
+the server one after another, over several milliseconds when client and server share a small
+machine. A window shorter than that closes before they are all in and splits them over two
+half-size batches; 50 ms adds about 1 % to a 150-token batch on a GPU, and `mean_batch_size` in
+every row shows whether batches filled.
 """
 
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,12 +86,15 @@ def measure(procs: list[ServerProcess], sampler: utilization.UtilizationSampler,
     busy = [(a["busy_seconds"] - b["busy_seconds"]) / (a["uptime_s"] - b["uptime_s"])
             for a, b in zip(after, before, strict=True)]
     rss = [_rss_gb(srv.pid) for srv in procs]
+    generation = [r.inference_time_ms for r in result.ok_records]
     return {
         **labels, "concurrency": concurrency, "requests": requests,
         "success_rate": s["success_rate"], "requests_per_second": s["requests_per_sec"],
         "output_tokens_per_sec": s["output_tokens_per_sec"],
         "p50_ms": s["latency_ms"]["p50"], "p95_ms": s["latency_ms"]["p95"],
         "queue_ms": s["queue_time_ms"]["mean"],
+        # the server's own generation time per request: what a lone request costs the model
+        "generation_ms": sum(generation) / len(generation) if generation else None,
         "mean_util": util["mean_util"], "idle_fraction": util["idle_fraction"],
         "sm_activity_mean": util.get("sm_activity_mean"),
         "tensor_activity_mean": util.get("tensor_activity_mean"),
@@ -105,9 +108,9 @@ def measure(procs: list[ServerProcess], sampler: utilization.UtilizationSampler,
 
 
 def sweep(model: str, mode: str, levels: list[int], *, rounds: int = 2,
-        min_requests: int = MIN_REQUESTS, max_tokens: int = 150, max_batch_size: int = 64,
-        max_wait_ms: float = SWEEP_MAX_WAIT_MS, cuda_graphs: bool = True, warmup: bool = True,
-        live: bool = False, deadline: float | None = None, on_row=None) -> Sweep:
+          min_requests: int = MIN_REQUESTS, max_tokens: int = 150, max_batch_size: int = 64,
+          max_wait_ms: float = SWEEP_MAX_WAIT_MS, cuda_graphs: bool = True, warmup: bool = True,
+          live: bool = False, deadline: float | None = None, on_row=None) -> Sweep:
     """Start one `mode` server and load it at each concurrency level in turn, with
     max(min_requests, rounds x concurrency) requests per level. `live` draws the utilization
     timeline while it runs (in a notebook). Levels left when time.perf_counter() passes
@@ -166,15 +169,124 @@ def seed_phase3_claim(sequential_rows: list[dict]) -> float | None:
 
 def table(rows: list[dict]) -> str:
     head = (f"{'mode':<15}{'conc':>5}{'req/s':>8}{'tok/s':>9}{'p50 ms':>9}{'p95 ms':>9}"
-            f"{'util %':>8}{'SM %':>7}{'batch':>7}")
+            f"{'gen ms':>8}{'util %':>8}{'SM %':>7}{'batch':>7}")
     lines = [head]
     for r in rows:
         lines.append(f"{r.get('series', r['mode']):<15}{r['concurrency']:>5}"
                      f"{r['requests_per_second']:>8.2f}"
                      f"{r['output_tokens_per_sec']:>9.1f}{r['p50_ms']:>9.0f}{r['p95_ms']:>9.0f}"
+                     f"{_num(r.get('generation_ms'), 0):>8}"
                      f"{_pct(r['mean_util']):>8}{_pct(r.get('sm_activity_mean')):>7}"
                      f"{_num(r.get('mean_batch_size')):>7}")
+    return "\n".join(lines) + _util_note(rows) + (
+        "\ngen ms = the server's generation time per request (inference_time_ms), queueing "
+        "left out")
+
+
+def activity_table(rows: list[dict]) -> str:
+    """Utilization (any kernel running) next to how much of the chip worked (GPM)."""
+    lines = [f"{'mode':<15}{'conc':>5}{'util %':>8}{'SM %':>7}{'tensor %':>10}{'batch':>7}"]
+    for r in rows:
+        lines.append(f"{r.get('series', r['mode']):<15}{r['concurrency']:>5}"
+                     f"{_pct(r['mean_util']):>8}{_pct(r.get('sm_activity_mean')):>7}"
+                     f"{_pct(r.get('tensor_activity_mean')):>10}"
+                     f"{_num(r.get('mean_batch_size')):>7}")
     return "\n".join(lines) + _util_note(rows)
+
+
+def bad_generate_requests(context_tokens: int) -> dict[str, dict]:
+    """One malformed /generate request of each kind notebook 03 sends, as `client.call`
+    keyword arguments; `context_tokens` sizes the prompt that cannot fit."""
+    return {
+        "not JSON": dict(data=b"{prompt: hi"),
+        "JSON list": dict(payload=["Suggest a routine"]),
+        "missing prompt": dict(payload={"max_tokens": 10}),
+        "empty prompt": dict(payload={"prompt": "  "}),
+        "max_tokens = 0": dict(payload={"prompt": "hi", "max_tokens": 0}),
+        "max_tokens too big": dict(payload={"prompt": "hi", "max_tokens": 100000}),
+        "temperature = 5": dict(payload={"prompt": "hi", "temperature": 5}),
+        "top_p = 0": dict(payload={"prompt": "hi", "top_p": 0}),
+        "typo in a field": dict(payload={"prompt": "hi", "max_token": 10}),
+        "prompt > context": dict(payload={"prompt": "skin " * (context_tokens + 1),
+                                          "max_tokens": 10}),
+        "body over 1 MiB": dict(payload={"prompt": "dry skin " * 200000, "max_tokens": 10}),
+        "wrong content type": dict(data=b"prompt=hi", content_type="text/plain"),
+    }
+
+
+def send_bad_requests(url: str, context_tokens: int) -> str:
+    """Send each of `bad_generate_requests` to a server; one line each: status and error."""
+    lines = []
+    for name, kwargs in bad_generate_requests(context_tokens).items():
+        reply = client.call("POST", url + "/generate", **kwargs)
+        error = reply.body.get("error") if isinstance(reply.body, dict) else reply.body
+        lines.append(f"{name:<20} {reply.status}  {str(error)[:95]}")
+    lines.append(f"{'GET /generate':<20} {client.get(url + '/generate').status}")
+    lines.append(f"{'unknown path':<20} {client.get(url + '/nope').status}")
+    return "\n".join(lines)
+
+
+def gpu_memory_during(url: str, load, interval: float = 0.5) -> dict | None:
+    """The card's memory in use (GB, from the server's /stats) before, during and after
+    `load()`; None without a GPU (CPU mode: no GPU memory to watch)."""
+    def used() -> float | None:
+        return (client.get(url + "/stats").body["memory"] or {}).get("used_gb")
+
+    before, during = used(), []
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(load)
+        while not running.done():
+            during.append(used())
+            time.sleep(interval)
+        running.result()
+    if before is None:
+        return None
+    return {"before": before, "min": min(during, default=before),
+            "max": max(during, default=before), "after": used()}
+
+
+def concurrency_rows(results: dict) -> list[dict]:
+    """Notebook 04's rows, one per concurrency level, from {concurrency: LoadTestResult}.
+    Service time = mean latency - mean queue time: the time a request spends being generated
+    (and answered) once its turn has come."""
+    rows = []
+    for c in sorted(results):
+        s = results[c].summary()
+        rows.append({"concurrency": c, "requests_per_second": s["requests_per_sec"],
+                     "p50_ms": s["latency_ms"]["p50"], "p95_ms": s["latency_ms"]["p95"],
+                     "mean_ms": s["latency_ms"]["mean"], "queue_ms": s["queue_time_ms"]["mean"],
+                     "service_ms": s["latency_ms"]["mean"] - s["queue_time_ms"]["mean"],
+                     "ttft_ms": s["ttft_ms"]["mean"]})
+    return rows
+
+
+def concurrency_table(rows: list[dict]) -> str:
+    lines = [f"{'conc':>4} {'req/s':>7} {'req/min':>8} {'p50 ms':>8} {'p95 ms':>8} "
+             f"{'mean queue ms':>14} {'mean service ms':>16}"]
+    for r in rows:
+        lines.append(f"{r['concurrency']:>4} {r['requests_per_second']:>7.2f} "
+                     f"{60 * r['requests_per_second']:>8.1f} {r['p50_ms']:>8.0f} "
+                     f"{r['p95_ms']:>8.0f} {r['queue_ms']:>14.0f} {r['service_ms']:>16.0f}")
+    return "\n".join(lines)
+
+
+def littles_law(rows: list[dict]) -> list[dict]:
+    """Each level's mean latency predicted as concurrency x the service time measured at the
+    lowest level (a closed loop with one generation at a time), next to the measured one."""
+    service_ms = rows[0]["service_ms"]
+    return [{"concurrency": r["concurrency"], "predicted_ms": r["concurrency"] * service_ms,
+             "measured_ms": r["mean_ms"],
+             "error": r["mean_ms"] / (r["concurrency"] * service_ms) - 1} for r in rows]
+
+
+def littles_law_table(rows: list[dict]) -> str:
+    lines = [f"service time at concurrency {rows[0]['concurrency']}: "
+             f"{rows[0]['service_ms']:.0f} ms",
+             f"{'conc':>4} {'predicted mean latency':>23} {'measured mean':>14} {'error':>7}"]
+    for r in littles_law(rows):
+        lines.append(f"{r['concurrency']:>4} {r['predicted_ms']:>20.0f} ms "
+                     f"{r['measured_ms']:>11.0f} ms {r['error']:>+7.0%}")
+    return "\n".join(lines)
 
 
 def shared_table(rows: list[dict]) -> str:

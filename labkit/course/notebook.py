@@ -71,3 +71,18 @@ def banner(model: str | None = None) -> str:
             + f", {datetime.date.today().isoformat()}" + (" [CI fast mode]" if fast_mode() else ""))
     print(text)
     return text
+
+
+# Recorded in benchmarks/RESULTS.md ("H100 runs", notebook 02): a device-to-device copy.
+RECORDED_COPY_BANDWIDTH = (3.00e12, "recorded on an NVIDIA H100 80GB HBM3 (benchmarks/RESULTS.md, "
+                                    "H100 runs, notebook 02)")
+
+
+def gpu_copy_bandwidth() -> tuple[float, str]:
+    """A GPU's copy bandwidth (bytes/s) and where it comes from: your own notebook 02 run when
+    it ran on a GPU (results/single_inference.json), else the figure recorded in
+    benchmarks/RESULTS.md."""
+    mine = load_results("single_inference")
+    if mine and str(mine.get("device", "")).startswith("cuda") and mine.get("bandwidth_tb_s"):
+        return mine["bandwidth_tb_s"] * 1e12, f"measured by your notebook 02 on {mine['device']}"
+    return RECORDED_COPY_BANDWIDTH

@@ -86,6 +86,36 @@ class MemoryReport:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def kv_table(self, shapes: list[tuple[int, int]]) -> str:
+        """KV cache and weights + KV cache for each (batch, context) shape, and their share
+        of the card when a GPU was measured."""
+        total = self.measured.total
+        lines = [f"{'batch':>6} {'context':>8} {'KV cache':>10}   weights + KV"
+                 + ("   share of this card" if total else "")]
+        for batch, context in shapes:
+            kv = self.kv_cache_bytes(batch, context)
+            line = (f"{batch:>6} {context:>8} {kv / GB:>8.2f} GB   "
+                    f"{(self.weight_bytes + kv) / GB:>8.2f} GB")
+            if total:
+                line += f"   {(self.weight_bytes + kv) / total:>6.0%}"
+            lines.append(line)
+        return "\n".join(lines)
+
+    def peak_lines(self, sequence_tokens: int, peak: int | None,
+                   card_used: int | None) -> str:
+        """One generation's measured peak (torch allocated) next to weights + its KV cache."""
+        estimate = self.weight_bytes + self.kv_cache_bytes(1, sequence_tokens)
+        lines = [f"estimate (weights + KV cache): {estimate / GB:.3f} GB"]
+        if peak is None:
+            lines.append("measured peak: no GPU in CPU mode, so there is no GPU memory to "
+                         "measure")
+        else:
+            lines.append(f"measured peak, torch allocated: {peak / GB:.3f} GB "
+                         f"({peak / estimate - 1:+.1%} vs estimate)")
+            lines.append(f"driver (NVML) view of the whole card now: {card_used / GB:.2f} GB "
+                         "used")
+        return "\n".join(lines)
+
     def table(self, batch_size: int = 1, seq_len: int = 170) -> str:
         m = self.measured
         kv = self.kv_cache_bytes(batch_size, seq_len)
@@ -119,9 +149,10 @@ def _gb(n: int | None) -> str:
 def parameter_count_from_config(config) -> int:
     """Parameters of a Llama-style decoder (Llama, Phi-3, …) computed from its config alone.
 
-    Lets a learner (and `labkit.course.answers`) size a model before loading it: embeddings, per layer
-    attention (q, k, v, o) + gated MLP (gate, up, down) + two RMSNorms, a final norm, and the
-    LM head unless it is tied to the embeddings. Phi-3's fused qkv/gate_up have the same counts.
+    Lets a learner (and `labkit.course.answers`) size a model before loading it: embeddings,
+    per layer attention (q, k, v, o) + gated MLP (gate, up, down) + two RMSNorms, a final norm,
+    and the LM head unless it is tied to the embeddings. Phi-3's fused qkv/gate_up have the
+    same counts.
     """
     hidden, layers = config.hidden_size, config.num_hidden_layers
     heads = config.num_attention_heads

@@ -1,11 +1,12 @@
 """What idle time costs: the price of useful GPU compute, and the price of 1,000 requests.
 
 Utilization is a **fraction** in (0, 1] (0.18 for 18 %), e.g. ``summary["mean_util"] / 100`` from
-`labkit.measure.utilization.UtilizationSampler`. A value above 1 is rejected rather than guessed at: 18 could mean 18 % or a
-mistake, and a silent ×100 error in a cost figure is worse than an error message.
+`labkit.measure.utilization.UtilizationSampler`. A value above 1 is rejected rather than guessed
+at: 18 could mean 18 % or a mistake, and a silent ×100 error in a cost figure is worse than an
+error message.
 
 NVML's utilization counts any running kernel as busy, so "useful" here is generous: the real cost
-of useful work is higher still (see SM activity in DESIGN.md).
+of useful work is higher still (see SM activity in ARCHITECTURE.md).
 """
 
 from __future__ import annotations

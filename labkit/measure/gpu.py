@@ -1,8 +1,7 @@
 """What GPU is here: name, count, driver, CUDA, torch, memory. Honest on a CPU-only machine.
 
-The NVML sampler lives in `labkit.measure.utilization` and is re-exported here as `labkit.measure.utilization.UtilizationSampler`.
-torch is imported inside the functions that need it, so `labkit monitor` and the sampler start
-without paying for a torch import.
+torch is imported inside the functions that need it, so `labkit monitor` and the utilization
+sampler (`labkit.measure.utilization`) start without paying for a torch import.
 """
 
 from __future__ import annotations

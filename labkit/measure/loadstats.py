@@ -1,6 +1,7 @@
 """Load-test results: per-request records, the metrics computed from them, the seed's report.
 
-Metric definitions (DESIGN.md); `labkit loadtest --explain` prints DEFINITIONS.
+Metric definitions: DEFINITIONS below (`labkit loadtest --explain` prints them) and
+ARCHITECTURE.md, "Metric definitions".
 """
 
 from __future__ import annotations

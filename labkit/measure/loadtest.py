@@ -142,7 +142,8 @@ async def arun(url: str | Sequence[str], concurrency: int | None = None, request
             await _check_ready(session, urls)
         if warmup:
             await client.closed_loop(range(warmup), min(concurrency or warmup, warmup), None)
-        with _progress_bar(requests, progress) as bar:
+        label = f"open loop {rate:g} req/s" if rate is not None else f"concurrency {concurrency}"
+        with _progress_bar(requests, progress, label) as bar:
             client.reset_clock()
             if rate is None:
                 records = await client.closed_loop(range(warmup, warmup + requests),
@@ -297,16 +298,22 @@ def _check_args(concurrency, requests, warmup, rate, timeout, prompts) -> None:
 
 
 class _progress_bar:
-    """tqdm.auto: a text bar in a terminal, a widget in a notebook; nothing when disabled."""
+    """tqdm.auto: a text bar in a terminal, a widget in a notebook; nothing when disabled.
+    Labelled with the load (several bars in one notebook say which is which), and always in
+    requests per second: tqdm's default flips to seconds per request below 1 req/s."""
 
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled, self.bar = total, enabled, None
+    FORMAT = ("{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} req "
+              "[{elapsed}<{remaining}, {rate_noinv_fmt}]")
+
+    def __init__(self, total: int, enabled: bool, label: str):
+        self.total, self.enabled, self.label, self.bar = total, enabled, label, None
 
     def __enter__(self):
         if self.enabled:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=self.total, desc="requests", unit="req", mininterval=0.2)
+            self.bar = tqdm(total=self.total, desc=self.label, unit="req", mininterval=0.2,
+                            bar_format=self.FORMAT)
         return self.bar
 
     def __exit__(self, *exc) -> None:

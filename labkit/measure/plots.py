@@ -85,8 +85,9 @@ def plot_timeline(
     """Utilization (and GPM activity where measured) over time, with the spans in which requests
     were in flight shaded; memory and power (NVML) or queue depth (CPU mode) below.
 
-    `frame` is `UtilizationSampler.frame()`; `marks` are `UtilizationSampler.marks` (perf_counter times), spans are
-    shaded and instants drawn as vertical lines. The title names `model` and the card.
+    `frame` is `UtilizationSampler.frame()`; `marks` are `UtilizationSampler.marks`
+    (perf_counter times), spans are shaded and instants drawn as vertical lines. The title
+    names `model` and the card.
     """
     attrs = _attrs(frame)
     cpu_mode = attrs["source"] == "cpu-mode"

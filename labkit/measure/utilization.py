@@ -1,6 +1,6 @@
 """A background sampler of GPU utilization: NVML ten times a second, or a labkit server's busy %.
 
-What each column means (DESIGN.md, "Metric definitions"):
+What each column means (ARCHITECTURE.md, "Metric definitions"):
 
 - ``gpu_util``: NVML ``utilization.gpu``, the percent of the driver's last sample period (1/6 s to
   1 s) in which *any* kernel ran. A one-thread kernel counts as 100 %.
@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from labkit.measure.gpu import nvml
+from labkit.measure import gpu
 
 IDLE_THRESHOLD_PCT = 5.0  # a sample under this utilization counts as idle
 GPM_MIN_GAP_S = 0.1  # NVML: GPM samples should be >= 100 ms apart (internal refresh rate)
@@ -326,7 +326,7 @@ class ServerStatsReader:
 
 def open_reader(device: int = 0, url: str | None = None) -> MetricReader:
     """NVML for GPU `device` if there is one, else CPU mode on `url`, else NoGpuError."""
-    lib = nvml()
+    lib = gpu.nvml()
     problem = "NVML is not available (no NVIDIA driver or no GPU on this machine)"
     if lib is not None:
         try:
@@ -337,8 +337,9 @@ def open_reader(device: int = 0, url: str | None = None) -> MetricReader:
         return ServerStatsReader(url)
     raise NoGpuError(
         f"{problem}. Without a GPU, pass the URL of a running labkit server (Python: "
-        "UtilizationSampler(url='http://127.0.0.1:8000'); CLI: labkit monitor --url http://127.0.0.1:8000) "
-        f"to record its inference worker's busy % instead ({CPU_MODE_LABEL})."
+        "UtilizationSampler(url='http://127.0.0.1:8000'); CLI: labkit monitor --url "
+        f"http://127.0.0.1:8000) to record its inference worker's busy % instead "
+        f"({CPU_MODE_LABEL})."
     )
 
 
@@ -584,8 +585,8 @@ def _present(frame: Any, col: str) -> np.ndarray:
 
 
 def summarize(frame: Any, *, source: str, device: str = "") -> dict[str, Any]:
-    """The summary of a frame (see UtilizationSampler.summary). Means skip missing samples; a metric with
-    no value at all is None (utilization, memory) or left out (GPM means, power)."""
+    """The summary of a frame (see UtilizationSampler.summary). Means skip missing samples; a
+    metric with no value at all is None (utilization, memory) or left out (GPM means, power)."""
     util_col = "busy_pct" if source == "cpu-mode" else "gpu_util"
     util = _present(frame, util_col)
     times = np.asarray(frame["time"], dtype=float)

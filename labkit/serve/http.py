@@ -1,12 +1,12 @@
 """`labkit serve`: the seed's HTTP inference server on aiohttp.
 
-Endpoints (DESIGN.md, "The server contract"): GET / (simple health), GET /health (detailed,
+Endpoints (README, "The HTTP API"): GET / (simple health), GET /health (detailed,
 503 while the model loads), POST /generate, GET /stats (device + server counters).
 
 The server listens at once and loads the model on a background thread, so readiness is
-observable. Requests go through a scheduler (`labkit.serve.schedulers`); the default, sequential one runs
-exactly one generation at a time on its own thread, so the event loop keeps answering health and
-stats calls within milliseconds while the model works. SIGTERM/SIGINT stop it gracefully:
+observable. Requests go through a scheduler (`labkit.serve.schedulers`); the default, sequential
+one runs exactly one generation at a time on its own thread, so the event loop keeps answering
+health and stats calls within milliseconds while the model works. SIGTERM/SIGINT stop it gracefully:
 accepted requests finish, new ones get 503; a second signal stops at once.
 
 For notebooks, `launch()` (from `labkit.serve.launcher`) runs this server as a subprocess.
@@ -129,7 +129,8 @@ def create_app(load_backend: Callable[[], Backend], *, max_tokens_limit: int = 1
     """The aiohttp application. `load_backend` runs on a background thread at startup; tests
     pass a stub, `labkit serve` passes `load_model_backend` for the chosen model.
     `scheduler_options` go to the mode's scheduler (batched: max_batch_size, max_wait_ms)."""
-    app = web.Application(middlewares=[_errors_as_json], client_max_size=generate_api.MAX_BODY_BYTES)
+    app = web.Application(middlewares=[_errors_as_json],
+                          client_max_size=generate_api.MAX_BODY_BYTES)
     state = ServerState(load_backend, make_scheduler(mode, **scheduler_options), max_tokens_limit)
     app[STATE] = state
     app.router.add_get("/", handle_root)
@@ -298,8 +299,8 @@ def _http_error_message(exc: web.HTTPException, request: web.Request) -> str:
         hint = f" with a JSON body: {generate_api.EXAMPLE}" if request.path == "/generate" else ""
         return f"{request.method} is not allowed on {request.path}; use {allowed}{hint}."
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
-        return (f"Request body is larger than the 1 MiB limit ({generate_api.MAX_BODY_BYTES} bytes). "
-                "Send a shorter prompt.")
+        return (f"Request body is larger than the 1 MiB limit ({generate_api.MAX_BODY_BYTES} "
+                "bytes). Send a shorter prompt.")
     return f"{exc.status} {exc.reason}"
 
 

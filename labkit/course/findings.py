@@ -1,0 +1,354 @@
+"""What each notebook concludes, built from the rows it measured ("What you saw").
+
+Every function takes measured values (rows of `labkit.course.experiments`, load-test summaries,
+sampler summaries, engine results) and returns the conclusions as bullet lines of text. Nothing
+here measures or hard-codes a result: the same code says "flat" or "NOT flat", "above" or "not
+above", from whatever the learner's machine gave. `tests/test_findings.py` checks both sides.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+
+SEED_PHASE3_UTILIZATION = "60-80 %"  # the seed's Phase 3 promise for GPU sharing
+FLAT_SPREAD = 1.25  # highest/lowest throughput under this counts as flat
+SEED_RANGES = {  # the seed's baseline table: A100, a real 3B model
+    "model_load_time_s": "30-60 sec", "gpu_memory_used_gb": "6-8 GB",
+    "latency_p50_ms": "700-1000 ms", "latency_p95_ms": "1000-1500 ms",
+    "throughput_req_per_min": "60-90 req/min", "utilization_mean_pct": "15-25 %",
+    "idle_pct": "75-85 %",
+}
+
+
+def bullets(lines: Sequence[str]) -> str:
+    return "\n".join(f"- {line}" for line in lines)
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) \
+        else f"{value:.1f} %"
+
+
+# --- 00 -------------------------------------------------------------------------------------
+
+def setup(checks) -> str:
+    """Notebook 00: GPU or CPU mode, and which checks need a look."""
+    gpu = next((c for c in checks if c.name == "GPU"), None)
+    problems = [c.name for c in checks if not c.ok]
+    return bullets([
+        f"Mode for the rest of the lab: {'GPU' if gpu is not None and gpu.ok else 'CPU'}.",
+        "Everything checked out." if not problems
+        else f"Lines to look at: {', '.join(problems)}.",
+    ])
+
+
+# --- 01 -------------------------------------------------------------------------------------
+
+def load(name: str, device: str, load_time_s: float, weight_bytes: int,
+         kv_bytes_per_token: int, sequence_tokens: int) -> str:
+    """Notebook 01: load time, weights, and what one request's KV cache adds."""
+    request_kv = kv_bytes_per_token * sequence_tokens
+    return bullets([
+        f"Loading {name} took {load_time_s:.1f} s on {device}.",
+        f"Its weights need {weight_bytes / 1e9:.2f} GB; each token in flight adds "
+        f"{kv_bytes_per_token / 1024:.1f} KiB of KV cache.",
+        f"One request of {sequence_tokens} tokens adds only {request_kv / 1e6:.1f} MB: memory is "
+        "dominated by the weights, which stay loaded whether requests come or not."
+        if request_kv < weight_bytes else
+        f"One request of {sequence_tokens} tokens adds {request_kv / 1e6:.1f} MB, more than the "
+        "weights: at this length the KV cache, not the model, fills the memory.",
+    ])
+
+
+# --- 02 -------------------------------------------------------------------------------------
+
+def median_timings(results) -> dict[str, float]:
+    """Median TTFT, time per output token and total time (ms) over engine results."""
+    tpots = [r.time_per_output_token_ms for r in results if r.time_per_output_token_ms]
+    return {"ttft_ms": statistics.median(r.time_to_first_token_ms for r in results),
+            "tpot_ms": statistics.median(tpots) if tpots else math.nan,
+            "total_ms": statistics.median(r.inference_time_ms for r in results)}
+
+
+def runs_table(results) -> str:
+    lines = [f"{'run':>3} {'tokens':>7} {'TTFT ms':>9} {'ms/token':>9} {'total ms':>9} "
+             f"{'tok/s':>7}"]
+    for i, r in enumerate(results):
+        lines.append(f"{i:>3} {r.tokens_generated:>7} {r.time_to_first_token_ms:>9.1f} "
+                     f"{r.time_per_output_token_ms or 0:>9.2f} {r.inference_time_ms:>9.1f} "
+                     f"{r.tokens_per_second:>7.1f}")
+    m = median_timings(results)
+    lines.append(f"\nmedian TTFT {m['ttft_ms']:.1f} ms, median {m['tpot_ms']:.2f} ms per output "
+                 "token")
+    return "\n".join(lines)
+
+
+def single_inference(results, cold, warm, floor_ms: float, device: str) -> str:
+    """Notebook 02: one request's timings, the cold start, and the distance to the floor."""
+    m = median_timings(results)
+    tokens = results[0].tokens_generated
+    return bullets([
+        f"One {tokens}-token request on {device}: median TTFT {m['ttft_ms']:.1f} ms, "
+        f"{m['tpot_ms']:.2f} ms/token, {m['total_ms']:.0f} ms in total.",
+        f"The first, cold call took {cold.inference_time_ms / warm.inference_time_ms:.1f}x as "
+        "long as a warm one.",
+        f"Decode ran at {m['tpot_ms'] / floor_ms:.1f}x the memory-bandwidth floor of "
+        f"{floor_ms:.3f} ms/token.",
+    ])
+
+
+# --- 03 -------------------------------------------------------------------------------------
+
+def serving(stats: dict, reply: dict, health_ms: Sequence[float]) -> str:
+    """Notebook 03: what the server did, from its /stats counters and one reply."""
+    return bullets([
+        f"The server served {stats['requests_served']} requests and rejected "
+        f"{stats['requests_rejected']} bad ones with a 4xx; it never returned a 500.",
+        f"One {reply['tokens_generated']}-token generation took "
+        f"{reply['inference_time_ms']:.0f} ms on {reply['device']}; health checks during a "
+        f"generation took at most {max(health_ms):.0f} ms.",
+        f"Since start the server was busy {stats['busy_fraction']:.0%} of the time: idle "
+        "whenever nobody is asking.",
+    ])
+
+
+# --- 04 -------------------------------------------------------------------------------------
+
+def concurrency(rows: list[dict]) -> str:
+    """Notebook 04: throughput flat or not, latency and queue growth, Little's law."""
+    from labkit.course.experiments import littles_law
+
+    rates = [r["requests_per_second"] for r in rows]
+    spread = max(rates) / min(rates)
+    law_error = max(abs(r["error"]) for r in littles_law(rows))
+    generation = [r["service_ms"] for r in rows]
+    return bullets([
+        f"Throughput at concurrency {', '.join(str(r['concurrency']) for r in rows)}: "
+        + ", ".join(f"{x:.2f}" for x in rates)
+        + f" req/s: highest/lowest = {spread:.2f} "
+        + ("(flat)." if spread < FLAT_SPREAD else "(NOT flat: look at the service times)."),
+        f"p50 latency went from {rows[0]['p50_ms']:.0f} ms to {rows[-1]['p50_ms']:.0f} ms; mean "
+        f"queue time from {rows[0]['queue_ms']:.0f} ms to {rows[-1]['queue_ms']:.0f} ms.",
+        f"Service time (latency - queue) ran from {min(generation):.0f} to "
+        f"{max(generation):.0f} ms per request: one generation at a time, whoever waits.",
+        f"Little's law (mean latency = concurrency x service time) was off by at most "
+        f"{law_error:.0%}.",
+    ])
+
+
+def compare_with_notebook_04(latency_s: float, concurrency: int, max_tokens: int,
+                             saved: dict | None) -> str:
+    """Exercise 4.3's prediction next to what notebook 04 measured over HTTP, when notebook 04
+    ran on this machine with the same request length."""
+    rows = (saved or {}).get("rows", [])
+    row = next((r for r in rows if r["concurrency"] == concurrency), None)
+    if row is None:
+        return (f"Run notebook 04 on this machine (concurrency {concurrency}) to compare: it "
+                "saves results/concurrency.json.")
+    if saved.get("max_tokens") != max_tokens:
+        return (f"Notebook 04 ran {saved.get('max_tokens')}-token requests and this exercise "
+                f"{max_tokens}: set LABKIT_MAX_TOKENS to the same value in both to compare.")
+    measured_s = row["mean_ms"] / 1000
+    return (f"Predicted {latency_s:.2f} s; notebook 04 measured {measured_s:.2f} s mean at "
+            f"concurrency {concurrency} over HTTP ({measured_s / latency_s - 1:+.0%}). The "
+            "server adds tokenization, the queue hand-off and the network to each request; "
+            "the decode speed itself can differ between the two runs.")
+
+
+# --- 05 -------------------------------------------------------------------------------------
+
+def window_table(during: dict, whole: dict, util_label: str) -> str:
+    """Sampler summaries of the load test's window and of the whole recording, side by side."""
+    lines = [f"utilization = {util_label}",
+             f"{'':<28} {'during load':>12} {'whole window':>13}",
+             f"{'mean utilization':<28} {_pct(during['mean_util']):>12} "
+             f"{_pct(whole['mean_util']):>13}",
+             f"{'idle share (< 5 %)':<28} {during['idle_fraction']:>12.0%} "
+             f"{whole['idle_fraction']:>13.0%}"]
+    for key, name in [("sm_activity_mean", "SM activity"),
+                      ("tensor_activity_mean", "tensor activity"),
+                      ("dram_bw_mean", "DRAM bandwidth")]:
+        if key in during:
+            lines.append(f"{name:<28} {_pct(during[key]):>12} {_pct(whole.get(key)):>13}")
+    return "\n".join(lines)
+
+
+def baseline(load: dict, during: dict, whole: dict, health: dict, util_label: str) -> dict:
+    """The seed's baseline metrics from a load-test summary, the sampler's summaries (during
+    the load, and over the whole recording) and the server's /health."""
+    return {
+        "model": health["model"], "device": health["device"], "gpu_name": health["gpu_name"],
+        "model_load_time_s": health["load_time_s"],
+        "gpu_memory_used_gb": whole["mem_used_max_gb"],
+        "latency_p50_ms": load["latency_ms"]["p50"], "latency_p95_ms": load["latency_ms"]["p95"],
+        "throughput_req_per_min": load["requests_per_min"],
+        "utilization_mean_pct": during["mean_util"], "idle_pct": 100 * during["idle_fraction"],
+        "sm_activity_mean_pct": during.get("sm_activity_mean"),
+        "utilization_label": util_label,
+    }
+
+
+def baseline_table(baseline: dict) -> str:
+    """The seed's baseline table, the learner's values beside the seed's ranges."""
+    where = baseline["gpu_name"] or "CPU (no GPU)"
+    lines = [f"Baseline on {where} with {baseline['model']}\n",
+             f"{'Metric':<28} {'Your value':>12}   Seed's range (A100, real 3B model)"]
+    for key, seed in SEED_RANGES.items():
+        value = baseline[key]
+        lines.append(f"{key:<28} {'n/a' if value is None else f'{value:.1f}':>12}   {seed}")
+    return "\n".join(lines)
+
+
+def utilization(during: dict, whole: dict, load: dict, on_gpu: bool) -> str:
+    """Notebook 05: busy and idle time during the load test, and what busy meant."""
+    what = "GPU" if on_gpu else "inference worker (CPU mode: not GPU utilization)"
+    lines = [f"During the load test the {what} was busy {during['mean_util']:.0f} % on average "
+             f"and idle in {during['idle_fraction']:.0%} of samples; over the whole window "
+             f"{whole['idle_fraction']:.0%}."]
+    if during.get("sm_activity_mean") is not None:
+        lines.append(f"Even while 'busy', only {during['sm_activity_mean']:.1f} % of the SMs "
+                     "were active.")
+    lines.append(f"Baseline: p50 {load['latency_ms']['p50']:.0f} ms, "
+                 f"{load['requests_per_min']:.0f} req/min. Notebook 06 serves the same load "
+                 "with batching.")
+    return bullets(lines)
+
+
+# --- 06 -------------------------------------------------------------------------------------
+
+def _best(rows: list[dict]) -> dict:
+    return max(rows, key=lambda r: r["requests_per_second"])
+
+
+def batching(sequential: list[dict], batched: list[dict], eager: Sequence[dict] = ()) -> str:
+    """Notebook 06: batched vs sequential serving, and (on a GPU) batching alone vs batching
+    with CUDA graphs."""
+    best_seq, best_bat = _best(sequential), _best(batched)
+    factor = best_bat["requests_per_second"] / best_seq["requests_per_second"]
+    cpu_mode = best_bat["utilization_source"] == "cpu-mode"
+    lines = [
+        f"Sequential serving peaked at {best_seq['requests_per_second']:.2f} req/s (concurrency "
+        f"{best_seq['concurrency']}); batched serving reached {best_bat['requests_per_second']:.2f}"
+        f" req/s at concurrency {best_bat['concurrency']} with "
+        f"{best_bat['mean_batch_size']:.1f} requests per batch on average: {factor:.1f}x.",
+        f"The seed's Phase 3 promise is 3x from sharing the GPU; batching on the same device "
+        f"measured {factor:.1f}x, {'above' if factor > 3 else 'not above'} that line.",
+    ]
+    lines += _same_concurrency(sequential, batched)
+    lines += _lone_request(sequential, batched)
+    if cpu_mode:
+        lines.append(
+            f"CPU mode: the server's worker was busy {_pct(best_seq['mean_util'])} sequential "
+            f"vs {_pct(best_bat['mean_util'])} batched. That is the share of time a generation "
+            "ran, not how much of a chip worked, so it says nothing about the seed's "
+            f"{SEED_PHASE3_UTILIZATION} GPU utilization: what CPU mode shows is throughput, "
+            "latency and batch sizes; utilization and SM activity need a GPU.")
+    else:
+        lines.append(
+            f"Mean NVML utilization: {_pct(best_seq['mean_util'])} sequential (c="
+            f"{best_seq['concurrency']}) vs {_pct(best_bat['mean_util'])} batched (c="
+            f"{best_bat['concurrency']}); the seed's Phase 3 promise is "
+            f"{SEED_PHASE3_UTILIZATION}.")
+    if best_bat.get("sm_activity_mean") is not None:
+        lines.append(f"SM activity: {_pct(best_seq.get('sm_activity_mean'))} sequential vs "
+                     f"{_pct(best_bat['sm_activity_mean'])} batched: how much of the chip the "
+                     "busy time used.")
+    if eager:
+        lines.append(_graphs_vs_eager(best_seq, batched, eager[-1]))
+    return bullets(lines)
+
+
+def _same_concurrency(sequential: list[dict], batched: list[dict]) -> list[str]:
+    common = {r["concurrency"] for r in sequential} & {r["concurrency"] for r in batched}
+    if not common:
+        return []
+    c = max(common)
+    s = next(r for r in sequential if r["concurrency"] == c)
+    b = next(r for r in batched if r["concurrency"] == c)
+    return [f"At concurrency {c} (the highest level both ran): p95 {s['p95_ms']:.0f} ms "
+            f"sequential vs {b['p95_ms']:.0f} ms batched; {s['requests_per_second']:.2f} vs "
+            f"{b['requests_per_second']:.2f} req/s."]
+
+
+def _lone_request(sequential: list[dict], batched: list[dict]) -> list[str]:
+    """A lone request next to the queued ones: the server's generation time per request says
+    whether the model itself ran slower, or the request waited."""
+    lone = next((r for r in sequential if r["concurrency"] == 1), None)
+    queued = [r for r in sequential if r["concurrency"] > 1 and r.get("generation_ms")]
+    if lone is None or not lone.get("generation_ms") or not queued:
+        return []
+    others = statistics.fmean(r["generation_ms"] for r in queued)
+    ratio = lone["generation_ms"] / others
+    verdict = ("the model ran as fast for it as for queued requests: a lone request pays no "
+               "extra here" if abs(ratio - 1) < 0.1 else
+               "the model itself ran at a different speed at that level: eager decoding is "
+               "launch-bound, so its speed follows the CPU's, which varies from run to run on a "
+               "shared machine; queueing plays no part")
+    lines = [f"A lone request (concurrency 1) took {lone['generation_ms']:.0f} ms of generation "
+             f"against {others:.0f} ms per queued request at higher concurrency ({ratio:.2f}x): "
+             f"{verdict}."]
+    solo = next((r for r in batched if r["concurrency"] == 1), None)
+    if solo is not None:
+        lines.append(f"At concurrency 1 there is nothing to batch: p50 {lone['p50_ms']:.0f} ms "
+                     f"sequential vs {solo['p50_ms']:.0f} ms batched; the batched server runs "
+                     "its own decode loop (CUDA graphs on a GPU) instead of `generate`, and a "
+                     "lone request waits up to --max-wait-ms for company.")
+    return lines
+
+
+def _graphs_vs_eager(best_seq: dict, batched: list[dict], eager: dict) -> str:
+    graphs = next(r for r in batched if r["concurrency"] == eager["concurrency"])
+    return (f"At concurrency {eager['concurrency']}: batching alone gave "
+            f"{eager['requests_per_second']:.2f} req/s "
+            f"({eager['requests_per_second'] / best_seq['requests_per_second']:.1f}x sequential, "
+            f"utilization {_pct(eager['mean_util'])}); with CUDA graphs "
+            f"{graphs['requests_per_second']:.2f} req/s "
+            f"({graphs['requests_per_second'] / eager['requests_per_second']:.1f}x more, "
+            f"utilization {_pct(graphs['mean_util'])}).")
+
+
+# --- 07 -------------------------------------------------------------------------------------
+
+def sharing(rows: list[dict], cpu_cores: int | None = None) -> str:
+    """Notebook 07: several sequential servers on one device vs one batched server."""
+    sequential = [r for r in rows if r["mode"] == "sequential"]
+    batched = next(r for r in rows if r["mode"] != "sequential")
+    one, best = sequential[0], _best(sequential)
+    lines = [
+        f"One sequential server: {one['requests_per_second']:.2f} req/s. Best with "
+        f"{', '.join(str(r['servers']) for r in sequential)} servers sharing the device: "
+        f"{best['requests_per_second']:.2f} req/s with {best['servers']} "
+        f"({best['requests_per_second'] / one['requests_per_second']:.2f}x one server).",
+        f"One {batched['mode']} server: {batched['requests_per_second']:.2f} req/s, "
+        f"{batched['requests_per_second'] / best['requests_per_second']:.1f}x the best sharing "
+        f"set-up, p95 {batched['p95_ms']:.0f} ms vs {best['p95_ms']:.0f} ms.",
+    ]
+    lines += _memory_growth(sequential)
+    if batched.get("sm_activity_mean") is not None:
+        lines.append(f"Utilization vs SM activity: {best['mean_util']:.0f} % / "
+                     f"{best['sm_activity_mean']:.1f} % for {best['servers']} sequential "
+                     f"servers, {batched['mean_util']:.0f} % / "
+                     f"{batched['sm_activity_mean']:.1f} % batched.")
+    elif batched.get("utilization_source") == "cpu-mode":
+        lines.append("No GPU here: SM activity cannot be measured, and util % is the first "
+                     f"server's busy share. This machine has {cpu_cores or 'several'} CPU cores: "
+                     "separate server processes can run on separate cores at the same time, "
+                     "which processes sharing one GPU by time-slicing cannot.")
+    return bullets(lines)
+
+
+def _memory_growth(sequential: list[dict]) -> list[str]:
+    one, last = sequential[0], sequential[-1]
+    on_gpu = last.get("gpu_memory_used_gb") is not None
+    key, where = (("gpu_memory_used_gb", "GPU memory in use") if on_gpu
+                  else ("server_rss_gb", "Resident memory of the servers"))
+    if len(sequential) < 2 or last.get(key) is None or not one.get(key):
+        return []
+    growth = last[key] / one[key]
+    what = "weights and CUDA context" if on_gpu else "runtime and weights"
+    reason = (f": every process loads its own {what}."
+              if growth > 0.75 * last["servers"] else ".")
+    return [f"{where}: {last[key]:.2f} GB with {last['servers']} servers vs {one[key]:.2f} GB "
+            f"with one ({growth:.1f}x){reason}"]
