@@ -79,5 +79,18 @@ def test_prompt_longer_than_context_is_refused(lm):
         hf_generate.generate(lm, "dry skin " * 2000, max_tokens=10)
 
 
-def test_warmup_runs(tiny):
-    hf_generate.warmup(tiny, runs=2)
+def test_warmup_generates_as_many_tokens_as_will_be_timed(tiny, monkeypatch):
+    """warmup(runs=2) runs two real greedy generations of WARMUP_TOKENS tokens each (the KV
+    cache must reach the length that will be timed), and returns nothing to measure."""
+    seen = []
+    real = hf_generate.generate
+
+    def spy(lm, request, **sampling):
+        result = real(lm, request, **sampling)
+        seen.append((sampling, result.tokens_generated))
+        return result
+
+    monkeypatch.setattr(hf_generate, "generate", spy)
+    assert hf_generate.warmup(tiny, runs=2) is None
+    assert seen == [({"max_tokens": hf_generate.WARMUP_TOKENS, "temperature": 0},
+                     hf_generate.WARMUP_TOKENS)] * 2

@@ -310,7 +310,8 @@ def test_run_in_a_real_jupyter_kernel(slow_url):
     import nbformat
 
     cells = [
-        "import asyncio\nfrom labkit.measure import loadtest\nasyncio.get_event_loop().is_running()",
+        "import asyncio\nfrom labkit.measure import loadtest\n"
+        "asyncio.get_event_loop().is_running()",
         f"result = loadtest.run({slow_url!r}, concurrency=4, requests=8)\nresult",
         "s = result.summary(); (s['successful'], round(s['latency_ms']['mean']))",
     ]

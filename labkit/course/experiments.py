@@ -167,31 +167,55 @@ def seed_phase3_claim(sequential_rows: list[dict]) -> float | None:
     return SEED_PHASE3_FACTOR * max(r["requests_per_second"] for r in sequential_rows)
 
 
+def _columns(rows: list[dict], spec: list[tuple[str, int, object]]) -> list[str]:
+    """A header and one line per row; `spec` is (header, width, row -> text), the first column
+    left-aligned."""
+    def cell(i: int, width: int, text: str) -> str:
+        return f"{text:<{width}}" if i == 0 else f"{text:>{width}}"
+
+    lines = ["".join(cell(i, w, h) for i, (h, w, _) in enumerate(spec))]
+    lines += ["".join(cell(i, w, str(fn(r))) for i, (_, w, fn) in enumerate(spec)) for r in rows]
+    return lines
+
+
+def _series(r: dict) -> str:
+    return r.get("series", r["mode"])
+
+
+LOAD_COLUMNS = [
+    ("req/s", 8, lambda r: f"{r['requests_per_second']:.2f}"),
+    ("tok/s", 9, lambda r: f"{r['output_tokens_per_sec']:.1f}"),
+    ("p50 ms", 9, lambda r: f"{r['p50_ms']:.0f}"),
+    ("p95 ms", 9, lambda r: f"{r['p95_ms']:.0f}"),
+]
+UTIL = ("util %", 8, lambda r: _pct(r["mean_util"]))
+SM = ("SM %", 7, lambda r: _pct(r.get("sm_activity_mean")))
+BATCH = ("batch", 7, lambda r: _num(r.get("mean_batch_size")))
+
+
 def table(rows: list[dict]) -> str:
-    head = (f"{'mode':<15}{'conc':>5}{'req/s':>8}{'tok/s':>9}{'p50 ms':>9}{'p95 ms':>9}"
-            f"{'gen ms':>8}{'util %':>8}{'SM %':>7}{'batch':>7}")
-    lines = [head]
-    for r in rows:
-        lines.append(f"{r.get('series', r['mode']):<15}{r['concurrency']:>5}"
-                     f"{r['requests_per_second']:>8.2f}"
-                     f"{r['output_tokens_per_sec']:>9.1f}{r['p50_ms']:>9.0f}{r['p95_ms']:>9.0f}"
-                     f"{_num(r.get('generation_ms'), 0):>8}"
-                     f"{_pct(r['mean_util']):>8}{_pct(r.get('sm_activity_mean')):>7}"
-                     f"{_num(r.get('mean_batch_size')):>7}")
-    return "\n".join(lines) + _util_note(rows) + (
+    """A sweep's rows: load-test figures, the server's generation time, utilization, batch."""
+    spec = [("mode", 15, _series), ("conc", 5, lambda r: r["concurrency"]), *LOAD_COLUMNS,
+            ("gen ms", 8, lambda r: _num(r.get("generation_ms"), 0)), UTIL, SM, BATCH]
+    return "\n".join(_columns(rows, spec)) + _util_note(rows) + (
         "\ngen ms = the server's generation time per request (inference_time_ms), queueing "
         "left out")
 
 
+def shared_table(rows: list[dict]) -> str:
+    """Notebook 07's set-ups: load-test figures, utilization, busy share and memory."""
+    spec = [("set-up", 16, _series), *LOAD_COLUMNS, UTIL, SM,
+            ("busy %", 8, lambda r: _pct(r.get("server_busy_pct"))),
+            ("GPU GB", 8, lambda r: _num(r.get("gpu_memory_used_gb"))),
+            ("RSS GB", 8, lambda r: _num(r.get("server_rss_gb"), 2))]
+    return "\n".join(_columns(rows, spec)) + _util_note(rows)
+
+
 def activity_table(rows: list[dict]) -> str:
     """Utilization (any kernel running) next to how much of the chip worked (GPM)."""
-    lines = [f"{'mode':<15}{'conc':>5}{'util %':>8}{'SM %':>7}{'tensor %':>10}{'batch':>7}"]
-    for r in rows:
-        lines.append(f"{r.get('series', r['mode']):<15}{r['concurrency']:>5}"
-                     f"{_pct(r['mean_util']):>8}{_pct(r.get('sm_activity_mean')):>7}"
-                     f"{_pct(r.get('tensor_activity_mean')):>10}"
-                     f"{_num(r.get('mean_batch_size')):>7}")
-    return "\n".join(lines) + _util_note(rows)
+    spec = [("mode", 15, _series), ("conc", 5, lambda r: r["concurrency"]), UTIL, SM,
+            ("tensor %", 10, lambda r: _pct(r.get("tensor_activity_mean"))), BATCH]
+    return "\n".join(_columns(rows, spec)) + _util_note(rows)
 
 
 def bad_generate_requests(context_tokens: int) -> dict[str, dict]:
@@ -287,19 +311,6 @@ def littles_law_table(rows: list[dict]) -> str:
         lines.append(f"{r['concurrency']:>4} {r['predicted_ms']:>20.0f} ms "
                      f"{r['measured_ms']:>11.0f} ms {r['error']:>+7.0%}")
     return "\n".join(lines)
-
-
-def shared_table(rows: list[dict]) -> str:
-    head = (f"{'set-up':<16}{'req/s':>8}{'tok/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'util %':>8}"
-            f"{'SM %':>7}{'busy %':>8}{'GPU GB':>8}{'RSS GB':>8}")
-    lines = [head]
-    for r in rows:
-        lines.append(f"{r['series']:<16}{r['requests_per_second']:>8.2f}"
-                     f"{r['output_tokens_per_sec']:>9.1f}{r['p50_ms']:>9.0f}{r['p95_ms']:>9.0f}"
-                     f"{_pct(r['mean_util']):>8}{_pct(r.get('sm_activity_mean')):>7}"
-                     f"{_pct(r.get('server_busy_pct')):>8}"
-                     f"{_num(r.get('gpu_memory_used_gb')):>8}{_num(r.get('server_rss_gb'), 2):>8}")
-    return "\n".join(lines) + _util_note(rows)
 
 
 def _util_note(rows: list[dict]) -> str:

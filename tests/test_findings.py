@@ -1,0 +1,191 @@
+"""labkit.course.findings and the table builders of labkit.course.experiments: the conclusions a
+notebook prints follow its measured rows, on both sides of every verdict."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from labkit.course import experiments, findings, notebook
+from labkit.course.setup_check import Check
+
+
+def row(mode="sequential", c=1, rps=1.0, **extra) -> dict:
+    base = {"mode": mode, "series": mode, "concurrency": c, "requests_per_second": rps,
+            "output_tokens_per_sec": 150 * rps, "p50_ms": 1000 / rps, "p95_ms": 1200 / rps,
+            "mean_util": 20.0, "utilization_source": "nvml", "mean_batch_size": 1.0,
+            "generation_ms": 3000.0, "sm_activity_mean": 5.0, "tensor_activity_mean": 0.2}
+    return {**base, **extra}
+
+
+def test_setup_names_the_mode_and_the_lines_to_fix():
+    ok = [Check("GPU", True, "H200"), Check("driver", True, "580")]
+    assert "Mode for the rest of the lab: GPU." in findings.setup(ok)
+    assert "Everything checked out." in findings.setup(ok)
+    cpu = [Check("GPU", False, "none", "fix"), Check("NVML", False, "none", "fix")]
+    text = findings.setup(cpu)
+    assert "CPU." in text and "Lines to look at: GPU, NVML." in text
+
+
+def test_load_says_which_dominates_memory():
+    small = findings.load("m", "cuda:0", 0.5, 6_430_000_000, 114_688, 170)
+    assert "19.5 MB" in small and "dominated by the weights" in small
+    big = findings.load("m", "cuda:0", 0.5, 1_000_000, 114_688, 170)
+    assert "more than the weights" in big
+
+
+def result(ttft, tpot, total, tokens=150):
+    return SimpleNamespace(time_to_first_token_ms=ttft, time_per_output_token_ms=tpot,
+                           inference_time_ms=total, tokens_generated=tokens,
+                           tokens_per_second=tokens / total * 1000)
+
+
+def test_single_inference_uses_medians_and_the_floor():
+    runs = [result(20, 20.0, 3000), result(30, 22.0, 3300), result(25, 21.0, 3100)]
+    text = findings.single_inference(runs, result(900, 60, 9000), result(25, 21, 3000),
+                                     floor_ms=2.0, device="cuda:0")
+    assert "median TTFT 25.0 ms, 21.00 ms/token, 3100 ms" in text
+    assert "3.0x as long" in text and "10.5x the memory-bandwidth floor" in text
+    assert "median 21.00 ms per output token" in findings.runs_table(runs)
+
+
+def test_serving_reads_the_servers_counters():
+    stats = {"requests_served": 7, "requests_rejected": 12, "busy_fraction": 0.25}
+    reply = {"tokens_generated": 150, "inference_time_ms": 3200.0, "device": "cuda"}
+    text = findings.serving(stats, reply, [1.0, 4.2, 2.0])
+    assert "served 7 requests and rejected 12" in text and "at most 4 ms" in text
+    assert "busy 25%" in text
+
+
+def concurrency_rows(rates, service_ms=(3000, 3000, 3000)):
+    return [{"concurrency": c, "requests_per_second": r, "p50_ms": c * s, "p95_ms": c * s,
+             "mean_ms": c * s, "queue_ms": (c - 1) * s, "service_ms": s}
+            for c, r, s in zip((1, 5, 10), rates, service_ms, strict=True)]
+
+
+def test_concurrency_says_flat_or_not_flat_and_checks_littles_law():
+    flat = findings.concurrency(concurrency_rows([0.33, 0.32, 0.34]))
+    assert "(flat)" in flat and "off by at most 0%" in flat
+    uneven = findings.concurrency(concurrency_rows([0.33, 0.2, 0.34], (3000, 5000, 3000)))
+    assert "NOT flat" in uneven and "3000 to 5000 ms" in uneven
+    assert "off by at most 67%" in uneven  # 5 x 5000 against 5 x 3000 predicted
+
+
+def test_littles_law_table_predicts_from_the_first_level():
+    table = experiments.littles_law_table(concurrency_rows([0.33, 0.33, 0.33]))
+    assert "service time at concurrency 1: 3000 ms" in table
+    assert "30000 ms" in table and "+0%" in table
+
+
+def test_utilization_wording_differs_in_cpu_mode():
+    during = {"mean_util": 21.0, "idle_fraction": 0.1, "sm_activity_mean": 5.5}
+    whole = {"mean_util": 15.0, "idle_fraction": 0.4}
+    load = {"latency_ms": {"p50": 15000.0}, "requests_per_min": 15.6}
+    gpu = findings.utilization(during, whole, load, on_gpu=True)
+    assert "the GPU was busy 21 %" in gpu and "only 5.5 % of the SMs" in gpu
+    cpu = findings.utilization({"mean_util": 97.0, "idle_fraction": 0.0}, whole, load,
+                               on_gpu=False)
+    assert "CPU mode: not GPU utilization" in cpu and "SMs" not in cpu
+
+
+def test_baseline_table_puts_values_beside_the_seeds_ranges():
+    during = {"mean_util": 21.1, "idle_fraction": 0.14}
+    whole = {"mem_used_max_gb": 7.9}
+    load = {"latency_ms": {"p50": 22711.0, "p95": 27474.0}, "requests_per_min": 12.0}
+    health = {"model": "m", "device": "cuda", "gpu_name": "NVIDIA H200", "load_time_s": 0.6}
+    baseline = findings.baseline(load, during, whole, health, "GPU utilization")
+    table = findings.baseline_table(baseline)
+    assert "Baseline on NVIDIA H200 with m" in table
+    assert "latency_p50_ms" in table and "22711.0" in table and "700-1000 ms" in table
+    assert "idle_pct" in table and "14.0" in table
+
+
+def test_batching_above_or_not_above_the_seeds_promise():
+    seq = [row(c=1, rps=0.3), row(c=4, rps=0.33)]
+    fast = findings.batching(seq, [row("batched", 1, 1.0), row("batched", 32, 16.0,
+                                                             mean_batch_size=32.0)])
+    assert "48.5x" in fast and "above that line" in fast and "not above" not in fast
+    slow = findings.batching(seq, [row("batched", 4, 0.8, mean_batch_size=4.0)])
+    assert "not above that line" in slow
+
+
+def test_batching_in_cpu_mode_says_what_it_cannot_show():
+    cpu = dict(utilization_source="cpu-mode", sm_activity_mean=None)
+    text = findings.batching([row(c=1, rps=2.0, **cpu)],
+                             [row("batched", 16, 9.0, mean_batch_size=16.0, **cpu)])
+    assert "CPU mode" in text and "need a GPU" in text
+    assert "Mean NVML utilization" not in text
+
+
+@pytest.mark.parametrize(("lone_ms", "verdict"), [
+    (3050.0, "pays no extra here"),
+    (5300.0, "ran at a different speed"),
+])
+def test_a_lone_request_is_judged_by_the_servers_generation_time(lone_ms, verdict):
+    seq = [row(c=1, rps=0.19, generation_ms=lone_ms), row(c=4, rps=0.3, generation_ms=3000.0),
+           row(c=16, rps=0.3, generation_ms=3100.0)]
+    text = findings.batching(seq, [row("batched", 1, 1.0), row("batched", 16, 10.0)])
+    assert verdict in text
+    assert f"took {lone_ms:.0f} ms of generation against 3050 ms" in text
+    assert "nothing to batch" in text
+
+
+def test_eager_vs_cuda_graphs_line():
+    seq = [row(c=1, rps=0.2)]
+    bat = [row("batched", 32, 16.6, mean_batch_size=32.0, mean_util=85.7)]
+    eager = [row("batched", 32, 3.34, mean_batch_size=32.0, mean_util=14.1)]
+    text = findings.batching(seq, bat, eager)
+    assert "batching alone gave 3.34 req/s (16.7x sequential" in text
+    assert "with CUDA graphs 16.60 req/s (5.0x more" in text
+
+
+def shared(servers, rps, gb, mode="sequential"):
+    return row(mode, 16, rps, servers=servers, series=f"{servers} x {mode}",
+               gpu_memory_used_gb=gb, server_rss_gb=1.0)
+
+
+def test_sharing_finds_the_best_set_up_and_explains_memory_growth():
+    rows = [shared(1, 0.22, 9.1), shared(2, 0.30, 17.1), shared(4, 0.47, 33.2),
+            shared(1, 11.06, 13.1, mode="batched")]
+    text = findings.sharing(rows)
+    assert "Best with 1, 2, 4 servers sharing the device: 0.47 req/s with 4 (2.14x" in text
+    assert "23.5x the best sharing set-up" in text
+    assert "33.20 GB with 4 servers vs 9.10 GB with one (3.6x): every process loads its own" \
+        in text
+
+
+def test_sharing_on_a_cpu_names_the_cores():
+    cpu = dict(utilization_source="cpu-mode", sm_activity_mean=None)
+    rows = [{**shared(1, 2.0, None), **cpu}, {**shared(2, 3.5, None), **cpu},
+            {**shared(1, 9.0, None, mode="batched"), **cpu}]
+    text = findings.sharing(rows, cpu_cores=2)
+    assert "This machine has 2 CPU cores" in text and "Resident memory" in text
+
+
+def test_exercise_4_3_compares_only_like_with_like():
+    saved = {"max_tokens": 150, "rows": [{"concurrency": 5, "mean_ms": 16000.0}]}
+    assert "measured 16.00 s" in findings.compare_with_notebook_04(15.0, 5, 150, saved)
+    assert "+7%" in findings.compare_with_notebook_04(15.0, 5, 150, saved)
+    assert "same value in both" in findings.compare_with_notebook_04(15.0, 5, 64, saved)
+    assert "Run notebook 04" in findings.compare_with_notebook_04(15.0, 5, 150, None)
+
+
+def test_gpu_bandwidth_comes_from_the_learners_run_or_the_recorded_one(monkeypatch):
+    monkeypatch.setattr(notebook, "load_results", lambda name: None)
+    value, where = notebook.gpu_copy_bandwidth()
+    assert value == 3.00e12 and "benchmarks/RESULTS.md" in where
+    monkeypatch.setattr(notebook, "load_results",
+                        lambda name: {"device": "cuda:0", "bandwidth_tb_s": 4.26})
+    value, where = notebook.gpu_copy_bandwidth()
+    assert value == pytest.approx(4.26e12) and "your notebook 02" in where
+    monkeypatch.setattr(notebook, "load_results",
+                        lambda name: {"device": "cpu", "bandwidth_tb_s": 0.02})
+    assert notebook.gpu_copy_bandwidth()[0] == 3.00e12  # a CPU's copy is no GPU's bandwidth
+
+
+def test_recorded_bandwidth_is_the_one_in_results_md():
+    from pathlib import Path
+
+    results = (Path(__file__).resolve().parent.parent / "benchmarks" / "RESULTS.md").read_text()
+    assert "| device-to-device copy (notebook 02) | 3.00 TB/s |" in results
