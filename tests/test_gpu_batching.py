@@ -43,7 +43,8 @@ def test_graph_replay_equals_sequential_greedy(lm32):
     for _ in range(2):  # the second batch replays the graphs captured by the first
         results = generate_batch(lm32, requests, static=decoders)
         for request, r in zip(requests, results, strict=True):
-            alone = hf_generate.generate(lm32, request.prompt, request.max_tokens, temperature=0)
+            alone = hf_generate.generate(lm32, request.prompt, max_tokens=request.max_tokens,
+                                         temperature=0)
             assert r.generated_text == alone.generated_text
             assert r.tokens_generated == alone.tokens_generated
     assert decoders.shapes == [(4, 256)]
