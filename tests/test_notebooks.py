@@ -123,3 +123,24 @@ def test_stored_output_check_catches_bad_runs():
     assert "out of order" in stored_output_problems(notebook([4, 5, 6]))[0]
     assert "not executed" in stored_output_problems(notebook([1, None, 3]))[0]
     assert "ValueError" in stored_output_problems(notebook([1, 2], error=True))[0]
+
+
+MAX_CELL_LINES = 12
+
+
+@pytest.mark.parametrize("path", _notebooks("notebooks"), ids=lambda p: p.name)
+def test_course_notebooks_are_narrative_short_cells_and_no_helpers(path: Path):
+    """The logic lives in labkit, where it is tested: a course notebook's code cells call it,
+    define no functions or classes, and stay short enough to read at a glance."""
+    import ast
+
+    nb = nbformat.read(path, as_version=4)
+    for i, cell in enumerate(nb.cells, 1):
+        if cell.cell_type != "code":
+            continue
+        lines = cell.source.strip().splitlines()
+        assert len(lines) <= MAX_CELL_LINES, f"{path.name} cell {i}: {len(lines)} lines"
+        code = "\n".join(line for line in lines if not line.rstrip().endswith("??"))
+        defined = [type(node).__name__ for node in ast.walk(ast.parse(code))
+                   if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+        assert not defined, f"{path.name} cell {i} defines {defined}: put it in labkit"
