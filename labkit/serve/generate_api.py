@@ -21,7 +21,7 @@ EXAMPLE = '{"prompt": "Suggest a skincare routine", "max_tokens": 150, "temperat
 VALID_FORM = (f"Send a JSON object like {EXAMPLE}; fields: prompt (required, non-empty string), "
               "max_tokens (integer, default 150), temperature (0 to 2, default 0.7, 0 = greedy), "
               "top_p (in (0, 1], optional), seed (integer, optional).")
-ENDPOINTS = "GET /, GET /health, POST /generate, GET /stats"
+ENDPOINTS = "GET /, GET /health, POST /generate, GET /stats, GET /metrics"
 
 
 class ApiError(Exception):

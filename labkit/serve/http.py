@@ -32,6 +32,7 @@ from aiohttp import web
 from labkit.engine.request import InvalidRequest, OutOfMemory, PromptTooLong, Request
 from labkit.serve import generate_api
 from labkit.serve.generate_api import ApiError
+from labkit.serve.metrics import CONTENT_TYPE, ServerMetrics
 
 if TYPE_CHECKING:
     from labkit.serve.backend import Backend
@@ -72,6 +73,26 @@ class ServerState:
         # import: both stay off the event loop, on threads of their own.
         self.check_executor = concurrent.futures.ThreadPoolExecutor(1, "labkit-check")
         self.info_executor = concurrent.futures.ThreadPoolExecutor(1, "labkit-info")
+        self.metrics = ServerMetrics(self.counters, self._gpu_reading)
+        self._nvml_reader = None
+
+    def counters(self) -> dict:
+        """The scheduler's counters plus the requests refused as bad input."""
+        return {**self.scheduler.stats(), "requests_rejected": self.rejected}
+
+    def _gpu_reading(self) -> dict | None:
+        """NVML's columns for the card the model runs on; None without a GPU or a model."""
+        if self.backend is None or not self.backend.device.startswith("cuda"):
+            return None
+        if self._nvml_reader is None:
+            from labkit.measure import gpu, utilization
+
+            lib = gpu.nvml()
+            if lib is None:
+                return None
+            index = int(self.backend.device.split(":")[1]) if ":" in self.backend.device else 0
+            self._nvml_reader = utilization.NvmlReader(lib, index)
+        return self._nvml_reader.read()
 
     @property
     def model_loaded(self) -> bool:
@@ -137,6 +158,7 @@ def create_app(load_backend: Callable[[], Backend], *, max_tokens_limit: int = 1
     app.router.add_get("/health", handle_health)
     app.router.add_post("/generate", handle_generate)
     app.router.add_get("/stats", handle_stats)
+    app.router.add_get("/metrics", handle_metrics)
     app.on_startup.append(_on_startup)
     app.on_cleanup.append(_on_cleanup)
     return app
@@ -193,6 +215,7 @@ async def handle_generate(request: web.Request) -> web.Response:
     request_id = uuid.uuid4().hex[:16]
     result = await state.scheduler.submit(params)  # errors reach the middleware's mapping
     total_ms = (time.perf_counter() - received) * 1000
+    state.metrics.observe(result, total_ms)
     log.info("POST /generate 200 %s: %d prompt + %d generated tokens, queue %.0f ms, "
              "inference %.0f ms", request_id, result.prompt_tokens, result.tokens_generated,
              result.queue_time_ms, result.inference_time_ms)
@@ -217,12 +240,17 @@ async def handle_generate(request: web.Request) -> web.Response:
     }, headers={"X-Request-ID": request_id})
 
 
+async def handle_metrics(request: web.Request) -> web.Response:
+    """Prometheus text format (`labkit.serve.metrics`); answers while the model loads too."""
+    body = request.app[STATE].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
 async def handle_stats(request: web.Request) -> web.Response:
     state = request.app[STATE]
     info = await state.device_info()
     memory = info["memory"]
-    server = state.scheduler.stats()
-    server["requests_rejected"] = state.rejected
+    server = state.counters()
     server["shutting_down"] = state.shutdown_reason is not None
     backend = state.backend
     server["cuda_graphs"] = backend.cuda_graphs if backend else False
