@@ -8,7 +8,9 @@ padding and per-row position ids give each token the position it would have alon
 logits are those of the same request generated on its own (greedy output equals
 `hf_generate.generate`'s).
 
-Each row keeps its own max_tokens, temperature, top_p and seed. Sampling draws from a per-row
+Each row keeps its own max_tokens, temperature, top_p and seed; each new token goes to its
+request's `on_token` as soon as it is on the host, and a request whose `cancelled` is set leaves
+the batch at the next step. Sampling draws from a per-row
 `random.Random` on the host, so a seeded request gets the same text whatever else shares its
 batch. Timing is per row: TTFT is batch start → the row's first token on the CPU,
 inference time is batch start → its own last token; a row that stops early is not billed the
@@ -68,15 +70,22 @@ def generate_batch(lm: LoadedModel, requests: list[Request],
         logits = decoder.prefill(input_ids, attention_mask, position_ids)
         while True:
             draws = uniforms([rngs[i] for i in rows], device)
+            held = [row for row, i in enumerate(rows) if not requests[i].may_stop(len(new_ids[i]))]
+            if held and stop_ids:  # min_tokens / ignore_eos: a stop token may not come yet
+                logits[torch.tensor(held, device=device)[:, None],
+                       torch.tensor(sorted(stop_ids), device=device)] = float("-inf")
             tokens = next_tokens(logits, temperature, top_p, draws)
             host_tokens = tokens.tolist()  # waits for the device, so the clock reads after it
             now = time.perf_counter()
             keep = []
             for row, (i, token) in enumerate(zip(rows, host_tokens, strict=True)):
+                request = requests[i]
                 if not new_ids[i]:
                     first_at[i] = now
                 new_ids[i].append(token)
-                if token not in stop_ids and len(new_ids[i]) < requests[i].max_tokens:
+                request.emit(token)
+                if not (token in stop_ids or request.cancelled.is_set()
+                        or len(new_ids[i]) >= request.max_tokens):
                     keep.append(row)
                     continue
                 results[i] = hf_generate.build_result(lm, requests[i], new_ids[i], started,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from labkit.engine.model import LoadedModel, synchronize
@@ -25,12 +26,21 @@ def format_prompt(lm: LoadedModel, prompt: str) -> str:
     )
 
 
+def chat_prompt(lm: LoadedModel, messages: list[dict]) -> str:
+    """Chat messages in the model's chat template, ending where the assistant's answer begins.
+    A model without one (synthetic shapes) gets "role: content" lines."""
+    if lm.synthetic or not getattr(lm.tokenizer, "chat_template", None):
+        lines = [f"{m['role']}: {m['content']}" for m in messages]
+        return "\n".join(lines + ["assistant:"])
+    return lm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
 def tokenize(lm: LoadedModel, request: Request) -> list[int]:
     """The request's prompt ids (formatted as the model was trained to see it), stored on the
     request the first time; raises PromptTooLong when prompt + max_tokens cannot fit the
     context."""
     if request.prompt_ids is None:
-        text = format_prompt(lm, request.prompt)
+        text = request.prompt if request.templated else format_prompt(lm, request.prompt)
         ids = lm.tokenizer(text, add_special_tokens=False).input_ids
         if len(ids) + request.max_tokens > lm.context_length:
             raise PromptTooLong(
@@ -42,9 +52,11 @@ def tokenize(lm: LoadedModel, request: Request) -> list[int]:
 
 
 class _TokenClock(BaseStreamer):
-    """Records the host time at which each new token reaches the CPU."""
+    """Records the host time at which each new token reaches the CPU, and hands the token to
+    the request's `on_token` (a server streams it from there)."""
 
-    def __init__(self):
+    def __init__(self, request: Request):
+        self.request = request
         self.times: list[float] = []
         self._prompt_seen = False
 
@@ -53,6 +65,8 @@ class _TokenClock(BaseStreamer):
             self._prompt_seen = True
             return
         self.times.append(time.perf_counter())
+        for token_id in value.reshape(-1).tolist():
+            self.request.emit(token_id)
 
     def end(self):
         pass
@@ -66,13 +80,14 @@ def generate(lm: LoadedModel, request: Request | str, **sampling) -> Result:
     input_ids = torch.tensor([tokenize(lm, request)], device=lm.device)
     if request.seed is not None:
         torch.manual_seed(request.seed)
-    clock = _TokenClock()
+    clock = _TokenClock(request)
     synchronize(lm.device)
     started = time.perf_counter()
     with torch.inference_mode():
         output = lm.model.generate(
             input_ids, attention_mask=torch.ones_like(input_ids),
             streamer=clock, pad_token_id=lm.tokenizer.pad_token_id,
+            stopping_criteria=StoppingCriteriaList([_UntilCancelled(request)]),
             **sampling_kwargs(lm, request),
         )
     synchronize(lm.device)
@@ -82,11 +97,24 @@ def generate(lm: LoadedModel, request: Request | str, **sampling) -> Result:
     return build_result(lm, request, new_ids, started, first, finished)
 
 
+class _UntilCancelled(StoppingCriteria):
+    """Ends `generate` at the next step once the request is cancelled (its client left)."""
+
+    def __init__(self, request: Request):
+        self.request = request
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        stop = self.request.cancelled.is_set()
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+
 def sampling_kwargs(lm: LoadedModel, request: Request) -> dict:
     """The request's sampling parameters in `generate`'s words."""
     kwargs: dict = {"max_new_tokens": request.max_tokens}
-    if lm.synthetic:  # synthetic: never stop early, so timings compare
+    if lm.synthetic or request.ignore_eos:  # synthetic: never stop early, so timings compare
         kwargs["min_new_tokens"] = request.max_tokens
+    elif request.min_tokens:
+        kwargs["min_new_tokens"] = request.min_tokens
     if request.greedy:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     else:
@@ -95,15 +123,46 @@ def sampling_kwargs(lm: LoadedModel, request: Request) -> dict:
     return kwargs
 
 
-def decode(lm: LoadedModel, ids: list[int]) -> str:
-    """Text of generated ids. Synthetic models draw ids from their own (larger) vocabulary,
-    so they are folded into the tokenizer's range: the text is meaningless either way."""
-    eos = lm.tokenizer.eos_token_id
+def _text(lm: LoadedModel, ids: list[int]) -> str:
+    """Text of token ids. Synthetic models draw ids from their own (larger) vocabulary, so they
+    are folded into the tokenizer's range: the text is meaningless either way."""
     if lm.synthetic:
         ids = [i % len(lm.tokenizer) for i in ids]
-    else:
-        ids = [i for i in ids if i != eos]
-    return lm.tokenizer.decode(ids, skip_special_tokens=True).strip()
+    return lm.tokenizer.decode(ids, skip_special_tokens=True,
+                               clean_up_tokenization_spaces=False)
+
+
+def decode(lm: LoadedModel, ids: list[int]) -> str:
+    """Text of generated ids, leading whitespace dropped: what a client receives, whole or
+    streamed (`Detokenizer` gives the same text piece by piece)."""
+    return _text(lm, ids).lstrip()
+
+
+class Detokenizer:
+    """The text of a growing list of token ids, as it grows: `push(token_id)` returns the new
+    text. Decodes a short window (the tokens since the last text boundary), not the whole list,
+    so each push costs the same however long the answer; a token that ends inside a UTF-8
+    character (decoded as U+FFFD) is held back until the next one completes it. The pieces add
+    up to `decode(lm, ids)`."""
+
+    def __init__(self, lm: LoadedModel):
+        self.lm = lm
+        self.ids: list[int] = []
+        self.prefix = self.read = 0  # window start; ids before `read` are already sent
+        self.started = False  # leading whitespace is dropped, as `decode` drops it
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        before = _text(self.lm, self.ids[self.prefix:self.read])
+        now = _text(self.lm, self.ids[self.prefix:])
+        if len(now) <= len(before) or now.endswith("\ufffd"):
+            return ""
+        new = now[len(before):]
+        self.prefix, self.read = self.read, len(self.ids)
+        if not self.started:
+            new = new.lstrip()
+            self.started = bool(new)
+        return new
 
 
 WARMUP_TOKENS = 150
@@ -112,8 +171,8 @@ WARMUP_TOKENS = 150
 def warmup(lm: LoadedModel, runs: int = 1, max_tokens: int = WARMUP_TOKENS) -> None:
     """Run throwaway generations so CUDA context, kernels and allocator are ready before timing.
     The KV cache grows by one token per step and each new length can meet new kernels, so warm
-    up over as many tokens as will be timed (on an H100 a first 150-token request ran 2.8x
-    slower than the next after an 8-token warm-up)."""
+    up over as many tokens as will be timed (after an 8-token warm-up, a first 150-token
+    request ran 2.8-5x slower than the next on an H100: benchmarks/RESULTS.md)."""
     for _ in range(runs):
         generate(lm, "Warm-up", max_tokens=max_tokens, temperature=0)
 
@@ -131,6 +190,12 @@ def build_result(lm: LoadedModel, request: Request, new_ids: list[int], started:
     """Result of one request from its new ids (a final stop token is not counted) and host
     times (perf_counter): start, first token on the CPU, last token on the CPU."""
     stopped = bool(new_ids) and new_ids[-1] in stop_token_ids(lm)
+    if stopped:
+        reason = "stop"
+    elif request.cancelled.is_set() and len(new_ids) < request.max_tokens:
+        reason = "cancelled"  # its client went away: the engine stopped it early
+    else:
+        reason = "length"
     n = len(new_ids) - (1 if stopped else 0)
     total_ms = (finished - started) * 1000
     ttft_ms = (first_token_at - started) * 1000
@@ -142,6 +207,6 @@ def build_result(lm: LoadedModel, request: Request, new_ids: list[int], started:
         tokens_per_second=round(n / (total_ms / 1000), 2) if total_ms > 0 else 0.0,
         time_per_output_token_ms=round(tpot, 3) if tpot is not None else None,
         device=lm.device.type, model=lm.name, synthetic=lm.synthetic,
-        finish_reason="stop" if stopped else "length",
+        finish_reason=reason,
     )
 

@@ -13,6 +13,8 @@ before its model, and torch with it, has loaded.
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 DEFAULT_MAX_TOKENS = 150
@@ -33,17 +35,31 @@ class OutOfMemory(RuntimeError):
     """The device ran out of memory while generating; the allocator's cache was freed."""
 
 
-@dataclass
+TokenSink = Callable[[int], None]
+
+
+@dataclass(eq=False)
 class Request:
     """What to generate and how to sample it. temperature 0 is greedy; top_p None keeps the
-    whole distribution; a seed makes sampling repeatable."""
+    whole distribution; a seed makes sampling repeatable. `min_tokens` and `ignore_eos` hold off
+    the model's stop token (benchmark clients ask for fixed lengths this way).
+
+    Two hooks connect a request to whoever waits for it, without the engine knowing who that is:
+    `on_token(token_id)` is called on the generation thread with each new token as soon as it
+    is on the host (a server streams it), and `cancelled`, once set (a client went away), makes
+    the engine stop this request at its next step and free its place."""
 
     prompt: str
     max_tokens: int = DEFAULT_MAX_TOKENS
     temperature: float = DEFAULT_TEMPERATURE
     top_p: float | None = None
     seed: int | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    templated: bool = False  # the prompt is already in the model's chat format: used as is
     prompt_ids: list[int] | None = field(default=None, repr=False)  # set by tokenize, once
+    on_token: TokenSink | None = field(default=None, repr=False)
+    cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def __post_init__(self) -> None:
         _check_prompt(self.prompt)
@@ -51,6 +67,17 @@ class Request:
         self.temperature = _check_temperature(self.temperature)
         self.top_p = _check_top_p(self.top_p)
         _check_seed(self.seed)
+        _check_min_tokens(self.min_tokens, self.max_tokens)
+        if not isinstance(self.ignore_eos, bool):
+            raise InvalidRequest(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+
+    def may_stop(self, tokens_so_far: int) -> bool:
+        """Whether a stop token may end the generation after `tokens_so_far` tokens."""
+        return not self.ignore_eos and tokens_so_far >= self.min_tokens
+
+    def emit(self, token_id: int) -> None:
+        if self.on_token is not None:
+            self.on_token(token_id)
 
     @property
     def greedy(self) -> bool:
@@ -73,7 +100,7 @@ class Result:
     device: str
     model: str
     synthetic: bool
-    finish_reason: str  # "length" (hit max_tokens) or "stop" (a stop token)
+    finish_reason: str  # "length" (hit max_tokens), "stop" (a stop token), "cancelled"
     queue_time_ms: float | None = None  # waiting in a server before its generation started
     memory_used_gb: float | None = None  # GPU memory held by tensors when it finished
 
@@ -117,6 +144,14 @@ def _check_top_p(top_p) -> float | None:
     if not math.isfinite(top_p) or not 0 < top_p <= 1:
         raise InvalidRequest(f"top_p must be in (0, 1], got {top_p}")
     return float(top_p)
+
+
+def _check_min_tokens(min_tokens, max_tokens: int) -> None:
+    if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 0:
+        raise InvalidRequest(f"min_tokens must be a whole number, 0 or more, got {min_tokens!r}")
+    if min_tokens > max_tokens:
+        raise InvalidRequest(f"min_tokens ({min_tokens}) must not exceed max_tokens "
+                             f"({max_tokens})")
 
 
 def _check_seed(seed) -> None:

@@ -47,6 +47,14 @@ class Backend(Protocol):
     def generate(self, request: Request) -> Result:
         """Run one generation."""
 
+    def detokenizer(self):
+        """A fresh incremental detokenizer: `push(token_id) -> new text`. Call it on the
+        generation thread (inside a request's `on_token`): it uses that thread's tokenizer."""
+
+    def chat_prompt(self, messages: list[dict]) -> str:
+        """Chat messages in the model's own format, ending where the assistant's answer begins
+        (for a `Request(..., templated=True)`)."""
+
     def generate_batch(self, requests: list[Request],
                        on_finish: Callable[[int, Result], None] | None = None) -> list[Result]:
         """Run `requests` as one batch; returns their results in order and calls
@@ -90,6 +98,12 @@ class ModelBackend:
 
     def generate(self, request: Request) -> Result:
         return hf_generate.generate(self.lm, request)
+
+    def detokenizer(self) -> hf_generate.Detokenizer:
+        return hf_generate.Detokenizer(self.lm)
+
+    def chat_prompt(self, messages: list[dict]) -> str:
+        return hf_generate.chat_prompt(self._checker, messages)
 
     def generate_batch(self, requests: list[Request],
                        on_finish: Callable[[int, Result], None] | None = None) -> list[Result]:

@@ -117,9 +117,10 @@ class QueueScheduler:
 
     Generation runs on one dedicated thread, so the event loop keeps answering /, /health and
     /stats while the model works. A request whose client goes away while it waits is dropped
-    before it starts; one that is already generating runs to the end (a generation cannot be
-    interrupted safely) and its result is discarded. Either way the worker moves on: nothing
-    wedges. Out of memory frees the allocator's cache and fails only the requests it hit."""
+    before it starts; one that is already generating is marked cancelled, and the engine stops
+    it at its next decode step (a batch goes on without it) and its result is discarded. Either
+    way the worker moves on: nothing wedges. Out of memory frees the allocator's cache and fails
+    only the requests it hit."""
 
     mode = "queue"
 
@@ -168,6 +169,7 @@ class QueueScheduler:
         try:
             return await job.future
         except asyncio.CancelledError:
+            request.cancelled.set()  # generating: the engine stops it at its next step
             if job in self._waiting:  # never started: the worker will skip it
                 self._waiting.discard(job)
             self.cancelled += 1
