@@ -20,13 +20,14 @@ import torch
 
 from labkit.engine import hf_generate
 from labkit.engine.model import load_model
+from labkit.engine.request import Request
 from labkit.train.trainer import cpu_model
 
 PROMPT = "Suggest a skincare routine for dry skin"
 
 
 def time_forced(lm, tokens: int) -> float:
-    ids = hf_generate.encode_prompt(lm, PROMPT, tokens)
+    ids = torch.tensor([hf_generate.tokenize(lm, Request(PROMPT, tokens))])
     started = time.perf_counter()
     with torch.inference_mode():
         out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
