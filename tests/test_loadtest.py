@@ -27,8 +27,9 @@ DELAY_S = 0.2
 DELAY_SERVER = Path(__file__).resolve().parent / "delay_server.py"
 
 
-def delay_server(delay: float) -> ServerProcess:
-    command = [sys.executable, str(DELAY_SERVER), "--delay", str(delay)]
+def delay_server(delay: float, *options: str) -> ServerProcess:
+    """tests/delay_server.py with `--delay delay` and `options` (e.g. "--api", "openai")."""
+    command = [sys.executable, str(DELAY_SERVER), "--delay", str(delay), *options]
     return ServerProcess("delay", command=command).start().wait_ready(60)
 
 

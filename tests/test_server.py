@@ -220,7 +220,7 @@ def test_every_bad_input_gets_a_4xx_json_error_and_the_server_keeps_serving():
             assert wrong_method.status == 405 and wrong_method.headers["Allow"] == "POST"
             assert "use POST" in (await wrong_method.json())["error"]
             assert (await client.post("/stats")).status == 405
-            unknown = await client.get("/v1/completions")
+            unknown = await client.get("/v2/completions")
             assert unknown.status == 404
             assert "POST /generate" in (await unknown.json())["error"]
             # ... and the next valid request is served normally

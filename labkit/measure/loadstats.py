@@ -15,24 +15,38 @@ import numpy as np
 DEFINITIONS = """\
 Metric definitions
   latency      client side: from sending the request (open loop: from its scheduled send time)
-               to receiving the whole response, time.perf_counter. Failed requests are counted,
-               reported by type, and kept out of the latency percentiles.
+               to receiving the whole response (OpenAI API: the stream's data: [DONE]),
+               time.perf_counter. Failed requests are counted, reported by type, and kept out
+               of every latency figure below (TTFT, ITL and TPOT included).
   percentiles  linear interpolation between the two nearest samples (numpy's default).
   throughput   successful requests / wall time from the first send to the last completion.
-  tokens/s     output tokens of successful requests (the server's tokens_generated) / that
-               same wall time.
+  tokens/s     output tokens of successful requests / that same wall time. /generate: the
+               server's tokens_generated. OpenAI API: completion_tokens of the stream's final
+               usage chunk; a server that sends no usage gets its text chunks counted instead,
+               and the report says so.
   queue time   the server's queue_time_ms: how long a request waited in the server before its
                generation started (with one generation at a time, the others wait).
-  TTFT         send -> first token. The server answers only when the text is complete, so it is
-               latency - (inference_time_ms - time_to_first_token_ms): the client's latency
-               minus the part of generation that came after the first token.
-  TPOT         (latency - TTFT) / (tokens - 1), per request with 2 or more tokens (vLLM's
-               definition); the same as the server's decode time per token.
+  TTFT         send (open loop: its scheduled send time) -> first token. The report says which:
+               "client-side, first streamed token" (OpenAI API): when the first streamed chunk
+               carrying text arrived; role-only and empty chunks do not count (vllm bench
+               serve's definition). "derived from the server's fields" (/generate): the server
+               answers only when the text is complete, so it is latency - (inference_time_ms -
+               time_to_first_token_ms): the client's latency minus the part of generation that
+               came after the first token.
+  ITL          OpenAI API: the gaps between successive chunks carrying text, client side,
+               pooled over all successful requests (vLLM's inter-token latency; a chunk that
+               carries several tokens counts once).
+  TPOT         (latency - TTFT) / (output tokens - 1), per request with 2 or more tokens (vLLM's
+               definition). /generate: the same as the server's decode time per token.
+  chunks       OpenAI API: the streamed chunks carrying text, over all successful requests.
   send lag     how late the client itself sent a request: from the moment it was due (closed
                loop: its worker was free; open loop: its scheduled arrival, or when a
                concurrency slot freed up) to its headers being written to the socket. A large
                send lag means the client, not the server, limits the measurement.
 """
+
+TTFT_SOURCES = {"openai": "client-side, first streamed token",
+                "generate": "derived from the server's fields"}
 
 # Warn when the client's own lag (p99) exceeds both of these: it then distorts the latencies.
 CLIENT_LAG_WARN_MS = 10.0
@@ -67,6 +81,11 @@ class RequestRecord:
     device: str | None = None
     gpu_name: str | None = None
     synthetic: bool | None = None
+    # OpenAI API (streamed), measured by the client; None for /generate.
+    client_ttft_ms: float | None = None  # send -> first chunk carrying text
+    itl_ms: list[float] | None = None  # gaps between successive chunks carrying text
+    chunks: int | None = None  # chunks carrying text
+    tokens_from_usage: bool | None = None  # tokens_generated: usage (True) or chunks (False)
 
     @property
     def send_lag_ms(self) -> float | None:
@@ -77,8 +96,13 @@ class RequestRecord:
 
     @property
     def ttft_ms(self) -> float | None:
-        """Send -> first token (see DEFINITIONS)."""
-        if not self.ok or self.inference_time_ms is None or self.server_ttft_ms is None:
+        """Send -> first token (see DEFINITIONS): measured by the client when streamed, else
+        derived from the server's fields."""
+        if not self.ok:
+            return None
+        if self.client_ttft_ms is not None:
+            return self.client_ttft_ms
+        if self.inference_time_ms is None or self.server_ttft_ms is None:
             return None
         return self.latency_ms - (self.inference_time_ms - self.server_ttft_ms)
 
@@ -91,6 +115,8 @@ class RequestRecord:
 
     def as_dict(self) -> dict:
         row = dataclasses.asdict(self)
+        if self.itl_ms is not None:  # microseconds are plenty, and keep the JSON file small
+            row["itl_ms"] = [round(gap, 3) for gap in self.itl_ms]
         row.update(send_lag_ms=self.send_lag_ms, ttft_ms=self.ttft_ms, tpot_ms=self.tpot_ms)
         return row
 
@@ -129,9 +155,14 @@ class LoadTestResult:
         queue = [r.queue_time_ms for r in ok if r.queue_time_ms is not None]
         ttft = [r.ttft_ms for r in ok if r.ttft_ms is not None]
         tpot = [r.tpot_ms for r in ok if r.tpot_ms is not None]
+        itl = [gap for r in ok if r.itl_ms for gap in r.itl_ms]  # pooled, as vLLM does
         lags = [r.send_lag_ms for r in self.records if r.send_lag_ms is not None]
         lag = percentiles(lags, (50, 99))
+        api = self.api
+        streamed = api == "openai"
         return {
+            "api": api,
+            "ttft_source": TTFT_SOURCES.get(api),
             "total_requests": len(self.records),
             "successful": len(ok),
             "failed": len(self.records) - len(ok),
@@ -143,14 +174,24 @@ class LoadTestResult:
             "output_tokens": tokens,
             "output_tokens_per_sec": tokens / wall if wall > 0 else math.nan,
             "queue_time_ms": {"mean": _mean(queue), **percentiles(queue, (50, 95))},
-            "ttft_ms": {"mean": _mean(ttft), **percentiles(ttft, (50, 95))},
-            "tpot_ms": {"mean": _mean(tpot)},
+            "ttft_ms": {"mean": _mean(ttft), **percentiles(ttft)},
+            "itl_ms": {"mean": _mean(itl), **percentiles(itl)},
+            "tpot_ms": {"mean": _mean(tpot), **percentiles(tpot)},
+            "stream_chunks": sum(r.chunks or 0 for r in ok) if streamed else None,
+            # successful streamed responses whose tokens are counted chunks (no usage sent)
+            "responses_without_usage": (sum(r.tokens_from_usage is False for r in ok)
+                                        if streamed else None),
             "errors_by_type": self.errors_by_type(),
             "send_lag_ms": lag,
             "client_bound": self.client_bound(lag["p99"], lat["p50"]),
             "server": self.server_description(),
             "config": self.config,
         }
+
+    @property
+    def api(self) -> str:
+        """"generate" (the seed's POST /generate) or "openai" (streamed /v1/completions)."""
+        return self.config.get("api") or "generate"
 
     def wall_time_s(self) -> float:
         """From the first request's scheduled send to the last completion."""
@@ -212,17 +253,31 @@ class LoadTestResult:
             "",
             "Tokens:",
             f"  Output tokens/sec: {_num(s['output_tokens_per_sec'], 1)} "
-            f"({s['output_tokens']} tokens in {s['successful']} responses)",
+            f"({s['output_tokens']} tokens in {s['successful']}{self._token_source(s)})",
             "",
-            "Server side (from response fields):",
-            f"  Queue time (ms): mean {_ms(s['queue_time_ms']['mean'])}, "
-            f"p95 {_ms(s['queue_time_ms']['p95'])}",
-            f"  TTFT (ms, send -> first token): mean {_ms(s['ttft_ms']['mean'])}, "
-            f"p95 {_ms(s['ttft_ms']['p95'])}",
-            f"  TPOT (ms per output token): mean {_num(s['tpot_ms']['mean'], 2)}",
-            "",
-            "Errors by type:",
         ]
+        ttft, tpot, itl = s["ttft_ms"], s["tpot_ms"], s["itl_ms"]
+        if s["api"] == "openai":
+            lines += [
+                f"Client side (OpenAI API, streaming, {s['stream_chunks']} chunks):",
+                f"  TTFT (ms, {s['ttft_source']}): mean {_ms(ttft['mean'])}, "
+                f"p50 {_ms(ttft['p50'])}, p95 {_ms(ttft['p95'])}, p99 {_ms(ttft['p99'])}",
+                f"  ITL (ms, between chunks carrying text): mean {_num(itl['mean'], 2)}, "
+                f"p50 {_num(itl['p50'], 2)}, p95 {_num(itl['p95'], 2)}, "
+                f"p99 {_num(itl['p99'], 2)}",
+                f"  TPOT (ms per output token): mean {_num(tpot['mean'], 2)}, "
+                f"p50 {_num(tpot['p50'], 2)}, p95 {_num(tpot['p95'], 2)}",
+            ]
+        else:
+            lines += [
+                "Server side (from response fields):",
+                f"  Queue time (ms): mean {_ms(s['queue_time_ms']['mean'])}, "
+                f"p95 {_ms(s['queue_time_ms']['p95'])}",
+                f"  TTFT (ms, send -> first token, {s['ttft_source']}): "
+                f"mean {_ms(ttft['mean'])}, p95 {_ms(ttft['p95'])}",
+                f"  TPOT (ms per output token): mean {_num(tpot['mean'], 2)}",
+            ]
+        lines += ["", "Errors by type:"]
         if not s["errors_by_type"]:
             lines.append("  none")
         for kind, entry in sorted(s["errors_by_type"].items(), key=lambda kv: -kv[1]["count"]):
@@ -238,7 +293,8 @@ class LoadTestResult:
         lines += ["", "Setup:", f"  {self._describe_setup()}"]
         server = s["server"]
         if server:
-            where = server["gpu_name"] or f"{server['device']} (no GPU)"
+            where = server["gpu_name"] or (f"{server['device']} (no GPU)" if server["device"]
+                                           else "a device it does not report")
             synthetic = ("  [synthetic: random weights, meaningless text; real timings]"
                          if server["synthetic"] else "")
             lines.append(f"  Server: {server['model']} on {where}{synthetic}")
@@ -246,6 +302,20 @@ class LoadTestResult:
         if explain:
             lines += ["", DEFINITIONS]
         return "\n".join(lines)
+
+    @staticmethod
+    def _token_source(s: dict) -> str:
+        """' responses' plus, for a stream, where its token counts came from."""
+        if s["api"] != "openai":
+            return " responses"
+        missing = s["responses_without_usage"]
+        if not missing:
+            return " responses, from the server's usage"
+        if missing == s["successful"]:
+            return (" responses; counted as streamed chunks: the server sent no usage, and a "
+                    "chunk may carry more than one token")
+        return (f" responses; {missing} of them sent no usage: their streamed chunks counted "
+                "instead")
 
     def _describe_setup(self) -> str:
         c = self.config
@@ -256,8 +326,13 @@ class LoadTestResult:
             loop = f"closed loop, concurrency {c.get('concurrency')}"
         urls = c.get("urls") or []
         where = urls[0] if len(urls) == 1 else f"{len(urls)} URLs round-robin"
+        api = ""
+        if self.api == "openai":
+            api = f", OpenAI API, model {c.get('model')}" + (", ignore_eos" if c.get(
+                "ignore_eos") else "") + (", API key from OPENAI_API_KEY" if c.get(
+                "api_key_from_env") else "")
         return (f"{len(self.records)} requests, {loop}, max_tokens {c.get('max_tokens')}, "
-                f"temperature {c.get('temperature')}, {where}"
+                f"temperature {c.get('temperature')}{api}, {where}"
                 + (f", {c['warmup']} warm-up request(s) not counted" if c.get("warmup") else ""))
 
     def to_dataframe(self):

@@ -1,4 +1,9 @@
-"""`labkit loadtest`: load-test a /generate endpoint and print the seed's report.
+"""`labkit loadtest`: load-test a server and print the seed's report.
+
+Two APIs: the seed's `POST /generate` (default), or with `api="openai"` (`--api openai`) any
+OpenAI-compatible server's streamed `POST /v1/completions` (vLLM's, or any other),
+timed on the client side with `vllm bench serve`'s definitions: TTFT to the first chunk carrying
+text, ITL between such chunks, TPOT from the usage chunk's token count.
 
 Closed loop by default: `concurrency` workers, each sends its next request when its last one
 returns. With `rate`, open loop: Poisson arrivals at `rate` requests/s (optionally at most
@@ -8,6 +13,7 @@ server cannot slow the arrivals down and hide its own queueing (coordinated omis
 Library use (a script or a Jupyter cell, where an event loop is already running):
 
     result = labkit.measure.loadtest.run("http://127.0.0.1:8000", concurrency=5, requests=50)
+    result = labkit.measure.loadtest.run("http://vllm:8000/v1", api="openai", requests=50)
     print(result.report()); df = result.to_dataframe()
 
 Metric definitions: labkit.measure.loadstats.DEFINITIONS (`labkit loadtest --explain`).
@@ -20,6 +26,7 @@ import asyncio
 import concurrent.futures
 import json
 import math
+import os
 import sys
 import time
 import urllib.parse
@@ -33,6 +40,8 @@ from labkit.measure.loadstats import DEFINITIONS, LoadTestResult, RequestRecord
 
 DEFAULT_PROMPT = "Suggest a skincare routine for dry skin"
 DEFAULT_CONCURRENCY = 5
+APIS = ("generate", "openai")
+API_KEY_ENV = "OPENAI_API_KEY"
 SERVER_FIELDS = {  # record attribute <- response field
     "tokens_generated": "tokens_generated", "prompt_tokens": "prompt_tokens",
     "queue_time_ms": "queue_time_ms", "inference_time_ms": "inference_time_ms",
@@ -46,10 +55,14 @@ class ServerNotReady(RuntimeError):
     """A target URL cannot be reached, or its server is still loading the model."""
 
 
-def normalize_urls(urls: str | Sequence[str]) -> list[str]:
+def normalize_urls(urls: str | Sequence[str], api: str = "generate") -> list[str]:
     """Accept one URL, several, or comma-separated ones. A bare server address
-    (http://host:port or .../) means its /generate endpoint."""
+    (http://host:port or .../) means its /generate endpoint; with api="openai", a bare address
+    or one ending in /v1 means its /v1/completions. Any other path is used as it is."""
+    if api not in APIS:
+        raise ValueError(f"api must be one of {', '.join(APIS)}, got {api!r}")
     items = [urls] if isinstance(urls, str) else list(urls)
+    example = "http://localhost:8000/v1" if api == "openai" else "http://localhost:8000/generate"
     result = []
     for item in items:
         for url in (u.strip() for u in item.split(",")):
@@ -57,13 +70,28 @@ def normalize_urls(urls: str | Sequence[str]) -> list[str]:
                 continue
             parsed = urllib.parse.urlsplit(url)
             if parsed.scheme not in ("http", "https") or not parsed.netloc:
-                raise ValueError(f"not an http(s) URL: {url!r}; use e.g. "
-                                 "http://localhost:8000/generate")
-            if parsed.path in ("", "/"):
-                url = url.rstrip("/") + "/generate"
+                raise ValueError(f"not an http(s) URL: {url!r}; use e.g. {example}")
+            path = parsed.path.rstrip("/")
+            if api == "generate":
+                if path.endswith(("/v1", "/v1/completions", "/chat/completions")):
+                    raise ValueError(f"{url} is an OpenAI-style URL: add --api openai "
+                                     "(api='openai')")
+                if parsed.path in ("", "/"):
+                    url = url.rstrip("/") + "/generate"
+            else:
+                if path.endswith("/chat/completions"):
+                    raise ValueError(f"{url}: only the completions API (/v1/completions) is "
+                                     "supported, not chat completions")
+                if path.endswith("/generate"):
+                    raise ValueError(f"{url} is the seed's /generate API: drop --api openai, "
+                                     "or give the server's /v1 URL")
+                if path == "":
+                    url = url.rstrip("/") + "/v1/completions"
+                elif path.endswith("/v1"):
+                    url = url.rstrip("/") + "/completions"
             result.append(url)
     if not result:
-        raise ValueError("no URL given; use e.g. --url http://localhost:8000/generate")
+        raise ValueError(f"no URL given; use e.g. --url {example}")
     return result
 
 
@@ -71,12 +99,14 @@ def run(url: str | Sequence[str], concurrency: int | None = None, requests: int 
         max_tokens: int = 150, prompt: str | Sequence[str] = DEFAULT_PROMPT,
         temperature: float = 0.7, timeout: float = 300.0, warmup: int = 0,
         rate: float | None = None, seed: int = 0, progress: bool = True,
-        check_ready: bool = True) -> LoadTestResult:
+        check_ready: bool = True, api: str = "generate", model: str | None = None,
+        ignore_eos: bool = False) -> LoadTestResult:
     """Run a load test and return its result. Blocks; works inside a running event loop
     (Jupyter) by running the test on a thread of its own. See `arun` for the arguments."""
     coro = arun(url, concurrency, requests, max_tokens=max_tokens, prompt=prompt,
                 temperature=temperature, timeout=timeout, warmup=warmup, rate=rate, seed=seed,
-                progress=progress, check_ready=check_ready)
+                progress=progress, check_ready=check_ready, api=api, model=model,
+                ignore_eos=ignore_eos)
     try:
         asyncio.get_running_loop()
     except RuntimeError:  # a plain script: no loop yet
@@ -112,34 +142,48 @@ async def arun(url: str | Sequence[str], concurrency: int | None = None, request
                max_tokens: int = 150, prompt: str | Sequence[str] = DEFAULT_PROMPT,
                temperature: float = 0.7, timeout: float = 300.0, warmup: int = 0,
                rate: float | None = None, seed: int = 0, progress: bool = True,
-               check_ready: bool = True) -> LoadTestResult:
+               check_ready: bool = True, api: str = "generate", model: str | None = None,
+               ignore_eos: bool = False) -> LoadTestResult:
     """Async load test.
 
-    url: one or several /generate URLs (list or comma-separated), used round-robin.
+    url: one or several URLs (list or comma-separated), used round-robin: /generate URLs, or
+        with api="openai" /v1/completions URLs (a bare http://host:port or .../v1 means that).
     concurrency: closed loop: number of workers (default 5). Open loop (`rate` set): the most
         requests in flight at once (default: no cap).
     requests: how many requests to measure; `warmup` more are sent first and not counted.
     prompt: one prompt or several (used in turn).
     rate: requests per second, Poisson arrivals (open loop); None = closed loop.
-    timeout: seconds per request before it counts as a "timeout" failure.
+    timeout: seconds per request (a stream: to its end) before it counts as a "timeout" failure.
+    api: "generate" (the seed's POST /generate) or "openai" (streamed POST /v1/completions).
+    model: api="openai": the model to ask for; None asks the server's GET /v1/models and takes
+        the one model it serves. The API key, if any, comes from $OPENAI_API_KEY.
+    ignore_eos: api="openai": send vLLM's "ignore_eos": true, so every request generates
+        exactly max_tokens tokens (fixed-length benchmarks).
     """
-    urls = normalize_urls(url)
+    urls = normalize_urls(url, api)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     _check_args(concurrency, requests, warmup, rate, timeout, prompts)
+    if api == "generate" and (model is not None or ignore_eos):
+        raise ValueError("model and ignore_eos apply to api='openai' (--api openai) only")
     if rate is None and concurrency is None:
         concurrency = DEFAULT_CONCURRENCY
+    api_key = (os.environ.get(API_KEY_ENV) or None) if api == "openai" else None
     config = {"urls": urls, "concurrency": concurrency, "requests": requests, "rate": rate,
               "max_tokens": max_tokens, "temperature": temperature, "timeout": timeout,
-              "warmup": warmup, "prompts": len(prompts), "seed": seed}
-    client = _Client(urls, prompts, max_tokens, temperature)
+              "warmup": warmup, "prompts": len(prompts), "seed": seed, "api": api}
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
     trace = aiohttp.TraceConfig()
     trace.on_request_headers_sent.append(_mark_sent)
     async with aiohttp.ClientSession(connector=connector, trace_configs=[trace],
                                      timeout=aiohttp.ClientTimeout(total=timeout)) as session:
-        client.session = session
-        if check_ready:
+        if api == "openai":
+            model = await _openai_model(session, urls, model, api_key, check_ready)
+            config.update(model=model, ignore_eos=ignore_eos, api_key_from_env=bool(api_key))
+        elif check_ready:
             await _check_ready(session, urls)
+        client = _Client(urls, prompts, max_tokens, temperature, api=api, model=model,
+                         ignore_eos=ignore_eos, api_key=api_key)
+        client.session = session
         if warmup:
             await client.closed_loop(range(warmup), min(concurrency or warmup, warmup), None)
         label = f"open loop {rate:g} req/s" if rate is not None else f"concurrency {concurrency}"
@@ -157,12 +201,24 @@ async def arun(url: str | Sequence[str], concurrency: int | None = None, request
 
 
 class _Client:
-    def __init__(self, urls: list[str], prompts: list[str], max_tokens: int, temperature: float):
+    def __init__(self, urls: list[str], prompts: list[str], max_tokens: int, temperature: float,
+                 *, api: str = "generate", model: str | None = None, ignore_eos: bool = False,
+                 api_key: str | None = None):
         self.urls = urls
+        self.stream = api == "openai"
         # Bodies are encoded once: at a few thousand requests a second, json.dumps per request
         # is measurable client time.
-        self.bodies = [json.dumps({"prompt": p, "max_tokens": max_tokens,
-                                   "temperature": temperature}).encode() for p in prompts]
+        if self.stream:
+            extra = {"ignore_eos": True} if ignore_eos else {}
+            self.bodies = [json.dumps({
+                "model": model, "prompt": p, "max_tokens": max_tokens,
+                "temperature": temperature, "stream": True,
+                "stream_options": {"include_usage": True}, **extra}).encode() for p in prompts]
+        else:
+            self.bodies = [json.dumps({"prompt": p, "max_tokens": max_tokens,
+                                       "temperature": temperature}).encode() for p in prompts]
+        self.headers = {"Content-Type": "application/json", **_auth(api_key)}
+        self.api_key = api_key
         self.session: aiohttp.ClientSession | None = None
         self.t0 = time.perf_counter()
 
@@ -220,10 +276,14 @@ class _Client:
         body = b""
         try:
             async with self.session.post(url, data=self.bodies[i % len(self.bodies)],
-                                         headers={"Content-Type": "application/json"},
+                                         headers=self.headers,
                                          trace_request_ctx=marks) as response:
                 record.status = response.status
-                body = await response.read()
+                if self.stream and response.status == 200:
+                    body = None
+                    await self._read_stream(response, record, scheduled)
+                else:
+                    body = await response.read()
         except asyncio.TimeoutError:
             record.error_type = "timeout"
             record.error = f"no complete response within {self.session.timeout.total} s"
@@ -236,8 +296,13 @@ class _Client:
         record.latency_ms = (done - scheduled) * 1000
         if "sent" in marks:
             record.sent_s = marks["sent"] - self.t0
-        if record.error_type is None:
-            self._read_response(record, body)
+        if record.error_type is None and body is not None:
+            if self.stream:
+                self._read_error_response(record, body)
+            else:
+                self._read_response(record, body)
+        if record.error and self.api_key:
+            record.error = record.error.replace(self.api_key, "***")  # servers may echo it
         return record
 
     @staticmethod
@@ -258,10 +323,196 @@ class _Client:
             for attribute, name in SERVER_FIELDS.items():
                 setattr(record, attribute, data.get(name))
 
+    @staticmethod
+    def _read_error_response(record: RequestRecord, body: bytes) -> None:
+        """A /v1/completions answer other than 200: its status, and the message of an error
+        body in OpenAI's shape ({"error": {"message", "type", ...}}) when there is one."""
+        record.error_type = f"HTTP {record.status}"
+        record.error = _openai_error(_json_or_none(body)) or body[:200].decode(errors="replace")
+
+    async def _read_stream(self, response: aiohttp.ClientResponse, record: RequestRecord,
+                           scheduled: float) -> None:
+        """Read a 200 /v1/completions stream of server-sent events to its end, timing each chunk
+        as its bytes arrive. Fills the record's client-side timings, tokens and outcome."""
+        first = last = None  # perf_counter of the first and the latest chunk carrying text
+        gaps: list[float] = []
+        chunks = 0
+        usage = problem = error = None
+        finished = seen_data = False
+        head = b""  # the start of the body, to show when it is not an event stream
+        pending = b""
+        content = response.content
+        try:
+            while True:
+                data = await content.readany()
+                if not data:
+                    break
+                now = time.perf_counter()
+                if not seen_data and len(head) < 300:
+                    head += data
+                *lines, pending = (pending + data).split(b"\n")
+                for line in lines:
+                    if line[:5] != b"data:" or finished:
+                        continue
+                    seen_data = True
+                    payload = line[5:].strip()
+                    if first is not None and _plain_text_chunk(payload):
+                        text = True  # the common case, without parsing it
+                    elif payload == b"[DONE]":
+                        finished = True
+                        continue
+                    else:
+                        event = _json_or_none(payload)
+                        try:
+                            text = event["choices"][0]["text"] if event.get("choices") else None
+                        except (TypeError, AttributeError, LookupError):
+                            problem = problem or f"not a completion chunk: {payload[:100]!r}"
+                            continue
+                        if event.get("usage"):
+                            usage = event["usage"]
+                        if record.model is None:
+                            record.model = event.get("model")
+                        if error is None and ("error" in event or event.get("object") == "error"):
+                            error = _error_detail(event)
+                    if text:
+                        chunks += 1
+                        if first is None:
+                            first = now
+                        else:
+                            gaps.append((now - last) * 1000)
+                        last = now
+        except aiohttp.ClientPayloadError as err:  # the connection broke off mid-stream
+            record.error_type = "incomplete stream"
+            record.error = (f"the stream broke off after {_chunks(chunks)}, before data: "
+                            f"[DONE] ({type(err).__name__}: {err})")
+        record.chunks = chunks
+        record.itl_ms = gaps
+        if first is not None:
+            record.client_ttft_ms = (first - scheduled) * 1000
+        if record.error_type is not None:
+            return
+        if error is not None:  # vLLM: an error after the headers went out is an event
+            kind = error.get("type") or error.get("code")
+            record.error_type = "error in stream" + (f": {kind}" if kind else "")
+            record.error = str(error.get("message") or json.dumps(error)[:200])
+        elif not seen_data:
+            record.error_type = "invalid response"
+            record.error = (_openai_error(_json_or_none(head)) or
+                            f"not an event stream (is this an OpenAI-compatible /v1/completions?)"
+                            f": {head[:100]!r}")
+        elif problem:
+            record.error_type, record.error = "invalid response", problem
+        elif not finished:
+            record.error_type = "incomplete stream"
+            record.error = f"the stream ended after {_chunks(chunks)} without data: [DONE]"
+        else:
+            record.ok = True
+            tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
+            record.tokens_from_usage = isinstance(tokens, int)
+            record.tokens_generated = tokens if record.tokens_from_usage else chunks
+            if record.tokens_from_usage:
+                record.prompt_tokens = usage.get("prompt_tokens")
+
+
+def _plain_text_chunk(payload: bytes) -> bool:
+    """Whether an event is a chunk carrying text and nothing else to read (no usage, no error),
+    known without parsing it when its JSON is compact (vLLM's, labkit's): quotes inside JSON
+    strings are escaped, so these keys cannot come from the text itself. Otherwise it is
+    parsed. ("usage":null is what OpenAI's API and labkit put in every chunk but the last.)"""
+    return (b'"text":"' in payload and b'"text":""' not in payload
+            and (b'"usage"' not in payload or b'"usage":null' in payload)
+            and b'"error"' not in payload)
+
+
+def _chunks(count: int) -> str:
+    return f"{count} chunk{'' if count == 1 else 's'} with text"
+
+
+def _json_or_none(body: bytes):
+    try:
+        return json.loads(body) if body else None
+    except ValueError:
+        return None
+
+
+def _error_detail(data) -> dict | None:
+    """The error object of an error in OpenAI's shape ({"error": {...}}; vLLM's older flat
+    {"object": "error", ...}; a plain {"error": "text"}); None when `data` is no error."""
+    if not isinstance(data, dict):
+        return None
+    detail = data.get("error")
+    if isinstance(detail, dict):
+        return detail
+    if isinstance(detail, str):
+        return {"message": detail}
+    return data if data.get("object") == "error" else None
+
+
+def _openai_error(data) -> str | None:
+    """'type: message' of an error in OpenAI's shape; None for anything else."""
+    detail = _error_detail(data)
+    if detail is None:
+        return None
+    message = str(detail.get("message") or json.dumps(detail)[:200])
+    kind = detail.get("type") or detail.get("code")
+    return f"{kind}: {message}" if kind else message
+
+
+def _auth(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
 
 async def _mark_sent(session, context, params) -> None:
     if context.trace_request_ctx is not None:  # None for the readiness check
         context.trace_request_ctx["sent"] = time.perf_counter()
+
+
+async def _openai_model(session: aiohttp.ClientSession, urls: list[str], model: str | None,
+                        api_key: str | None, check_ready: bool) -> str:
+    """The model to ask for. Given: checked against what each server lists at GET /v1/models,
+    when it lists them (`check_ready`). None: the one model every server lists there."""
+    if model is not None and not check_ready:
+        return model
+    listings = {}
+    for models_url in sorted({u[: u.rfind("/")] + "/models" for u in urls}):
+        try:
+            async with session.get(models_url, headers=_auth(api_key),
+                                   timeout=aiohttp.ClientTimeout(total=10)) as resp:
+                status, body = resp.status, await resp.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as err:
+            raise ServerNotReady(
+                f"Cannot reach {models_url} ({type(err).__name__}: {err}). Is the server "
+                "running? (Check the URL and port.)") from None
+        data = _json_or_none(body)
+        entries = data.get("data") if isinstance(data, dict) and status == 200 else None
+        ids = ([str(m.get("id")) for m in entries if isinstance(m, dict) and m.get("id")]
+               if isinstance(entries, list) else None)
+        listings[models_url] = ids
+        if status in (401, 403):
+            reason = _openai_error(data) or f"HTTP {status}"
+            if api_key:
+                reason = reason.replace(api_key, "***")
+            key = (f"check ${API_KEY_ENV}" if api_key else
+                   f"set ${API_KEY_ENV} to the server's API key")
+            raise ValueError(f"{models_url} refused the request (HTTP {status}: {reason}); {key}")
+        if model is not None and ids and model not in ids:
+            raise ValueError(f"{models_url} does not serve model {model!r}; it serves: "
+                             f"{', '.join(ids)}")
+        if model is None and not ids:
+            said = f"HTTP {status}" if status != 200 else "no models in its list"
+            raise ValueError(f"--model is required (model= in Python): {models_url} did not list "
+                             f"the served models ({said})")
+        if model is None and len(ids) > 1:
+            raise ValueError(f"{models_url} serves several models: {', '.join(ids)}. Choose one "
+                             "with --model NAME (model= in Python)")
+    if model is not None:
+        return model
+    found = {ids[0] for ids in listings.values()}
+    if len(found) > 1:
+        raise ValueError("the servers serve different models ("
+                         + ", ".join(f"{url}: {ids[0]}" for url, ids in listings.items())
+                         + "); choose one with --model NAME (model= in Python)")
+    return found.pop()
 
 
 async def _check_ready(session: aiohttp.ClientSession, urls: list[str]) -> None:
@@ -325,8 +576,19 @@ class _progress_bar:
 
 def configure_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", action="append", default=None,
-                        help="the /generate URL (or the server's base URL); repeat it or "
-                             "separate with commas to spread requests round-robin")
+                        help="the /generate URL (or the server's base URL; with --api openai: "
+                             "its /v1/completions, /v1 or base URL); repeat it or separate with "
+                             "commas to spread requests round-robin")
+    parser.add_argument("--api", choices=APIS, default="generate",
+                        help="generate: the seed's POST /generate (default); openai: any "
+                             "OpenAI-compatible server's POST /v1/completions, streamed and "
+                             f"timed on the client (API key from ${API_KEY_ENV}, if set)")
+    parser.add_argument("--model", default=None,
+                        help="--api openai: the model to ask for (default: the one model the "
+                             "server lists at GET /v1/models)")
+    parser.add_argument("--ignore-eos", action="store_true",
+                        help="--api openai: send vLLM's ignore_eos, so every request generates "
+                             "exactly --max-tokens tokens")
     parser.add_argument("--concurrency", type=int, default=None,
                         help="closed loop: concurrent workers (default 5); with --rate: the "
                              "most requests in flight (default: no cap)")
@@ -358,15 +620,17 @@ def run_cli(args) -> int:
         if args.explain:
             print(DEFINITIONS)
             return 0
-        print("error: --url is required, e.g. --url http://localhost:8000/generate",
-              file=sys.stderr)
+        example = ("http://localhost:8000/v1" if args.api == "openai"
+                   else "http://localhost:8000/generate")
+        print(f"error: --url is required, e.g. --url {example}", file=sys.stderr)
         return 2
     try:
         prompts = _read_prompts(args)
         result = run(args.url, args.concurrency, args.requests, max_tokens=args.max_tokens,
                      prompt=prompts, temperature=args.temperature, timeout=args.timeout,
                      warmup=args.warmup, rate=args.rate, seed=args.seed,
-                     progress=not args.no_progress)
+                     progress=not args.no_progress, api=args.api, model=args.model,
+                     ignore_eos=args.ignore_eos)
     except (ValueError, OSError, ServerNotReady) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,7 +1,11 @@
 """`labkit serve`: the seed's HTTP inference server on aiohttp.
 
 Endpoints (README, "The HTTP API"): GET / (simple health), GET /health (detailed,
-503 while the model loads), POST /generate, GET /stats (device + server counters).
+503 while the model loads), POST /generate, GET /stats (device + server counters), GET /metrics
+(Prometheus), and the OpenAI-compatible GET /v1/models, POST /v1/completions and
+POST /v1/chat/completions (streaming too; their contract lives in `labkit.serve.openai_api`).
+Errors leave as `{"error": "..."}`, and on a /v1 path in OpenAI's shape
+`{"error": {"message", "type", "param", "code"}}`.
 
 The server listens at once and loads the model on a background thread, so readiness is
 observable. Requests go through a scheduler (`labkit.serve.schedulers`); the default, sequential
@@ -30,7 +34,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from labkit.engine.request import InvalidRequest, OutOfMemory, PromptTooLong, Request
-from labkit.serve import generate_api
+from labkit.serve import generate_api, openai_api
 from labkit.serve.generate_api import ApiError
 from labkit.serve.metrics import CONTENT_TYPE, ServerMetrics
 
@@ -66,7 +70,7 @@ class ServerState:
         self.backend: Backend | None = None
         self.load_error: BaseException | None = None
         self.shutdown_reason: str | None = None
-        self.rejected = 0  # /generate requests answered 4xx (bad input)
+        self.rejected = 0  # generation requests (/generate, /v1/...) answered 4xx (bad input)
         self.loaded = asyncio.Event()
         self.finished_loading = asyncio.Event()  # loaded or failed
         # Prompt checks tokenize (up to 1 MiB of text) and device queries may wait for a torch
@@ -159,6 +163,9 @@ def create_app(load_backend: Callable[[], Backend], *, max_tokens_limit: int = 1
     app.router.add_post("/generate", handle_generate)
     app.router.add_get("/stats", handle_stats)
     app.router.add_get("/metrics", handle_metrics)
+    app.router.add_get("/v1/models", handle_models)
+    app.router.add_post(openai_api.COMPLETIONS, handle_openai_completion)
+    app.router.add_post(openai_api.CHAT, handle_openai_completion)
     app.on_startup.append(_on_startup)
     app.on_cleanup.append(_on_cleanup)
     return app
@@ -240,6 +247,37 @@ async def handle_generate(request: web.Request) -> web.Response:
     }, headers={"X-Request-ID": request_id})
 
 
+async def handle_models(request: web.Request) -> web.Response:
+    return web.json_response(openai_api.models_list(request.app[STATE].require_ready()))
+
+
+async def handle_openai_completion(request: web.Request) -> web.StreamResponse:
+    """POST /v1/completions and /v1/chat/completions, streamed or not: parsed and checked by
+    `openai_api`, then the same queue, limits and metrics as /generate."""
+    received = time.perf_counter()
+    state = request.app[STATE]
+    backend = state.require_ready()
+    openai_api.check_content_type(request.content_type)
+    body = await request.read()  # over 1 MiB raises 413 (client_max_size)
+    call = openai_api.parse(request.path, body, openai_api.model_id(backend))
+    loop = asyncio.get_running_loop()
+    params = await loop.run_in_executor(state.check_executor, call.prepare, backend,
+                                        state.max_tokens_limit)
+
+    def observe(result) -> None:
+        total_ms = (time.perf_counter() - received) * 1000
+        state.metrics.observe(result, total_ms)
+        log.info("POST %s 200 %s%s: %d prompt + %d generated tokens, queue %.0f ms, inference "
+                 "%.0f ms", request.path, call.id, " (stream)" if call.stream else "",
+                 result.prompt_tokens, result.tokens_generated, result.queue_time_ms,
+                 result.inference_time_ms)
+
+    if call.stream:
+        return await openai_api.stream(request, call, params, backend, state.scheduler.submit,
+                                       observe)
+    return await openai_api.complete(call, params, backend, state.scheduler.submit, observe)
+
+
 async def handle_metrics(request: web.Request) -> web.Response:
     """Prometheus text format (`labkit.serve.metrics`); answers while the model loads too."""
     body = request.app[STATE].metrics.render()
@@ -289,12 +327,15 @@ def _device_type(backend: Backend) -> str:
 @web.middleware
 async def _errors_as_json(request: web.Request, handler) -> web.StreamResponse:
     """Every error leaves as `{"error": "..."}`: ours (ApiError), aiohttp's (404, 405, 413),
-    and unexpected exceptions (500, logged with the traceback: a 500 is always a bug)."""
+    and unexpected exceptions (500, logged with the traceback: a 500 is always a bug). On a /v1
+    path, in OpenAI's shape instead, with the field at fault (`param`) where there is one."""
     headers: dict[str, str] = {}
+    param = code = None
     try:
         return await handler(request)
     except ApiError as err:
         status, message = err.status, err.message
+        param, code = getattr(err, "param", None), getattr(err, "code", None)
     except PromptTooLong as err:
         status, message = 413, str(err)
     except InvalidRequest as err:
@@ -314,14 +355,21 @@ async def _errors_as_json(request: web.Request, handler) -> web.StreamResponse:
         status = 500
         message = (f"Internal server error (a bug in labkit; the log has the traceback): "
                    f"{type(exc).__name__}: {exc}")
-    if request.path == "/generate" and 400 <= status < 500:
+    if request.path in GENERATION_PATHS and 400 <= status < 500:
         request.app[STATE].rejected += 1
+    if openai_api.is_openai_path(request.path):
+        return web.json_response(openai_api.error_body(status, message, param, code),
+                                 status=status, headers=headers)
     return web.json_response({"error": message}, status=status, headers=headers)
+
+
+GENERATION_PATHS = ("/generate", openai_api.COMPLETIONS, openai_api.CHAT)
 
 
 def _http_error_message(exc: web.HTTPException, request: web.Request) -> str:
     if isinstance(exc, web.HTTPNotFound):
-        return f"No endpoint at {request.path}. Endpoints: {generate_api.ENDPOINTS}."
+        return (f"No endpoint at {request.path}. Endpoints: {generate_api.ENDPOINTS}; "
+                f"OpenAI-compatible: {openai_api.ENDPOINTS}.")
     if isinstance(exc, web.HTTPMethodNotAllowed):
         allowed = ", ".join(sorted(exc.allowed_methods))
         hint = f" with a JSON body: {generate_api.EXAMPLE}" if request.path == "/generate" else ""
