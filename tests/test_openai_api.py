@@ -570,3 +570,18 @@ def test_batched_real_model_streams_add_up_to_the_text():
     whole, streamed, mean_batch = asyncio.run(scenario())
     assert streamed == whole and all(whole)
     assert mean_batch > 1  # they really were generated together
+
+
+def test_labkits_own_load_tester_drives_the_openai_api(srv):
+    """`labkit loadtest --api openai` against labkit serve: streamed, every request counted, the
+    tokens it reports are the ones the server says it generated, TTFT measured by the client."""
+    from labkit.measure import loadtest
+
+    before = generated_tokens(srv)
+    result = loadtest.run(srv.url, concurrency=2, requests=4, max_tokens=12, temperature=0,
+                          api="openai", progress=False)
+    s = result.summary()
+    assert s["successful"] == 4 and s["ttft_source"].startswith("client")
+    assert s["output_tokens"] == generated_tokens(srv) - before
+    assert all(r.client_ttft_ms is not None and 0 < r.client_ttft_ms <= r.latency_ms
+               for r in result.records)
