@@ -102,3 +102,23 @@ def test_capture_survives_cuda_calls_from_another_thread(lm32):
         stop.set()
         poller.join()
     assert len(decoders.shapes) == 4 and len(calls) > 10
+
+
+def test_graph_replay_streams_every_token_and_cancels_at_the_next_step(lm32):
+    """Under CUDA graphs too: each token reaches on_token as it is made, the pieces add up to
+    the text, and a cancelled row leaves while the rest of the batch goes on."""
+    decoders = StaticDecoders(lm32)
+    streamed: list[list[int]] = [[], []]
+    keep = Request(PROMPTS[0], 40, 0, ignore_eos=True)
+    victim = Request(PROMPTS[1], 40, 0, ignore_eos=True)
+    keep.on_token = streamed[0].append
+
+    def cancel_after_three(token_id):
+        streamed[1].append(token_id)
+        if len(streamed[1]) == 3:
+            victim.cancelled.set()
+    victim.on_token = cancel_after_three
+    kept, cancelled = generate_batch(lm32, [keep, victim], static=decoders)
+    assert decoders.capture and kept.tokens_generated == 40 == len(streamed[0])
+    assert kept.generated_text == hf_generate.decode(lm32, streamed[0])
+    assert cancelled.finish_reason == "cancelled" and cancelled.tokens_generated <= 4
