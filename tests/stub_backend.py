@@ -116,3 +116,15 @@ class StubBackend:
 
     def memory_used_gb(self) -> float | None:
         return None
+
+
+def held_loader(backend: StubBackend):
+    """A model loader that holds the server in its loading state until `release.set()`:
+    returns (loader, release)."""
+    release = threading.Event()
+
+    def load() -> StubBackend:
+        release.wait(10)
+        return backend
+
+    return load, release

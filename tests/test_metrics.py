@@ -7,7 +7,7 @@ import asyncio
 import threading
 
 from prometheus_client.parser import text_string_to_metric_families
-from stub_backend import StubBackend
+from stub_backend import StubBackend, held_loader
 from test_server import VALID, serving, wait_for
 
 
@@ -81,15 +81,11 @@ def test_queue_gauges_show_waiting_and_running_requests():
 
 
 def test_metrics_answer_while_the_model_loads():
-    loading = threading.Event()
-
-    def slow_loader():
-        loading.wait(10)
-        return StubBackend()
+    slow_loader, release = held_loader(StubBackend())
 
     async def scenario():
         async with serving(loader=slow_loader, wait=False) as client:
             m = await scrape(client)
             assert m["vllm:num_requests_running"] == 0
-            loading.set()
+            release.set()
     asyncio.run(scenario())

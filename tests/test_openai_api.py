@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 import urllib.request
 
@@ -21,7 +20,7 @@ import pytest
 import torch
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
-from stub_backend import StubBackend
+from stub_backend import StubBackend, held_loader
 from test_server import serving, stats, wait_for, wait_loaded
 
 from labkit.engine.request import OutOfMemory
@@ -431,12 +430,8 @@ def test_every_bad_input_gets_an_openai_error_and_the_server_keeps_serving():
 
 
 def test_503_while_loading_out_of_memory_and_500_in_openai_shape():
-    release = threading.Event()
     backend = StubBackend()
-
-    def slow_loader():
-        release.wait(10)
-        return backend
+    slow_loader, release = held_loader(backend)
 
     async def scenario():
         async with serving(loader=slow_loader, wait=False) as client:

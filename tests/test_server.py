@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 from aiohttp.test_utils import TestClient, TestServer
-from stub_backend import StubBackend
+from stub_backend import StubBackend, held_loader
 
 from labkit.serve.http import create_app
 from labkit.serve.schedulers import BusyClock
@@ -106,12 +106,8 @@ def test_all_four_endpoints_follow_the_contract():
 
 
 def test_503_while_the_model_loads_then_serves():
-    release = threading.Event()
     backend = StubBackend()
-
-    def slow_loader():
-        release.wait(10)
-        return backend
+    slow_loader, release = held_loader(backend)
 
     async def scenario():
         async with serving(loader=slow_loader, wait=False) as client:
