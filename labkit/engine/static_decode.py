@@ -1,10 +1,11 @@
 """Batched decode steps over a static KV cache, replayed from a CUDA graph on a GPU.
 
 Batching fixes half of the waste: one decode step reads the weights once for every row. The other
-half is the launch gap. A decode step of a 3B Llama is ~500 small kernels, and eager PyTorch takes
-longer to launch them from Python (~20 ms on the H100 machine) than the GPU takes to run them, so
-the GPU still waits most of each step. A CUDA graph records the step's kernels once and replays
-them with a single launch (what vLLM and gpt-fast do for decoding).
+half is the launch gap. A decode step of a 3B Llama is hundreds of small kernels, and eager
+PyTorch takes longer to launch them from Python than the GPU takes to run them (an eager step took
+21 ms at batch 1 on an H100, the GPU busy a fraction of it: benchmarks/RESULTS.md, "Where the time
+goes"), so the GPU still waits most of each step. A CUDA graph records the step's kernels once
+and replays them with a single launch (what vLLM and gpt-fast do for decoding).
 
 A graph replays fixed shapes at fixed addresses, so each (batch, cache length) shape gets its own
 `transformers.StaticCache`, static input buffers and captured graph. A batch of n rows runs at the
