@@ -19,8 +19,7 @@ $(STAMP): pyproject.toml
 		{ echo "Python 3.10+ is needed (found $$($(PYTHON) --version))."; exit 1; }
 	@$(PYTHON) -m venv $(VENV) || { echo "Could not create $(VENV): on Debian/Ubuntu run \
 	'sudo apt-get install python3-venv' and try again."; exit 1; }
-# --no-compile: Python byte-compiles only the modules imported, when they are (halves the install)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	@touch $@
 
 lab: venv
