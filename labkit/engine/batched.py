@@ -29,7 +29,7 @@ from transformers import DynamicCache
 from labkit.engine import hf_generate
 from labkit.engine.model import LoadedModel, synchronize
 from labkit.engine.request import Request, Result
-from labkit.engine.sampling import next_tokens, uniforms
+from labkit.engine.sampling import hold_stop_tokens, next_tokens, uniforms
 from labkit.engine.static_decode import StaticDecoders, last_logits_only
 
 
@@ -71,9 +71,7 @@ def generate_batch(lm: LoadedModel, requests: list[Request],
         while True:
             draws = uniforms([rngs[i] for i in rows], device)
             held = [row for row, i in enumerate(rows) if not requests[i].may_stop(len(new_ids[i]))]
-            if held and stop_ids:  # min_tokens / ignore_eos: a stop token may not come yet
-                logits[torch.tensor(held, device=device)[:, None],
-                       torch.tensor(sorted(stop_ids), device=device)] = float("-inf")
+            hold_stop_tokens(logits, held, stop_ids)  # min_tokens / ignore_eos
             tokens = next_tokens(logits, temperature, top_p, draws)
             host_tokens = tokens.tolist()  # waits for the device, so the clock reads after it
             now = time.perf_counter()

@@ -38,3 +38,12 @@ def next_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
     pick = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None]).clamp(max=cdf.shape[1] - 1)
     sampled = order.gather(-1, pick).squeeze(-1)
     return torch.where(temperature > 0, sampled, greedy)
+
+
+def hold_stop_tokens(logits: torch.Tensor, rows: list[int], stop_ids: set[int]) -> None:
+    """Forbid the stop tokens in `rows` (in place): requests whose `min_tokens` is not reached
+    yet, or that `ignore_eos`."""
+    if rows and stop_ids:
+        device = logits.device
+        logits[torch.tensor(rows, device=device)[:, None],
+               torch.tensor(sorted(stop_ids), device=device)] = float("-inf")

@@ -21,8 +21,12 @@ import torch
 
 from labkit.engine import hf_generate, synthetic
 from labkit.engine.batched import generate_batch
+from labkit.engine.continuous import DEFAULT_MAX_RUNNING, DEFAULT_PREFILL_CHUNK, ContinuousEngine
+from labkit.engine.kv_cache import PagedKVCache
+from labkit.engine.llama import Llama
 from labkit.engine.model import LoadedModel, load_model, resolve_local_path
 from labkit.engine.request import Request, Result
+from labkit.engine.runner import MIN_GRAPH_PAGES, padded
 from labkit.engine.static_decode import StaticDecoders
 from labkit.measure import gpu
 
@@ -145,14 +149,89 @@ class ModelBackend:
         return round(torch.cuda.memory_allocated(self.lm.device) / 1e9, 3)
 
 
+class ContinuousBackend(ModelBackend):
+    """A loaded model served by the continuous-batching engine (`labkit.engine.continuous`),
+    which runs its own compact copy of the model over a paged KV cache. The Hugging Face
+    model's fused-away weights are freed, so the weights are held once; every generation,
+    single or batched, goes through the engine."""
+
+    def __init__(self, lm: LoadedModel, engine: ContinuousEngine, warmup_runs: int = 0):
+        super().__init__(lm, None, warmup_runs=warmup_runs,
+                         max_batch_size=engine.max_running)
+        self.engine = engine
+        self.cuda_graphs = engine.runner.cuda_graphs
+
+    def tokenize(self, request: Request) -> None:
+        super().tokenize(request)
+        self.engine.check_fits(request)  # 413 before it queues, if the cache is too small
+
+    def generate(self, request: Request) -> Result:
+        return self.engine.generate([request])[0]
+
+    def generate_batch(self, requests: list[Request],
+                       on_finish: Callable[[int, Result], None] | None = None) -> list[Result]:
+        results = self.engine.generate(requests)
+        for index, result in enumerate(results):
+            if on_finish is not None:
+                on_finish(index, result)
+        return results
+
+    def warm_up(self) -> None:
+        """Throwaway generations through the engine; on a GPU, the CUDA graph of every padded
+        batch size up to max_batch_size (at the smallest page count) is captured first, so no
+        request waits for a capture of those."""
+        if not self.warmup_runs:
+            return
+        began = time.perf_counter()
+        rows = 1
+        while rows <= padded(self.engine.max_running):
+            self.engine.runner.capture(rows, MIN_GRAPH_PAGES)
+            rows *= 2
+        for _ in range(self.warmup_runs):
+            self.engine.generate([Request("warm-up", hf_generate.WARMUP_TOKENS, 0)])
+        log.info("Warm-up: %d run(s) through the continuous engine; CUDA graphs for (rows, "
+                 "pages) %s; in %.1f s", self.warmup_runs, sorted(self.engine.runner.graphs),
+                 time.perf_counter() - began)
+
+    def free_memory(self) -> None:
+        gc.collect()  # the KV cache and the graphs stay: they are the engine's fixed memory
+        if self.lm.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def default_kv_cache_gb(device: torch.device) -> float:
+    """KV cache memory when the user grants none: a tenth of the card (room for several
+    servers on one GPU, as in notebook 07), or 0.25 GB on the CPU."""
+    if device.type != "cuda":
+        return 0.25
+    return round(torch.cuda.get_device_properties(device).total_memory / 1e9 * 0.10, 2)
+
+
+def build_continuous_backend(lm: LoadedModel, kv_cache_gb: float | None = None,
+                             max_running: int = DEFAULT_MAX_RUNNING,
+                             prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                             cuda_graphs: bool = True, warmup_runs: int = 1) -> ContinuousBackend:
+    memory_gb = kv_cache_gb if kv_cache_gb is not None else default_kv_cache_gb(lm.device)
+    cache = PagedKVCache.sized(lm.config, memory_gb, lm.dtype, lm.device)
+    model = Llama.from_hf(lm.model, free_source=lm.device.type == "cuda")
+    engine = ContinuousEngine(lm, model, cache, max_running=max_running,
+                              prefill_chunk=prefill_chunk, cuda_graphs=cuda_graphs)
+    log.info("Continuous batching: KV cache of %.2f GB = %d pages of %d tokens (%d tokens), "
+             "up to %d requests at once, prefill chunks of %d tokens", memory_gb,
+             cache.free.total, cache.page_size, cache.tokens, max_running, prefill_chunk)
+    return ContinuousBackend(lm, engine, warmup_runs=warmup_runs)
+
+
 def load_model_backend(source: str = "model", device: str = "auto", dtype: str = "auto",
                        warmup_runs: int = 1, threads: int | None = None,
                        max_batch_size: int | None = None,
-                       cuda_graphs: bool = True) -> ModelBackend:
+                       cuda_graphs: bool = True,
+                       continuous: dict | None = None) -> ModelBackend:
     """Load `source` and log it in the seed's words. The warm-up (`warmup_runs` generations;
     with `max_batch_size`, batched mode, on a GPU also the CUDA graphs of batched decoding
     unless `cuda_graphs` is false) is left to `ModelBackend.warm_up`, to run on the thread
-    that will generate."""
+    that will generate. With `continuous` (options of `build_continuous_backend`), the model is
+    served by the continuous-batching engine."""
     where = source if synthetic.is_synthetic(source) else resolve_local_path(source).resolve()
     log.info("Loading model from %s", where)
     log.info("%s", gpu.describe())
@@ -161,6 +240,10 @@ def load_model_backend(source: str = "model", device: str = "auto", dtype: str =
     log.info("Model loaded successfully! %s, %s parameters, %s, on %s, in %.1f s",
              lm.name, f"{lm.num_parameters:,}", str(lm.dtype).removeprefix("torch."),
              lm.device, lm.load_time_s)
+    if continuous is not None:  # kv_cache_gb, prefill_chunk
+        return build_continuous_backend(lm, max_running=max_batch_size or DEFAULT_MAX_RUNNING,
+                                        cuda_graphs=cuda_graphs, warmup_runs=warmup_runs,
+                                        **continuous)
     graphs = bool(max_batch_size) and cuda_graphs and lm.device.type == "cuda"
     if max_batch_size and lm.device.type == "cuda" and not graphs:
         log.info("Batched decoding runs eagerly (--no-cuda-graphs): the GPU waits on Python "

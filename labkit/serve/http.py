@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from labkit.serve.backend import Backend
 from labkit.serve.schedulers import (
     DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_RUNNING,
     DEFAULT_MAX_WAIT_MS,
     SCHEDULERS,
     Scheduler,
@@ -314,6 +315,9 @@ async def _tokenize(state: ServerState, backend: Backend, params: Request) -> No
 
 
 def _describe_mode(server: dict) -> str:
+    if server["mode"] == "continuous":
+        return (f"continuous: up to {server['max_batch_size']} requests at once, KV cache of "
+                f"{server['kv_pages_total']} pages of {server['kv_page_tokens']} tokens")
     if server["mode"] != "batched":
         return server["mode"]
     return (f"batched: up to {server['max_batch_size']} requests a batch, waiting up to "
@@ -477,13 +481,22 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", help="auto, bf16, fp16 or fp32")
     parser.add_argument("--mode", default="sequential", choices=sorted(SCHEDULERS),
                         help="serving mode: sequential = one generation at a time (the seed); "
-                             "batched = requests waiting for the model are generated together")
+                             "batched = requests waiting for the model are generated together; "
+                             "continuous = requests join and leave the batch at every step")
     parser.add_argument("--max-batch-size", type=int, default=None, metavar="N",
                         help="batched mode: most requests in one batch (default "
-                             f"{DEFAULT_MAX_BATCH_SIZE})")
+                             f"{DEFAULT_MAX_BATCH_SIZE}); continuous mode: most requests "
+                             f"decoding at once (default {DEFAULT_MAX_RUNNING})")
     parser.add_argument("--max-wait-ms", type=float, default=None, metavar="MS",
                         help="batched mode: how long a batch waits to fill after its first "
                              f"request arrives (default {DEFAULT_MAX_WAIT_MS:g})")
+    parser.add_argument("--kv-cache-gb", type=float, default=None, metavar="GB",
+                        help="continuous mode: GPU memory for the paged KV cache (default a "
+                             "tenth of the card; 0.25 on the CPU); bounds how many tokens "
+                             "all running requests hold together")
+    parser.add_argument("--prefill-chunk", type=int, default=None, metavar="TOKENS",
+                        help="continuous mode: most prompt tokens prefilled per step (default "
+                             "2048); a longer prompt is prefilled over several steps")
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                         help="batched mode on a GPU: replay each decode step from a CUDA graph "
                              "(default on; --no-cuda-graphs decodes eagerly, the GPU waiting "
@@ -511,6 +524,7 @@ def run_cli(args) -> int:
         return 2
     try:
         scheduler_options = _scheduler_options(args)
+        engine_options = _engine_options(args)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -521,7 +535,8 @@ def run_cli(args) -> int:
         return load_model_backend(args.model, device=args.device, dtype=args.dtype,
                                   warmup_runs=args.warmup, threads=args.threads,
                                   max_batch_size=scheduler_options.get("max_batch_size"),
-                                  cuda_graphs=args.cuda_graphs is not False)
+                                  cuda_graphs=args.cuda_graphs is not False,
+                                  continuous=engine_options)
 
     async def main() -> int:
         app = create_app(load, max_tokens_limit=args.max_tokens_limit, mode=args.mode,
@@ -537,26 +552,61 @@ def run_cli(args) -> int:
         return 1
 
 
+# Which flags each mode takes; the others are an error in that mode.
+MODE_FLAGS = {
+    "sequential": (),
+    "batched": ("--max-batch-size", "--max-wait-ms", "--cuda-graphs"),
+    "continuous": ("--max-batch-size", "--kv-cache-gb", "--prefill-chunk", "--cuda-graphs"),
+}
+
+
 def _scheduler_options(args) -> dict:
-    """--max-batch-size / --max-wait-ms for batched mode; an error if given to another mode."""
-    flags = {"--max-batch-size": (args.max_batch_size, DEFAULT_MAX_BATCH_SIZE,
-                                  check_max_batch_size),
-             "--max-wait-ms": (args.max_wait_ms, DEFAULT_MAX_WAIT_MS, check_max_wait_ms)}
-    given = [flag for flag, (value, _, _) in flags.items() if value is not None]
-    if args.cuda_graphs is not None:
-        given.append("--cuda-graphs" if args.cuda_graphs else "--no-cuda-graphs")
-    if args.mode != "batched":
-        if given:
-            verb, pronoun = ("apply", "them") if len(given) > 1 else ("applies", "it")
-            raise ValueError(f"{' and '.join(given)} {verb} only to --mode batched; add "
-                             f"--mode batched or drop {pronoun}")
+    """The scheduler's options of the chosen mode (batched: --max-batch-size, --max-wait-ms;
+    continuous: --max-batch-size); an error for a flag the mode does not take."""
+    given = {"--max-batch-size": args.max_batch_size, "--max-wait-ms": args.max_wait_ms,
+             "--kv-cache-gb": getattr(args, "kv_cache_gb", None),
+             "--prefill-chunk": getattr(args, "prefill_chunk", None),
+             "--cuda-graphs": args.cuda_graphs}
+    wrong = [flag for flag, value in given.items()
+             if value is not None and flag not in MODE_FLAGS[args.mode]]
+    if wrong:
+        names = [("--no-cuda-graphs" if f == "--cuda-graphs" and not args.cuda_graphs else f)
+                 for f in wrong]
+        modes = [mode for mode, flags in MODE_FLAGS.items() if set(wrong) <= set(flags)]
+        verb, pronoun = ("apply", "them") if len(wrong) > 1 else ("applies", "it")
+        where = " or ".join(f"--mode {mode}" for mode in modes) or "another mode"
+        raise ValueError(f"{' and '.join(names)} {verb} only to {where}; add "
+                         f"{'it' if len(modes) == 1 else 'one'} or drop {pronoun}")
+    if args.mode == "sequential":
         return {}
+    default_batch = DEFAULT_MAX_BATCH_SIZE if args.mode == "batched" else DEFAULT_MAX_RUNNING
+    checks = {"--max-batch-size": (default_batch, check_max_batch_size)}
+    if args.mode == "batched":
+        checks["--max-wait-ms"] = (DEFAULT_MAX_WAIT_MS, check_max_wait_ms)
     options = {}
-    for flag, (value, default, check) in flags.items():
-        value = default if value is None else value
+    for flag, (default, check) in checks.items():
+        value = default if given[flag] is None else given[flag]
         try:
             check(value)
         except ValueError as err:
             raise ValueError(f"{flag}: {err}") from None
         options[flag.removeprefix("--").replace("-", "_")] = value
+    return options
+
+
+def _engine_options(args) -> dict | None:
+    """Continuous mode's engine options (KV cache memory, prefill chunk), checked; else None."""
+    if args.mode != "continuous":
+        return None
+    options = {}
+    if args.kv_cache_gb is not None:
+        if not 0 < args.kv_cache_gb <= 10_000:
+            raise ValueError(f"--kv-cache-gb must be a positive number of gigabytes, got "
+                             f"{args.kv_cache_gb:g}")
+        options["kv_cache_gb"] = args.kv_cache_gb
+    if args.prefill_chunk is not None:
+        if args.prefill_chunk < 1:
+            raise ValueError(f"--prefill-chunk must be at least 1 token, got "
+                             f"{args.prefill_chunk}")
+        options["prefill_chunk"] = args.prefill_chunk
     return options

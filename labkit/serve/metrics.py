@@ -85,14 +85,18 @@ class _StateCollector:
         s = self.metrics._stats()
         waiting, running = s["queue_depth"], s["in_flight"]
         slots = running / s["max_batch_size"] if s.get("max_batch_size") else 0.0
+        # Continuous mode has a paged KV cache: its pages in use are what vLLM reports.
+        cache = s["kv_pages_used"] / s["kv_pages_total"] if s.get("kv_pages_total") else slots
         for name, value, text in [
             ("labkit_requests_waiting", waiting, "Requests queued, not yet generating"),
             ("labkit_requests_running", running, "Requests generating now"),
             ("labkit_batch_slots_usage_ratio", slots, "Running requests / most in one batch"),
             ("vllm:num_requests_waiting", waiting, "vLLM name: requests waiting"),
             ("vllm:num_requests_running", running, "vLLM name: requests running"),
-            ("vllm:gpu_cache_usage_perc", slots,
-             "vLLM name: KV cache usage, 0-1 (labkit: batch slots in use)"),
+            ("labkit_kv_cache_usage_ratio", cache,
+             "KV cache pages in use / all (continuous mode; other modes: batch slots)"),
+            ("vllm:gpu_cache_usage_perc", cache,
+             "vLLM name: KV cache usage, 0-1 (labkit's batch slots outside continuous mode)"),
         ]:
             yield GaugeMetricFamily(name, text, value=value)
         outcomes = CounterMetricFamily("labkit_requests", "Requests by outcome",
@@ -110,6 +114,8 @@ class _StateCollector:
                                       value=value)
         yield CounterMetricFamily("labkit_busy_seconds", "Wall time a generation was running",
                                   value=s["busy_seconds"])
+        yield CounterMetricFamily("labkit_preemptions", "Requests preempted to free KV cache "
+                                  "pages (continuous mode)", value=s.get("preemptions", 0))
         gpu = self.metrics._gpu_reading()
         for column, name in [("gpu_util", "labkit_gpu_utilization_percent"),
                              ("sm_activity", "labkit_gpu_sm_activity_percent")]:

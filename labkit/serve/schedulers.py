@@ -3,7 +3,8 @@ busy time. Independent of HTTP: `labkit.serve.http` submits requests and awaits 
 
 `SequentialScheduler` is the seed's baseline: one generation at a time, the others wait in FIFO
 order. `BatchedScheduler` generates the requests that queued up while the model was busy
-together, as one batch. Both share `QueueScheduler`'s queue, clock, counters and fault handling.
+together, as one batch. `ContinuousScheduler` feeds a continuous-batching engine, whose batch
+changes at every decode step. All share `QueueScheduler`'s clock, counters and fault handling.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ log = logging.getLogger("labkit.serve.http")
 
 RECENT_WINDOW_S = 5.0
 DEFAULT_MAX_BATCH_SIZE = 32
+# Continuous mode: most requests decoding at once (the engine's default; not imported from
+# labkit.engine.continuous, which imports torch).
+DEFAULT_MAX_RUNNING = 256
 DEFAULT_MAX_WAIT_MS = 5.0
 MAX_WAIT_LIMIT_MS = 10_000.0
 
@@ -106,6 +110,10 @@ class Scheduler(Protocol):
     def run_on_generation_thread(self, fn: Callable[[], object]) -> object: ...
     async def start(self) -> None: ...
     async def submit(self, request: Request) -> Result: ...
+    def _enqueue(self, job: _Job) -> None:
+        self._waiting.add(job)
+        self._queue.put_nowait(job)
+
     async def wait_idle(self, timeout: float | None = None) -> bool: ...
     async def close(self) -> None: ...
     def stats(self) -> dict: ...
@@ -163,9 +171,8 @@ class QueueScheduler:
         if self.backend is None or self._queue is None:
             raise RuntimeError("scheduler has no model yet")
         job = _Job(request, time.perf_counter(), asyncio.get_running_loop().create_future())
-        self._waiting.add(job)
         self._idle.clear()
-        self._queue.put_nowait(job)
+        self._enqueue(job)
         try:
             return await job.future
         except asyncio.CancelledError:
@@ -375,10 +382,86 @@ class BatchedScheduler(QueueScheduler):
         self.backend.generate_batch(requests, finish)
 
 
-SCHEDULERS: dict[str, type] = {"sequential": SequentialScheduler, "batched": BatchedScheduler}
-
-
 def make_scheduler(mode: str = "sequential", **kwargs) -> Scheduler:
     if mode not in SCHEDULERS:
         raise ValueError(f"unknown serving mode {mode!r}; choose one of {', '.join(SCHEDULERS)}")
     return SCHEDULERS[mode](**kwargs)
+
+
+class ContinuousScheduler(QueueScheduler):
+    """Continuous batching (`labkit.engine.continuous`): requests join the running batch at
+    the next decode step and leave it the step they finish; up to `max_batch_size` run at once,
+    as many as the KV cache has pages for.
+
+    The generation thread runs the engine's steps for as long as it has work and sleeps when it
+    has none; the event loop hands requests to the engine (`add`, thread-safe) and gets each
+    result back through the same `_answer` as the other modes. `queue_time_ms` is submit -> the
+    request's prefill began."""
+
+    mode = "continuous"
+
+    def __init__(self, backend: Backend | None = None, window_s: float = RECENT_WINDOW_S, *,
+                 max_batch_size: int = DEFAULT_MAX_RUNNING):
+        check_max_batch_size(max_batch_size)
+        super().__init__(backend, window_s, max_batch_size=max_batch_size)
+        self._jobs: dict[Request, _Job] = {}  # submitted, not answered yet
+        self._engine_loop: asyncio.Future | None = None
+        self._closing = threading.Event()
+
+    def _enqueue(self, job: _Job) -> None:
+        loop = asyncio.get_running_loop()
+        if self._engine_loop is None:  # after warm-up, which ran on the same thread
+            self._engine_loop = loop.run_in_executor(self._executor, self._run_engine, loop)
+
+        def finished(result: Result) -> None:
+            result.memory_used_gb = self.backend.memory_used_gb()
+            loop.call_soon_threadsafe(self._answer, job, result, None)
+
+        self.backend.engine.add(job.request, finished)  # PromptTooLong: raised to the handler
+        self._jobs[job.request] = job
+        self._in_flight += 1
+
+    def _answer(self, job: _Job, result: Result | None, error: BaseException | None) -> None:
+        super()._answer(job, result, error)
+        self._jobs.pop(job.request, None)
+        self._update_idle()
+
+    def _run_engine(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The generation thread: step while there is work, sleep while there is none."""
+        import torch
+
+        engine = self.backend.engine
+        while not self._closing.is_set():
+            if not engine.wait_for_work(timeout=0.5):
+                continue
+            self.busy.start()
+            try:
+                while engine.has_work() and not self._closing.is_set():
+                    engine.step()
+            except (torch.OutOfMemoryError, MemoryError) as err:
+                self._fail_all(engine, self._out_of_memory(err, len(self._jobs)), loop)
+            except Exception as err:  # reported to the clients; the engine must survive it
+                log.exception("Engine step failed")
+                self._fail_all(engine, err, loop)
+            finally:
+                self.busy.stop()
+
+    def _fail_all(self, engine, error: BaseException, loop: asyncio.AbstractEventLoop) -> None:
+        engine.reset()
+        for job in list(self._jobs.values()):
+            loop.call_soon_threadsafe(self._answer, job, None, error)
+
+    async def close(self) -> None:
+        self._closing.set()
+        await super().close()
+
+    def stats(self) -> dict:
+        engine = self.backend.engine.stats() if self.backend is not None else {}
+        return {**super().stats(), **engine,
+                "queue_depth": engine.get("waiting", 0), "in_flight": engine.get("running", 0),
+                "batches": engine.get("decode_steps", 0),
+                "mean_batch_size": engine.get("tokens_per_step"), "max_wait_ms": None}
+
+
+SCHEDULERS: dict[str, type] = {"sequential": SequentialScheduler, "batched": BatchedScheduler,
+                               "continuous": ContinuousScheduler}

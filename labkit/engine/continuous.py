@@ -1,0 +1,265 @@
+"""Continuous batching: the batch is re-formed at every decode step.
+
+Static batching (`labkit.engine.batched`) starts a batch and runs it until its longest row ends;
+a request that arrives meanwhile waits for all of it. Here, every `step()`:
+
+1. takes in new requests, and drops those whose client went away (their pages are freed);
+2. admits waiting requests, oldest first, while the KV cache has pages for their prompts;
+3. prefills up to `prefill_chunk` prompt tokens of the admitted ones (a long prompt is split
+   over several steps, so the requests already decoding are never held up for long);
+4. runs one decode step for every request that has its first token: each gets its next token,
+   and those that finish leave at once, handing their pages to whoever comes next.
+
+When a decoding request needs a new page and none is free, the most recently admitted request is
+preempted: its pages are freed and it goes back to the front of the queue, to be prefilled again
+(prompt and the tokens it had so far) when pages free up. Admission checks only the prompt, so
+the cache is never over-committed yet never reserves pages a request may not use.
+
+The model is `labkit.engine.llama` over `labkit.engine.kv_cache`, run by `labkit.engine.runner`;
+sampling is `labkit.engine.sampling`'s, per request. `generate(requests)` runs a list to the end
+(notebooks, benchmarks); a server calls `add` from its event loop and `step` in a loop on its
+generation thread (`labkit.serve.schedulers.ContinuousScheduler`).
+"""
+
+from __future__ import annotations
+
+import collections
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from labkit.engine import hf_generate
+from labkit.engine.kv_cache import PagedKVCache
+from labkit.engine.llama import Llama
+from labkit.engine.model import LoadedModel
+from labkit.engine.request import PromptTooLong, Request, Result
+from labkit.engine.runner import Chunk, ModelRunner
+from labkit.engine.sampling import hold_stop_tokens, next_tokens, uniforms
+
+DEFAULT_MAX_RUNNING = 256
+DEFAULT_PREFILL_CHUNK = 2048  # prompt tokens prefilled per step, across requests
+
+
+@dataclass(eq=False)
+class Sequence:
+    """A request inside the engine: its tokens so far and the pages that hold their keys and
+    values. `ids` is the prompt followed by the generated tokens; the first `cached` of them
+    are in the cache."""
+
+    request: Request
+    on_finish: Callable[[Result], None] | None
+    added_at: float
+    ids: list[int]
+    prompt_len: int
+    rng: random.Random | None
+    pages: list[int] = field(default_factory=list)
+    cached: int = 0
+    admitted_at: float | None = None
+    first_token_at: float | None = None
+
+    @property
+    def generated(self) -> list[int]:
+        return self.ids[self.prompt_len:]
+
+
+class ContinuousEngine:
+    def __init__(self, lm: LoadedModel, model: Llama, cache: PagedKVCache,
+                 max_running: int = DEFAULT_MAX_RUNNING,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, cuda_graphs: bool = True):
+        self.lm, self.cache = lm, cache
+        self.max_running, self.prefill_chunk = max_running, prefill_chunk
+        self.runner = ModelRunner(model, cache, max_running, cuda_graphs)
+        self.stop_ids = hf_generate.stop_token_ids(lm)
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.prefilling: list[Sequence] = []  # admitted, prompt not fully in the cache yet
+        self.decoding: list[Sequence] = []  # in admission order: the last is preempted first
+        self._inbox: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self.preemptions = self.decode_steps = self.decode_tokens = self.prefill_tokens = 0
+        self.last_step_tokens = 0
+
+    # -- what callers use ------------------------------------------------------------------
+
+    def check_fits(self, request: Request) -> None:
+        """PromptTooLong (413) when prompt + max_tokens could never fit in the whole cache."""
+        needed = len(request.prompt_ids) + request.max_tokens
+        if needed > self.cache.tokens:
+            raise PromptTooLong(
+                f"prompt ({len(request.prompt_ids)} tokens) + max_tokens ({request.max_tokens}) "
+                f"needs {needed} tokens of KV cache, more than the whole cache holds "
+                f"({self.cache.tokens}); shorten it, or give the cache more memory")
+
+    def add(self, request: Request, on_finish: Callable[[Result], None] | None = None) -> None:
+        """Queue `request` (from any thread); `on_finish(result)` is called on the engine's
+        thread when it is done. Raises PromptTooLong if it could never fit."""
+        if request.prompt_ids is None:
+            hf_generate.tokenize(self.lm, request)
+        self.check_fits(request)
+        rng = None if request.greedy else random.Random(request.seed)
+        self._inbox.put(Sequence(request, on_finish, time.perf_counter(),
+                                 list(request.prompt_ids), len(request.prompt_ids), rng))
+        self._wake.set()
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.decoding or not self._inbox.empty())
+
+    def wait_for_work(self, timeout: float | None = None) -> bool:
+        """Block until a request is added (or timeout); True if there is work."""
+        if not self.has_work():
+            self._wake.wait(timeout)
+        self._wake.clear()
+        return self.has_work()
+
+    def generate(self, requests: list[Request]) -> list[Result]:
+        """Run `requests` to the end; results in order (for notebooks and benchmarks)."""
+        results: dict[int, Result] = {}
+        for index, request in enumerate(requests):
+            self.add(request, lambda result, index=index: results.__setitem__(index, result))
+        while self.has_work():
+            self.step()
+        return [results[index] for index in range(len(requests))]
+
+    def reset(self) -> None:
+        """Drop every request and free its pages (after a failed step: nothing is half-done)."""
+        while not self._inbox.empty():
+            self._inbox.get()
+        for seq in [*self.waiting, *self.prefilling, *self.decoding]:
+            self.cache.free.give_back(seq.pages)
+        self.waiting.clear()
+        self.prefilling.clear()
+        self.decoding.clear()
+
+    def stats(self) -> dict:
+        return {
+            "running": len(self.prefilling) + len(self.decoding),
+            "waiting": len(self.waiting) + self._inbox.qsize(),
+            "kv_pages_used": self.cache.free.used,
+            "kv_pages_total": self.cache.free.total,
+            "kv_page_tokens": self.cache.page_size,
+            "preemptions": self.preemptions,
+            "decode_steps": self.decode_steps,
+            "tokens_per_step": (round(self.decode_tokens / self.decode_steps, 2)
+                                if self.decode_steps else None),
+            "last_step_tokens": self.last_step_tokens,
+            "prefill_tokens": self.prefill_tokens,
+            "cuda_graph_shapes": sorted(self.runner.graphs),
+        }
+
+    # -- one step ----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        while not self._inbox.empty():
+            self.waiting.append(self._inbox.get())
+        self._drop_cancelled()
+        self._admit()
+        if self.prefilling:
+            self._prefill()
+        if self.decoding:
+            self._decode()
+
+    def _drop_cancelled(self) -> None:
+        for group in (self.waiting, self.prefilling):
+            for seq in [s for s in group if s.request.cancelled.is_set()]:
+                group.remove(seq)
+                self._finish(seq, time.perf_counter())
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.prefilling) + len(self.decoding) < self.max_running:
+            seq = self.waiting[0]
+            needed = self.cache.pages_for(len(seq.ids)) - len(seq.pages)
+            if needed > self.cache.free.available:
+                return  # first come, first served: nobody overtakes the oldest
+            self.waiting.popleft()
+            seq.pages += self.cache.free.take(needed)
+            if seq.admitted_at is None:
+                seq.admitted_at = time.perf_counter()
+            self.prefilling.append(seq)
+
+    def _prefill(self) -> None:
+        chunks, budget = [], self.prefill_chunk
+        for seq in self.prefilling:
+            if budget == 0:
+                break
+            n = min(len(seq.ids) - seq.cached, budget)
+            chunks.append((seq, Chunk(seq.ids[seq.cached:seq.cached + n], seq.cached, seq.pages)))
+            budget -= n
+        logits = self.runner.prefill([chunk for _, chunk in chunks])
+        done = []
+        for row, (seq, chunk) in enumerate(chunks):
+            seq.cached += len(chunk.tokens)
+            if seq.cached == len(seq.ids):  # whole prompt in the cache: its next token
+                done.append(row)
+        self.prefill_tokens += self.prefill_chunk - budget
+        finished = [chunks[row][0] for row in done]
+        for seq in finished:
+            self.prefilling.remove(seq)
+            self.decoding.append(seq)
+        if done:
+            self._sample(finished, logits[torch.tensor(done, device=logits.device)])
+
+    def _decode(self) -> None:
+        for seq in list(self.decoding):
+            if seq in self.decoding:  # not preempted by an earlier row of this loop
+                self._make_room(seq)
+        if not self.decoding:
+            return
+        rows = list(self.decoding)
+        logits = self.runner.decode([Chunk([s.ids[-1]], len(s.ids) - 1, s.pages) for s in rows])
+        for seq in rows:
+            seq.cached = len(seq.ids)
+        self.decode_steps += 1
+        self.decode_tokens += len(rows)
+        self.last_step_tokens = len(rows)
+        self._sample(rows, logits)
+
+    def _make_room(self, seq: Sequence) -> None:
+        """A page for `seq`'s next token, preempting the latest admitted requests if needed."""
+        while len(seq.pages) < self.cache.pages_for(len(seq.ids)):
+            if self.cache.free.available:
+                seq.pages += self.cache.free.take(1)
+                continue
+            victim = self.decoding.pop()  # the latest admitted (may be seq itself)
+            self.cache.free.give_back(victim.pages)
+            victim.cached = 0
+            self.waiting.appendleft(victim)
+            self.preemptions += 1
+            if victim is seq:
+                return
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """Each row's next token, by its own request's sampling; finished rows leave."""
+        device = logits.device
+        requests = [seq.request for seq in seqs]
+        held = [row for row, seq in enumerate(seqs)
+                if not seq.request.may_stop(len(seq.generated))]
+        hold_stop_tokens(logits, held, self.stop_ids)
+        temperature = torch.tensor([r.temperature for r in requests], device=device)
+        top_p = torch.tensor([r.top_p or 1.0 for r in requests], device=device)
+        tokens = next_tokens(logits, temperature, top_p,
+                             uniforms([seq.rng for seq in seqs], device)).tolist()
+        now = time.perf_counter()
+        for seq, token in zip(seqs, tokens, strict=True):
+            seq.ids.append(token)
+            if seq.first_token_at is None:
+                seq.first_token_at = now
+            seq.request.emit(token)
+            if token in self.stop_ids or len(seq.generated) >= seq.request.max_tokens \
+                    or seq.request.cancelled.is_set():
+                self.decoding.remove(seq)
+                self._finish(seq, now)
+
+    def _finish(self, seq: Sequence, now: float) -> None:
+        self.cache.free.give_back(seq.pages)
+        if seq.on_finish is None:
+            return
+        started = seq.admitted_at or now
+        result = hf_generate.build_result(self.lm, seq.request, seq.generated, started,
+                                          seq.first_token_at or now, now)
+        result.queue_time_ms = round((started - seq.added_at) * 1000, 3)
+        seq.on_finish(result)

@@ -1,0 +1,104 @@
+"""The paged KV cache: every layer's keys and values in fixed-size pages, handed out to requests
+a page at a time.
+
+A request owns a list of pages (its block table); token t of a request lives in page
+`pages[t // page_size]`, at offset `t % page_size`. Pages need not be contiguous, so a request
+grows a page at a time and a finished request's pages go straight to the next one: no memory is
+reserved for tokens a request has not generated yet, and none is lost between requests
+(vLLM's PagedAttention idea, here with a gather in PyTorch instead of a custom kernel).
+
+Page 0 belongs to nobody: padding tokens write there and padded block-table entries point there,
+so padded rows need no special case (their results are discarded).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+DEFAULT_PAGE_SIZE = 16  # tokens per page
+
+
+def bytes_per_token(config, dtype: torch.dtype) -> int:
+    """KV cache bytes one token takes in every layer: key + value, each kv_heads × head_dim."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * itemsize
+
+
+class PagedKVCache:
+    """Keys and values of every layer: one tensor (layers, 2, pages, page_size, kv_heads, dim)."""
+
+    def __init__(self, config, num_pages: int, dtype: torch.dtype, device: torch.device,
+                 page_size: int = DEFAULT_PAGE_SIZE):
+        if num_pages < 2:
+            raise ValueError(f"a KV cache needs at least 2 pages (one is the padding page); "
+                             f"got {num_pages}: grant it more memory")
+        self.page_size, self.num_pages = page_size, num_pages
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = (getattr(config, "head_dim", None)
+                         or config.hidden_size // config.num_attention_heads)
+        self.kv = torch.zeros(config.num_hidden_layers, 2, num_pages, page_size, self.kv_heads,
+                              self.head_dim, dtype=dtype, device=device)
+        self.free = PageAllocator(num_pages)
+
+    @classmethod
+    def sized(cls, config, memory_gb: float, dtype: torch.dtype, device: torch.device,
+              page_size: int = DEFAULT_PAGE_SIZE) -> PagedKVCache:
+        """As many pages as fit in `memory_gb` gigabytes."""
+        page_bytes = bytes_per_token(config, dtype) * page_size
+        return cls(config, int(memory_gb * 1e9 // page_bytes), dtype, device, page_size)
+
+    @property
+    def tokens(self) -> int:
+        """Tokens the cache holds when full (the padding page not counted)."""
+        return (self.num_pages - 1) * self.page_size
+
+    def pages_for(self, tokens: int) -> int:
+        return math.ceil(tokens / self.page_size)
+
+    def slot(self, pages: list[int], position: int) -> int:
+        """Flat index (page × page_size + offset) where the token at `position` is stored."""
+        return pages[position // self.page_size] * self.page_size + position % self.page_size
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        """Store k, v (rows, tokens, kv_heads, dim) at their flat slots (rows, tokens)."""
+        flat = self.kv[layer].view(2, -1, self.kv_heads, self.head_dim)
+        index = slots.reshape(-1)
+        flat[0].index_copy_(0, index, k.reshape(-1, self.kv_heads, self.head_dim))
+        flat[1].index_copy_(0, index, v.reshape(-1, self.kv_heads, self.head_dim))
+
+    def read(self, layer: int, block_table: torch.Tensor):
+        """Keys and values of each row's pages, in order: two (rows, kv_heads, pages ×
+        page_size, dim) tensors (a gather: each row's pages copied side by side)."""
+        rows, pages = block_table.shape
+        k, v = self.kv[layer, :, block_table].unbind(0)  # (rows, pages, page_size, kv, dim)
+        shape = (rows, pages * self.page_size, self.kv_heads, self.head_dim)
+        return k.reshape(shape).transpose(1, 2), v.reshape(shape).transpose(1, 2)
+
+
+class PageAllocator:
+    """Which pages are free. Page 0 is never handed out."""
+
+    def __init__(self, num_pages: int):
+        self.total = num_pages - 1
+        self._free = list(range(num_pages - 1, 0, -1))  # pop() hands out low pages first
+
+    @property
+    def available(self) -> int:
+        return len(self._free)
+
+    @property
+    def used(self) -> int:
+        return self.total - len(self._free)
+
+    def take(self, count: int) -> list[int]:
+        if count > len(self._free):
+            raise RuntimeError(f"{count} pages asked, {len(self._free)} free")
+        return [self._free.pop() for _ in range(count)]
+
+    def give_back(self, pages: list[int]) -> None:
+        self._free.extend(reversed(pages))
+        pages.clear()

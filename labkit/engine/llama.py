@@ -1,0 +1,136 @@
+"""A compact Llama: the whole forward pass the continuous-batching engine runs, in one page.
+
+It loads the same config and weights as Hugging Face's `LlamaForCausalLM` (`Llama.from_hf`) and
+gives the same logits (tests/test_continuous.py checks them), but reads and writes its KV cache
+in pages (`labkit.engine.kv_cache`), so requests of any length share one batch:
+
+- every token carries its own position (RoPE) and the cache slot its key and value go to;
+- every row carries its block table, the pages that hold its earlier tokens;
+- attention reads each row's pages and masks what lies after the token's own position.
+
+The same `forward` serves a prefill chunk (many tokens per row) and a decode step (one token per
+row), so a decode step's shapes depend only on (rows, pages per row): a few padded sizes, each
+replayed from a CUDA graph (`labkit.engine.runner`).
+
+Why plain PyTorch ops: at batch 1 a decode step is a chain of matrix-vector products whose time
+is the weights' bytes over memory bandwidth; q/k/v and gate/up are fused into one matrix each so
+a layer launches 4 matrix products, not 7, and the CUDA graph removes the launch gaps between
+them. What is left is profiled in benchmarks/RESULTS.md ("Continuous batching engine").
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from labkit.engine.kv_cache import PagedKVCache
+
+
+class Layer(nn.Module):
+    """One decoder layer: attention then MLP, each behind an RMSNorm and a residual add."""
+
+    def __init__(self, hf_layer: nn.Module, eps: float):
+        super().__init__()
+        attn, mlp = hf_layer.self_attn, hf_layer.mlp
+        self.eps = eps
+        self.input_norm = hf_layer.input_layernorm.weight
+        self.post_attention_norm = hf_layer.post_attention_layernorm.weight
+        self.qkv = nn.Parameter(torch.cat([attn.q_proj.weight, attn.k_proj.weight,
+                                           attn.v_proj.weight]), requires_grad=False)
+        self.o = attn.o_proj.weight
+        self.gate_up = nn.Parameter(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
+                                    requires_grad=False)
+        self.down = mlp.down_proj.weight
+
+    def forward(self, x, index: int, cos, sin, mask, cache: PagedKVCache, slots, block_table):
+        rows, tokens, _ = x.shape
+        heads, kv_heads, dim = cache.heads, cache.kv_heads, cache.head_dim
+        q, k, v = (rms_norm(x, self.input_norm, self.eps) @ self.qkv.T).split(
+            [heads * dim, kv_heads * dim, kv_heads * dim], -1)
+        q = rope(q.view(rows, tokens, heads, dim), cos, sin)
+        k = rope(k.view(rows, tokens, kv_heads, dim), cos, sin)
+        cache.write(index, k, v.view(rows, tokens, kv_heads, dim), slots)
+        keys, values = cache.read(index, block_table)  # (rows, kv_heads, cached tokens, dim)
+        # Grouped-query attention: the `group` query heads that share a KV head attend as
+        # group × tokens queries of that one head, so no KV head is copied `group` times.
+        group = heads // kv_heads
+        q = q.view(rows, tokens, kv_heads, group, dim).permute(0, 2, 3, 1, 4)
+        out = F.scaled_dot_product_attention(
+            q.reshape(rows, kv_heads, group * tokens, dim), keys, values,
+            attn_mask=mask.repeat(1, 1, group, 1))
+        out = out.view(rows, kv_heads, group, tokens, dim).permute(0, 3, 1, 2, 4)
+        x = x + out.reshape(rows, tokens, heads * dim) @ self.o.T
+        gate, up = (rms_norm(x, self.post_attention_norm, self.eps) @ self.gate_up.T).chunk(2, -1)
+        return x + (F.silu(gate) * up) @ self.down.T
+
+
+class Llama(nn.Module):
+    """Llama's forward pass over a paged KV cache. Build it with `from_hf`."""
+
+    def __init__(self, hf_model: nn.Module):
+        super().__init__()
+        config, inner = hf_model.config, hf_model.model
+        self.config = config
+        self.embed = inner.embed_tokens.weight
+        self.layers = nn.ModuleList(Layer(layer, config.rms_norm_eps) for layer in inner.layers)
+        self.norm, self.eps = inner.norm.weight, config.rms_norm_eps
+        self.lm_head = hf_model.lm_head.weight  # the embedding itself when tied
+        # RoPE frequencies as transformers computed them for this config (llama3 scaling too).
+        self.register_buffer("inv_freq", inner.rotary_emb.inv_freq.float().clone(),
+                             persistent=False)
+        self.rope_scale = float(inner.rotary_emb.attention_scaling)
+
+    @classmethod
+    @torch.no_grad()
+    def from_hf(cls, hf_model: nn.Module, free_source: bool = False) -> Llama:
+        """The same weights as `hf_model` (a LlamaForCausalLM): shared, except q/k/v and
+        gate/up, which are concatenated. `free_source` then empties the Hugging Face copies of
+        those, so the two models together hold the weights once (the HF model can no longer
+        run a forward pass; its config and generation config stay)."""
+        if hf_model.config.model_type != "llama":
+            raise ValueError(f"continuous batching runs the Llama architecture; this model is "
+                             f"{hf_model.config.model_type!r}")
+        model = cls(hf_model).eval()
+        if free_source:
+            for layer in hf_model.model.layers:
+                for linear in (layer.self_attn.q_proj, layer.self_attn.k_proj,
+                               layer.self_attn.v_proj, layer.mlp.gate_proj, layer.mlp.up_proj):
+                    linear.weight.data = linear.weight.data.new_empty(0)
+        return model
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                block_table: torch.Tensor, last: torch.Tensor,
+                cache: PagedKVCache) -> torch.Tensor:
+        """Logits (rows, vocab) at column `last` of each row.
+
+        tokens, positions, slots: (rows, tokens per row); block_table: (rows, pages per row).
+        A padding token has slot 0 (a page nobody owns) and position 0."""
+        x = F.embedding(tokens, self.embed)
+        cos, sin = self._rope_tables(positions, x.dtype)
+        # Key j of a row is visible to a token at position p when j <= p: causal within the
+        # chunk, everything already cached before it, nothing in unused page space.
+        cached = torch.arange(block_table.shape[1] * cache.page_size, device=tokens.device)
+        mask = (cached[None, None, :] <= positions[:, :, None])[:, None]  # (rows, 1, tokens, keys)
+        for index, layer in enumerate(self.layers):
+            x = layer(x, index, cos, sin, mask, cache, slots, block_table)
+        x = x[torch.arange(len(x), device=x.device), last]
+        return rms_norm(x, self.norm, self.eps) @ self.lm_head.T
+
+    def _rope_tables(self, positions: torch.Tensor, dtype: torch.dtype):
+        angles = positions[..., None].float() * self.inv_freq  # float32, as transformers does
+        angles = torch.cat([angles, angles], -1)[:, :, None, :]  # (rows, tokens, 1, head_dim)
+        return ((angles.cos() * self.rope_scale).to(dtype),
+                (angles.sin() * self.rope_scale).to(dtype))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Normalised in float32, scaled in the model's dtype (transformers' order of operations)."""
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding, in Llama's half-split layout."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
+    return x * cos + rotated * sin

@@ -1,0 +1,126 @@
+"""Runs the compact Llama on batches the scheduler picked: packs them into tensors, and replays
+decode steps from CUDA graphs.
+
+A decode step's tensors depend only on (rows, pages per row). Rounding both up to a power of two
+leaves a handful of shapes; each is captured once as a CUDA graph (on first use, or at warm-up)
+and replayed after that, so a step costs one launch from Python instead of ~20 per layer. Padded
+rows read and write the padding page (page 0) and their logits are dropped.
+
+Prefill chunks have every shape under the sun (rows × chunk lengths), and a chunk of many
+tokens keeps the GPU busy on its own, so they run eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from labkit.engine.kv_cache import PagedKVCache
+from labkit.engine.llama import Llama
+
+log = logging.getLogger("labkit.engine")
+
+MIN_GRAPH_PAGES = 8  # smallest pages-per-row a graph is captured for (128 tokens of 16)
+
+
+@dataclass
+class Chunk:
+    """Tokens of one request to run this step: `tokens` at positions start, start+1, ...;
+    `pages` is the request's block table (it already covers every position)."""
+
+    tokens: list[int]
+    start: int
+    pages: list[int]
+
+
+class ModelRunner:
+    def __init__(self, model: Llama, cache: PagedKVCache, max_rows: int,
+                 cuda_graphs: bool = True):
+        self.model, self.cache = model, cache
+        self.device = cache.kv.device
+        self.max_rows = max_rows
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self.graphs: dict[tuple[int, int], _DecodeGraph] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+
+    def prefill(self, chunks: list[Chunk]) -> torch.Tensor:
+        """Logits (rows, vocab) after each chunk's last token (eager)."""
+        width = max(len(chunk.tokens) for chunk in chunks)
+        pages = max(len(chunk.pages) for chunk in chunks)
+        packed = self._pack(chunks, len(chunks), width, pages)
+        return self.model(*unpack(packed, width), cache=self.cache)
+
+    def decode(self, chunks: list[Chunk]) -> torch.Tensor:
+        """Logits (rows, vocab) of one token per chunk: from a CUDA graph when there is one
+        for the padded shape, else eagerly."""
+        pages = max(len(chunk.pages) for chunk in chunks)
+        if not self.cuda_graphs:
+            packed = self._pack(chunks, len(chunks), 1, pages)
+            return self.model(*unpack(packed, 1), cache=self.cache)
+        shape = (padded(len(chunks)), max(MIN_GRAPH_PAGES, padded(pages)))
+        if shape not in self.graphs:
+            log.info("Capturing a CUDA graph for decode steps of %d rows × %d pages", *shape)
+            self.graphs[shape] = _DecodeGraph(self, *shape)
+        packed = self._pack(chunks, shape[0], 1, shape[1], host=True)
+        return self.graphs[shape].replay(packed)[:len(chunks)]
+
+    def capture(self, rows: int, pages: int) -> None:
+        """Capture the graph of (rows, pages) now (at warm-up), not in a request's step."""
+        if self.cuda_graphs and (rows, pages) not in self.graphs:
+            self.graphs[(rows, pages)] = _DecodeGraph(self, rows, pages)
+
+    def _pack(self, chunks: list[Chunk], rows: int, width: int, pages: int,
+              host: bool = False) -> torch.Tensor:
+        """One tensor (rows, 3 × width + pages + 1): each row's tokens, positions, slots, block
+        table and last column, padded with zeros (token 0 at position 0 in the padding page's
+        slot 0). Built from Python lists in one go: one copy to the device per step."""
+        size = self.cache.page_size
+        packed = []
+        for chunk in chunks:
+            pad = [0] * (width - len(chunk.tokens))
+            span = range(chunk.start, chunk.start + len(chunk.tokens))
+            packed.append(chunk.tokens + pad + list(span) + pad
+                          + [chunk.pages[p // size] * size + p % size for p in span] + pad
+                          + chunk.pages + [0] * (pages - len(chunk.pages))
+                          + [len(chunk.tokens) - 1])
+        packed += [[0] * (3 * width + pages + 1)] * (rows - len(chunks))
+        packed = torch.tensor(packed, dtype=torch.long)
+        return packed if host else packed.to(self.device, non_blocking=True)
+
+
+def unpack(packed: torch.Tensor, width: int) -> tuple[torch.Tensor, ...]:
+    """Views (tokens, positions, slots, block_table, last) of a `_pack`ed tensor."""
+    tokens, positions, slots, rest = packed.split([width, width, width,
+                                                   packed.shape[1] - 3 * width], 1)
+    return tokens, positions, slots, rest[:, :-1], rest[:, -1]
+
+
+class _DecodeGraph:
+    """One decode step of (rows, pages) captured as a CUDA graph over a fixed input buffer."""
+
+    def __init__(self, runner: ModelRunner, rows: int, pages: int):
+        device, model, cache = runner.device, runner.model, runner.cache
+        self.packed = torch.zeros(rows, 3 + pages + 1, dtype=torch.long, device=device)
+        inputs = unpack(self.packed, 1)
+        # Warm up on a side stream (kernel selection, workspace allocation), then capture.
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                model(*inputs, cache=cache)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=runner._pool):
+            self.logits = model(*inputs, cache=cache)
+
+    def replay(self, packed: torch.Tensor) -> torch.Tensor:
+        self.packed.copy_(packed, non_blocking=True)
+        self.graph.replay()
+        return self.logits
+
+
+def padded(n: int) -> int:
+    """The power of two at or above n: the sizes graphs are captured for."""
+    return 1 << max(0, (n - 1).bit_length())
