@@ -239,10 +239,13 @@ class ContinuousEngine:
         held = [row for row, seq in enumerate(seqs)
                 if not seq.request.may_stop(len(seq.generated))]
         hold_stop_tokens(logits, held, self.stop_ids)
-        temperature = torch.tensor([r.temperature for r in requests], device=device)
-        top_p = torch.tensor([r.top_p or 1.0 for r in requests], device=device)
-        tokens = next_tokens(logits, temperature, top_p,
-                             uniforms([seq.rng for seq in seqs], device)).tolist()
+        draws = uniforms([seq.rng for seq in seqs], device)
+        if draws is None:  # all greedy: no per-row parameters to send to the device
+            tokens = logits.argmax(-1).tolist()
+        else:
+            temperature = torch.tensor([r.temperature for r in requests], device=device)
+            top_p = torch.tensor([r.top_p or 1.0 for r in requests], device=device)
+            tokens = next_tokens(logits, temperature, top_p, draws).tolist()
         now = time.perf_counter()
         for seq, token in zip(seqs, tokens, strict=True):
             seq.ids.append(token)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from labkit.engine import paged_attention
 from labkit.engine.kv_cache import PagedKVCache
 
 
@@ -43,23 +44,17 @@ class Layer(nn.Module):
                                     requires_grad=False)
         self.down = mlp.down_proj.weight
 
-    def forward(self, x, index: int, cos, sin, mask, cache: PagedKVCache, slots, block_table):
+    def forward(self, x, index: int, cos, sin, attend: Attend, cache: PagedKVCache, slots):
         rows, tokens, _ = x.shape
         heads, kv_heads, dim = cache.heads, cache.kv_heads, cache.head_dim
-        q, k, v = (rms_norm(x, self.input_norm, self.eps) @ self.qkv.T).split(
-            [heads * dim, kv_heads * dim, kv_heads * dim], -1)
-        q = rope(q.view(rows, tokens, heads, dim), cos, sin)
-        k = rope(k.view(rows, tokens, kv_heads, dim), cos, sin)
-        cache.write(index, k, v.view(rows, tokens, kv_heads, dim), slots)
-        keys, values = cache.read(index, block_table)  # (rows, kv_heads, cached tokens, dim)
-        # Grouped-query attention: the `group` query heads that share a KV head attend as
-        # group × tokens queries of that one head, so no KV head is copied `group` times.
-        group = heads // kv_heads
-        q = q.view(rows, tokens, kv_heads, group, dim).permute(0, 2, 3, 1, 4)
-        out = F.scaled_dot_product_attention(
-            q.reshape(rows, kv_heads, group * tokens, dim), keys, values,
-            attn_mask=mask.repeat(1, 1, group, 1))
-        out = out.view(rows, kv_heads, group, tokens, dim).permute(0, 3, 1, 2, 4)
+        qkv = rms_norm(x, self.input_norm, self.eps) @ self.qkv.T
+        # RoPE turns q and k alike: one pass over both, which sit side by side in qkv.
+        qk = rope(qkv[..., :(heads + kv_heads) * dim].view(rows, tokens, heads + kv_heads, dim),
+                  cos, sin)
+        q, k = qk[:, :, :heads], qk[:, :, heads:]
+        cache.write(index, k, qkv[..., (heads + kv_heads) * dim:].view(rows, tokens, kv_heads, dim),
+                    slots)
+        out = attend(q, index)
         x = x + out.reshape(rows, tokens, heads * dim) @ self.o.T
         gate, up = (rms_norm(x, self.post_attention_norm, self.eps) @ self.gate_up.T).chunk(2, -1)
         return x + (F.silu(gate) * up) @ self.down.T
@@ -80,6 +75,7 @@ class Llama(nn.Module):
         self.register_buffer("inv_freq", inner.rotary_emb.inv_freq.float().clone(),
                              persistent=False)
         self.rope_scale = float(inner.rotary_emb.attention_scaling)
+        self.decode_kernel = True  # decode attention by `paged_attention` where it can run
 
     @classmethod
     @torch.no_grad()
@@ -108,12 +104,12 @@ class Llama(nn.Module):
         A padding token has slot 0 (a page nobody owns) and position 0."""
         x = F.embedding(tokens, self.embed)
         cos, sin = self._rope_tables(positions, x.dtype)
-        # Key j of a row is visible to a token at position p when j <= p: causal within the
-        # chunk, everything already cached before it, nothing in unused page space.
-        cached = torch.arange(block_table.shape[1] * cache.page_size, device=tokens.device)
-        mask = (cached[None, None, :] <= positions[:, :, None])[:, None]  # (rows, 1, tokens, keys)
+        if tokens.shape[1] == 1 and self.decode_kernel and paged_attention.available(x.device):
+            attend = Attend.paged_kernel(cache, block_table, positions)
+        else:
+            attend = Attend.gathered(cache, block_table, positions)
         for index, layer in enumerate(self.layers):
-            x = layer(x, index, cos, sin, mask, cache, slots, block_table)
+            x = layer(x, index, cos, sin, attend, cache, slots)
         x = x[torch.arange(len(x), device=x.device), last]
         return rms_norm(x, self.norm, self.eps) @ self.lm_head.T
 
@@ -124,9 +120,53 @@ class Llama(nn.Module):
                 (angles.sin() * self.rope_scale).to(dtype))
 
 
+class Attend:
+    """Attention of a step's queries over the cache, one way for every layer of the step:
+    `attend(q, layer)` with q (rows, tokens, heads, dim) after the step's keys and values are
+    written; returns (rows, tokens, heads, dim)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, q: torch.Tensor, layer: int) -> torch.Tensor:
+        return self.fn(q, layer)
+
+    @classmethod
+    def paged_kernel(cls, cache: PagedKVCache, block_table, positions) -> Attend:
+        """Decode (one token per row): the Triton kernel reads the pages in place."""
+        lengths = positions[:, 0] + 1
+
+        def attend(q, layer):
+            k, v = cache.kv[layer].unbind(0)
+            return paged_attention.decode_attention(q[:, 0], k, v, block_table, lengths)[:, None]
+        return cls(attend)
+
+    @classmethod
+    def gathered(cls, cache: PagedKVCache, block_table, positions) -> Attend:
+        """Any step: copy each row's pages side by side (`PagedKVCache.read`), then SDPA with a
+        mask. Key j of a row is visible to a token at position p when j <= p: causal within
+        the chunk, everything cached before it, nothing in unused page space."""
+        rows, tokens = positions.shape
+        kv_heads, group = cache.kv_heads, cache.heads // cache.kv_heads
+        keys = torch.arange(block_table.shape[1] * cache.page_size, device=positions.device)
+        # (rows, 1, group × tokens, keys): the same mask for each query head of a group
+        mask = (keys[None, None, :] <= positions[:, :, None])[:, None].repeat(1, 1, group, 1)
+
+        def attend(q, layer):
+            k, v = cache.read(layer, block_table)  # (rows, kv_heads, keys, dim)
+            # Grouped-query attention: the `group` query heads that share a KV head attend as
+            # group × tokens queries of that one head, so no KV head is copied `group` times.
+            dim = q.shape[-1]
+            q = q.reshape(rows, tokens, kv_heads, group, dim).permute(0, 2, 3, 1, 4)
+            out = F.scaled_dot_product_attention(
+                q.reshape(rows, kv_heads, group * tokens, dim), k, v, attn_mask=mask)
+            return out.view(rows, kv_heads, group, tokens, dim).permute(0, 3, 1, 2, 4)
+        return cls(attend)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Normalised in float32, scaled in the model's dtype (transformers' order of operations)."""
-    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+    """RMSNorm with the scale, in one fused kernel (float32 inside)."""
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

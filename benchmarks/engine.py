@@ -1,0 +1,252 @@
+"""The continuous-batching engine against the memory-bandwidth floor and against transformers'
+own continuous batching (`model.generate_batch`, a paged cache too), on this machine, same run.
+
+1. Batch 1, for each --shapes model: ms per output token (the engine's TPOT: decode steps only,
+   prefill excluded) against the floor, weight bytes ÷ the device-to-device copy bandwidth
+   measured at the start of the run; HF generate_batch on the same single request beside it.
+2. Throughput, for --model: output tokens per second of N concurrent requests (all submitted at
+   once; --prompt-tokens + --max-tokens each, greedy, no early stop), wall time from the first
+   prefill to the last token, for each N in --concurrency; HF generate_batch on the same requests.
+   NVML utilization and SM activity over our run when NVML has them.
+3. --profile: torch.profiler over a few eager decode steps at batch 1 and at the largest N:
+   GPU time by kernel family, and the step's wall time with and without CUDA graphs.
+
+Synthetic shapes never stop early, so every request decodes exactly --max-tokens. HF's tok/s is
+over its generation span, from its own per-request timestamps (its setup and warm-up left out;
+the whole call's rate is recorded too); its batch-1 ms/token is its mean time between tokens.
+
+    python benchmarks/engine.py [--shapes llama-3.2-1b llama-3.2-3b llama-3.1-8b]
+        [--model synthetic:llama-3.2-3b] [--concurrency 64 256 512] [--json FILE] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import random
+import time
+
+import torch
+import transformers
+
+from labkit.engine import memory
+from labkit.engine.continuous import ContinuousEngine
+from labkit.engine.kv_cache import PagedKVCache
+from labkit.engine.llama import Llama
+from labkit.engine.model import load_model, synchronize
+from labkit.engine.request import Request
+from labkit.engine.runner import Chunk
+from labkit.measure import roofline, utilization
+
+
+def fixed_requests(n: int, prompt_tokens: int, max_tokens: int, vocab: int) -> list[Request]:
+    """n greedy requests of exactly `prompt_tokens` random ids (seeded) and `max_tokens`."""
+    rng = random.Random(0)
+    requests = []
+    for _ in range(n):
+        request = Request("benchmark", max_tokens, 0.0, ignore_eos=True)
+        request.prompt_ids = [rng.randrange(100, vocab) for _ in range(prompt_tokens)]
+        requests.append(request)
+    return requests
+
+
+def build_engine(lm, max_running: int, kv_gb: float, cuda_graphs: bool = True):
+    cache = PagedKVCache.sized(lm.config, kv_gb, lm.dtype, lm.device)
+    model = Llama.from_hf(lm.model)  # HF's weights kept: its generate_batch runs too
+    return ContinuousEngine(lm, model, cache, max_running=max_running, cuda_graphs=cuda_graphs)
+
+
+def run_engine(engine: ContinuousEngine, requests: list[Request], sampler=None) -> dict:
+    synchronize(engine.lm.device)
+    started = time.perf_counter()
+    results = engine.generate(requests)
+    ended = time.perf_counter()
+    tokens = sum(r.tokens_generated for r in results)
+    row = {"requests": len(requests), "output_tokens": tokens, "wall_s": round(ended - started, 3),
+           "tok_s": round(tokens / (ended - started), 1),
+           "tpot_ms_mean": round(sum(r.time_per_output_token_ms for r in results)
+                                 / len(results), 3),
+           "ttft_ms_p50": sorted(r.time_to_first_token_ms for r in results)[len(results) // 2]}
+    if sampler is not None:
+        util = sampler.summary(start=started, end=ended)
+        row.update(nvml_util=util.get("mean_util"), sm_activity=util.get("sm_activity_mean"))
+    return row
+
+
+def run_hf(lm, requests: list[Request], warmup: bool) -> dict:
+    """transformers' continuous batching on the same prompts. Its tok/s is over its generation
+    span (first request scheduled -> last one finished, its own clock), which leaves out the
+    setup and CUDA-graph warm-up of each `generate_batch` call; the whole call is kept too."""
+    config = transformers.GenerationConfig(max_new_tokens=requests[0].max_tokens, do_sample=False,
+                                           eos_token_id=None, pad_token_id=0)
+    synchronize(lm.device)
+    started = time.perf_counter()
+    outputs = list(lm.model.generate_batch([r.prompt_ids for r in requests],
+                                           generation_config=config, warmup=warmup,
+                                           record_timestamps=True).values())
+    call = time.perf_counter() - started
+    tokens = sum(len(out.generated_tokens) for out in outputs)
+    span = max(out.lifespan[1] for out in outputs) - min(out.lifespan[0] for out in outputs)
+    tpots = [(out.timestamps[-1] - out.timestamps[0]) * 1000 / (len(out.timestamps) - 1)
+             for out in outputs if out.timestamps and len(out.timestamps) > 1]
+    return {"output_tokens": tokens, "call_s": round(call, 3), "span_s": round(span, 3),
+            "tok_s": round(tokens / span, 1), "tok_s_whole_call": round(tokens / call, 1),
+            "tpot_ms_mean": round(sum(tpots) / len(tpots), 3) if tpots else None}
+
+
+def batch1(source: str, args, bandwidth: float) -> dict:
+    lm = load_model(source, device=args.device, dtype=args.dtype)
+    weights = memory.weight_bytes(lm.model)
+    engine = build_engine(lm, 1, kv_gb=2.0)
+    vocab = lm.config.vocab_size
+    engine.generate(fixed_requests(1, args.prompt_tokens, 8, vocab))  # captures the graph
+    ours = [run_engine(engine, fixed_requests(1, args.prompt_tokens, args.max_tokens, vocab))
+            for _ in range(3)]
+    best = min(ours, key=lambda row: row["tpot_ms_mean"])
+    floor = roofline.decode_floor_ms(weights, bandwidth)
+    row = {"model": source, "weight_gb": round(weights / 1e9, 3), "floor_ms": round(floor, 3),
+           "ms_per_token": best["tpot_ms_mean"],
+           "ms_per_token_runs": [r["tpot_ms_mean"] for r in ours],
+           "x_floor": round(best["tpot_ms_mean"] / floor, 3)}
+    if not args.no_hf:
+        hf = run_hf(lm, fixed_requests(1, args.prompt_tokens, args.max_tokens, vocab),
+                    args.hf_warmup)
+        row["hf_generate_batch_ms_per_token"] = hf["tpot_ms_mean"]
+    del engine, lm
+    gc.collect()
+    torch.cuda.empty_cache()
+    return row
+
+
+def throughput(args, sampler) -> list[dict]:
+    lm = load_model(args.model, device=args.device, dtype=args.dtype)
+    top = max(args.concurrency)
+    engine = build_engine(lm, top, kv_gb=args.kv_cache_gb)
+    vocab = lm.config.vocab_size
+    rows = []
+    for n in args.concurrency:
+        engine.generate(fixed_requests(n, args.prompt_tokens, 4, vocab))  # graphs of this size
+        row = {"concurrency": n, **run_engine(
+            engine, fixed_requests(n, args.prompt_tokens, args.max_tokens, vocab), sampler)}
+        if not args.no_hf:
+            hf = run_hf(lm, fixed_requests(n, args.prompt_tokens, args.max_tokens, vocab),
+                        args.hf_warmup)
+            row["hf_tok_s"], row["hf_tok_s_whole_call"] = hf["tok_s"], hf["tok_s_whole_call"]
+            row["x_hf"] = round(row["tok_s"] / hf["tok_s"], 2)
+        rows.append(row)
+        print(row, flush=True)
+    if args.profile:
+        rows.append({"profile": profile_decode(lm, engine, [1, top], args)})
+    return rows
+
+
+def profile_decode(lm, engine: ContinuousEngine, sizes: list[int], args) -> list[dict]:
+    """Decode steps of `rows` requests at ~100 cached tokens: wall ms per step from the CUDA
+    graph and eagerly, and the eager step's GPU time by kernel family (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = []
+    cache = engine.cache
+    for rows in sizes:
+        pages = [cache.free.take(cache.pages_for(args.prompt_tokens + 100)) for _ in range(rows)]
+        chunks = [Chunk([1], args.prompt_tokens + 99, p) for p in pages]
+        timings = {}
+        for graphs in (True, False):
+            engine.runner.cuda_graphs = graphs
+            with torch.inference_mode():
+                for _ in range(3):
+                    engine.runner.decode(chunks)
+                synchronize(lm.device)
+                started = time.perf_counter()
+                for _ in range(10):
+                    engine.runner.decode(chunks)
+                synchronize(lm.device)
+            timings["graph_ms" if graphs else "eager_ms"] = round(
+                (time.perf_counter() - started) * 100, 3)
+        with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                engine.runner.decode(chunks)
+            synchronize(lm.device)
+        engine.runner.cuda_graphs = True
+        families: dict[str, float] = {}
+        for event in prof.key_averages():
+            if event.device_time_total <= 0:
+                continue
+            families[kernel_family(event.key)] = families.get(kernel_family(event.key), 0) \
+                + event.device_time_total / 3 / 1000
+        out.append({"rows": rows, **timings,
+                    "gpu_ms_by_family": {k: round(v, 3) for k, v in
+                                         sorted(families.items(), key=lambda kv: -kv[1])}})
+        for p in pages:
+            cache.free.give_back(p)
+        print(out[-1], flush=True)
+    return out
+
+
+def kernel_family(name: str) -> str:
+    lowered = name.lower()
+    for family, marks in [("matmul (gemm/gemv)", ("gemm", "gemv", "cublas", "cutlass", "sm90")),
+                          ("attention", ("attention", "fmha", "flash", "softmax")),
+                          ("kv gather/scatter", ("index", "gather", "scatter")),
+                          ("copies", ("copy", "memcpy", "memset", "cat"))]:
+        if any(mark in lowered for mark in marks):
+            return family
+    return "elementwise/other"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="*", default=["llama-3.2-1b", "llama-3.2-3b",
+                                                        "llama-3.1-8b"])
+    parser.add_argument("--model", default="synthetic:llama-3.2-3b")
+    parser.add_argument("--concurrency", type=int, nargs="*", default=[64, 256, 512])
+    parser.add_argument("--prompt-tokens", type=int, default=20)
+    parser.add_argument("--max-tokens", type=int, default=150)
+    parser.add_argument("--kv-cache-gb", type=float, default=24.0)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bf16")
+    parser.add_argument("--no-hf", action="store_true", help="skip transformers' generate_batch")
+    parser.add_argument("--hf-warmup", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    bandwidth = roofline.measure_copy_bandwidth(device)
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"{card}: device copy {bandwidth / 1e12:.2f} TB/s", flush=True)
+    report = {"card": card, "date": datetime.date.today().isoformat(),
+              "torch": torch.__version__, "transformers": transformers.__version__,
+              "copy_bandwidth_tb_s": round(bandwidth / 1e12, 3), "batch1": [], "throughput": []}
+    for shape in args.shapes:
+        report["batch1"].append(batch1(f"synthetic:{shape}", args, bandwidth))
+        print(report["batch1"][-1], flush=True)
+    if args.concurrency:
+        sampler = (utilization.UtilizationSampler(interval=0.05).start()
+                   if device.type == "cuda" else None)
+        report["throughput"] = throughput(args, sampler)
+        if sampler is not None:
+            sampler.stop()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+
+    print(f"\n{card}, device copy {report['copy_bandwidth_tb_s']} TB/s, bf16, "
+          f"{args.prompt_tokens} prompt + {args.max_tokens} output tokens")
+    print(f"{'model':<28}{'floor ms':>10}{'ms/token':>10}{'x floor':>9}{'HF ms/tok':>11}")
+    for row in report["batch1"]:
+        print(f"{row['model']:<28}{row['floor_ms']:>10}{row['ms_per_token']:>10}"
+              f"{row['x_floor']:>9}{str(row.get('hf_generate_batch_ms_per_token')):>11}")
+    print(f"{'concurrency':>11}{'tok/s':>10}{'HF tok/s':>10}{'x HF':>7}{'util':>7}{'SM':>7}")
+    for row in report["throughput"]:
+        if "concurrency" in row:
+            print(f"{row['concurrency']:>11}{row['tok_s']:>10}{str(row.get('hf_tok_s')):>10}"
+                  f"{str(row.get('x_hf')):>7}{str(row.get('nvml_util')):>7}"
+                  f"{str(row.get('sm_activity')):>7}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,74 @@
+"""GPU checks for the continuous-batching engine (run on a GPU machine: pytest -m gpu)."""
+
+import gc
+
+import pytest
+import torch
+
+from labkit.engine import hf_generate
+from labkit.engine.continuous import ContinuousEngine
+from labkit.engine.kv_cache import PagedKVCache
+from labkit.engine.llama import Llama
+from labkit.engine.model import load_model
+from labkit.engine.request import Request
+from labkit.engine.runner import Chunk
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU"),
+]
+
+PROMPTS = ["Suggest a skincare routine", "What does niacinamide do?",
+           "Suggest a skincare routine for dry, flaky skin in winter, with a gentle cleanser",
+           "Is sunscreen needed on cloudy days?", "Morning routine for oily skin"]
+
+
+@pytest.fixture(scope="module")
+def lm32():
+    """The embedded model on the GPU in float32: greedy text does not hinge on bf16 rounding."""
+    yield load_model("model", device="cuda", dtype="fp32")
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def engine_for(lm, cuda_graphs: bool, pages: int = 256, **options) -> ContinuousEngine:
+    cache = PagedKVCache(lm.config, pages, lm.dtype, lm.device)
+    return ContinuousEngine(lm, Llama.from_hf(lm.model), cache, cuda_graphs=cuda_graphs,
+                            **options)
+
+
+def test_graph_replay_equals_eager_and_sequential_greedy(lm32):
+    requests = lambda: [Request(p, m, 0)  # noqa: E731
+                        for p, m in zip(PROMPTS, [60, 7, 33, 90, 20], strict=True)]
+    graphs = engine_for(lm32, cuda_graphs=True, max_running=4, prefill_chunk=16)
+    replayed = graphs.generate(requests())
+    assert graphs.runner.graphs, "no CUDA graph was captured"
+    eager = engine_for(lm32, cuda_graphs=False, max_running=4, prefill_chunk=16).generate(
+        requests())
+    sequential = [hf_generate.generate(lm32, r) for r in requests()]
+    assert [r.generated_text for r in replayed] == [r.generated_text for r in eager]
+    assert [r.generated_text for r in replayed] == [r.generated_text for r in sequential]
+
+
+def test_graph_logits_match_eager_and_the_sdpa_path_in_bf16():
+    lm = load_model("synthetic:llama-3.2-1b", device="cuda", dtype="bf16")
+    engine = engine_for(lm, cuda_graphs=True, pages=64)
+    cache, runner = engine.cache, engine.runner
+    pages = [cache.free.take(3) for _ in range(3)]
+    prompt = [[11 + i, 500, 7000, 42, 9] for i in range(3)]
+    with torch.inference_mode():
+        runner.prefill([Chunk(p, 0, pg) for p, pg in zip(prompt, pages, strict=True)])
+        step = [Chunk([77], 5, pg) for pg in pages]
+        replayed = runner.decode(step).float()
+        runner.cuda_graphs = False
+        eager = runner.decode(step).float()
+        runner.model.decode_kernel = False  # gather + SDPA instead of the Triton kernel
+        gathered = runner.decode(step).float()
+        reference = lm.model(torch.tensor([p + [77] for p in prompt], device="cuda")
+                             ).logits[:, -1].float()
+    assert (replayed - eager).abs().max() <= 0.02 * eager.abs().max()
+    assert (eager - gathered).abs().max() <= 0.02 * eager.abs().max()
+    assert (replayed - reference).abs().max() <= 0.05 * reference.abs().max()
+    del engine, lm
+    gc.collect()
+    torch.cuda.empty_cache()
