@@ -67,7 +67,7 @@ def test_graph_logits_match_eager_and_the_sdpa_path_in_bf16():
         reference = lm.model(torch.tensor([p + [77] for p in prompt], device="cuda")
                              ).logits[:, -1].float()
     assert (replayed - eager).abs().max() <= 0.02 * eager.abs().max()
-    assert (eager - gathered).abs().max() <= 0.02 * eager.abs().max()
+    assert (eager - gathered).abs().max() <= 0.05 * eager.abs().max()
     assert (replayed - reference).abs().max() <= 0.05 * reference.abs().max()
     del engine, lm
     gc.collect()

@@ -13,7 +13,8 @@ only as far as the row's own length, with the running (online) softmax of FlashA
     out = acc / l
 
 One program per (row, KV head) computes the `group` query heads that share that KV head (GQA),
-so each key and value is read from memory once. Used on CUDA when Triton is installed (it comes
+so each key and value is read from memory once; it takes 64 tokens (4 pages) at a time, and
+multiplies on tensor cores (`tl.dot`). Used on CUDA when Triton is installed (it comes
 with PyTorch's CUDA builds); elsewhere `labkit.engine.llama` gathers and calls SDPA.
 """
 
@@ -38,36 +39,38 @@ if triton is not None:
     def _decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lengths_ptr, out_ptr, scale,
                        table_stride,
                        KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-                       DIM: tl.constexpr, PAGE: tl.constexpr):
+                       DIM: tl.constexpr, PAGE: tl.constexpr, TOKENS: tl.constexpr,
+                       PRECISION: tl.constexpr):
         row, kv_head = tl.program_id(0), tl.program_id(1)
-        heads = tl.arange(0, GROUP_PAD)
+        heads = tl.arange(0, GROUP_PAD)  # padded to 16: the smallest tensor-core product
         dims = tl.arange(0, DIM)
-        offsets = tl.arange(0, PAGE)
-        live_heads = heads < GROUP
         # q: (rows, kv_heads * group, dim); this program's group of query heads
-        q_rows = (row * KV_HEADS * GROUP + kv_head * GROUP + heads)[:, None] * DIM + dims[None, :]
-        q = tl.load(q_ptr + q_rows, mask=live_heads[:, None], other=0.0).to(tl.float32)
+        q_at = (row * KV_HEADS * GROUP + kv_head * GROUP + heads)[:, None] * DIM + dims[None, :]
+        q = tl.load(q_ptr + q_at, mask=(heads < GROUP)[:, None], other=0.0)
         length = tl.load(lengths_ptr + row)
         m = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
         l = tl.zeros((GROUP_PAD,), tl.float32)  # noqa: E741 (the softmax denominator's usual name)
         acc = tl.zeros((GROUP_PAD, DIM), tl.float32)
-        for p in range(0, tl.cdiv(length, PAGE)):
-            page = tl.load(table_ptr + row * table_stride + p)
+        for start in range(0, length, TOKENS):  # TOKENS cached tokens (a few pages) at a time
+            token = start + tl.arange(0, TOKENS)
+            live = token < length
+            page = tl.load(table_ptr + row * table_stride + token // PAGE, mask=live, other=0)
             # cache: (pages, page tokens, kv_heads, dim)
-            kv_rows = ((page * PAGE + offsets) * KV_HEADS + kv_head)[:, None] * DIM + dims[None, :]
-            live = (p * PAGE + offsets) < length
-            k = tl.load(k_ptr + kv_rows, mask=live[:, None], other=0.0).to(tl.float32)
-            v = tl.load(v_ptr + kv_rows, mask=live[:, None], other=0.0).to(tl.float32)
-            scores = tl.sum(q[:, None, :] * k[None, :, :], 2) * scale  # (group, page tokens)
+            kv_at = ((page * PAGE + token % PAGE) * KV_HEADS + kv_head)[:, None] * DIM \
+                + dims[None, :]
+            k = tl.load(k_ptr + kv_at, mask=live[:, None], other=0.0)
+            v = tl.load(v_ptr + kv_at, mask=live[:, None], other=0.0)
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             scores = tl.where(live[None, :], scores, float("-inf"))
             m_new = tl.maximum(m, tl.max(scores, 1))
             alpha = tl.exp(m - m_new)
             weights = tl.exp(scores - m_new[:, None])
             l = l * alpha + tl.sum(weights, 1)  # noqa: E741
-            acc = acc * alpha[:, None] + tl.sum(weights[:, :, None] * v[None, :, :], 1)
+            acc = acc * alpha[:, None] + tl.dot(weights.to(v.dtype), v,
+                                                input_precision=PRECISION)
             m = m_new
         out = acc / l[:, None]
-        tl.store(out_ptr + q_rows, out.to(out_ptr.dtype.element_ty), mask=live_heads[:, None])
+        tl.store(out_ptr + q_at, out.to(out_ptr.dtype.element_ty), mask=(heads < GROUP)[:, None])
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -84,6 +87,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _decode_kernel[(rows, kv_heads)](
         q, k_cache, v_cache, block_table, lengths, out, dim ** -0.5,
         block_table.stride(0),
-        KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=triton.next_power_of_2(group), DIM=dim,
-        PAGE=page)
+        KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        DIM=dim, PAGE=page, TOKENS=max(64, page),
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     return out
