@@ -13,6 +13,7 @@ every row shows whether batches filled.
 
 from __future__ import annotations
 
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -313,6 +314,73 @@ def littles_law_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# The server's /metrics histograms that notebook 04 reads around a streamed load test.
+SERVER_HISTOGRAMS = {"queue": "labkit_request_queue_time_seconds",
+                     "ttft": "labkit_time_to_first_token_seconds"}
+
+
+def server_histograms(metrics_text: str) -> dict[str, tuple[float, float]]:
+    """(sum in seconds, count) of each of SERVER_HISTOGRAMS, from a GET /metrics text."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {s.name: s.value for family in text_string_to_metric_families(metrics_text)
+               for s in family.samples}
+    return {key: (samples[f"{name}_sum"], samples[f"{name}_count"])
+            for key, name in SERVER_HISTOGRAMS.items()}
+
+
+def client_ttft_row(concurrency: int, summary: dict, before: dict, after: dict) -> dict:
+    """One level of notebook 04's client-side TTFT table: a streamed load test's summary
+    (`LoadTestResult.summary()`, api="openai") next to the server's view of the same requests,
+    the mean of each histogram between the `server_histograms` taken `before` and `after` it.
+    prefill_ms = server TTFT - queue: from its turn to its first token (tokenization, prefill,
+    the first sampled token), what a /generate reply's time_to_first_token_ms counts."""
+    def mean_ms(key: str) -> float:
+        (sum0, n0), (sum1, n1) = before[key], after[key]
+        return 1000 * (sum1 - sum0) / (n1 - n0) if n1 > n0 else math.nan
+
+    queue_ms, server_ttft_ms = mean_ms("queue"), mean_ms("ttft")
+    return {"concurrency": concurrency, "requests": summary["total_requests"],
+            "successful": summary["successful"], "queue_ms": queue_ms,
+            "prefill_ms": server_ttft_ms - queue_ms, "server_ttft_ms": server_ttft_ms,
+            "client_ttft_ms": summary["ttft_ms"]["mean"],
+            "client_ttft_p95_ms": summary["ttft_ms"]["p95"],
+            "itl_ms": summary["itl_ms"]["mean"], "tpot_ms": summary["tpot_ms"]["mean"]}
+
+
+def client_ttft(url: str, levels: list[int], max_tokens: int, rounds: int = 2,
+                temperature: float = 0.7) -> list[dict]:
+    """Notebook 04's TTFT as the user sees it: at each concurrency level a closed-loop load test
+    of rounds x concurrency requests over the OpenAI API, streamed and timed at the client
+    (`loadtest.run(api="openai")`, `labkit loadtest --api openai`), with the server's /metrics
+    read before and after it (`client_ttft_row`)."""
+    rows = []
+    for c in levels:
+        before = server_histograms(client.get(url + "/metrics").body)
+        result = loadtest.run(url, api="openai", concurrency=c, requests=rounds * c,
+                              max_tokens=max_tokens, temperature=temperature, progress=False)
+        after = server_histograms(client.get(url + "/metrics").body)
+        rows.append(client_ttft_row(c, result.summary(), before, after))
+    return rows
+
+
+def client_ttft_table(rows: list[dict]) -> str:
+    """The server's view and the client's of the same streamed requests, one line per level."""
+    lines = [f"{'':10} {'in the server (its /metrics)':^31}  |  at the client (streamed)",
+             f"{'conc':>4} {'reqs':>5} {'queue ms':>9} {'prefill ms':>11} {'TTFT ms':>9}  |  "
+             f"{'TTFT ms':>7} {'p95 ms':>8} {'ITL ms':>8} {'TPOT ms':>8}"]
+    for r in rows:
+        lines.append(f"{r['concurrency']:>4} {r['requests']:>5} {_ms(r['queue_ms']):>9} "
+                     f"{_ms(r['prefill_ms']):>11} {_ms(r['server_ttft_ms']):>9}  |  "
+                     f"{_ms(r['client_ttft_ms']):>7} {_ms(r['client_ttft_p95_ms']):>8} "
+                     f"{_ms(r['itl_ms'], 2):>8} {_ms(r['tpot_ms'], 2):>8}")
+    return "\n".join(lines + [
+        "server: queue = waiting for the model; prefill = from its turn to its first token;",
+        "        TTFT = request received -> first token (means over these requests)",
+        "client: TTFT = send -> first streamed token (mean, p95); ITL = the gap between two",
+        "        streamed tokens; TPOT = (latency - TTFT) / (tokens - 1) (means)"])
+
+
 def _util_note(rows: list[dict]) -> str:
     if not rows:
         return "\n(no rows)"
@@ -324,6 +392,11 @@ def _util_note(rows: list[dict]) -> str:
 
 def _pct(value) -> str:
     return "n/a" if value is None or value != value else f"{value:.1f}"
+
+
+def _ms(value, digits: int = 0) -> str:
+    """A time in ms, "-" when there is none (None or NaN: no request gave one)."""
+    return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
 
 def _num(value, digits: int = 1) -> str:

@@ -138,6 +138,58 @@ def concurrency(rows: list[dict]) -> str:
     ])
 
 
+def client_ttft(rows: list[dict]) -> str:
+    """Notebook 04: TTFT as the streaming client saw it, split by the server's /metrics into
+    queue, prefill and the rest (rows of `experiments.client_ttft`)."""
+    rows = sorted(rows, key=lambda r: r["concurrency"])
+    low, high = rows[0], rows[-1]
+    lines = [
+        f"At concurrency {low['concurrency']} the first token reached the client "
+        f"{low['client_ttft_ms']:.0f} ms after sending: {low['queue_ms']:.0f} ms in the queue, "
+        f"{low['prefill_ms']:.0f} ms of prefill, {_outside(low):.0f} ms outside the server "
+        "(network and HTTP)."]
+    if high is not low:
+        prefills = [r["prefill_ms"] for r in rows]
+        lines.append(
+            f"At concurrency {high['concurrency']} it took {high['client_ttft_ms']:.0f} ms "
+            f"(p95 {high['client_ttft_p95_ms']:.0f} ms), "
+            f"{_times(high['client_ttft_ms'] / low['client_ttft_ms'])} as long, "
+            f"{high['queue_ms'] / high['client_ttft_ms']:.0%} of it waiting in the queue; the "
+            f"prefill took {_span(prefills, 0)} ms at every level. A "
+            "/generate reply's time_to_first_token_ms counts from the start of its generation: "
+            "only a clock at the client shows the wait the user sees.")
+    itls = [r["itl_ms"] for r in rows]
+    if any(math.isnan(x) for x in itls):  # no request streamed two tokens: no gaps to time
+        return bullets(lines)
+    if high is low:
+        lines.append(f"Once streaming, tokens arrived every {itls[0]:.1f} ms (ITL; TPOT "
+                     f"{low['tpot_ms']:.1f} ms).")
+    else:
+        same = max(itls) / min(itls) < FLAT_SPREAD
+        lines.append(
+            f"Once streaming, tokens arrived every {_span(itls, 1)} ms (ITL) "
+            + ("at every level: the queue delays the first token, not the ones after it."
+               if same else "depending on the level: the decode steps themselves changed "
+               "speed (compare TPOT).")
+        )
+    return bullets(lines)
+
+
+def _span(values: Sequence[float], digits: int) -> str:
+    """'lowest-highest', or one number when they round to the same."""
+    low, high = f"{min(values):.{digits}f}", f"{max(values):.{digits}f}"
+    return low if low == high else f"{low}-{high}"
+
+
+def _times(ratio: float) -> str:
+    return f"{ratio:.1f}x" if ratio < 10 else f"{ratio:.0f}x"
+
+
+def _outside(row: dict) -> float:
+    """Client TTFT minus the server's: time outside the server (network, HTTP, client)."""
+    return row["client_ttft_ms"] - row["server_ttft_ms"]
+
+
 def compare_with_notebook_04(latency_s: float, concurrency: int, max_tokens: int,
                              saved: dict | None) -> str:
     """Exercise 4.3's prediction next to what notebook 04 measured over HTTP, when notebook 04
