@@ -110,10 +110,6 @@ class Scheduler(Protocol):
     def run_on_generation_thread(self, fn: Callable[[], object]) -> object: ...
     async def start(self) -> None: ...
     async def submit(self, request: Request) -> Result: ...
-    def _enqueue(self, job: _Job) -> None:
-        self._waiting.add(job)
-        self._queue.put_nowait(job)
-
     async def wait_idle(self, timeout: float | None = None) -> bool: ...
     async def close(self) -> None: ...
     def stats(self) -> dict: ...
@@ -182,6 +178,10 @@ class QueueScheduler:
             self.cancelled += 1
             self._update_idle()
             raise
+
+    def _enqueue(self, job: _Job) -> None:
+        self._waiting.add(job)
+        self._queue.put_nowait(job)
 
     async def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until nothing is queued or running; False on timeout."""
