@@ -1,6 +1,7 @@
 """A Request's hooks through the engine, one request at a time and in a batch: each token reaches
 `on_token` as it is made, the detokenizer's pieces add up to the final text, `cancelled` stops a
-request at its next step, and min_tokens / ignore_eos hold off the stop token."""
+request at its next step, and min_tokens / ignore_eos hold off the stop token. The same for
+each way of generating: alone, batched (eager and over static caches) and continuous."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import pytest
 
 from labkit.engine import hf_generate
 from labkit.engine.batched import generate_batch
+from labkit.engine.continuous import ContinuousEngine
+from labkit.engine.kv_cache import PagedKVCache
+from labkit.engine.llama import Llama
 from labkit.engine.request import InvalidRequest, Request
 from labkit.engine.static_decode import StaticDecoders
 
@@ -17,11 +21,14 @@ PROMPT = "Suggest a skincare routine for dry skin"
 def run(lm, requests, way):
     if way == "alone":
         return [hf_generate.generate(lm, r) for r in requests]
+    if way == "continuous":
+        cache = PagedKVCache(lm.config, 64, lm.dtype, lm.device)
+        return ContinuousEngine(lm, Llama.from_hf(lm.model), cache).generate(requests)
     static = StaticDecoders(lm, capture=False) if way == "static" else None
     return generate_batch(lm, requests, static=static)
 
 
-WAYS = ["alone", "batched", "static"]
+WAYS = ["alone", "batched", "static", "continuous"]
 
 
 @pytest.mark.parametrize("way", WAYS)

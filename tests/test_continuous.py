@@ -1,0 +1,204 @@
+"""The continuous-batching engine on the CPU, with the embedded model in float32: the compact
+Llama gives transformers' logits, greedy output equals sequential decoding whatever the batch,
+the paged cache queues a burst it cannot hold and never fails it, preempted requests resume
+exactly, and the server's continuous mode reports its cache and steps.
+
+Streaming, cancellation and min_tokens / ignore_eos through the engine are in
+tests/test_request_hooks.py (the "continuous" way)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from aiohttp.test_utils import TestClient, TestServer
+from test_server import stats, wait_loaded
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from labkit import cli
+from labkit.engine import hf_generate
+from labkit.engine.continuous import ContinuousEngine
+from labkit.engine.kv_cache import PagedKVCache, bytes_per_token
+from labkit.engine.llama import Llama
+from labkit.engine.request import PromptTooLong, Request
+from labkit.engine.runner import Chunk, ModelRunner
+from labkit.serve import schedulers
+from labkit.serve.backend import ContinuousBackend
+from labkit.serve.http import create_app
+
+PROMPTS = ["Suggest a skincare routine", "What does niacinamide do?",
+           "Suggest a skincare routine for dry, flaky skin in winter, with a gentle cleanser",
+           "Oily skin", "How often should I exfoliate?"]
+MAX_TOKENS = [40, 6, 25, 12, 33]
+
+
+def engine(lm, pages: int = 256, page_size: int = 16, **options) -> ContinuousEngine:
+    cache = PagedKVCache(lm.config, pages, lm.dtype, lm.device, page_size=page_size)
+    return ContinuousEngine(lm, Llama.from_hf(lm.model), cache, **options)
+
+
+def greedy(prompts=PROMPTS, max_tokens=MAX_TOKENS) -> list[Request]:
+    return [Request(p, m, 0) for p, m in zip(prompts, max_tokens, strict=True)]
+
+
+def sequential_texts(lm, requests) -> list[str]:
+    return [hf_generate.generate(lm, Request(r.prompt, r.max_tokens, 0)).generated_text
+            for r in requests]
+
+
+def logits_by_chunks(model, config, ids: list[int], cuts: list[int]) -> torch.Tensor:
+    """Logits after each chunk of `ids` (split at `cuts`), prefilled into pages of 4 tokens."""
+    cache = PagedKVCache(config, len(ids) // 4 + 2, torch.float32, torch.device("cpu"),
+                         page_size=4)
+    runner = ModelRunner(model, cache, max_rows=1)
+    pages = cache.free.take(cache.pages_for(len(ids)))
+    bounds = [0, *cuts, len(ids)]
+    with torch.inference_mode():
+        return torch.cat([runner.prefill([Chunk(ids[a:b], a, pages)])
+                          for a, b in zip(bounds, bounds[1:], strict=False)])
+
+
+def test_compact_llama_gives_transformers_logits_prefilled_whole_or_in_chunks(lm):
+    ids = lm.tokenizer("Suggest a skincare routine for dry skin in winter").input_ids
+    with torch.no_grad():
+        expected = lm.model(torch.tensor([ids])).logits[0]
+    model = Llama.from_hf(lm.model)
+    got = logits_by_chunks(model, lm.config, ids, cuts=[3, 4, 9])  # the 4 is a decode step
+    for row, end in enumerate([3, 4, 9, len(ids)]):
+        torch.testing.assert_close(got[row], expected[end - 1], atol=1e-4, rtol=1e-4)
+
+
+def test_compact_llama_follows_llama3_rope_scaling_and_untied_weights():
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         vocab_size=300, max_position_embeddings=256, tie_word_embeddings=False,
+                         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0,
+                                          "factor": 32.0, "low_freq_factor": 1.0,
+                                          "high_freq_factor": 4.0,
+                                          "original_max_position_embeddings": 64})
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 300, (150,)).tolist()  # past 64: where the scaling matters
+    with torch.no_grad():
+        expected = hf(torch.tensor([ids])).logits[0, -1]
+    got = logits_by_chunks(Llama.from_hf(hf), config, ids, cuts=[100])
+    torch.testing.assert_close(got[-1], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_greedy_output_equals_sequential_with_chunked_prefill_and_a_busy_batch(lm):
+    eng = engine(lm, max_running=3, prefill_chunk=7)
+    results = eng.generate(greedy())
+    assert [r.generated_text for r in results] == sequential_texts(lm, greedy())
+    assert [r.tokens_generated for r in results] == MAX_TOKENS  # none stops early here
+    stats = eng.stats()
+    assert stats["tokens_per_step"] > 1.5  # rows really shared decode steps
+    assert stats["kv_pages_used"] == 0 and stats["running"] == stats["waiting"] == 0
+
+
+def test_a_burst_beyond_the_cache_queues_preempts_and_resumes_exactly(lm):
+    eng = engine(lm, pages=17, page_size=4)  # 64 tokens for everyone: one or two requests
+    requests = greedy()
+    seen_waiting = []
+    for request in requests:
+        eng.add(request, lambda result: None)
+    while eng.has_work():
+        eng.step()
+        seen_waiting.append(eng.stats()["waiting"])
+        assert eng.cache.free.used <= eng.cache.free.total
+    assert max(seen_waiting) > 0 and eng.stats()["preemptions"] > 0
+    results = eng.generate(greedy())
+    assert [r.generated_text for r in results] == sequential_texts(lm, requests)
+    assert eng.cache.free.used == 0
+
+
+def test_a_request_that_could_never_fit_the_cache_is_refused_with_413(lm):
+    eng = engine(lm, pages=5, page_size=4)  # 16 tokens in all
+    with pytest.raises(PromptTooLong, match="more than the whole cache holds"):
+        eng.add(Request("Suggest a skincare routine for dry skin", 12, 0))
+    eng.add(Request("Oily skin", 4, 0))  # fits: accepted
+
+
+def test_seeded_sampling_is_the_same_alone_or_in_company(lm):
+    def sampled():
+        return Request("Suggest a skincare routine", 30, temperature=0.9, top_p=0.9, seed=7)
+    [alone] = engine(lm).generate([sampled()])
+    crowd = engine(lm, prefill_chunk=5).generate([*greedy(), sampled()])
+    assert crowd[-1].generated_text == alone.generated_text
+    assert engine(lm).generate([Request("Suggest a skincare routine", 30, 0.9, seed=8)]
+                               )[0].generated_text != alone.generated_text
+
+
+def test_a_cancelled_request_leaves_at_the_next_step_and_frees_its_pages(lm):
+    eng = engine(lm)
+    finished = {}
+    victim, other = Request(PROMPTS[0], 60, 0, ignore_eos=True), Request(PROMPTS[1], 30, 0,
+                                                                        ignore_eos=True)
+    eng.add(victim, lambda r: finished.__setitem__("victim", r))
+    eng.add(other, lambda r: finished.__setitem__("other", r))
+    for _ in range(5):
+        eng.step()
+    held = eng.cache.free.used
+    victim.cancelled.set()
+    eng.step()
+    assert finished["victim"].finish_reason == "cancelled"
+    assert eng.cache.free.used < held and eng.stats()["running"] == 1
+    while eng.has_work():
+        eng.step()
+    assert finished["other"].tokens_generated == 30 and eng.cache.free.used == 0
+
+
+def test_kv_bytes_per_token_follow_the_config(lm):
+    c = lm.config
+    assert bytes_per_token(c, torch.bfloat16) == 2 * c.num_hidden_layers * \
+        c.num_key_value_heads * c.head_dim * 2
+    cache = PagedKVCache.sized(c, 0.001, torch.float32, torch.device("cpu"))
+    assert cache.num_pages == int(1e6 // (bytes_per_token(c, torch.float32) * 16))
+
+
+def continuous_app(lm, pages: int = 32):
+    cache = PagedKVCache(lm.config, pages, lm.dtype, lm.device)
+    backend = ContinuousBackend(lm, ContinuousEngine(lm, Llama.from_hf(lm.model), cache))
+    return create_app(lambda: backend, mode="continuous", max_batch_size=8)
+
+
+async def post(client: TestClient, body: dict):
+    response = await client.post("/generate", json=body)
+    return response.status, await response.json()
+
+
+def test_continuous_server_answers_reports_its_cache_and_refuses_what_cannot_fit(lm):
+    async def scenario():
+        async with TestClient(TestServer(continuous_app(lm))) as client:
+            await wait_loaded(client)
+            answers = await asyncio.gather(*[
+                post(client, {"prompt": p, "max_tokens": m, "temperature": 0})
+                for p, m in zip(PROMPTS, MAX_TOKENS, strict=True)])
+            # fits the model's context (1024 tokens), not the whole cache (31 pages of 16)
+            too_long = await post(client, {"prompt": "skin " * 300, "max_tokens": 300})
+            return answers, too_long, await stats(client)
+
+    answers, too_long, server = asyncio.run(scenario())
+    assert [status for status, _ in answers] == [200] * len(PROMPTS)
+    assert [body["generated_text"] for _, body in answers] == sequential_texts(lm, greedy())
+    assert too_long[0] == 413 and "KV cache" in too_long[1]["error"]
+    assert server["mode"] == "continuous" and server["requests_served"] == len(PROMPTS)
+    assert server["kv_pages_total"] == 31 and server["kv_pages_used"] == 0
+    assert {"running", "waiting", "preemptions", "tokens_per_step"} <= set(server)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--kv-cache-gb", "2"], "--kv-cache-gb applies only to --mode continuous"),
+    (["--mode", "batched", "--prefill-chunk", "64"], "applies only to --mode continuous"),
+    (["--mode", "continuous", "--max-wait-ms", "5"], "applies only to --mode batched"),
+    (["--mode", "continuous", "--kv-cache-gb", "0"], "--kv-cache-gb must be a positive"),
+    (["--mode", "continuous", "--prefill-chunk", "0"], "--prefill-chunk must be at least 1"),
+])
+def test_serve_rejects_continuous_flags_in_the_wrong_mode_or_range(args, words, capsys):
+    assert cli.main(["serve", "--model", "no-such-model", *args]) == 2
+    assert words in capsys.readouterr().err
+
+
+def test_the_server_default_batch_cap_is_the_engine_default():
+    from labkit.engine import continuous
+    assert schedulers.DEFAULT_MAX_RUNNING == continuous.DEFAULT_MAX_RUNNING
