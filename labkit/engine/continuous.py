@@ -59,12 +59,37 @@ class Sequence:
     rng: random.Random | None
     pages: list[int] = field(default_factory=list)
     cached: int = 0
+    pending: int = 0  # tokens sampled on the device, not yet on the host (0 to 2)
+    finished: bool = False
     admitted_at: float | None = None
     first_token_at: float | None = None
 
     @property
     def generated(self) -> list[int]:
         return self.ids[self.prompt_len:]
+
+    @property
+    def length(self) -> int:
+        """Tokens so far, those still on the device included."""
+        return len(self.ids) + self.pending
+
+
+class InFlight:
+    """A launched decode step: its rows and their sampled tokens, still on the device. The copy
+    to the host starts at once; `on_host` waits for it."""
+
+    def __init__(self, rows: list[Sequence], tokens: torch.Tensor):
+        self.rows, self.tokens = rows, tokens
+        self._host = tokens.to("cpu", non_blocking=True)
+        self._ready = None
+        if tokens.is_cuda:
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+
+    def on_host(self) -> list[int]:
+        if self._ready is not None:
+            self._ready.synchronize()
+        return self._host.tolist()
 
 
 class ContinuousEngine:
@@ -80,6 +105,7 @@ class ContinuousEngine:
         self.decoding: list[Sequence] = []  # in admission order: the last is preempted first
         self._inbox: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
         self._wake = threading.Event()
+        self._in_flight: InFlight | None = None  # the decode step the device is running
         self.preemptions = self.decode_steps = self.decode_tokens = self.prefill_tokens = 0
         self.last_step_tokens = 0
 
@@ -106,7 +132,8 @@ class ContinuousEngine:
         self._wake.set()
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.prefilling or self.decoding or not self._inbox.empty())
+        return bool(self.waiting or self.prefilling or self.decoding or self._in_flight
+                    or not self._inbox.empty())
 
     def wait_for_work(self, timeout: float | None = None) -> bool:
         """Block until a request is added (or timeout); True if there is work."""
@@ -128,6 +155,7 @@ class ContinuousEngine:
         """Drop every request and free its pages (after a failed step: nothing is half-done)."""
         while not self._inbox.empty():
             self._inbox.get()
+        self._in_flight = None
         for seq in [*self.waiting, *self.prefilling, *self.decoding]:
             self.cache.free.give_back(seq.pages)
         self.waiting.clear()
@@ -162,6 +190,8 @@ class ContinuousEngine:
             self._prefill()
         if self.decoding:
             self._decode()
+        else:
+            self._flush()
 
     def _drop_cancelled(self) -> None:
         for group in (self.waiting, self.prefilling):
@@ -201,63 +231,99 @@ class ContinuousEngine:
             self.prefilling.remove(seq)
             self.decoding.append(seq)
         if done:
-            self._sample(finished, logits[torch.tensor(done, device=logits.device)])
+            tokens = self._choose(finished, logits[torch.tensor(done, device=logits.device)])
+            now = time.perf_counter()
+            for seq, token in zip(finished, tokens.tolist(), strict=True):
+                self._accept(seq, token, now)
 
     def _decode(self) -> None:
-        for seq in list(self.decoding):
-            if seq in self.decoding:  # not preempted by an earlier row of this loop
-                self._make_room(seq)
-        if not self.decoding:
-            return
-        rows = list(self.decoding)
-        logits = self.runner.decode([Chunk([s.ids[-1]], len(s.ids) - 1, s.pages) for s in rows])
+        """Launch this step's decode, then take in the previous step's tokens while the GPU
+        computes this one: the host's bookkeeping (streaming, stop checks, results) overlaps
+        the device's work instead of leaving it idle between steps. A row's input token may
+        still be on the device (sampled by the previous step): it is read from there."""
+        self._make_room_for_all()
+        rows = [seq for seq in self.decoding
+                if len(seq.generated) + seq.pending < seq.request.max_tokens]
+        previous, self._in_flight = self._in_flight, None
+        if rows:
+            self._in_flight = self._launch(rows, previous)
+        if previous is not None:
+            self._take_tokens(previous)
+
+    def _launch(self, rows: list[Sequence], previous: InFlight | None) -> InFlight:
+        carried = None
+        if previous is not None and any(seq.pending for seq in rows):
+            where = {id(seq): row for row, seq in enumerate(previous.rows)}
+            pick = [where[id(seq)] if seq.pending else -1 for seq in rows]
+            carried = (torch.tensor(pick, device=previous.tokens.device), previous.tokens)
+        chunks = [Chunk([0 if seq.pending else seq.ids[-1]], seq.length - 1, seq.pages)
+                  for seq in rows]
+        tokens = self._choose(rows, self.runner.decode(chunks, carried))
         for seq in rows:
-            seq.cached = len(seq.ids)
+            seq.pending += 1
         self.decode_steps += 1
         self.decode_tokens += len(rows)
         self.last_step_tokens = len(rows)
-        self._sample(rows, logits)
+        return InFlight(rows, tokens)
 
-    def _make_room(self, seq: Sequence) -> None:
-        """A page for `seq`'s next token, preempting the latest admitted requests if needed."""
-        while len(seq.pages) < self.cache.pages_for(len(seq.ids)):
-            if self.cache.free.available:
-                seq.pages += self.cache.free.take(1)
-                continue
-            victim = self.decoding.pop()  # the latest admitted (may be seq itself)
-            self.cache.free.give_back(victim.pages)
-            victim.cached = 0
-            self.waiting.appendleft(victim)
-            self.preemptions += 1
-            if victim is seq:
-                return
+    def _take_tokens(self, step: InFlight) -> None:
+        tokens = step.on_host()
+        now = time.perf_counter()
+        for seq, token in zip(step.rows, tokens, strict=True):
+            seq.pending -= 1
+            if not seq.finished:  # a row that stopped one step ago ran once more: dropped
+                self._accept(seq, token, now)
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        """Each row's next token, by its own request's sampling; finished rows leave."""
+    def _flush(self) -> None:
+        """Take in the step in flight now (before preempting: a victim must have no token on
+        the way)."""
+        previous, self._in_flight = self._in_flight, None
+        if previous is not None:
+            self._take_tokens(previous)
+
+    def _make_room_for_all(self) -> None:
+        """A page for each decoding request's next token; when none is free, the latest
+        admitted requests are preempted: pages freed, back to the front of the queue."""
+        for seq in list(self.decoding):
+            while seq in self.decoding and len(seq.pages) < self.cache.pages_for(seq.length):
+                if self.cache.free.available:
+                    seq.pages += self.cache.free.take(1)
+                elif self._in_flight is not None:
+                    self._flush()  # may finish some requests, and free their pages
+                else:
+                    victim = self.decoding.pop()  # the latest admitted (may be seq itself)
+                    self.cache.free.give_back(victim.pages)
+                    victim.cached = 0
+                    self.waiting.appendleft(victim)
+                    self.preemptions += 1
+
+    def _choose(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+        """Each row's next token on the device, by its own request's sampling (no sync)."""
         device = logits.device
-        requests = [seq.request for seq in seqs]
         held = [row for row, seq in enumerate(seqs)
-                if not seq.request.may_stop(len(seq.generated))]
+                if not seq.request.may_stop(len(seq.generated) + seq.pending)]
         hold_stop_tokens(logits, held, self.stop_ids)
         draws = uniforms([seq.rng for seq in seqs], device)
         if draws is None:  # all greedy: no per-row parameters to send to the device
-            tokens = logits.argmax(-1).tolist()
-        else:
-            temperature = torch.tensor([r.temperature for r in requests], device=device)
-            top_p = torch.tensor([r.top_p or 1.0 for r in requests], device=device)
-            tokens = next_tokens(logits, temperature, top_p, draws).tolist()
-        now = time.perf_counter()
-        for seq, token in zip(seqs, tokens, strict=True):
-            seq.ids.append(token)
-            if seq.first_token_at is None:
-                seq.first_token_at = now
-            seq.request.emit(token)
-            if token in self.stop_ids or len(seq.generated) >= seq.request.max_tokens \
-                    or seq.request.cancelled.is_set():
-                self.decoding.remove(seq)
-                self._finish(seq, now)
+            return logits.argmax(-1)
+        requests = [seq.request for seq in seqs]
+        temperature = torch.tensor([r.temperature for r in requests], device=device)
+        top_p = torch.tensor([r.top_p or 1.0 for r in requests], device=device)
+        return next_tokens(logits, temperature, top_p, draws)
+
+    def _accept(self, seq: Sequence, token: int, now: float) -> None:
+        """A new token of `seq` reaches the host: streamed, and the request ends if it should."""
+        seq.ids.append(token)
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+        seq.request.emit(token)
+        if token in self.stop_ids or len(seq.generated) >= seq.request.max_tokens \
+                or seq.request.cancelled.is_set():
+            self.decoding.remove(seq)
+            self._finish(seq, now)
 
     def _finish(self, seq: Sequence, now: float) -> None:
+        seq.finished = True
         self.cache.free.give_back(seq.pages)
         if seq.on_finish is None:
             return

@@ -52,19 +52,23 @@ class ModelRunner:
         packed = self._pack(chunks, len(chunks), width, pages)
         return self.model(*unpack(packed, width), cache=self.cache)
 
-    def decode(self, chunks: list[Chunk]) -> torch.Tensor:
+    def decode(self, chunks: list[Chunk], carried: tuple[torch.Tensor, torch.Tensor] | None = None
+               ) -> torch.Tensor:
         """Logits (rows, vocab) of one token per chunk: from a CUDA graph when there is one
-        for the padded shape, else eagerly."""
+        for the padded shape, else eagerly. `carried` = (pick, tokens): rows whose pick is
+        >= 0 take their input token from `tokens[pick]`, on the device (sampled by the step
+        before, not seen by the host yet)."""
         pages = max(len(chunk.pages) for chunk in chunks)
         if not self.cuda_graphs:
             packed = self._pack(chunks, len(chunks), 1, pages)
+            _carry(packed, carried)
             return self.model(*unpack(packed, 1), cache=self.cache)
         shape = (padded(len(chunks)), max(MIN_GRAPH_PAGES, padded(pages)))
         if shape not in self.graphs:
             log.info("Capturing a CUDA graph for decode steps of %d rows × %d pages", *shape)
             self.graphs[shape] = _DecodeGraph(self, *shape)
         packed = self._pack(chunks, shape[0], 1, shape[1], host=True)
-        return self.graphs[shape].replay(packed)[:len(chunks)]
+        return self.graphs[shape].replay(packed, carried)[:len(chunks)]
 
     def capture(self, rows: int, pages: int) -> None:
         """Capture the graph of (rows, pages) now (at warm-up), not in a request's step."""
@@ -115,10 +119,20 @@ class _DecodeGraph:
         with torch.cuda.graph(self.graph, pool=runner._pool):
             self.logits = model(*inputs, cache=cache)
 
-    def replay(self, packed: torch.Tensor) -> torch.Tensor:
+    def replay(self, packed: torch.Tensor, carried=None) -> torch.Tensor:
         self.packed.copy_(packed, non_blocking=True)
+        _carry(self.packed, carried)
         self.graph.replay()
         return self.logits
+
+
+def _carry(packed: torch.Tensor, carried) -> None:
+    """Input tokens still on the device go into the packed step (column 0) there."""
+    if carried is None:
+        return
+    pick, tokens = carried
+    column = packed[:len(pick), 0]
+    column.copy_(torch.where(pick >= 0, tokens[pick.clamp(min=0)], column))
 
 
 def padded(n: int) -> int:

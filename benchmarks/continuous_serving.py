@@ -1,0 +1,134 @@
+"""`labkit serve --mode continuous` over HTTP against the same engine in-process, same run.
+
+1. In-process: the continuous engine keeps --concurrency requests in flight (a new one is added
+   as each finishes: a closed loop, like the load tester's) until --requests have run; output
+   tokens per second over that window, with NVML utilization and GPM SM activity.
+2. Over HTTP: `labkit serve --mode continuous` with the same model, cache and batch cap, under
+   `labkit loadtest` (closed loop, same concurrency, prompt and max_tokens, greedy, ignore_eos);
+   output tokens per second, latency, and the same GPU readings over the load test's window.
+
+The ratio HTTP ÷ in-process is the serving overhead (event loop, JSON, the GIL shared with the
+engine's thread). Every figure is measured here, in this run.
+
+    python benchmarks/continuous_serving.py [--model synthetic:llama-3.2-3b] [--concurrency 256]
+        [--requests 1024] [--max-tokens 150] [--kv-cache-gb 24] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import time
+
+import torch
+
+from labkit.engine.continuous import ContinuousEngine
+from labkit.engine.kv_cache import PagedKVCache
+from labkit.engine.llama import Llama
+from labkit.engine.model import load_model, synchronize
+from labkit.engine.request import Request
+from labkit.measure import loadtest, utilization
+from labkit.serve import client
+from labkit.serve.launcher import launch
+
+
+def closed_loop(engine: ContinuousEngine, concurrency: int, total: int, max_tokens: int,
+                prompt: str) -> tuple[int, float]:
+    """Keep `concurrency` requests in the engine until `total` have finished: (tokens, seconds)."""
+    done, sent, tokens = [0], [0], [0]
+
+    def send() -> None:
+        sent[0] += 1
+        engine.add(Request(prompt, max_tokens, 0.0, ignore_eos=True), finished)
+
+    def finished(result) -> None:
+        done[0] += 1
+        tokens[0] += result.tokens_generated
+        if sent[0] < total:
+            send()
+
+    synchronize(engine.lm.device)
+    started = time.perf_counter()
+    for _ in range(concurrency):
+        send()
+    while engine.has_work():
+        engine.step()
+    return tokens[0], time.perf_counter() - started
+
+
+def in_process(args, sampler) -> dict:
+    lm = load_model(args.model, device="cuda", dtype="bf16")
+    cache = PagedKVCache.sized(lm.config, args.kv_cache_gb, lm.dtype, lm.device)
+    engine = ContinuousEngine(lm, Llama.from_hf(lm.model, free_source=True), cache,
+                              max_running=args.concurrency)
+    closed_loop(engine, args.concurrency, args.concurrency, 8, loadtest.DEFAULT_PROMPT)  # warm
+    started = time.perf_counter()
+    tokens, seconds = closed_loop(engine, args.concurrency, args.requests, args.max_tokens,
+                                  loadtest.DEFAULT_PROMPT)
+    util = sampler.summary(start=started, end=time.perf_counter())
+    row = {"where": "in-process", "output_tokens": tokens, "seconds": round(seconds, 3),
+           "tok_s": round(tokens / seconds, 1), "nvml_util": util.get("mean_util"),
+           "sm_activity": util.get("sm_activity_mean"),
+           "tokens_per_step": engine.stats()["tokens_per_step"]}
+    del engine, cache, lm
+    gc.collect()
+    torch.cuda.empty_cache()
+    return row
+
+
+def over_http(args, sampler) -> dict:
+    flags = ["--max-batch-size", str(args.concurrency), "--kv-cache-gb", str(args.kv_cache_gb)]
+    with launch(args.model, mode="continuous", max_tokens_limit=args.max_tokens,
+                extra_args=flags, timeout=600) as srv:
+        loadtest.run(srv.url + "/generate", args.concurrency, args.concurrency, max_tokens=8,
+                     temperature=0.0, progress=False)  # warm (synthetic models never stop early)
+        started = time.perf_counter()
+        result = loadtest.run(srv.url + "/generate", args.concurrency, args.requests,
+                              max_tokens=args.max_tokens, temperature=0.0,
+                              progress=False)
+        util = sampler.summary(start=started, end=time.perf_counter())
+        server = client.get(srv.url + "/stats").body["server"]
+    s = result.summary()
+    return {"where": "HTTP", "output_tokens": s["output_tokens"],
+            "tok_s": s["output_tokens_per_sec"], "req_s": s["requests_per_sec"],
+            "success_rate": s["success_rate"], "p50_ms": s["latency_ms"]["p50"],
+            "p95_ms": s["latency_ms"]["p95"], "nvml_util": util.get("mean_util"),
+            "sm_activity": util.get("sm_activity_mean"),
+            "tokens_per_step": server.get("tokens_per_step")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="synthetic:llama-3.2-3b")
+    parser.add_argument("--concurrency", type=int, default=256)
+    parser.add_argument("--requests", type=int, default=1024)
+    parser.add_argument("--max-tokens", type=int, default=150)
+    parser.add_argument("--kv-cache-gb", type=float, default=24.0)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+
+    card = torch.cuda.get_device_name(0)
+    sampler = utilization.UtilizationSampler(interval=0.05).start()
+    rows = [in_process(args, sampler), over_http(args, sampler)]
+    sampler.stop()
+    ratio = rows[1]["tok_s"] / rows[0]["tok_s"]
+    report = {"card": card, "date": datetime.date.today().isoformat(), "model": args.model,
+              "concurrency": args.concurrency, "requests": args.requests,
+              "max_tokens": args.max_tokens, "rows": rows, "http_over_in_process": ratio}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    print(f"\n{card}, {args.model}, concurrency {args.concurrency}, {args.requests} requests "
+          f"of {args.max_tokens} tokens, greedy")
+    print(f"{'where':<12}{'tok/s':>10}{'util %':>8}{'SM %':>7}{'tok/step':>10}")
+    for row in rows:
+        print(f"{row['where']:<12}{row['tok_s']:>10.0f}{row['nvml_util'] or 0:>8.1f}"
+              f"{row['sm_activity'] or 0:>7.1f}{row['tokens_per_step'] or 0:>10.1f}")
+    print(f"HTTP / in-process: {ratio:.2f} (target >= 0.60)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
