@@ -75,8 +75,8 @@ class Sequence:
 
 
 class InFlight:
-    """A launched decode step: its rows and their sampled tokens, still on the device. The copy
-    to the host starts at once; `on_host` waits for it."""
+    """A launched step (decode, or the end of prefills): its rows and their sampled tokens,
+    still on the device. The copy to the host starts at once; `on_host` waits for it."""
 
     def __init__(self, rows: list[Sequence], tokens: torch.Tensor):
         self.rows, self.tokens = rows, tokens
@@ -105,7 +105,7 @@ class ContinuousEngine:
         self.decoding: list[Sequence] = []  # in admission order: the last is preempted first
         self._inbox: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
         self._wake = threading.Event()
-        self._in_flight: InFlight | None = None  # the decode step the device is running
+        self._in_flight: list[InFlight] = []  # steps whose tokens the host has not seen yet
         self.preemptions = self.decode_steps = self.decode_tokens = self.prefill_tokens = 0
         self.last_step_tokens = 0
 
@@ -155,7 +155,7 @@ class ContinuousEngine:
         """Drop every request and free its pages (after a failed step: nothing is half-done)."""
         while not self._inbox.empty():
             self._inbox.get()
-        self._in_flight = None
+        self._in_flight = []
         for seq in [*self.waiting, *self.prefilling, *self.decoding]:
             self.cache.free.give_back(seq.pages)
         self.waiting.clear()
@@ -230,32 +230,36 @@ class ContinuousEngine:
         for seq in finished:
             self.prefilling.remove(seq)
             self.decoding.append(seq)
-        if done:
+        if done:  # their first tokens reach the host with the next decode step's intake
             tokens = self._choose(finished, logits[torch.tensor(done, device=logits.device)])
-            now = time.perf_counter()
-            for seq, token in zip(finished, tokens.tolist(), strict=True):
-                self._accept(seq, token, now)
+            for seq in finished:
+                seq.pending += 1
+            self._in_flight.append(InFlight(finished, tokens))
 
     def _decode(self) -> None:
-        """Launch this step's decode, then take in the previous step's tokens while the GPU
-        computes this one: the host's bookkeeping (streaming, stop checks, results) overlaps
-        the device's work instead of leaving it idle between steps. A row's input token may
-        still be on the device (sampled by the previous step): it is read from there."""
+        """Launch this step's decode, then take in the tokens of the steps before it while the
+        GPU computes this one: the host's bookkeeping (streaming, stop checks, results)
+        overlaps the device's work instead of leaving it idle between steps. A row's input
+        token may still be on the device (sampled by an earlier step): it is read there."""
         self._make_room_for_all()
         rows = [seq for seq in self.decoding
                 if len(seq.generated) + seq.pending < seq.request.max_tokens]
-        previous, self._in_flight = self._in_flight, None
+        previous, self._in_flight = self._in_flight, []
         if rows:
-            self._in_flight = self._launch(rows, previous)
-        if previous is not None:
-            self._take_tokens(previous)
+            self._in_flight.append(self._launch(rows, previous))
+        for step in previous:
+            self._take_tokens(step)
 
-    def _launch(self, rows: list[Sequence], previous: InFlight | None) -> InFlight:
+    def _launch(self, rows: list[Sequence], previous: list[InFlight]) -> InFlight:
         carried = None
-        if previous is not None and any(seq.pending for seq in rows):
-            where = {id(seq): row for row, seq in enumerate(previous.rows)}
+        if any(seq.pending for seq in rows):
+            where, offset = {}, 0
+            for step in previous:  # a row's token sits in exactly one earlier step
+                where.update({id(seq): offset + row for row, seq in enumerate(step.rows)})
+                offset += len(step.rows)
+            tokens = torch.cat([step.tokens for step in previous])
             pick = [where[id(seq)] if seq.pending else -1 for seq in rows]
-            carried = (torch.tensor(pick, device=previous.tokens.device), previous.tokens)
+            carried = (torch.tensor(pick, device=tokens.device), tokens)
         chunks = [Chunk([0 if seq.pending else seq.ids[-1]], seq.length - 1, seq.pages)
                   for seq in rows]
         tokens = self._choose(rows, self.runner.decode(chunks, carried))
@@ -275,11 +279,11 @@ class ContinuousEngine:
                 self._accept(seq, token, now)
 
     def _flush(self) -> None:
-        """Take in the step in flight now (before preempting: a victim must have no token on
-        the way)."""
-        previous, self._in_flight = self._in_flight, None
-        if previous is not None:
-            self._take_tokens(previous)
+        """Take in every step in flight now (before preempting: a victim must have no token
+        on the way)."""
+        previous, self._in_flight = self._in_flight, []
+        for step in previous:
+            self._take_tokens(step)
 
     def _make_room_for_all(self) -> None:
         """A page for each decoding request's next token; when none is free, the latest
@@ -288,7 +292,7 @@ class ContinuousEngine:
             while seq in self.decoding and len(seq.pages) < self.cache.pages_for(seq.length):
                 if self.cache.free.available:
                     seq.pages += self.cache.free.take(1)
-                elif self._in_flight is not None:
+                elif self._in_flight:
                     self._flush()  # may finish some requests, and free their pages
                 else:
                     victim = self.decoding.pop()  # the latest admitted (may be seq itself)
