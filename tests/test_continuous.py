@@ -9,10 +9,12 @@ tests/test_request_hooks.py (the "continuous" way)."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 
 import pytest
 import torch
 from aiohttp.test_utils import TestClient, TestServer
+from test_launcher import call, server_stats, wait_until
 from test_server import stats, wait_loaded
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -26,6 +28,7 @@ from labkit.engine.runner import Chunk, ModelRunner
 from labkit.serve import schedulers
 from labkit.serve.backend import ContinuousBackend
 from labkit.serve.http import create_app
+from labkit.serve.launcher import launch
 
 PROMPTS = ["Suggest a skincare routine", "What does niacinamide do?",
            "Suggest a skincare routine for dry, flaky skin in winter, with a gentle cleanser",
@@ -202,3 +205,17 @@ def test_serve_rejects_continuous_flags_in_the_wrong_mode_or_range(args, words, 
 def test_the_server_default_batch_cap_is_the_engine_default():
     from labkit.engine import continuous
     assert schedulers.DEFAULT_MAX_RUNNING == continuous.DEFAULT_MAX_RUNNING
+
+
+def test_sigterm_lets_the_engine_finish_what_it_accepted_then_exit():
+    with launch("model", mode="continuous", max_tokens_limit=256, timeout=120) as srv:
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            pending = [pool.submit(call, srv.url + "/generate",
+                                   {"prompt": p, "max_tokens": 60, "temperature": 0}, 120)
+                       for p in PROMPTS[:3]]
+            wait_until(lambda: server_stats(srv)["running"] > 0, what="running")
+            srv.terminate()
+            answers = [future.result(timeout=60) for future in pending]
+        assert [status for status, _ in answers] == [200, 200, 200]
+        assert srv.stop() == 0
+        assert "Shutting down (SIGTERM)" in srv.logs() and "stopping now" not in srv.logs()
