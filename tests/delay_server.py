@@ -6,6 +6,9 @@ tester itself (its accuracy tests, `benchmarks/loadtest_capacity.py`).
 
 Requests are answered concurrently (asyncio.sleep), so a closed loop of N workers against a
 delay d must measure latency d and throughput N / d; anything else is the client's error.
+With `--token-delay t`, a /generate request also takes t seconds per token it asks for
+(max_tokens) and says it generated that many, its first token after `--delay`: requests of
+mixed lengths take measurably different times.
 
 `--api openai` also serves an OpenAI-compatible `POST /v1/completions` and `GET /v1/models`:
 a stream (server-sent events, as vLLM sends them) whose first chunk carrying text leaves after
@@ -45,8 +48,18 @@ def create_app(delay_s: float, options: argparse.Namespace | None = None) -> web
         "device": "cpu", "gpu_name": None, "synthetic": False,
     }).encode()
 
+    token_delay_s = getattr(options, "token_delay", 0.0) or 0.0
+
     async def generate(request: web.Request) -> web.Response:
-        await request.read()
+        raw = await request.read()
+        if token_delay_s:
+            tokens = json.loads(raw)["max_tokens"]
+            total_s = delay_s + tokens * token_delay_s
+            await asyncio.sleep(total_s)
+            return web.json_response({
+                **json.loads(body), "tokens_generated": tokens, "inference_time_ms":
+                total_s * 1000, "time_to_first_token_ms": delay_s * 1000,
+                "total_time_ms": total_s * 1000})
         if delay_s:
             await asyncio.sleep(delay_s)
         return web.Response(body=body, content_type="application/json")
@@ -178,6 +191,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="seconds per request (openai: before the first chunk with text)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--token-delay", type=float, default=0.0,
+                        help="generate: also this many seconds per token asked for (max_tokens)")
     parser.add_argument("--api", choices=("generate", "openai"), default="generate",
                         help="openai: also serve /v1/completions (streamed) and /v1/models")
     parser.add_argument("--chunks", type=int, default=10, help="openai: chunks carrying text")

@@ -24,6 +24,9 @@ SHARED = [  # rows of experiments.share_one_gpu, as measured on the H100 (notebo
     {"mode": "batched", "servers": 1, "requests_per_second": 11.06, "gpu_memory_used_gb": 13.1},
 ]
 LATENCIES = [720.0, 800.0, 831.0, 850.0, 900.0, 1000.0, 1100.0, 1543.0]
+RATES = [{"rate": 4.0, "ttft_p95_ms": 50.0}, {"rate": 16.0, "ttft_p95_ms": 90.0},
+         {"rate": 64.0, "ttft_p95_ms": 400.0}, {"rate": 32.0, "ttft_p95_ms": 250.0}]
+LONG = {"prompt_tokens": 12, "output_tokens": 512}  # 524 tokens: 33 pages of 16
 
 # checker -> (inputs the exercise supplies, a correct answer)
 CASES: dict[str, tuple[dict, object]] = {
@@ -45,6 +48,10 @@ CASES: dict[str, tuple[dict, object]] = {
     "memory_per_server": ({"rows": SHARED}, (33.2 - 9.1) / 3),
     "servers_that_fit": ({"rows": SHARED, "capacity_gb": 80}, 9),
     "servers_to_match": ({"rows": SHARED}, 51),
+    "kv_pages_needed": ({"requests": 16, **LONG}, 16 * 33),
+    "kv_pages_in_memory": ({"cache_gb": 14.0, "shape": "llama-3.2-3b"}, 7629),
+    "requests_that_fit": ({"kv_pages_total": 8178, **LONG}, 247),
+    "rate_where_ttft_passes": ({"rows": RATES, "target_ms": 141.0}, 32.0),
 }
 
 
@@ -110,6 +117,16 @@ def test_close_answer_says_how_far_off():
     (lambda a: answers.memory_per_server(a, SHARED), 33.2 / 4, "including memory"),
     (lambda a: answers.servers_that_fit(a, SHARED, 80), 10, "One too many"),
     (lambda a: answers.servers_to_match(a, SHARED), 50, "round up"),
+    (lambda a: answers.kv_pages_needed(a, 16, **LONG), 524, "rounds the tokens of all"),
+    (lambda a: answers.kv_pages_needed(a, 16, **LONG), 16 * 32, "prompt's tokens"),
+    (lambda a: answers.kv_pages_in_memory(a, 14.0, "llama-3.2-3b"), 7629 * 2, "K and V"),
+    (lambda a: answers.kv_pages_in_memory(a, 14.0, "llama-3.2-3b"), 7629.39, "round down"),
+    (lambda a: answers.kv_pages_in_memory(a, 14.0, "llama-3.2-3b"), 8192, "GiB"),
+    (lambda a: answers.requests_that_fit(a, 8178, **LONG), 8178 * 16 // 524, "tokens, not"),
+    (lambda a: answers.requests_that_fit(a, 8178, **LONG), 248, "Round down"),
+    (lambda a: answers.rate_where_ttft_passes(a, RATES, 141.0), 16.0, "within the target"),
+    (lambda a: answers.rate_where_ttft_passes(a, RATES, 141.0), 64.0, "lower measured rate"),
+    (lambda a: answers.rate_where_ttft_passes(a, RATES, 141.0), 20.0, "not one of"),
 ])
 def test_known_mistakes_get_a_specific_explanation(checker, answer, phrase):
     result = checker(answer)
@@ -191,3 +208,8 @@ def test_sharing_checkers_read_cpu_rows_by_their_memory_key():
 def test_bad_exercise_inputs_raise_clear_errors(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_the_ttft_rate_needs_a_rate_over_the_target():
+    with pytest.raises(ValueError, match="no measured rate"):
+        answers.rate_where_ttft_passes(32.0, RATES, 1000.0)

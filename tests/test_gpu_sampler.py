@@ -353,3 +353,46 @@ def test_cpu_mode_against_a_real_server():
     assert idle["samples"] >= 5 and idle["mean_util"] < 5, idle
     assert busy["samples"] >= 10 and busy["mean_util"] > 50, busy
     assert busy["metric"] == CPU_MODE_LABEL
+
+
+# ------------------------------------------------------- the server's own columns (KV cache)
+
+
+def test_cpu_mode_records_a_continuous_servers_kv_pages(scripted_stats):
+    url, script = scripted_stats
+    block = {"uptime_s": 1.0, "busy_seconds": 0.0, "queue_depth": 0, "in_flight": 0,
+             "requests_served": 0}
+    script += [block,
+               {**block, "uptime_s": 2.0, "in_flight": 3, "kv_pages_used": 12,
+                "kv_pages_total": 100},
+               {**block, "uptime_s": 3.0, "queue_depth": 2, "in_flight": 5, "kv_pages_used": 40,
+                "kv_pages_total": 100},
+               {**block, "uptime_s": 4.0}]  # a batched server: no KV pages to report
+    s = UtilizationSampler(reader=ServerStatsReader(url))
+    take(s, 3)
+    frame = s.frame()
+    assert list(frame["kv_pages_used"].iloc[:2]) == [12, 40]
+    assert np.isnan(frame["kv_pages_used"].iloc[2])  # missing, not zero
+    summary = s.summary()
+    assert summary["kv_pages_used_max"] == 40 and summary["kv_pages_total"] == 100
+    assert summary["kv_used_peak_fraction"] == pytest.approx(0.4)
+    assert summary["queue_depth_max"] == 2 and summary["in_flight_max"] == 5
+
+
+def test_server_stats_beside_nvml(monkeypatch, scripted_stats):
+    url, script = scripted_stats
+    block = {"uptime_s": 1.0, "busy_seconds": 0.0, "queue_depth": 4, "in_flight": 32,
+             "requests_served": 7, "kv_pages_used": 90, "kv_pages_total": 7000}
+    script += [block, block]
+    monkeypatch.setattr(labkit.measure.gpu, "nvml", lambda: FakeNvml([{"gpu_util": 97}]))
+    s = UtilizationSampler(url=url, server_stats=True)
+    assert s.source == "nvml" and s.util_column == "gpu_util"
+    assert s.reader.gpm_status == "available"  # the NVML reader's own attributes still answer
+    row = s.sample_once()
+    assert row["gpu_util"] == 97.0 and row["queue_depth"] == 4 and row["kv_pages_used"] == 90
+    assert "busy_pct" not in s.reader.columns  # the GPU's utilization is the one shown
+    assert "kv_pages_total" in s.frame()
+    plain = UtilizationSampler(url=url)  # without server_stats: NVML alone, as before
+    assert "queue_depth" not in plain.reader.columns
+    with pytest.raises(ValueError, match="url"):
+        UtilizationSampler(server_stats=True)

@@ -296,7 +296,7 @@ def test_prompts_file_is_read_and_prompts_are_used_in_turn(slow_url, tmp_path, c
     assert cli.main(["loadtest", "--url", slow_url, "--prompts-file", str(prompts),
                      "--requests", "2", "--concurrency", "1", "--no-progress"]) == 0
     client = loadtest._Client(["http://x/generate"], ["first prompt", "second prompt"], 7, 0.0)
-    sent = [json.loads(client.bodies[i % len(client.bodies)]) for i in range(3)]
+    sent = [json.loads(client.body(i)) for i in range(3)]
     assert [b["prompt"] for b in sent] == ["first prompt", "second prompt", "first prompt"]
     assert sent[0] == {"prompt": "first prompt", "max_tokens": 7, "temperature": 0.0}
     empty = tmp_path / "empty.txt"
@@ -324,3 +324,114 @@ def test_run_in_a_real_jupyter_kernel(slow_url):
     assert "LOAD TEST RESULTS" in outputs[1][-1]["data"]["text/plain"]
     successful, mean_ms = ast.literal_eval(outputs[2][0]["data"]["text/plain"])
     assert successful == 8 and mean_ms == pytest.approx(DELAY_S * 1000, rel=0.1)
+
+
+# --- mixed lengths (--max-tokens 16:0.8,256:0.2) ------------------------------------------------
+
+def test_a_mix_of_lengths_is_parsed_and_split_in_proportion_in_a_seeded_order():
+    assert loadtest.parse_max_tokens("16:0.8,256:0.2") == {16: 0.8, 256: 0.2}
+    assert loadtest.parse_max_tokens({16: 4, 256: 1}) == {16: 0.8, 256: 0.2}
+    assert loadtest.parse_max_tokens("16,256") == loadtest.parse_max_tokens([16, 256]) == {
+        16: 0.5, 256: 0.5}
+    assert loadtest.parse_max_tokens(150) == loadtest.parse_max_tokens("150") == {150: 1.0}
+    for bad, word in [("16:x", "LENGTH:WEIGHT"), ("0", "at least 1"), ("16,16", "twice"),
+                      ("16:0", "positive"), (1.5, "whole"), (True, "whole")]:
+        with pytest.raises(ValueError, match=word):
+            loadtest.parse_max_tokens(bad)
+    mix = {16: 0.8, 256: 0.2}
+    drawn = loadtest.assign_max_tokens(mix, 50, np.random.default_rng(3))
+    assert sorted(drawn) == [16] * 40 + [256] * 10  # exact shares, not a binomial draw
+    assert drawn == loadtest.assign_max_tokens(mix, 50, np.random.default_rng(3))
+    assert drawn != loadtest.assign_max_tokens(mix, 50, np.random.default_rng(4))
+    # shares that do not divide the count: rounded by largest remainder, adding up to it
+    assert sorted(loadtest.assign_max_tokens({1: 0.5, 2: 0.25, 3: 0.25}, 7,
+                                             np.random.default_rng(0))) == [1, 1, 1, 2, 2, 3, 3]
+    assert loadtest.assign_max_tokens({150: 1.0}, 3, None) == [150, 150, 150]
+
+
+@pytest.fixture(scope="module")
+def per_token_url():
+    """/generate takes 10 ms + 4 ms per token asked for, and says it generated max_tokens."""
+    srv = delay_server(0.01, "--token-delay", "0.004")
+    yield srv.url
+    srv.stop()
+
+
+def test_mixed_lengths_in_the_open_loop_keep_the_arrivals_and_report_each_length(per_token_url):
+    mix = "4:0.75,60:0.25"
+    result = loadtest.run(per_token_url, requests=16, rate=40.0, seed=5, max_tokens=mix,
+                          progress=False)
+    lengths = [r.max_tokens for r in result.records]
+    assert sorted(lengths) == [4] * 12 + [60] * 4
+    assert [r.tokens_generated for r in result.records] == lengths  # each asked for its own
+    same_seed = loadtest.run(per_token_url, requests=16, rate=40.0, seed=5, max_tokens=mix,
+                             progress=False)
+    assert [r.max_tokens for r in same_seed.records] == lengths
+    plain = loadtest.run(per_token_url, requests=16, rate=40.0, seed=5, progress=False)
+    assert [r.scheduled_s for r in plain.records] == pytest.approx(
+        [r.scheduled_s for r in result.records], abs=1e-6)  # a mix leaves the arrivals alone
+    by_length = result.summary()["by_max_tokens"]
+    assert set(by_length) == {4, 60}
+    assert by_length[4]["requests"] == 12 and by_length[60]["successful"] == 4
+    short, long = by_length[4]["latency_ms"], by_length[60]["latency_ms"]
+    assert short["p95"] < 10 + 4 * 4 + 30 < long["p50"]  # 26 ms vs 250 ms of work
+    assert by_length[60]["ttft_ms"]["p50"] == pytest.approx(10, abs=15)  # first token: 10 ms
+    assert result.for_max_tokens(60).summary()["successful"] == 4
+    report = result.report()
+    assert "By max_tokens (a mix, order drawn with seed 5):" in report
+    assert "max_tokens 4 (75 %) / 60 (25 %)" in report
+    line = next(li for li in report.splitlines() if li.split()[:2] == ["60", "4"])
+    assert len(line.split()) == 6  # length, requests, p50, p95, TTFT p50, TTFT p95
+
+
+def test_mixed_lengths_in_the_closed_loop_and_both_apis(per_token_url):
+    result = loadtest.run(per_token_url, concurrency=3, requests=8, warmup=2,
+                          max_tokens={2: 1, 30: 1}, progress=False)
+    assert sorted(r.max_tokens for r in result.records) == [2] * 4 + [30] * 4
+    assert result.summary()["successful"] == 8
+    client = loadtest._Client(["http://x/v1/completions"], ["a", "b"], [5, 9, 5], 0.0,
+                              api="openai", model="m")
+    sent = [json.loads(client.body(i)) for i in range(3)]
+    assert [(b["prompt"], b["max_tokens"], b["stream"]) for b in sent] == [
+        ("a", 5, True), ("b", 9, True), ("a", 5, True)]
+
+
+def test_one_length_keeps_the_report_as_it_was(slow_url):
+    result = loadtest.run(slow_url, concurrency=2, requests=4, max_tokens=12, progress=False)
+    assert [r.max_tokens for r in result.records] == [12] * 4
+    assert result.summary()["by_max_tokens"] is None and result.config["max_tokens"] == 12
+    report = result.report()
+    assert "By max_tokens" not in report and "max_tokens 12, temperature" in report
+
+
+def test_cli_takes_a_mix_and_refuses_a_bad_one(per_token_url, capsys):
+    assert cli.main(["loadtest", "--url", per_token_url, "--requests", "4", "--concurrency",
+                     "2", "--max-tokens", "3:0.5,9:0.5", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "By max_tokens" in out and "max_tokens 3 (50 %) / 9 (50 %)" in out
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["loadtest", "--url", per_token_url, "--max-tokens", "3:0.5,x"])
+    assert exit_info.value.code == 2
+    assert "LENGTH:WEIGHT" in capsys.readouterr().err
+
+
+def test_a_json_file_reads_back_and_places_its_records_on_this_process_clock(per_token_url,
+                                                                              tmp_path):
+    from labkit.measure.utilization import loadtest_t0, request_spans
+
+    path = tmp_path / "result.json"
+    before = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "labkit", "loadtest", "--url", per_token_url, "--rate", "50",
+         "--requests", "6", "--max-tokens", "2:0.5,20:0.5", "--json", str(path),
+         "--no-progress"], capture_output=True, text=True, timeout=60)
+    after = time.perf_counter()
+    assert done.returncode == 0, done.stderr
+    result = LoadTestResult.from_document(json.loads(path.read_text()))
+    assert sorted(r.max_tokens for r in result.records) == [2, 2, 2, 20, 20, 20]
+    assert result.summary()["successful"] == 6 and set(result.summary()["by_max_tokens"]) == {
+        2, 20}
+    t0 = loadtest_t0(result)  # the other process's start, on this process's perf_counter
+    assert before < t0 < after
+    spans = request_spans(result)
+    assert all(before < start < end < after for start, end in spans)

@@ -227,13 +227,13 @@ def test_the_api_key_comes_from_the_environment_and_is_never_printed(keyed_url, 
 def test_request_bodies():
     client = loadtest._Client(["http://x/v1/completions"], ["p"], 16, 0.0, api="openai",
                               model="m", api_key="k")
-    assert json.loads(client.bodies[0]) == {
+    assert json.loads(client.body(0)) == {
         "model": "m", "prompt": "p", "max_tokens": 16, "temperature": 0.0, "stream": True,
         "stream_options": {"include_usage": True}}
     assert client.headers["Authorization"] == "Bearer k"
     fixed = loadtest._Client(["http://x/v1/completions"], ["p"], 16, 0.0, api="openai",
                              model="m", ignore_eos=True)
-    assert json.loads(fixed.bodies[0])["ignore_eos"] is True
+    assert json.loads(fixed.body(0))["ignore_eos"] is True
     assert "Authorization" not in fixed.headers
 
 
@@ -253,7 +253,7 @@ def test_the_generate_api_stays_the_default_and_unchanged(stream_url, monkeypatc
     assert "TTFT (ms, send -> first token, derived from the server's fields)" in text
     assert "OpenAI" not in text and "chunks" not in text
     client = loadtest._Client([f"{stream_url}/generate"], ["p"], 7, 0.0)
-    assert json.loads(client.bodies[0]) == {"prompt": "p", "max_tokens": 7, "temperature": 0.0}
+    assert json.loads(client.body(0)) == {"prompt": "p", "max_tokens": 7, "temperature": 0.0}
     assert client.headers == {"Content-Type": "application/json"}
     with pytest.raises(ValueError, match="api='openai'"):
         loadtest.run(stream_url, requests=1, model="m", progress=False)

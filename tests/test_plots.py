@@ -18,6 +18,7 @@ from labkit.measure.plots import (
     merge_spans,
     plot_concurrency_sweep,
     plot_latency_distribution,
+    plot_server_state,
     plot_timeline,
 )
 from labkit.measure.utilization import CPU_MODE_LABEL, NvmlReader, UtilizationSampler
@@ -214,3 +215,43 @@ print("updates", live.updates)
     assert updates >= 2  # at least one live update, then the final one
     result = nb.cells[1].outputs
     assert result and "image/png" in result[0]["data"]  # a returned Figure displays as PNG
+
+
+def server_frame(kv: bool, gpu: bool = False) -> dict:
+    """A sampler frame with a server's /stats columns: a continuous server (kv) or batched."""
+    n = 20
+    t = np.arange(n) * 0.1
+    frame = {"time": 100 + t, "elapsed_s": t, "queue_depth": np.where(t > 1, 0.0, 5.0),
+             "in_flight": np.full(n, 8.0), "requests_served": np.arange(n, dtype=float)}
+    if gpu:
+        frame |= {"gpu_util": np.full(n, 90.0), "mem_used_gb": np.full(n, 20.0),
+                  "mem_total_gb": np.full(n, 141.0)}
+    else:
+        frame["busy_pct"] = np.full(n, 90.0)
+    frame["kv_pages_used"] = np.linspace(0, 300, n) if kv else np.full(n, np.nan)
+    frame["kv_pages_total"] = np.full(n, 7000.0) if kv else np.full(n, np.nan)
+    return frame
+
+
+def test_timeline_shows_what_waits_runs_and_the_kv_cache():
+    gpu = texts(plot_timeline(server_frame(kv=True, gpu=True), model="m"))
+    assert "queue depth, requests" in gpu and "in flight, requests" in gpu
+    assert "KV cache pages in use (of 7,000)" in gpu and "memory used, GB" in gpu
+    cpu = plot_timeline(server_frame(kv=True))
+    assert "KV cache pages in use (of 7,000)" in texts(cpu) and len(cpu.axes) == 3  # + twin
+    batched = texts(plot_timeline(server_frame(kv=False, gpu=True)))
+    assert "queue depth, requests" in batched and "KV cache" not in batched
+    plain = plot_timeline({k: v for k, v in server_frame(kv=False, gpu=True).items()
+                           if k not in ("queue_depth", "in_flight", "requests_served")})
+    assert len(plain.axes) == 2  # NVML alone: no server panel
+
+
+def test_server_state_side_by_side():
+    fig = plot_server_state({"batched": server_frame(kv=False),
+                             "continuous": server_frame(kv=True)}, model="m", device="CPU")
+    text = texts(fig)
+    assert "waiting in the\nserver, requests" in text and "batched" in text
+    assert "continuous: peak 4.3 % of 7,000 pages" in text
+    assert figure_png(fig).startswith(PNG)
+    lone = texts(plot_server_state({"batched": server_frame(kv=False)}))
+    assert "no paged KV cache reported" in lone

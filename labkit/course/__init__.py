@@ -1,8 +1,9 @@
 """The course: what notebooks and exercises call.
 
 Owns notebook parameters and results files (`notebook`), the set-up check (`setup_check`,
-`info`), the serving experiments of notebooks 06–07 (`experiments`), the conclusions printed
-at the end of notebooks (`findings`), answer checkers (`answers`), the exercise builder
+`info`), the serving experiments of notebooks 06–07 (`experiments`), notebook 08's continuous
+batching experiment with its own table and findings (`continuous_batching`), the conclusions
+printed at the end of notebooks (`findings`), answer checkers (`answers`), the exercise builder
 (`exercises`) and the notebook runner (`nbrun`).
 
 May import: every other labkit package. Nothing imports it.

@@ -48,6 +48,10 @@ EXERCISES: dict[str, str] = {
     "memory_per_server": "07_sharing",
     "servers_that_fit": "07_sharing",
     "servers_to_match": "07_sharing",
+    "kv_pages_needed": "08_continuous_batching",
+    "kv_pages_in_memory": "08_continuous_batching",
+    "requests_that_fit": "08_continuous_batching",
+    "rate_where_ttft_passes": "08_continuous_batching",
 }
 
 
@@ -649,6 +653,146 @@ def servers_to_match(answer, rows) -> CheckResult:
                  "up.")
     return _finish(CheckResult(exercise, "wrong", f"❌ {exercise}: not yet — {value:g} servers. "
                                f"Hint: {hint}", answer, expected))
+
+
+# --- 08 continuous batching ------------------------------------------------------------------
+
+def _pages_per_request(prompt_tokens: int, output_tokens: int, page_tokens: int) -> int:
+    tokens = _count("prompt_tokens", prompt_tokens) + _count("output_tokens", output_tokens)
+    return math.ceil(tokens / _count("page_tokens", page_tokens))
+
+
+def _whole(exercise: str, answer, expected: int, hint: str,
+           mistakes: Iterable[tuple[float, str]] = ()) -> CheckResult:
+    """A count: right only when exact; a known mistake explains itself."""
+    value = _number(exercise, answer)
+    if isinstance(value, CheckResult):
+        return value
+    if value == expected:
+        return CheckResult(exercise, "correct", f"✅ {exercise}: correct — {expected:g}.",
+                           answer, expected)
+    for wrong, why in mistakes:
+        if wrong != expected and value == wrong:
+            return CheckResult(exercise, "wrong", f"❌ {exercise}: not yet — {value:g}. {why}",
+                               answer, expected)
+    return CheckResult(exercise, "wrong", f"❌ {exercise}: not yet — {value:g} is "
+                       f"{_how_far(value, expected)}. Hint: {hint}", answer, expected)
+
+
+def kv_pages_needed(answer, requests: int, prompt_tokens: int, output_tokens: int,
+                    page_tokens: int = 16) -> CheckResult:
+    """KV cache pages `requests` requests of `prompt_tokens` + `output_tokens` tokens hold at
+    once, at `page_tokens` tokens per page: each request rounds up to whole pages of its own."""
+    n = _count("requests", requests)
+    per_request = _pages_per_request(prompt_tokens, output_tokens, page_tokens)
+    tokens = prompt_tokens + output_tokens
+    mistakes = [
+        (math.ceil(n * tokens / page_tokens), "That rounds the tokens of all requests together; "
+         "each request has pages of its own, so round up per request, then multiply."),
+        (n * math.ceil(output_tokens / page_tokens), "The prompt's tokens are in the cache too: "
+         "count prompt + output tokens."),
+        (n * (tokens // page_tokens), "Round up: a request with a few tokens left over still "
+         "takes a whole page for them."),
+    ]
+    return _finish(_whole("kv_pages_needed", answer, n * per_request, mistakes=mistakes,
+                          hint="pages per request = ceil((prompt + output tokens) ÷ tokens per "
+                               "page); then × the number of requests."))
+
+
+def kv_pages_in_memory(answer, cache_gb: float, shape: str, dtype="bfloat16",
+                       page_tokens: int = 16) -> CheckResult:
+    """Whole KV cache pages of `page_tokens` tokens that `cache_gb` GB (10^9 bytes) hold for the
+    model `shape` in `dtype`: a page is page_tokens × `labkit.engine.kv_cache.bytes_per_token`
+    (what `labkit serve --mode continuous --kv-cache-gb` sizes its cache with)."""
+    import torch
+
+    from labkit.engine.kv_cache import bytes_per_token
+    from labkit.engine.model import resolve_dtype
+
+    exercise = "kv_pages_in_memory"
+    config = _config(shape)
+    memory = _positive("cache_gb", cache_gb) * 1e9
+    tokens = _count("page_tokens", page_tokens)
+    _dtype_bytes(dtype)  # validates dtype with a clear message
+    page_bytes = tokens * bytes_per_token(config, resolve_dtype(dtype, torch.device("cpu")))
+    expected = int(memory // page_bytes)
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    mistakes = [
+        (int(2 * memory // page_bytes), "Count both K and V: every token stores a key and a "
+                                        "value in each layer."),
+        (int(config.num_hidden_layers * memory // page_bytes), "Every layer keeps its own K and "
+                                                               "V: multiply by the layers."),
+        (int(kv_heads * memory // (heads * page_bytes)), "Grouped-query attention: the cache "
+         f"holds num_key_value_heads ({kv_heads}) heads, not num_attention_heads ({heads})."),
+        (int(tokens * memory // page_bytes), f"That counts tokens: a page holds {tokens} of "
+                                             "them."),
+        (int(2**30 * memory / 1e9 // page_bytes), "That reads GB as GiB: 1 GB = 10^9 bytes."),
+        (expected + 1, "Round down: a page that does not fully fit is not there."),
+    ]
+    value = _number(exercise, answer)
+    if not isinstance(value, CheckResult) and value != expected \
+            and abs(value - memory / page_bytes) < 1:
+        return _finish(CheckResult(exercise, "wrong", f"❌ {exercise}: not yet — {value:g}: "
+                                   "pages come whole; round down.", answer, expected))
+    return _finish(_whole(exercise, answer, expected, mistakes=mistakes,
+                          hint="bytes per token = 2 (K and V) × layers × kv_heads × head_dim × "
+                               "bytes per element; a page is that × tokens per page; the cache's "
+                               "bytes ÷ a page's, rounded down."))
+
+
+def requests_that_fit(answer, kv_pages_total: int, prompt_tokens: int, output_tokens: int,
+                      page_tokens: int = 16) -> CheckResult:
+    """How many requests of `prompt_tokens` + `output_tokens` tokens a cache of `kv_pages_total`
+    pages holds at once, each in whole pages of its own (after that, a request waits, or one
+    running is preempted)."""
+    total = _count("kv_pages_total", kv_pages_total)
+    per_request = _pages_per_request(prompt_tokens, output_tokens, page_tokens)
+    tokens = prompt_tokens + output_tokens
+    mistakes = [
+        (total * page_tokens // tokens, "That counts tokens, not pages: a request's last page "
+         "is whole even when it is partly empty. Divide by the pages of one request."),
+        (math.ceil(total / per_request), "Round down: a request that does not fully fit cannot "
+         "run."),
+    ]
+    return _finish(_whole("requests_that_fit", answer, total // per_request, mistakes=mistakes,
+                          hint="pages of one request = ceil((prompt + output) ÷ tokens per page); "
+                               "total pages ÷ that, rounded down."))
+
+
+def rate_where_ttft_passes(answer, rows, target_ms: float, *, rate_key: str = "rate",
+                           ttft_key: str = "ttft_p95_ms") -> CheckResult:
+    """The lowest measured arrival rate whose p95 TTFT is over `target_ms`. `rows`: a list of
+    mappings (or a DataFrame) with the rate and its measured p95 TTFT."""
+    exercise = "rate_where_ttft_passes"
+    target = _positive("target_ms", target_ms)
+    table = sorted(_rows(rows, (rate_key, ttft_key)), key=lambda r: r[rate_key])
+    over = [r for r in table if r[ttft_key] > target]
+    if not over:
+        raise ValueError(f"no measured rate has p95 TTFT over {target:g} ms; choose a target "
+                         "under the highest measured p95 TTFT, or measure higher rates")
+    expected = over[0][rate_key]
+    value = _number(exercise, answer)
+    if isinstance(value, CheckResult):
+        return _finish(value)
+    rates = [r[rate_key] for r in table]
+    if value not in rates:
+        listed = ", ".join(f"{rate:g}" for rate in rates)
+        return _finish(CheckResult(exercise, "wrong", f"❌ {exercise}: {value:g} is not one of "
+                                   f"the measured rates: {listed}.", answer, expected))
+    if value == expected:
+        return _finish(CheckResult(
+            exercise, "correct", f"✅ {exercise}: correct — at {value:g} req/s p95 TTFT was "
+            f"{over[0][ttft_key]:.4g} ms, over the {target:g} ms target.", answer, expected))
+    chosen = next(r for r in table if r[rate_key] == value)
+    if chosen[ttft_key] <= target:
+        hint = (f"at {value:g} req/s p95 TTFT was {chosen[ttft_key]:.4g} ms, within the target; "
+                "the question asks for the first rate that goes over it.")
+    else:
+        hint = ("that rate is over the target, but a lower measured rate already was: take the "
+                "lowest rate whose p95 TTFT is over the target.")
+    return _finish(CheckResult(exercise, "wrong", f"❌ {exercise}: not yet — {hint}",
+                               answer, expected))
 
 
 def _rows(rows, keys: Sequence[str]) -> list[dict]:

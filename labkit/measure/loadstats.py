@@ -70,6 +70,7 @@ class RequestRecord:
     # (open loop with a cap). The send lag counts from here.
     ready_s: float | None = None
     error: str | None = None
+    max_tokens: int | None = None  # what the request asked for (a mix draws it per request)
     tokens_generated: int | None = None
     prompt_tokens: int | None = None
     queue_time_ms: float | None = None
@@ -140,6 +141,14 @@ class LoadTestResult:
         self.records = sorted(records, key=lambda r: r.index)
         self.config = config
 
+    @classmethod
+    def from_document(cls, document: dict) -> LoadTestResult:
+        """The result `labkit loadtest --json FILE` wrote (its summary's config, its records)."""
+        names = {f.name for f in dataclasses.fields(RequestRecord)}
+        records = [RequestRecord(**{k: v for k, v in row.items() if k in names})
+                   for row in document["records"]]
+        return cls(records, document["summary"]["config"])
+
     @property
     def ok_records(self) -> list[RequestRecord]:
         return [r for r in self.records if r.ok]
@@ -182,6 +191,8 @@ class LoadTestResult:
             "responses_without_usage": (sum(r.tokens_from_usage is False for r in ok)
                                         if streamed else None),
             "errors_by_type": self.errors_by_type(),
+            # several max_tokens (a mix): latency and TTFT of each length's requests
+            "by_max_tokens": self.by_max_tokens() if len(self.max_tokens_values()) > 1 else None,
             "send_lag_ms": lag,
             "client_bound": self.client_bound(lag["p99"], lat["p50"]),
             "server": self.server_description(),
@@ -198,6 +209,30 @@ class LoadTestResult:
         if not self.records:
             return 0.0
         return max(r.done_s for r in self.records) - min(r.scheduled_s for r in self.records)
+
+    def max_tokens_values(self) -> list[int]:
+        """The distinct max_tokens the requests asked for, shortest first."""
+        return sorted({r.max_tokens for r in self.records if r.max_tokens is not None})
+
+    def for_max_tokens(self, max_tokens: int) -> LoadTestResult:
+        """The requests that asked for `max_tokens` tokens, as a result of their own (their
+        latencies and TTFT; its throughput counts only them, over their own first-to-last
+        span)."""
+        return LoadTestResult([r for r in self.records if r.max_tokens == max_tokens],
+                              {**self.config, "max_tokens": max_tokens})
+
+    def by_max_tokens(self) -> dict[int, dict]:
+        """{max_tokens: requests, successful, latency p50/p95, TTFT p50/p95 (ms)} for each
+        length asked for."""
+        out = {}
+        for length in self.max_tokens_values():
+            ok = [r for r in self.records if r.max_tokens == length and r.ok]
+            total = sum(r.max_tokens == length for r in self.records)
+            ttft = [r.ttft_ms for r in ok if r.ttft_ms is not None]
+            out[length] = {"requests": total, "successful": len(ok),
+                           "latency_ms": percentiles([r.latency_ms for r in ok], (50, 95)),
+                           "ttft_ms": percentiles(ttft, (50, 95))}
+        return out
 
     def errors_by_type(self) -> dict[str, dict]:
         errors: dict[str, dict] = {}
@@ -277,6 +312,8 @@ class LoadTestResult:
                 f"mean {_ms(ttft['mean'])}, p95 {_ms(ttft['p95'])}",
                 f"  TPOT (ms per output token): mean {_num(tpot['mean'], 2)}",
             ]
+        if s["by_max_tokens"]:
+            lines += ["", *self._length_block(s["by_max_tokens"])]
         lines += ["", "Errors by type:"]
         if not s["errors_by_type"]:
             lines.append("  none")
@@ -302,6 +339,17 @@ class LoadTestResult:
         if explain:
             lines += ["", DEFINITIONS]
         return "\n".join(lines)
+
+    def _length_block(self, by_length: dict[int, dict]) -> list[str]:
+        """One line per max_tokens of a mix: its share of the requests, latency and TTFT."""
+        lines = [f"By max_tokens (a mix, order drawn with seed {self.config.get('seed', 0)}):",
+                 f"  {'max_tokens':>10} {'requests':>9} {'p50 ms':>8} {'p95 ms':>8} "
+                 f"{'TTFT p50':>9} {'TTFT p95':>9}"]
+        for length, entry in by_length.items():
+            lat, ttft = entry["latency_ms"], entry["ttft_ms"]
+            lines.append(f"  {length:>10} {entry['requests']:>9} {_ms(lat['p50']):>8} "
+                         f"{_ms(lat['p95']):>8} {_ms(ttft['p50']):>9} {_ms(ttft['p95']):>9}")
+        return lines
 
     @staticmethod
     def _token_source(s: dict) -> str:
@@ -331,7 +379,8 @@ class LoadTestResult:
             api = f", OpenAI API, model {c.get('model')}" + (", ignore_eos" if c.get(
                 "ignore_eos") else "") + (", API key from OPENAI_API_KEY" if c.get(
                 "api_key_from_env") else "")
-        return (f"{len(self.records)} requests, {loop}, max_tokens {c.get('max_tokens')}, "
+        lengths = _lengths(c.get("max_tokens"))
+        return (f"{len(self.records)} requests, {loop}, max_tokens {lengths}, "
                 f"temperature {c.get('temperature')}{api}, {where}"
                 + (f", {c['warmup']} warm-up request(s) not counted" if c.get("warmup") else ""))
 
@@ -348,6 +397,13 @@ class LoadTestResult:
 
     def _repr_pretty_(self, printer, cycle) -> None:  # IPython shows the report
         printer.text(self.report())
+
+
+def _lengths(max_tokens) -> str:
+    """max_tokens as configured: one number, or a mix {length: share}: '16 (80 %) / 256 (20 %)'."""
+    if not isinstance(max_tokens, dict):
+        return str(max_tokens)
+    return " / ".join(f"{length} ({100 * share:.0f} %)" for length, share in max_tokens.items())
 
 
 def _ms(value: float) -> str:

@@ -10,10 +10,16 @@ returns. With `rate`, open loop: Poisson arrivals at `rate` requests/s (optional
 `concurrency` in flight), latency measured from each request's scheduled send time, so a slow
 server cannot slow the arrivals down and hide its own queueing (coordinated omission).
 
+Mixed lengths: `max_tokens` may be several lengths with their shares of the requests,
+`"16:0.8,256:0.2"` (`--max-tokens 16:0.8,256:0.2`) or `{16: 0.8, 256: 0.2}`: each length gets
+its share of the requests (rounded), in an order shuffled with `seed`, in either loop. Each
+record keeps its request's max_tokens, and the report adds a line per length.
+
 Library use (a script or a Jupyter cell, where an event loop is already running):
 
     result = labkit.measure.loadtest.run("http://127.0.0.1:8000", concurrency=5, requests=50)
     result = labkit.measure.loadtest.run("http://vllm:8000/v1", api="openai", requests=50)
+    result = labkit.measure.loadtest.run(url, rate=4, requests=100, max_tokens="32:0.8,512:0.2")
     print(result.report()); df = result.to_dataframe()
 
 Metric definitions: labkit.measure.loadstats.DEFINITIONS (`labkit loadtest --explain`).
@@ -30,7 +36,7 @@ import os
 import sys
 import time
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import aiohttp
@@ -53,6 +59,56 @@ SERVER_FIELDS = {  # record attribute <- response field
 
 class ServerNotReady(RuntimeError):
     """A target URL cannot be reached, or its server is still loading the model."""
+
+
+MaxTokens = int | str | Mapping[int, float] | Sequence[int]
+
+
+def parse_max_tokens(value: MaxTokens) -> dict[int, float]:
+    """{length: share of the requests}, shares summing to 1, from one length (150, "150"),
+    lengths with weights ("16:0.8,256:0.2", {16: 0.8, 256: 0.2}; weights need not sum to 1)
+    or lengths alone ("16,256", [16, 256]: equal shares)."""
+    if isinstance(value, str):
+        pairs = []
+        for item in (part.strip() for part in value.split(",")):
+            length, _, weight = item.partition(":")
+            try:
+                pairs.append((int(length), float(weight) if weight else 1.0))
+            except ValueError:
+                raise ValueError(f"max_tokens {value!r}: expected LENGTH or LENGTH:WEIGHT items "
+                                 "separated by commas, e.g. 150 or 16:0.8,256:0.2") from None
+    elif isinstance(value, Mapping):
+        pairs = list(value.items())
+    elif isinstance(value, Sequence):
+        pairs = [(length, 1.0) for length in value]
+    else:
+        pairs = [(value, 1.0)]
+    lengths = [length for length, _ in pairs]
+    if not pairs or any(isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1
+                        for n in lengths):
+        raise ValueError(f"max_tokens must be whole numbers of tokens, at least 1; got {value!r}")
+    if len(set(lengths)) != len(lengths):
+        raise ValueError(f"max_tokens {value!r} names a length twice")
+    weights = [float(w) for _, w in pairs]
+    if not all(math.isfinite(w) and w > 0 for w in weights):
+        raise ValueError(f"max_tokens {value!r}: every weight must be a positive number")
+    total = sum(weights)
+    return {int(length): w / total for length, w in zip(lengths, weights, strict=True)}
+
+
+def assign_max_tokens(mix: Mapping[int, float], count: int,
+                      rng: np.random.Generator) -> list[int]:
+    """`count` lengths: each length of `mix` `share × count` times (rounded by largest
+    remainder, so they add up to `count`), in an order shuffled by `rng`."""
+    exact = {length: share * count for length, share in mix.items()}
+    counts = {length: math.floor(x) for length, x in exact.items()}
+    by_remainder = sorted(mix, key=lambda n: counts[n] - exact[n])  # largest remainder first
+    for length in by_remainder[:count - sum(counts.values())]:
+        counts[length] += 1
+    lengths = [length for length, n in counts.items() for _ in range(n)]
+    if len(mix) > 1:
+        rng.shuffle(lengths)
+    return lengths
 
 
 def normalize_urls(urls: str | Sequence[str], api: str = "generate") -> list[str]:
@@ -96,7 +152,7 @@ def normalize_urls(urls: str | Sequence[str], api: str = "generate") -> list[str
 
 
 def run(url: str | Sequence[str], concurrency: int | None = None, requests: int = 50, *,
-        max_tokens: int = 150, prompt: str | Sequence[str] = DEFAULT_PROMPT,
+        max_tokens: MaxTokens = 150, prompt: str | Sequence[str] = DEFAULT_PROMPT,
         temperature: float = 0.7, timeout: float = 300.0, warmup: int = 0,
         rate: float | None = None, seed: int = 0, progress: bool = True,
         check_ready: bool = True, api: str = "generate", model: str | None = None,
@@ -139,7 +195,7 @@ def _run_on_own_thread(coro) -> LoadTestResult:
 
 
 async def arun(url: str | Sequence[str], concurrency: int | None = None, requests: int = 50, *,
-               max_tokens: int = 150, prompt: str | Sequence[str] = DEFAULT_PROMPT,
+               max_tokens: MaxTokens = 150, prompt: str | Sequence[str] = DEFAULT_PROMPT,
                temperature: float = 0.7, timeout: float = 300.0, warmup: int = 0,
                rate: float | None = None, seed: int = 0, progress: bool = True,
                check_ready: bool = True, api: str = "generate", model: str | None = None,
@@ -151,8 +207,11 @@ async def arun(url: str | Sequence[str], concurrency: int | None = None, request
     concurrency: closed loop: number of workers (default 5). Open loop (`rate` set): the most
         requests in flight at once (default: no cap).
     requests: how many requests to measure; `warmup` more are sent first and not counted.
+    max_tokens: tokens per request, or a mix of lengths with shares ("16:0.8,256:0.2",
+        {16: 0.8, 256: 0.2}): each length gets its share of the requests, shuffled with `seed`.
     prompt: one prompt or several (used in turn).
     rate: requests per second, Poisson arrivals (open loop); None = closed loop.
+    seed: of the Poisson arrivals, and of the order of a mix of lengths.
     timeout: seconds per request (a stream: to its end) before it counts as a "timeout" failure.
     api: "generate" (the seed's POST /generate) or "openai" (streamed POST /v1/completions).
     model: api="openai": the model to ask for; None asks the server's GET /v1/models and takes
@@ -163,13 +222,18 @@ async def arun(url: str | Sequence[str], concurrency: int | None = None, request
     urls = normalize_urls(url, api)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     _check_args(concurrency, requests, warmup, rate, timeout, prompts)
+    mix = parse_max_tokens(max_tokens)
+    # The lengths' own random stream: the arrivals stay those of `seed` with or without a mix.
+    draw = np.random.default_rng([seed, 1]) if len(mix) > 1 else None
+    lengths = assign_max_tokens(mix, warmup, draw) + assign_max_tokens(mix, requests, draw)
     if api == "generate" and (model is not None or ignore_eos):
         raise ValueError("model and ignore_eos apply to api='openai' (--api openai) only")
     if rate is None and concurrency is None:
         concurrency = DEFAULT_CONCURRENCY
     api_key = (os.environ.get(API_KEY_ENV) or None) if api == "openai" else None
     config = {"urls": urls, "concurrency": concurrency, "requests": requests, "rate": rate,
-              "max_tokens": max_tokens, "temperature": temperature, "timeout": timeout,
+              "max_tokens": mix if len(mix) > 1 else next(iter(mix)),
+              "temperature": temperature, "timeout": timeout,
               "warmup": warmup, "prompts": len(prompts), "seed": seed, "api": api}
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
     trace = aiohttp.TraceConfig()
@@ -181,7 +245,7 @@ async def arun(url: str | Sequence[str], concurrency: int | None = None, request
             config.update(model=model, ignore_eos=ignore_eos, api_key_from_env=bool(api_key))
         elif check_ready:
             await _check_ready(session, urls)
-        client = _Client(urls, prompts, max_tokens, temperature, api=api, model=model,
+        client = _Client(urls, prompts, lengths, temperature, api=api, model=model,
                          ignore_eos=ignore_eos, api_key=api_key)
         client.session = session
         if warmup:
@@ -197,26 +261,32 @@ async def arun(url: str | Sequence[str], concurrency: int | None = None, request
                                                  concurrency, seed, bar)
     for record in records:
         record.index -= warmup
+    # perf_counter is the system's monotonic clock: another process on this machine can place
+    # the records' relative times on its own timeline (labkit.measure.utilization.loadtest_t0).
+    config["t0_perf_counter"] = client.t0
     return LoadTestResult(records, config)
 
 
 class _Client:
-    def __init__(self, urls: list[str], prompts: list[str], max_tokens: int, temperature: float,
-                 *, api: str = "generate", model: str | None = None, ignore_eos: bool = False,
-                 api_key: str | None = None):
+    def __init__(self, urls: list[str], prompts: list[str], max_tokens: int | Sequence[int],
+                 temperature: float, *, api: str = "generate", model: str | None = None,
+                 ignore_eos: bool = False, api_key: str | None = None):
+        """`max_tokens`: one length for every request, or request i's length at index i."""
         self.urls = urls
         self.stream = api == "openai"
-        # Bodies are encoded once: at a few thousand requests a second, json.dumps per request
-        # is measurable client time.
-        if self.stream:
-            extra = {"ignore_eos": True} if ignore_eos else {}
-            self.bodies = [json.dumps({
-                "model": model, "prompt": p, "max_tokens": max_tokens,
-                "temperature": temperature, "stream": True,
-                "stream_options": {"include_usage": True}, **extra}).encode() for p in prompts]
-        else:
-            self.bodies = [json.dumps({"prompt": p, "max_tokens": max_tokens,
-                                       "temperature": temperature}).encode() for p in prompts]
+        self.prompts = len(prompts)
+        self.lengths = [max_tokens] if isinstance(max_tokens, int) else list(max_tokens)
+        # Bodies are encoded once, per (prompt, length): at a few thousand requests a second,
+        # json.dumps per request is measurable client time.
+        extra = {"ignore_eos": True} if ignore_eos else {}
+        self.bodies: dict[tuple[int, int], bytes] = {}
+        for length in set(self.lengths):
+            for k, p in enumerate(prompts):
+                body = ({"model": model, "prompt": p, "max_tokens": length,
+                         "temperature": temperature, "stream": True,
+                         "stream_options": {"include_usage": True}, **extra} if self.stream
+                        else {"prompt": p, "max_tokens": length, "temperature": temperature})
+                self.bodies[k, length] = json.dumps(body).encode()
         self.headers = {"Content-Type": "application/json", **_auth(api_key)}
         self.api_key = api_key
         self.session: aiohttp.ClientSession | None = None
@@ -224,6 +294,13 @@ class _Client:
 
     def reset_clock(self) -> None:
         self.t0 = time.perf_counter()
+
+    def max_tokens(self, i: int) -> int:
+        return self.lengths[i if len(self.lengths) > 1 else 0]
+
+    def body(self, i: int) -> bytes:
+        """Request i's encoded body: prompts in turn, its own max_tokens."""
+        return self.bodies[i % self.prompts, self.max_tokens(i)]
 
     async def closed_loop(self, indices: range, concurrency: int, bar) -> list[RequestRecord]:
         records: list[RequestRecord] = []
@@ -272,10 +349,11 @@ class _Client:
         marks: dict = {}
         record = RequestRecord(index=i, url=url, scheduled_s=scheduled - self.t0, sent_s=None,
                                done_s=0.0, latency_ms=0.0, status=None, ok=False,
-                               ready_s=None if ready is None else ready - self.t0)
+                               ready_s=None if ready is None else ready - self.t0,
+                               max_tokens=self.max_tokens(i))
         body = b""
         try:
-            async with self.session.post(url, data=self.bodies[i % len(self.bodies)],
+            async with self.session.post(url, data=self.body(i),
                                          headers=self.headers,
                                          trace_request_ctx=marks) as response:
                 record.status = response.status
@@ -593,7 +671,10 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
                         help="closed loop: concurrent workers (default 5); with --rate: the "
                              "most requests in flight (default: no cap)")
     parser.add_argument("--requests", type=int, default=50, help="requests to measure (50)")
-    parser.add_argument("--max-tokens", type=int, default=150)
+    parser.add_argument("--max-tokens", type=_max_tokens_arg, default=150, metavar="N|MIX",
+                        help="tokens per request (150); or a mix of lengths with their shares, "
+                             "e.g. 16:0.8,256:0.2 (80 %% of the requests ask for 16 tokens, "
+                             "20 %% for 256, in an order shuffled with --seed)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--prompt", default=None, help=f"prompt text (default {DEFAULT_PROMPT!r})")
     source.add_argument("--prompts-file", type=Path, default=None,
@@ -605,7 +686,8 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
                         help="requests sent first and not counted (default 0)")
     parser.add_argument("--rate", type=float, default=None,
                         help="open loop: Poisson arrivals at this many requests/s")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the Poisson arrivals")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the Poisson arrivals and of the order of a --max-tokens mix")
     parser.add_argument("--json", type=Path, default=None, help="write summary + records here")
     parser.add_argument("--csv", type=Path, default=None, help="write one row per request here")
     parser.add_argument("--explain", action="store_true",
@@ -646,6 +728,14 @@ def run_cli(args) -> int:
     return 0 if result.summary()["failed"] == 0 else 1
 
 
+def _max_tokens_arg(text: str) -> int | dict[int, float]:
+    try:
+        mix = parse_max_tokens(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return mix if len(mix) > 1 else next(iter(mix))
+
+
 def _read_prompts(args) -> list[str]:
     if args.prompts_file is None:
         return [args.prompt or DEFAULT_PROMPT]
@@ -668,4 +758,4 @@ def _finite(value):
 
 
 __all__ = ["DEFINITIONS", "LoadTestResult", "RequestRecord", "ServerNotReady", "arun",
-           "normalize_urls", "run"]
+           "assign_max_tokens", "normalize_urls", "parse_max_tokens", "run"]

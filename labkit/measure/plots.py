@@ -1,5 +1,5 @@
-"""Plots for the lab: the utilization timeline (static and live), latency distribution, and
-throughput/latency against concurrency.
+"""Plots for the lab: the utilization timeline (static and live), latency distribution,
+throughput/latency against concurrency, and servers' queues and KV cache side by side.
 
 matplotlib only, through the object API (`matplotlib.figure.Figure`, rendered by Agg): no pyplot
 state, so the functions work headless, from a background thread, and never show a figure twice
@@ -83,7 +83,10 @@ def plot_timeline(
     figsize: tuple[float, float] = (11, 6),
 ) -> Figure:
     """Utilization (and GPM activity where measured) over time, with the spans in which requests
-    were in flight shaded; memory and power (NVML) or queue depth (CPU mode) below.
+    were in flight shaded; memory and power (NVML) or queue depth (CPU mode) below. When the
+    frame has a server's /stats columns (CPU mode, or `UtilizationSampler(server_stats=True)`),
+    a panel shows the requests waiting and running in the server and, for a continuous server,
+    its KV cache pages in use.
 
     `frame` is `UtilizationSampler.frame()`; `marks` are `UtilizationSampler.marks`
     (perf_counter times), spans are shaded and instants drawn as vertical lines. The title
@@ -94,8 +97,14 @@ def plot_timeline(
     t0 = attrs.get("t0") or 0.0
     x = np.asarray(frame["elapsed_s"], dtype=float)
 
-    fig = Figure(figsize=figsize, layout="constrained")
-    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(2.2, 1))
+    server_panel = not cpu_mode and any(
+        _column(frame, col) is not None for col in ("queue_depth", "in_flight", "kv_pages_used"))
+    fig = Figure(figsize=(figsize[0], figsize[1] + 2.2) if server_panel else figsize,
+                 layout="constrained")
+    if server_panel:
+        top, middle, bottom = fig.subplots(3, 1, sharex=True, height_ratios=(2.2, 1, 1))
+    else:
+        top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(2.2, 1))
 
     spans = merge_spans((m.start - t0, m.end - t0) for m in marks or () if m.end is not None)
     for i, (s, e) in enumerate(spans):
@@ -137,6 +146,8 @@ def plot_timeline(
             text += f"; mean SM activity {summary['sm_activity_mean']:.1f} %"
         top.set_title(text, loc="left", fontsize=9)
 
+    if server_panel:
+        _plot_server_panel(middle, frame, x)
     _plot_lower_panel(bottom, frame, x, cpu_mode)
     bottom.set_xlabel("time since the first sample, s")
 
@@ -146,15 +157,33 @@ def plot_timeline(
     return fig
 
 
+def _plot_server_panel(ax, frame: Any, x: np.ndarray) -> None:
+    """Requests waiting and running in the server (its /stats), and a continuous server's KV
+    cache pages in use on a second axis."""
+    for col, style in (("queue_depth", "-"), ("in_flight", "--")):
+        values = _column(frame, col)
+        if values is not None:
+            ax.step(x, values, style, where="post", label=COLUMN_LABELS[col])
+    ax.set_ylabel("requests")
+    ax.set_ylim(bottom=0)
+    lines = list(ax.get_lines())
+    used = _column(frame, "kv_pages_used")
+    if used is not None:
+        twin = ax.twinx()
+        total = _column(frame, "kv_pages_total")
+        of = f" (of {np.nanmax(total):,.0f})" if total is not None else ""
+        lines += twin.step(x, used, where="post", color="tab:purple", lw=1.2,
+                           label=f"{COLUMN_LABELS['kv_pages_used']}{of}")
+        twin.set_ylabel("KV cache pages")
+        twin.set_ylim(0, max(1.0, float(np.nanmax(used)) * 1.15))
+    if lines:
+        ax.legend(lines, [ln.get_label() for ln in lines], loc="upper left",
+                  bbox_to_anchor=(1.08 if used is not None else 1.01, 1.0), fontsize=8)
+
+
 def _plot_lower_panel(ax, frame: Any, x: np.ndarray, cpu_mode: bool) -> None:
     if cpu_mode:
-        for col, style in (("queue_depth", "-"), ("in_flight", "--")):
-            values = _column(frame, col)
-            if values is not None:
-                ax.step(x, values, style, where="post", label=COLUMN_LABELS[col])
-        ax.set_ylabel("requests")
-        if ax.lines:
-            ax.legend(**OUTSIDE)
+        _plot_server_panel(ax, frame, x)
         return
     mem = _column(frame, "mem_used_gb")
     if mem is not None:
@@ -276,6 +305,50 @@ def plot_concurrency_sweep(
     lat_ax.legend(fontsize=8)
     fig.suptitle(_title("Throughput and latency vs concurrency", model, device, title),
                  fontsize=11)
+    return fig
+
+
+def plot_server_state(
+    frames: Mapping[str, Any],
+    *,
+    title: str | None = None,
+    model: str | None = None,
+    device: str | None = None,
+    figsize: tuple[float, float] = (11, 6.5),
+) -> Figure:
+    """Several servers' own view over time, one line per server: requests waiting in the server,
+    requests running, and (for those that have one) the share of the KV cache's pages in use.
+    `frames` maps a name ("batched", "continuous") to a `UtilizationSampler.frame()` with the
+    server's /stats columns (CPU mode, or `server_stats=True`); time counts from each frame's
+    first sample."""
+    fig = Figure(figsize=figsize, layout="constrained")
+    waiting, running, kv = fig.subplots(3, 1, sharex=True)
+    for i, (name, frame) in enumerate(frames.items()):
+        x = np.asarray(frame["elapsed_s"], dtype=float)
+        color = f"C{i}"
+        for ax, col in ((waiting, "queue_depth"), (running, "in_flight")):
+            values = _column(frame, col)
+            if values is not None:
+                ax.step(x, values, where="post", color=color, lw=1.2, label=name)
+        used, total = _column(frame, "kv_pages_used"), _column(frame, "kv_pages_total")
+        if used is not None and total is not None:
+            share = 100 * used / total
+            kv.step(x, share, where="post", color=color, lw=1.2,
+                    label=f"{name}: peak {np.nanmax(share):.1f} % of {np.nanmax(total):,.0f} "
+                          "pages")
+    waiting.set_ylabel("waiting in the\nserver, requests")
+    running.set_ylabel("running,\nrequests")
+    kv.set_ylabel("KV cache pages\nin use, %")
+    kv.set_xlabel("time since the first sample, s")
+    for ax in (waiting, running, kv):
+        ax.set_ylim(bottom=0)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(**OUTSIDE)
+    if not kv.lines:
+        kv.text(0.5, 0.5, "no paged KV cache reported (only a continuous server has one)",
+                ha="center", va="center", transform=kv.transAxes, fontsize=9)
+    fig.suptitle(_title("What waits and what runs, from each server's /stats", model, device,
+                        title), fontsize=11)
     return fig
 
 

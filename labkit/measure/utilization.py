@@ -9,6 +9,11 @@ What each column means (ARCHITECTURE.md, "Metric definitions"):
   how much of the chip worked, computed between two GPM samples at least 100 ms apart.
 - ``busy_pct`` (CPU mode only, from a server's ``/stats``): percent of wall time in which the
   server's inference worker was generating. It is *not* GPU utilization, and every label says so.
+- ``queue_depth``, ``in_flight``, ``requests_served``, ``kv_pages_used``, ``kv_pages_total``
+  (from a labkit server's ``/stats``: always in CPU mode, beside NVML with
+  ``UtilizationSampler(url=..., server_stats=True)``): requests waiting in the server, requests
+  generating (a batched server's running batch; a continuous server's running requests), and a
+  continuous server's paged KV cache, pages in use and pages in all (missing for other modes).
 
 A metric the GPU or driver lacks is recorded as missing (NaN), never as zero: an NVML error costs
 one value, an unsupported metric is detected once and then skipped.
@@ -55,7 +60,12 @@ COLUMN_LABELS: dict[str, str] = {
     "queue_depth": "queue depth, requests",
     "in_flight": "in flight, requests",
     "requests_served": "requests served",
+    "kv_pages_used": "KV cache pages in use",
+    "kv_pages_total": "KV cache pages in all",
 }
+# What a labkit server's /stats adds to the samples (ServerStatsReader, WithServerStats).
+SERVER_COLUMNS = ("queue_depth", "in_flight", "requests_served", "kv_pages_used",
+                  "kv_pages_total")
 GPM_COLUMNS = ("sm_activity", "sm_occupancy", "tensor_activity", "dram_bw")
 Value = float | None
 
@@ -279,10 +289,12 @@ def stats_url(url: str) -> str:
 
 class ServerStatsReader:
     """CPU mode: polls a labkit server's GET /stats. busy_pct = Δbusy_seconds / Δuptime_s
-    between two polls, both read from the same server at the same moment (no HTTP jitter)."""
+    between two polls, both read from the same server at the same moment (no HTTP jitter);
+    queue depth, requests in flight and served, and a continuous server's KV cache pages
+    (SERVER_COLUMNS) as the server reports them."""
 
     source = "cpu-mode"
-    columns = ("busy_pct", "queue_depth", "in_flight", "requests_served")
+    columns = ("busy_pct", *SERVER_COLUMNS)
 
     def __init__(self, url: str, *, timeout: float = 2.0) -> None:
         self.url = stats_url(url)
@@ -307,7 +319,7 @@ class ServerStatsReader:
             server = self._fetch().get("server") or {}
         except (OSError, ValueError):
             return row  # server busy/restarting: this sample is missing
-        for key in ("queue_depth", "in_flight", "requests_served"):
+        for key in SERVER_COLUMNS:
             if isinstance(server.get(key), (int, float)):
                 row[key] = float(server[key])
         try:
@@ -322,6 +334,30 @@ class ServerStatsReader:
 
     def close(self) -> None:
         pass
+
+
+class WithServerStats:
+    """A reader (NVML) plus a labkit server's SERVER_COLUMNS from its /stats, in one sample:
+    the GPU's view and the server's own (what waits, what runs, its KV cache) side by side.
+    Everything else (source, device name, GPM status) is the first reader's."""
+
+    def __init__(self, reader: MetricReader, server: ServerStatsReader) -> None:
+        self.reader, self.server = reader, server
+        self.columns = (*reader.columns,
+                        *(c for c in SERVER_COLUMNS if c not in reader.columns))
+
+    def __getattr__(self, name: str) -> Any:  # source, device_name, gpm_status, ...
+        return getattr(self.reader, name)
+
+    def read(self) -> dict[str, Value]:
+        row = self.reader.read()
+        server = self.server.read()
+        row.update((c, server.get(c)) for c in self.columns if c not in row)
+        return row
+
+    def close(self) -> None:
+        self.reader.close()
+        self.server.close()
 
 
 def open_reader(device: int = 0, url: str | None = None) -> MetricReader:
@@ -370,10 +406,13 @@ def _field(record: Any, keys: Iterable[str]) -> float | None:
 
 def loadtest_t0(result: Any, returned_at: float | None = None) -> float | None:
     """The perf_counter time a load test's relative record times (sent_s, done_s) count from:
-    `result.t0` when the result carries it; else, given the perf_counter time at which run()
-    returned, that time minus the last completion (off by the client's close-down, a few ms,
-    far below the 100 ms sampling interval)."""
+    `result.t0`, or its config's `t0_perf_counter` (labkit's load test records it, also when it
+    ran in another process: perf_counter is the system's monotonic clock); else, given the
+    perf_counter time at which run() returned, that time minus the last completion (off by the
+    client's close-down, a few ms, far below the 100 ms sampling interval)."""
     t0 = getattr(result, "t0", None)
+    if not isinstance(t0, (int, float)):  # labkit's load test records its start in its config
+        t0 = (getattr(result, "config", None) or {}).get("t0_perf_counter")
     if isinstance(t0, (int, float)):
         return float(t0)
     done = [_field(r, ("done_s",)) for r in getattr(result, "records", ())]
@@ -419,8 +458,10 @@ class UtilizationSampler:
     """Samples a GPU (NVML) every `interval` seconds in a background thread.
 
     Without NVML it falls back to CPU mode when `url` names a labkit server; `reader` injects any
-    source (tests use a fake NVML). Use as a context manager, or start()/stop(); sample_once()
-    takes one sample synchronously (`labkit monitor` does).
+    source (tests use a fake NVML). With `server_stats` and a `url`, the server's /stats columns
+    (SERVER_COLUMNS: queue, in flight, KV cache pages) are sampled beside NVML too (in CPU mode
+    they always are). Use as a context manager, or start()/stop(); sample_once() takes one
+    sample synchronously (`labkit monitor` does).
     """
 
     def __init__(
@@ -431,11 +472,16 @@ class UtilizationSampler:
         url: str | None = None,
         reader: MetricReader | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        server_stats: bool = False,
     ) -> None:
         if not interval > 0:
             raise ValueError(f"interval must be > 0 seconds, got {interval!r}")
+        if server_stats and not url:
+            raise ValueError("server_stats needs the server's url")
         self.interval = float(interval)
         self.reader = reader if reader is not None else open_reader(device, url)
+        if server_stats and self.reader.source != "cpu-mode":
+            self.reader = WithServerStats(self.reader, ServerStatsReader(url))
         self._clock = clock
         self.wall_offset = time.time() - clock()  # epoch = perf_counter + wall_offset
         self.t0: float | None = None
@@ -607,4 +653,12 @@ def summarize(frame: Any, *, source: str, device: str = "") -> dict[str, Any]:
         values = _present(frame, col)
         if len(values):
             out[f"{col}_mean"] = float(values.mean())
+    for col in ("queue_depth", "in_flight", "kv_pages_used"):  # the server's, where sampled
+        values = _present(frame, col)
+        if len(values):
+            out[f"{col}_max"] = float(values.max())
+    total = _present(frame, "kv_pages_total")
+    if len(total) and "kv_pages_used_max" in out:
+        out["kv_pages_total"] = float(total.max())
+        out["kv_used_peak_fraction"] = out["kv_pages_used_max"] / out["kv_pages_total"]
     return out
