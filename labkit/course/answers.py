@@ -95,6 +95,16 @@ def _unanswered(exercise: str) -> CheckResult:
                        "`None` (or `...`) with your answer and run the cell again.")
 
 
+def _not_measured(exercise: str, value: float, measured: list[float], what: str, answer: object,
+                  expected: object) -> CheckResult | None:
+    """A "wrong" result when `value` is none of the `measured` values of the table, else None."""
+    if value in measured:
+        return None
+    listed = ", ".join(f"{m:g}" for m in measured)
+    return CheckResult(exercise, "wrong", f"❌ {exercise}: {value:g} is not one of the measured "
+                       f"{what}: {listed}.", answer, expected)
+
+
 def _number(exercise: str, answer: object) -> float | CheckResult:
     """The answer as a float, or the verdict for a stub / an unusable answer."""
     if answer is None or answer is Ellipsis:
@@ -550,11 +560,10 @@ def best_batch_size(answer, rows, p95_target_ms: float, *, batch_key: str = "bat
     value = _number(exercise, answer)
     if isinstance(value, CheckResult):
         return _finish(value)
-    sizes = [r[batch_key] for r in table]
-    if value not in sizes:
-        listed = ", ".join(f"{b:g}" for b in sizes)
-        return _finish(CheckResult(exercise, "wrong", f"❌ {exercise}: {value:g} is not one of "
-                                   f"the measured batch sizes: {listed}.", answer, expected))
+    unmeasured = _not_measured(exercise, value, [r[batch_key] for r in table], "batch sizes",
+                               answer, expected)
+    if unmeasured is not None:
+        return _finish(unmeasured)
     chosen = next(r for r in table if r[batch_key] == value)
     if value == expected:
         return _finish(CheckResult(
@@ -775,11 +784,10 @@ def rate_where_ttft_passes(answer, rows, target_ms: float, *, rate_key: str = "r
     value = _number(exercise, answer)
     if isinstance(value, CheckResult):
         return _finish(value)
-    rates = [r[rate_key] for r in table]
-    if value not in rates:
-        listed = ", ".join(f"{rate:g}" for rate in rates)
-        return _finish(CheckResult(exercise, "wrong", f"❌ {exercise}: {value:g} is not one of "
-                                   f"the measured rates: {listed}.", answer, expected))
+    unmeasured = _not_measured(exercise, value, [r[rate_key] for r in table], "rates", answer,
+                               expected)
+    if unmeasured is not None:
+        return _finish(unmeasured)
     if value == expected:
         return _finish(CheckResult(
             exercise, "correct", f"✅ {exercise}: correct — at {value:g} req/s p95 TTFT was "
