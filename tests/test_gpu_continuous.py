@@ -43,6 +43,7 @@ def test_graph_replay_equals_eager_and_sequential_greedy(lm32):
     graphs = engine_for(lm32, cuda_graphs=True, max_running=4, prefill_chunk=16)
     replayed = graphs.generate(requests())
     assert graphs.runner.graphs, "no CUDA graph was captured"
+    assert graphs.runner.prefill_graphs, "no prefill was replayed from a CUDA graph"
     eager = engine_for(lm32, cuda_graphs=False, max_running=4, prefill_chunk=16).generate(
         requests())
     sequential = [hf_generate.generate(lm32, r) for r in requests()]

@@ -38,7 +38,7 @@ from labkit.engine.kv_cache import PagedKVCache
 from labkit.engine.llama import Llama
 from labkit.engine.model import LoadedModel
 from labkit.engine.request import PromptTooLong, Request, Result
-from labkit.engine.runner import Chunk, ModelRunner
+from labkit.engine.runner import Chunk, ModelRunner, to_device
 from labkit.engine.sampling import hold_stop_tokens, next_tokens, uniforms
 
 DEFAULT_MAX_RUNNING = 256
@@ -67,6 +67,11 @@ class Sequence:
     @property
     def generated(self) -> list[int]:
         return self.ids[self.prompt_len:]
+
+    @property
+    def produced(self) -> int:
+        """Tokens generated so far, those still on the device included."""
+        return len(self.ids) - self.prompt_len + self.pending
 
     @property
     def length(self) -> int:
@@ -176,6 +181,7 @@ class ContinuousEngine:
             "last_step_tokens": self.last_step_tokens,
             "prefill_tokens": self.prefill_tokens,
             "cuda_graph_shapes": sorted(self.runner.graphs),
+            "prefill_graph_shapes": sorted(self.runner.prefill_graphs),
         }
 
     # -- one step ----------------------------------------------------------------------------
@@ -231,7 +237,7 @@ class ContinuousEngine:
             self.prefilling.remove(seq)
             self.decoding.append(seq)
         if done:  # their first tokens reach the host with the next decode step's intake
-            tokens = self._choose(finished, logits[torch.tensor(done, device=logits.device)])
+            tokens = self._choose(finished, logits[to_device(done, logits.device)])
             for seq in finished:
                 seq.pending += 1
             self._in_flight.append(InFlight(finished, tokens))
@@ -243,7 +249,7 @@ class ContinuousEngine:
         token may still be on the device (sampled by an earlier step): it is read there."""
         self._make_room_for_all()
         rows = [seq for seq in self.decoding
-                if len(seq.generated) + seq.pending < seq.request.max_tokens]
+                if seq.produced < seq.request.max_tokens]
         previous, self._in_flight = self._in_flight, []
         if rows:
             self._in_flight.append(self._launch(rows, previous))
@@ -259,7 +265,7 @@ class ContinuousEngine:
                 offset += len(step.rows)
             tokens = torch.cat([step.tokens for step in previous])
             pick = [where[id(seq)] if seq.pending else -1 for seq in rows]
-            carried = (torch.tensor(pick, device=tokens.device), tokens)
+            carried = (to_device(pick, tokens.device), tokens)
         chunks = [Chunk([0 if seq.pending else seq.ids[-1]], seq.length - 1, seq.pages)
                   for seq in rows]
         tokens = self._choose(rows, self.runner.decode(chunks, carried))
@@ -289,10 +295,11 @@ class ContinuousEngine:
         """A page for each decoding request's next token; when none is free, the latest
         admitted requests are preempted: pages freed, back to the front of the queue."""
         for seq in list(self.decoding):
-            while seq in self.decoding and len(seq.pages) < self.cache.pages_for(seq.length):
+            while len(seq.pages) < self.cache.pages_for(seq.length):
                 if self.cache.free.available:
                     seq.pages += self.cache.free.take(1)
-                elif self._in_flight:
+                    continue
+                if self._in_flight:
                     self._flush()  # may finish some requests, and free their pages
                 else:
                     victim = self.decoding.pop()  # the latest admitted (may be seq itself)
@@ -300,19 +307,21 @@ class ContinuousEngine:
                     victim.cached = 0
                     self.waiting.appendleft(victim)
                     self.preemptions += 1
+                if seq not in self.decoding:  # it finished, or was the victim
+                    break
 
     def _choose(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
         """Each row's next token on the device, by its own request's sampling (no sync)."""
         device = logits.device
         held = [row for row, seq in enumerate(seqs)
-                if not seq.request.may_stop(len(seq.generated) + seq.pending)]
+                if not seq.request.may_stop(seq.produced)]
         hold_stop_tokens(logits, held, self.stop_ids)
         draws = uniforms([seq.rng for seq in seqs], device)
         if draws is None:  # all greedy: no per-row parameters to send to the device
             return logits.argmax(-1)
         requests = [seq.request for seq in seqs]
-        temperature = torch.tensor([r.temperature for r in requests], device=device)
-        top_p = torch.tensor([r.top_p or 1.0 for r in requests], device=device)
+        temperature = to_device([r.temperature for r in requests], device, torch.float32)
+        top_p = to_device([r.top_p or 1.0 for r in requests], device, torch.float32)
         return next_tokens(logits, temperature, top_p, draws)
 
     def _accept(self, seq: Sequence, token: int, now: float) -> None:
@@ -321,7 +330,7 @@ class ContinuousEngine:
         if seq.first_token_at is None:
             seq.first_token_at = now
         seq.request.emit(token)
-        if token in self.stop_ids or len(seq.generated) >= seq.request.max_tokens \
+        if token in self.stop_ids or len(seq.ids) - seq.prompt_len >= seq.request.max_tokens \
                 or seq.request.cancelled.is_set():
             self.decoding.remove(seq)
             self._finish(seq, now)

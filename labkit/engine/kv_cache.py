@@ -65,10 +65,7 @@ class PagedKVCache:
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
         """Store k, v (rows, tokens, kv_heads, dim) at their flat slots (rows, tokens)."""
-        flat = self.kv[layer].view(2, -1, self.kv_heads, self.head_dim)
-        index = slots.reshape(-1)
-        flat[0].index_copy_(0, index, k.reshape(-1, self.kv_heads, self.head_dim))
-        flat[1].index_copy_(0, index, v.reshape(-1, self.kv_heads, self.head_dim))
+        write_kv(self.kv, layer, k, v, slots)
 
     def read(self, layer: int, block_table: torch.Tensor):
         """Keys and values of each row's pages, in order: two (rows, kv_heads, pages ×
@@ -102,3 +99,17 @@ class PageAllocator:
     def give_back(self, pages: list[int]) -> None:
         self._free.extend(reversed(pages))
         pages.clear()
+
+
+# A custom op that writes in place, so torch.compile neither traces nor copies the cache: traced,
+# a write into one layer's slice of this one big tensor became a copy of the whole slice.
+@torch.library.custom_op("labkit::write_kv", mutates_args=("kv",))
+def write_kv(kv: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor,
+             slots: torch.Tensor) -> None:
+    """kv: (layers, 2, pages, page_size, kv_heads, dim); k, v (rows, tokens, kv_heads, dim) go
+    to the flat slots (rows, tokens) of `layer`."""
+    kv_heads, dim = kv.shape[-2:]
+    flat = kv[layer].view(2, -1, kv_heads, dim)
+    index = slots.reshape(-1)
+    flat[0].index_copy_(0, index, k.reshape(-1, kv_heads, dim))
+    flat[1].index_copy_(0, index, v.reshape(-1, kv_heads, dim))

@@ -73,6 +73,9 @@ if triton is not None:
         tl.store(out_ptr + q_at, out.to(out_ptr.dtype.element_ty), mask=(heads < GROUP)[:, None])
 
 
+# A custom op, so torch.compile treats the kernel as one opaque call (its own Triton code is
+# already what a compiler would emit) and fuses the work around it.
+@torch.library.custom_op("labkit::decode_attention", mutates_args=())
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_table: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Attention of one query token per row over that row's first `lengths[row]` cached tokens.
@@ -91,3 +94,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         DIM=dim, PAGE=page, TOKENS=max(64, page),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     return out
+
+
+@decode_attention.register_fake
+def _(q, k_cache, v_cache, block_table, lengths):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)

@@ -6,8 +6,11 @@ leaves a handful of shapes; each is captured once as a CUDA graph (on first use,
 and replayed after that, so a step costs one launch from Python instead of ~20 per layer. Padded
 rows read and write the padding page (page 0) and their logits are dropped.
 
-Prefill chunks have every shape under the sun (rows × chunk lengths), and a chunk of many
-tokens keeps the GPU busy on its own, so they run eagerly.
+Prefill chunks have every shape under the sun (rows × chunk lengths). A large one keeps the GPU
+busy on its own and runs eagerly. A small one (a few new requests' short prompts, the usual
+case while serving) is mostly Python launching ~20 kernels per layer, during which the GPU
+idles: those are padded to powers of two too (at most PREFILL_GRAPH_ROWS × PREFILL_GRAPH_WIDTH)
+and replayed from graphs.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from labkit.engine.llama import Llama
 log = logging.getLogger("labkit.engine")
 
 MIN_GRAPH_PAGES = 8  # smallest pages-per-row a graph is captured for (128 tokens of 16)
+PREFILL_GRAPH_ROWS, PREFILL_GRAPH_WIDTH, PREFILL_GRAPH_PAGES = 8, 64, 64  # larger: eager
 
 
 @dataclass
@@ -42,15 +46,25 @@ class ModelRunner:
         self.device = cache.kv.device
         self.max_rows = max_rows
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
-        self.graphs: dict[tuple[int, int], _DecodeGraph] = {}
+        self.graphs: dict[tuple[int, int], _StepGraph] = {}  # decode: (rows, pages)
+        self.prefill_graphs: dict[tuple[int, int, int], _StepGraph] = {}  # (rows, width, pages)
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
 
     def prefill(self, chunks: list[Chunk]) -> torch.Tensor:
-        """Logits (rows, vocab) after each chunk's last token (eager)."""
+        """Logits (rows, vocab) after each chunk's last token: from a graph when the chunks
+        are few and short, else eagerly."""
         width = max(len(chunk.tokens) for chunk in chunks)
         pages = max(len(chunk.pages) for chunk in chunks)
-        packed = self._pack(chunks, len(chunks), width, pages)
-        return self.model(*unpack(packed, width), cache=self.cache)
+        shape = (padded(len(chunks)), padded(width), max(MIN_GRAPH_PAGES, padded(pages)))
+        if not self.cuda_graphs or not fits_prefill_graph(*shape):
+            packed = self._pack(chunks, len(chunks), width, pages)
+            return self.model(*unpack(packed, width), cache=self.cache)
+        if shape not in self.prefill_graphs:
+            log.info("Capturing a CUDA graph for prefill steps of %d rows × %d tokens × %d "
+                     "pages", *shape)
+            self.prefill_graphs[shape] = _StepGraph(self, *shape)
+        packed = self._pack(chunks, shape[0], shape[1], shape[2], host=True)
+        return self.prefill_graphs[shape].replay(packed)[:len(chunks)]
 
     def decode(self, chunks: list[Chunk], carried: tuple[torch.Tensor, torch.Tensor] | None = None
                ) -> torch.Tensor:
@@ -66,14 +80,19 @@ class ModelRunner:
         shape = (padded(len(chunks)), max(MIN_GRAPH_PAGES, padded(pages)))
         if shape not in self.graphs:
             log.info("Capturing a CUDA graph for decode steps of %d rows × %d pages", *shape)
-            self.graphs[shape] = _DecodeGraph(self, *shape)
+            self.graphs[shape] = _StepGraph(self, shape[0], 1, shape[1])
         packed = self._pack(chunks, shape[0], 1, shape[1], host=True)
         return self.graphs[shape].replay(packed, carried)[:len(chunks)]
 
-    def capture(self, rows: int, pages: int) -> None:
-        """Capture the graph of (rows, pages) now (at warm-up), not in a request's step."""
-        if self.cuda_graphs and (rows, pages) not in self.graphs:
-            self.graphs[(rows, pages)] = _DecodeGraph(self, rows, pages)
+    def capture(self, rows: int, pages: int, width: int = 1) -> None:
+        """Capture the graph of a decode step (width 1) or a prefill of (rows, width, pages)
+        now, at warm-up, rather than in a request's step."""
+        if not self.cuda_graphs:
+            return
+        if width == 1 and (rows, pages) not in self.graphs:
+            self.graphs[(rows, pages)] = _StepGraph(self, rows, 1, pages)
+        elif width > 1 and (rows, width, pages) not in self.prefill_graphs:
+            self.prefill_graphs[(rows, width, pages)] = _StepGraph(self, rows, width, pages)
 
     def _pack(self, chunks: list[Chunk], rows: int, width: int, pages: int,
               host: bool = False) -> torch.Tensor:
@@ -90,8 +109,19 @@ class ModelRunner:
                           + chunk.pages + [0] * (pages - len(chunk.pages))
                           + [len(chunk.tokens) - 1])
         packed += [[0] * (3 * width + pages + 1)] * (rows - len(chunks))
-        packed = torch.tensor(packed, dtype=torch.long)
+        packed = torch.tensor(packed, dtype=torch.long, pin_memory=self.device.type == "cuda")
         return packed if host else packed.to(self.device, non_blocking=True)
+
+
+def to_device(values: list, device: torch.device, dtype: torch.dtype | None = None
+              ) -> torch.Tensor:
+    """A host list as a tensor on `device`, without waiting for the GPU. `torch.tensor(values,
+    device="cuda")` copies from pageable memory and then synchronizes the stream: the host would
+    wait for the step in flight to end, and the GPU would idle while the host prepares the next.
+    From pinned memory the copy is queued behind that step instead."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
 def unpack(packed: torch.Tensor, width: int) -> tuple[torch.Tensor, ...]:
@@ -101,13 +131,19 @@ def unpack(packed: torch.Tensor, width: int) -> tuple[torch.Tensor, ...]:
     return tokens, positions, slots, rest[:, :-1], rest[:, -1]
 
 
-class _DecodeGraph:
-    """One decode step of (rows, pages) captured as a CUDA graph over a fixed input buffer."""
+def fits_prefill_graph(rows: int, width: int, pages: int) -> bool:
+    return rows <= PREFILL_GRAPH_ROWS and width <= PREFILL_GRAPH_WIDTH \
+        and pages <= PREFILL_GRAPH_PAGES
 
-    def __init__(self, runner: ModelRunner, rows: int, pages: int):
+
+class _StepGraph:
+    """One step of (rows, tokens per row, pages) captured as a CUDA graph over a fixed input
+    buffer: a decode step (width 1) or a small prefill."""
+
+    def __init__(self, runner: ModelRunner, rows: int, width: int, pages: int):
         device, model, cache = runner.device, runner.model, runner.cache
-        self.packed = torch.zeros(rows, 3 + pages + 1, dtype=torch.long, device=device)
-        inputs = unpack(self.packed, 1)
+        self.packed = torch.zeros(rows, 3 * width + pages + 1, dtype=torch.long, device=device)
+        inputs = unpack(self.packed, width)
         # Warm up on a side stream (kernel selection, workspace allocation), then capture.
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))

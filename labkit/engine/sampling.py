@@ -12,6 +12,8 @@ import random
 
 import torch
 
+from labkit.engine.runner import to_device
+
 
 def uniforms(rngs: list[random.Random | None], device: torch.device) -> torch.Tensor | None:
     """One uniform draw per row from that row's own generator (0 for greedy rows), or None when
@@ -19,7 +21,8 @@ def uniforms(rngs: list[random.Random | None], device: torch.device) -> torch.Te
     and a seed gives the same draws on any device and whatever else shares the batch."""
     if all(rng is None for rng in rngs):
         return None
-    return torch.tensor([0.0 if rng is None else rng.random() for rng in rngs], device=device)
+    return to_device([0.0 if rng is None else rng.random() for rng in rngs], device,
+                     torch.float32)
 
 
 def next_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
@@ -45,5 +48,5 @@ def hold_stop_tokens(logits: torch.Tensor, rows: list[int], stop_ids: set[int]) 
     yet, or that `ignore_eos`."""
     if rows and stop_ids:
         device = logits.device
-        logits[torch.tensor(rows, device=device)[:, None],
-               torch.tensor(sorted(stop_ids), device=device)] = float("-inf")
+        logits[to_device(rows, device)[:, None],
+               to_device(sorted(stop_ids), device)] = float("-inf")

@@ -26,7 +26,7 @@ from labkit.engine.kv_cache import PagedKVCache
 from labkit.engine.llama import Llama
 from labkit.engine.model import LoadedModel, load_model, resolve_local_path
 from labkit.engine.request import Request, Result
-from labkit.engine.runner import MIN_GRAPH_PAGES, padded
+from labkit.engine.runner import MIN_GRAPH_PAGES, PREFILL_GRAPH_ROWS, padded
 from labkit.engine.static_decode import StaticDecoders
 from labkit.measure import gpu
 
@@ -177,20 +177,24 @@ class ContinuousBackend(ModelBackend):
         return results
 
     def warm_up(self) -> None:
-        """Throwaway generations through the engine; on a GPU, the CUDA graph of every padded
-        batch size up to max_batch_size (at the smallest page count) is captured first, so no
-        request waits for a capture of those."""
+        """Throwaway generations through the engine; on a GPU, the CUDA graphs of every padded
+        batch size up to max_batch_size, and of small prefills of short prompts (at the
+        smallest page count), are captured first, so no request waits for a capture of those."""
         if not self.warmup_runs:
             return
         began = time.perf_counter()
-        rows = 1
+        runner, rows = self.engine.runner, 1
         while rows <= padded(self.engine.max_running):
-            self.engine.runner.capture(rows, MIN_GRAPH_PAGES)
+            runner.capture(rows, MIN_GRAPH_PAGES)
+            if rows <= PREFILL_GRAPH_ROWS:
+                for width in (16, 32, 64):  # prompts of up to 64 tokens
+                    runner.capture(rows, MIN_GRAPH_PAGES, width)
             rows *= 2
         for _ in range(self.warmup_runs):
             self.engine.generate([Request("warm-up", hf_generate.WARMUP_TOKENS, 0)])
         log.info("Warm-up: %d run(s) through the continuous engine; CUDA graphs for (rows, "
-                 "pages) %s; in %.1f s", self.warmup_runs, sorted(self.engine.runner.graphs),
+                 "pages) %s and %d small prefills; in %.1f s", self.warmup_runs,
+                 sorted(self.engine.runner.graphs), len(self.engine.runner.prefill_graphs),
                  time.perf_counter() - began)
 
     def free_memory(self) -> None:
