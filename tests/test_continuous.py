@@ -115,6 +115,24 @@ def test_a_burst_beyond_the_cache_queues_preempts_and_resumes_exactly(lm):
     assert eng.cache.free.used == 0
 
 
+def test_under_page_pressure_only_live_requests_hold_pages_and_none_leak(lm):
+    """Many short and long requests through a cache that fits two or three: at every step the
+    pages in use are exactly those the waiting, prefilling and decoding requests hold (a request
+    that finished or was preempted while another made room must not be handed pages)."""
+    eng = engine(lm, pages=17, page_size=4, max_running=6)  # 64 tokens for everyone
+    requests = [Request(PROMPTS[i % 5], [1, 2, 30, 3, 20, 1, 2, 12][i % 8], 0, ignore_eos=True)
+                for i in range(24)]
+    for request in requests:
+        eng.add(request)
+    while eng.has_work():
+        eng.step()
+        live = [*eng.waiting, *eng.prefilling, *eng.decoding]
+        assert eng.cache.free.used == sum(len(seq.pages) for seq in live)
+        assert not any(seq.pages for seq in eng.waiting)  # new, or preempted: no pages
+    assert eng.stats()["preemptions"] > 0
+    assert eng.cache.free.used == 0
+
+
 def test_a_request_that_could_never_fit_the_cache_is_refused_with_413(lm):
     eng = engine(lm, pages=5, page_size=4)  # 16 tokens in all
     with pytest.raises(PromptTooLong, match="more than the whole cache holds"):

@@ -294,11 +294,15 @@ class ContinuousEngine:
     def _make_room_for_all(self) -> None:
         """A page for each decoding request's next token; when none is free, the latest
         admitted requests are preempted: pages freed, back to the front of the queue."""
+        squeezed = False  # once a flush or a preemption ran, rows may have left `decoding`
         for seq in list(self.decoding):
             while len(seq.pages) < self.cache.pages_for(seq.length):
+                if squeezed and seq not in self.decoding:
+                    break  # it finished, or was preempted: it must not be handed pages
                 if self.cache.free.available:
                     seq.pages += self.cache.free.take(1)
                     continue
+                squeezed = True
                 if self._in_flight:
                     self._flush()  # may finish some requests, and free their pages
                 else:
@@ -307,8 +311,6 @@ class ContinuousEngine:
                     victim.cached = 0
                     self.waiting.appendleft(victim)
                     self.preemptions += 1
-                if seq not in self.decoding:  # it finished, or was the victim
-                    break
 
     def _choose(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
         """Each row's next token on the device, by its own request's sampling (no sync)."""
