@@ -4,6 +4,9 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+# Test files run side by side on this many workers (pytest-xdist, --dist loadfile: a file's tests
+# stay on one worker, so a module's server starts once); 1 runs them one after another.
+TEST_JOBS ?= 2
 LAB_PORT ?= 8888
 LAB_IP   ?= 127.0.0.1
 STAMP  := $(VENV)/.installed
@@ -27,7 +30,7 @@ lab: venv
 
 test: venv
 	$(BIN)/ruff check labkit tests benchmarks
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(if $(filter-out 1,$(TEST_JOBS)),-n $(TEST_JOBS) --dist loadfile)
 
 lint: venv
 	$(BIN)/ruff check labkit tests benchmarks

@@ -243,9 +243,13 @@ def main(argv: list[str] | None = None) -> int:
     for row in report["throughput"]:
         if "concurrency" in row:
             print(f"{row['concurrency']:>11}{row['tok_s']:>10}{str(row.get('hf_tok_s')):>10}"
-                  f"{str(row.get('x_hf')):>7}{str(row.get('nvml_util')):>7}"
-                  f"{str(row.get('sm_activity')):>7}")
+                  f"{str(row.get('x_hf')):>7}{_pct(row.get('nvml_util')):>7}"
+                  f"{_pct(row.get('sm_activity')):>7}")
     return 0
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}%"
 
 
 if __name__ == "__main__":

@@ -49,16 +49,23 @@ def _notebooks(group: str) -> list[Path]:
 LEARNER_SMOKE = {"01_memory.ipynb"}  # the learner copy that runs (see the docstring)
 
 
-def _runs() -> list:
+def runs(*groups: str) -> list:
+    """The nbval runs of these groups. The exercises' runs are in test_exercise_notebooks.py:
+    a file of their own, so `make test` (pytest-xdist, a worker per file) runs them beside the
+    course notebooks."""
     return [pytest.param(group, path, id=f"{group}/{path.name}")
-            for group in GROUPS for path in _notebooks(group)
+            for group in groups for path in _notebooks(group)
             if group != "learner" or path.name in LEARNER_SMOKE]
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(NOTEBOOK_BUDGET_S + 60)
-@pytest.mark.parametrize(("group", "path"), _runs())
+@pytest.mark.parametrize(("group", "path"), runs("notebooks"))
 def test_notebook_runs_with_nbval(group: str, path: Path):
+    run_with_nbval(group, path)
+
+
+def run_with_nbval(group: str, path: Path) -> None:
     env = {**os.environ, **CI_ENV, **GROUPS[group][1]}
     if group != "solutions":
         env.pop("LABKIT_CHECK_STRICT", None)

@@ -191,6 +191,34 @@ def test_completion_stream_bytes():
     assert frames(body)[-1] == b"data: [DONE]\n\n"
 
 
+@pytest.mark.parametrize("path", [COMPLETIONS, CHAT])
+def test_continuous_usage_stats_puts_the_counts_so_far_in_every_chunk(path):
+    """vLLM's stream_options.continuous_usage_stats, which benchmark clients (GuideLLM) send:
+    with include_usage, every chunk carries the counts so far; without it, none does."""
+    prompt = {"prompt": "hi there"} if path == COMPLETIONS else {
+        "messages": [{"role": "user", "content": "hi there"}]}
+
+    async def scenario(options):
+        async with serving() as client:
+            response = await client.post(path, json={**prompt, "max_tokens": 3, "stream": True,
+                                                      "stream_options": options})
+            assert response.status == 200
+            return events(await response.read())
+
+    chunks = asyncio.run(scenario({"include_usage": True, "continuous_usage_stats": True}))
+    *text_chunks, final = chunks
+    assert final["choices"] == [] and final["usage"]["completion_tokens"] == 3
+    prompt_tokens = final["usage"]["prompt_tokens"]
+    counts = [c["usage"]["completion_tokens"] for c in text_chunks]
+    expected = [1, 2, 3, 3] if path == COMPLETIONS else [0, 1, 2, 3, 3]  # chat: role first
+    assert counts == expected
+    assert all(c["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": n,
+                              "total_tokens": prompt_tokens + n}
+               for c, n in zip(text_chunks, counts, strict=True))
+    alone = asyncio.run(scenario({"continuous_usage_stats": True}))
+    assert all("usage" not in c for c in alone)
+
+
 def test_chat_stream_bytes_without_usage():
     async def scenario():
         async with serving() as client:

@@ -114,15 +114,21 @@ class ServerState:
         """Load on a daemon thread: a SIGTERM during a long load must not wait for it."""
         loop = asyncio.get_running_loop()
 
+        def report(callback, outcome) -> None:
+            try:
+                loop.call_soon_threadsafe(callback, outcome)
+            except RuntimeError:  # the loop is closed: the server stopped while this loaded
+                log.info("The server stopped while the model loaded; the load is dropped")
+
         def load() -> None:
             try:
                 backend = self.load_backend()
                 # On the thread requests will run on: see ModelBackend.warm_up.
                 self.scheduler.run_on_generation_thread(backend.warm_up)
             except BaseException as err:  # reported in the log, and the server exits with 1
-                loop.call_soon_threadsafe(self._load_failed, err)
+                report(self._load_failed, err)
             else:
-                loop.call_soon_threadsafe(self._load_done, backend)
+                report(self._load_done, backend)
 
         threading.Thread(target=load, name="labkit-load", daemon=True).start()
 

@@ -183,6 +183,7 @@ class Call:
     stop: list[str]
     stream: bool
     include_usage: bool
+    continuous_usage: bool = False  # vLLM's stream_options.continuous_usage_stats
     id: str = field(default="")
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -279,8 +280,9 @@ class Call:
                 "usage": self.usage(result)}
 
     def chunk(self, text: str | None = None, finish_reason: str | None = None, *,
-              first: bool = False) -> bytes:
-        """One SSE frame of the stream: a piece of text, or (text None) the closing chunk."""
+              first: bool = False, usage: dict | None = None) -> bytes:
+        """One SSE frame of the stream: a piece of text, or (text None) the closing chunk.
+        `usage` (the counts so far) is sent only with continuous usage stats."""
         if self.chat:
             if first:
                 delta = {"role": "assistant", "content": ""}
@@ -291,7 +293,11 @@ class Call:
         else:
             choice = {"index": 0, "text": text or "", "logprobs": None,
                       "finish_reason": finish_reason}
-        return self._frame([choice])
+        return self._frame([choice], usage if self.continuous_usage else None)
+
+    def usage_so_far(self, prompt_tokens: int, completion_tokens: int) -> dict:
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
 
     def closing_frames(self, result: Result, sink: TextSink) -> list[bytes]:
         """After the last piece of text: the text held back for a stop string that never came,
@@ -300,7 +306,7 @@ class Call:
         rest = sink.flush()
         if rest:
             frames.append(self.chunk(rest))
-        frames.append(self.chunk(None, self.finish_reason(result, sink)))
+        frames.append(self.chunk(None, self.finish_reason(result, sink), usage=self.usage(result)))
         if self.include_usage:
             frames.append(self._frame([], self.usage(result)))
         frames.append(DONE)
@@ -374,7 +380,7 @@ def parse(path: str, body: bytes, served: str) -> Call:
     stream = data.get("stream")
     if not _bool_or_null(stream):
         raise _bad("stream", f"stream must be true or false, got {json.dumps(stream)}.")
-    include_usage = _stream_options(data.get("stream_options"), bool(stream))
+    include_usage, continuous_usage = _stream_options(data.get("stream_options"), bool(stream))
 
     prompt = messages = None
     if chat:
@@ -394,7 +400,8 @@ def parse(path: str, body: bytes, served: str) -> Call:
             sampling[name] = data[name]
     return Call(chat=chat, model=served, prompt=prompt, messages=messages, sampling=sampling,
                 max_tokens=max_tokens, max_tokens_field=max_tokens_field,
-                stop=_stop(data.get("stop")), stream=bool(stream), include_usage=include_usage)
+                stop=_stop(data.get("stop")), stream=bool(stream), include_usage=include_usage,
+                continuous_usage=continuous_usage)
 
 
 def _with_hint(name: str, known) -> str:
@@ -468,23 +475,29 @@ def _stop(stop) -> list[str]:
     return stops
 
 
-def _stream_options(options, stream: bool) -> bool:
-    """include_usage; stream_options is valid only with stream: true."""
+STREAM_OPTIONS = ("include_usage", "include_obfuscation",  # no obfuscation padding is sent
+                  "continuous_usage_stats")  # vLLM's: usage in every chunk (benchmark clients)
+
+
+def _stream_options(options, stream: bool) -> tuple[bool, bool]:
+    """(include_usage, continuous usage stats); stream_options is valid only with stream: true.
+    As in vLLM, usage goes in every chunk only when both are true."""
     if options is None:
-        return False
+        return False, False
     if not stream:
         raise _bad("stream_options", "stream_options is only allowed when stream is true.")
     if not isinstance(options, dict):
         raise _bad("stream_options", "stream_options must be an object like "
                                      '{"include_usage": true}.')
-    extra = sorted(set(options) - {"include_usage", "include_obfuscation"})
+    extra = sorted(set(options) - set(STREAM_OPTIONS))
     if extra:
         raise _bad(f"stream_options.{extra[0]}", f"stream_options.{extra[0]} is not supported "
-                                                 "(include_usage is).")
-    for name in ("include_usage", "include_obfuscation"):  # no obfuscation padding is sent
+                                                 f"(these are: {', '.join(STREAM_OPTIONS)}).")
+    for name in STREAM_OPTIONS:
         if not _bool_or_null(options.get(name)):
             raise _bad(f"stream_options.{name}", f"stream_options.{name} must be true or false.")
-    return bool(options.get("include_usage"))
+    usage = bool(options.get("include_usage"))
+    return usage, usage and bool(options.get("continuous_usage_stats"))
 
 
 # --- the text of a generation, on the generation thread ----------------------------------------
@@ -492,19 +505,22 @@ def _stream_options(options, stream: bool) -> bool:
 class TextSink:
     """The text of one generation as its tokens arrive, on the generation thread: each token is
     detokenized, the text is cut at the first stop string (which sets `request.cancelled`, so the
-    engine stops at its next step), and each new piece goes to `deliver`. A piece that could be
-    the start of a stop string is held back until the next tokens show it is not."""
+    engine stops at its next step), and each new piece goes to `deliver` with the number of
+    tokens generated so far. A piece that could be the start of a stop string is held back until
+    the next tokens show it is not."""
 
     def __init__(self, request: Request, detokenizer, stop: list[str],
-                 deliver: Callable[[str], None] | None = None):
+                 deliver: Callable[[str, int], None] | None = None):
         self.request, self.detokenizer, self.stop = request, detokenizer, stop
         self.deliver = deliver
+        self.tokens = 0  # generated so far
         self.text = ""  # everything so far (cut at a stop string)
         self.sent = 0  # characters of `text` delivered
         self.matched = False
         request.on_token = self.on_token
 
     def on_token(self, token_id: int) -> None:
+        self.tokens += 1
         piece = self.detokenizer.push(token_id)  # on the generation thread, as it must be
         if self.matched or not piece:
             return
@@ -520,7 +536,7 @@ class TextSink:
         if ready > self.sent:
             new, self.sent = self.text[self.sent:ready], ready
             if self.deliver is not None:
-                self.deliver(new)
+                self.deliver(new, self.tokens)
 
     def _held_back(self) -> int:
         """Length of the longest end of `text` that begins a stop string."""
@@ -558,9 +574,9 @@ async def stream(http_request: web.Request, call: Call, request: Request, backen
     closing chunks. A disconnect (the handler cancelled, or a write to a closed connection)
     cancels the request, so the engine stops generating it."""
     loop = asyncio.get_running_loop()
-    pieces: asyncio.Queue[str | None] = asyncio.Queue()
+    pieces: asyncio.Queue[tuple[str, int] | None] = asyncio.Queue()
     sink = TextSink(request, backend.detokenizer(), call.stop,
-                    deliver=lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece))
+                    deliver=lambda *piece: loop.call_soon_threadsafe(pieces.put_nowait, piece))
     work = asyncio.ensure_future(submit(request))
 
     def finished(task: asyncio.Future) -> None:
@@ -572,16 +588,21 @@ async def stream(http_request: web.Request, call: Call, request: Request, backen
     work.add_done_callback(finished)
     response = web.StreamResponse(headers=SSE_HEADERS)
 
+    def usage(tokens: int) -> dict | None:  # the counts so far, for continuous usage stats
+        return call.usage_so_far(len(request.prompt_ids), tokens) if call.continuous_usage \
+            else None
+
     async def send(frame: bytes) -> None:
         if not response.prepared:  # starts with the first piece of text, or the result
             await response.prepare(http_request)
             if call.chat:
-                await response.write(call.chunk(first=True))
+                await response.write(call.chunk(first=True, usage=usage(0)))
         await response.write(frame)
 
     try:
-        while (piece := await pieces.get()) is not None:
-            await send(call.chunk(piece))
+        while (item := await pieces.get()) is not None:
+            piece, tokens = item
+            await send(call.chunk(piece, usage=usage(tokens)))
         result = work.result()  # before the first byte, an error gets its own status code
         observe(result)
         for frame in call.closing_frames(result, sink):
