@@ -117,8 +117,8 @@ class ServerState:
         def report(callback, outcome) -> None:
             try:
                 loop.call_soon_threadsafe(callback, outcome)
-            except RuntimeError:  # the loop is closed: the server stopped while this loaded
-                log.info("The server stopped while the model loaded; the load is dropped")
+            except RuntimeError:  # the loop is closed: the server stopped while this loaded,
+                pass  # and its log may be closed too; the load is dropped with the server
 
         def load() -> None:
             try:
