@@ -59,12 +59,8 @@ class ModelRunner:
         if not self.cuda_graphs or not fits_prefill_graph(*shape):
             packed = self._pack(chunks, len(chunks), width, pages)
             return self.model(*unpack(packed, width), cache=self.cache)
-        if shape not in self.prefill_graphs:
-            log.info("Capturing a CUDA graph for prefill steps of %d rows × %d tokens × %d "
-                     "pages", *shape)
-            self.prefill_graphs[shape] = _StepGraph(self, *shape)
-        packed = self._pack(chunks, shape[0], shape[1], shape[2], host=True)
-        return self.prefill_graphs[shape].replay(packed)[:len(chunks)]
+        packed = self._pack(chunks, *shape, host=True)
+        return self._graph(*shape).replay(packed)[:len(chunks)]
 
     def decode(self, chunks: list[Chunk], carried: tuple[torch.Tensor, torch.Tensor] | None = None
                ) -> torch.Tensor:
@@ -77,22 +73,26 @@ class ModelRunner:
             packed = self._pack(chunks, len(chunks), 1, pages)
             _carry(packed, carried)
             return self.model(*unpack(packed, 1), cache=self.cache)
-        shape = (padded(len(chunks)), max(MIN_GRAPH_PAGES, padded(pages)))
-        if shape not in self.graphs:
-            log.info("Capturing a CUDA graph for decode steps of %d rows × %d pages", *shape)
-            self.graphs[shape] = _StepGraph(self, shape[0], 1, shape[1])
-        packed = self._pack(chunks, shape[0], 1, shape[1], host=True)
-        return self.graphs[shape].replay(packed, carried)[:len(chunks)]
+        shape = (padded(len(chunks)), 1, max(MIN_GRAPH_PAGES, padded(pages)))
+        packed = self._pack(chunks, *shape, host=True)
+        return self._graph(*shape).replay(packed, carried)[:len(chunks)]
 
     def capture(self, rows: int, pages: int, width: int = 1) -> None:
         """Capture the graph of a decode step (width 1) or a prefill of (rows, width, pages)
         now, at warm-up, rather than in a request's step."""
-        if not self.cuda_graphs:
-            return
-        if width == 1 and (rows, pages) not in self.graphs:
-            self.graphs[(rows, pages)] = _StepGraph(self, rows, 1, pages)
-        elif width > 1 and (rows, width, pages) not in self.prefill_graphs:
-            self.prefill_graphs[(rows, width, pages)] = _StepGraph(self, rows, width, pages)
+        if self.cuda_graphs:
+            self._graph(rows, width, pages)
+
+    def _graph(self, rows: int, width: int, pages: int) -> _StepGraph:
+        """The graph of a padded step shape, captured on first use. Width 1 is a decode step's
+        shape (a one-token prefill shares it: the same step)."""
+        table, key = ((self.graphs, (rows, pages)) if width == 1
+                      else (self.prefill_graphs, (rows, width, pages)))
+        if key not in table:
+            log.info("Capturing a CUDA graph for steps of %d rows × %d tokens × %d pages",
+                     rows, width, pages)
+            table[key] = _StepGraph(self, rows, width, pages)
+        return table[key]
 
     def _pack(self, chunks: list[Chunk], rows: int, width: int, pages: int,
               host: bool = False) -> torch.Tensor:

@@ -262,9 +262,7 @@ class Call:
         return "length" if result.finish_reason == "length" else "stop"
 
     def usage(self, result: Result) -> dict:
-        return {"prompt_tokens": result.prompt_tokens,
-                "completion_tokens": result.tokens_generated,
-                "total_tokens": result.prompt_tokens + result.tokens_generated}
+        return usage_counts(result.prompt_tokens, result.tokens_generated)
 
     def response(self, result: Result, sink: TextSink | None) -> dict:
         """The non-streaming answer."""
@@ -295,10 +293,6 @@ class Call:
                       "finish_reason": finish_reason}
         return self._frame([choice], usage if self.continuous_usage else None)
 
-    def usage_so_far(self, prompt_tokens: int, completion_tokens: int) -> dict:
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens}
-
     def closing_frames(self, result: Result, sink: TextSink) -> list[bytes]:
         """After the last piece of text: the text held back for a stop string that never came,
         the chunk with finish_reason, the usage chunk when asked for, and [DONE]."""
@@ -319,6 +313,12 @@ class Call:
         if self.include_usage:
             body["usage"] = usage
         return sse(body)
+
+
+def usage_counts(prompt_tokens: int, completion_tokens: int) -> dict:
+    """OpenAI's `usage` object."""
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
 
 
 def sse(body: dict) -> bytes:
@@ -588,21 +588,19 @@ async def stream(http_request: web.Request, call: Call, request: Request, backen
     work.add_done_callback(finished)
     response = web.StreamResponse(headers=SSE_HEADERS)
 
-    def usage(tokens: int) -> dict | None:  # the counts so far, for continuous usage stats
-        return call.usage_so_far(len(request.prompt_ids), tokens) if call.continuous_usage \
-            else None
+    prompt_tokens = len(request.prompt_ids)
 
     async def send(frame: bytes) -> None:
         if not response.prepared:  # starts with the first piece of text, or the result
             await response.prepare(http_request)
             if call.chat:
-                await response.write(call.chunk(first=True, usage=usage(0)))
+                await response.write(call.chunk(first=True, usage=usage_counts(prompt_tokens, 0)))
         await response.write(frame)
 
     try:
         while (item := await pieces.get()) is not None:
-            piece, tokens = item
-            await send(call.chunk(piece, usage=usage(tokens)))
+            piece, tokens = item  # the counts so far go out with continuous usage stats only
+            await send(call.chunk(piece, usage=usage_counts(prompt_tokens, tokens)))
         result = work.result()  # before the first byte, an error gets its own status code
         observe(result)
         for frame in call.closing_frames(result, sink):
