@@ -88,7 +88,8 @@ def test_launch_starts_labkit_serve_on_a_free_port_with_the_model_loaded(real_se
                                                 "max_tokens": 8})
     assert status == 200 and body["device"] == "cpu" and body["gpu_name"] is None
     assert body["model"] == "embedded (model/)" and body["synthetic"] is False
-    assert "POST /generate 200" in srv.logs(tail=5)
+    # the access log line reaches us through the pipe's reader thread, after the response
+    wait_until(lambda: "POST /generate 200" in srv.logs(tail=5), what="the access log line")
     assert f"pid {srv.pid} running" in repr(srv)
 
 
