@@ -5,7 +5,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 # Test files run side by side on this many workers (pytest-xdist, --dist loadfile: a file's tests
-# stay on one worker, so a module's server starts once); 1 runs them one after another.
+# stay on one worker, so a module's server starts once); 1 runs them one after another. Tests
+# marked solo compare timings, so they run afterwards with the machine to themselves.
 TEST_JOBS ?= 2
 LAB_PORT ?= 8888
 LAB_IP   ?= 127.0.0.1
@@ -30,7 +31,12 @@ lab: venv
 
 test: venv
 	$(BIN)/ruff check labkit tests benchmarks
-	$(BIN)/python -m pytest $(if $(filter-out 1,$(TEST_JOBS)),-n $(TEST_JOBS) --dist loadfile)
+ifeq ($(TEST_JOBS),1)
+	$(BIN)/python -m pytest
+else
+	$(BIN)/python -m pytest -m "not gpu and not solo" -n $(TEST_JOBS) --dist loadfile
+	$(BIN)/python -m pytest -m solo
+endif
 
 lint: venv
 	$(BIN)/ruff check labkit tests benchmarks

@@ -12,6 +12,8 @@ from labkit.measure import loadtest
 from labkit.serve.launcher import launch
 
 PROMPT = "Suggest a skincare routine for dry skin"
+pytestmark = pytest.mark.solo  # throughput at one concurrency against another: no neighbours
+
 MAX_TOKENS = 32  # long enough that HTTP and event-loop overhead stay small next to generation
 REQUESTS = 20  # per level, as in the seed's Experiment 3
 
