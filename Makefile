@@ -23,9 +23,7 @@ $(STAMP): pyproject.toml
 		{ echo "Python 3.10+ is needed (found $$($(PYTHON) --version))."; exit 1; }
 	@$(PYTHON) -m venv $(VENV) || { echo "Could not create $(VENV): on Debian/Ubuntu run \
 	'sudo apt-get install python3-venv' and try again."; exit 1; }
-	@# --no-compile: Python compiles the modules it imports when it first imports them, instead
-	@# of every module of torch and transformers here (a third of the install's time).
-	$(BIN)/python -m pip install --quiet --no-compile --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	@touch $@
 
 lab: venv
