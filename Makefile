@@ -6,7 +6,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # Test files run side by side on this many workers (pytest-xdist, --dist loadfile: a file's tests
 # stay on one worker, so a module's server starts once); 1 runs them one after another. Tests
-# marked solo compare timings, so they run afterwards with the machine to themselves.
+# marked solo compare timings, so they run first, with the machine to themselves (right after
+# the parallel pass, its servers and kernels still winding down, they read 30 % off).
 TEST_JOBS ?= 2
 LAB_PORT ?= 8888
 LAB_IP   ?= 127.0.0.1
@@ -34,8 +35,8 @@ test: venv
 ifeq ($(TEST_JOBS),1)
 	$(BIN)/python -m pytest
 else
-	$(BIN)/python -m pytest -m "not gpu and not solo" -n $(TEST_JOBS) --dist loadfile
 	$(BIN)/python -m pytest -m solo
+	$(BIN)/python -m pytest -m "not gpu and not solo" -n $(TEST_JOBS) --dist loadfile
 endif
 
 lint: venv
