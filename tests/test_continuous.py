@@ -212,6 +212,8 @@ def test_continuous_server_answers_reports_its_cache_and_refuses_what_cannot_fit
     (["--kv-cache-gb", "2"], "--kv-cache-gb applies only to --mode continuous"),
     (["--mode", "batched", "--prefill-chunk", "64"], "applies only to --mode continuous"),
     (["--mode", "continuous", "--max-wait-ms", "5"], "applies only to --mode batched"),
+    (["--mode", "batched", "--no-engine-process"], "--no-engine-process applies only to --mode "
+                                                  "continuous"),
     (["--mode", "continuous", "--kv-cache-gb", "0"], "--kv-cache-gb must be a positive"),
     (["--mode", "continuous", "--prefill-chunk", "0"], "--prefill-chunk must be at least 1"),
 ])

@@ -119,13 +119,12 @@ def load_model(source: str = "model", device: str | torch.device = "auto",
     if synthetic.is_synthetic(source):
         shape = synthetic.shape_name(source)
         model = synthetic.build_synthetic(shape, target, torch_dtype, seed=seed)
-        tokenizer = load_tokenizer(default_model_dir())
         name = f"{source} (synthetic: random weights, meaningless text)"
     else:
         path = resolve_local_path(source)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(target).eval()
-        tokenizer = load_tokenizer(path)
         name = _display_name(source, path)
+    tokenizer = load_tokenizer(tokenizer_dir(source))
     if target.type == "cuda":
         torch.cuda.synchronize(target)
     load_time = time.perf_counter() - started
@@ -136,6 +135,12 @@ def load_model(source: str = "model", device: str | torch.device = "auto",
         context_length=getattr(model.config, "max_position_embeddings", 2048),
         memory_after_load=memory.measure_gpu_memory(target),
     )
+
+
+def tokenizer_dir(source: str) -> Path:
+    """Where `source`'s tokenizer lives: its own directory, or the embedded model's for a
+    synthetic shape. Raises ModelSourceError for a source that does not resolve."""
+    return default_model_dir() if synthetic.is_synthetic(source) else resolve_local_path(source)
 
 
 def load_tokenizer(path: Path):

@@ -6,8 +6,8 @@ model's context and stores the prompt's token ids on it, so the prompt is tokeni
 way of generating (one at a time, batched) returns the same `Result`.
 
 The errors a server turns into status codes live here too: `InvalidRequest` (400),
-`PromptTooLong` (413) and `OutOfMemory` (503). No torch here: a server imports this module
-before its model, and torch with it, has loaded.
+`PromptTooLong` (413), `OutOfMemory` and `EngineGone` (503). No torch here: a server imports
+this module before its model, and torch with it, has loaded.
 """
 
 from __future__ import annotations
@@ -33,6 +33,10 @@ class PromptTooLong(InvalidRequest):
 
 class OutOfMemory(RuntimeError):
     """The device ran out of memory while generating; the allocator's cache was freed."""
+
+
+class EngineGone(RuntimeError):
+    """The engine process exited; nothing can be generated until the server restarts."""
 
 
 TokenSink = Callable[[int], None]

@@ -47,8 +47,10 @@ def memory_gb(index: int = 0) -> dict | None:
     }
 
 
-def device_info(index: int = 0) -> dict:
-    """The seed's /stats fields. Without a GPU: gpu_name None, gpu_count 0, device 'cpu'."""
+def device_info(index: int = 0, memory: bool = True) -> dict:
+    """The seed's /stats fields. Without a GPU: gpu_name None, gpu_count 0, device 'cpu'.
+    `memory=False` leaves out the memory reading (None), which would open a CUDA context in
+    this process."""
     import torch
 
     has_cuda = torch.cuda.is_available()
@@ -60,7 +62,7 @@ def device_info(index: int = 0) -> dict:
         "cuda_version": torch.version.cuda,
         "pytorch_version": torch.__version__,
         "nvml_available": nvml() is not None,
-        "memory": memory_gb(index),
+        "memory": memory_gb(index) if memory else None,
     }
 
 

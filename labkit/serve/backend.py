@@ -155,6 +155,8 @@ class ContinuousBackend(ModelBackend):
     model's fused-away weights are freed, so the weights are held once; every generation,
     single or batched, goes through the engine."""
 
+    engine_process = False  # the engine steps on the server's generation thread
+
     def __init__(self, lm: LoadedModel, engine: ContinuousEngine, warmup_runs: int = 0):
         super().__init__(lm, None, warmup_runs=warmup_runs,
                          max_batch_size=engine.max_running)

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from labkit.engine.request import InvalidRequest, OutOfMemory, PromptTooLong, Request
+from labkit.engine.request import EngineGone, InvalidRequest, OutOfMemory, PromptTooLong, Request
 from labkit.serve import generate_api, openai_api
 from labkit.serve.generate_api import ApiError
 from labkit.serve.metrics import CONTENT_TYPE, ServerMetrics
@@ -149,8 +149,14 @@ class ServerState:
 
         device = self.backend.device if self.backend is not None else "cpu"
         index = int(device.split(":")[1]) if device.startswith("cuda:") else 0
+        # An engine in its own process reports its memory itself (here torch holds none).
+        engine_memory = getattr(self.backend, "memory_gb", None)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.info_executor, gpu.device_info, index)
+        info = await loop.run_in_executor(self.info_executor, gpu.device_info, index,
+                                          engine_memory is None)
+        if engine_memory is not None:
+            info["memory"] = engine_memory()
+        return info
 
 
 STATE = web.AppKey("labkit_state", ServerState)
@@ -350,6 +356,8 @@ async def _errors_as_json(request: web.Request, handler) -> web.StreamResponse:
         status, message = 413, str(err)
     except InvalidRequest as err:
         status, message = 400, str(err)
+    except EngineGone as err:
+        status, message = 503, str(err)
     except OutOfMemory as err:
         status = 503
         message = (f"Out of memory while generating ({err}). The server freed its cache and "
@@ -503,6 +511,11 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill-chunk", type=int, default=None, metavar="TOKENS",
                         help="continuous mode: most prompt tokens prefilled per step (default "
                              "2048); a longer prompt is prefilled over several steps")
+    parser.add_argument("--engine-process", action=argparse.BooleanOptionalAction,
+                        default=None,
+                        help="continuous mode: run the engine in a process of its own (default "
+                             "on); --no-engine-process runs it on a thread of the server, "
+                             "sharing the event loop's GIL")
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                         help="batched mode on a GPU: replay each decode step from a CUDA graph "
                              "(default on; --no-cuda-graphs decodes eagerly, the GPU waiting "
@@ -536,13 +549,17 @@ def run_cli(args) -> int:
         return 2
 
     def load() -> Backend:
+        options = dict(device=args.device, dtype=args.dtype, warmup_runs=args.warmup,
+                       threads=args.threads,
+                       max_batch_size=scheduler_options.get("max_batch_size"),
+                       cuda_graphs=args.cuda_graphs is not False, continuous=engine_options)
+        if engine_options is not None and args.engine_process is not False:
+            from labkit.serve.engine_process import EngineProcessBackend
+
+            return EngineProcessBackend.start(args.model, **options)
         from labkit.serve.backend import load_model_backend  # torch: on the loading thread
 
-        return load_model_backend(args.model, device=args.device, dtype=args.dtype,
-                                  warmup_runs=args.warmup, threads=args.threads,
-                                  max_batch_size=scheduler_options.get("max_batch_size"),
-                                  cuda_graphs=args.cuda_graphs is not False,
-                                  continuous=engine_options)
+        return load_model_backend(args.model, **options)
 
     async def main() -> int:
         app = create_app(load, max_tokens_limit=args.max_tokens_limit, mode=args.mode,
@@ -562,7 +579,8 @@ def run_cli(args) -> int:
 MODE_FLAGS = {
     "sequential": (),
     "batched": ("--max-batch-size", "--max-wait-ms", "--cuda-graphs"),
-    "continuous": ("--max-batch-size", "--kv-cache-gb", "--prefill-chunk", "--cuda-graphs"),
+    "continuous": ("--max-batch-size", "--kv-cache-gb", "--prefill-chunk", "--cuda-graphs",
+                   "--engine-process"),
 }
 
 
@@ -572,12 +590,14 @@ def _scheduler_options(args) -> dict:
     given = {"--max-batch-size": args.max_batch_size, "--max-wait-ms": args.max_wait_ms,
              "--kv-cache-gb": getattr(args, "kv_cache_gb", None),
              "--prefill-chunk": getattr(args, "prefill_chunk", None),
-             "--cuda-graphs": args.cuda_graphs}
+             "--cuda-graphs": args.cuda_graphs,
+             "--engine-process": getattr(args, "engine_process", None)}
     wrong = [flag for flag, value in given.items()
              if value is not None and flag not in MODE_FLAGS[args.mode]]
     if wrong:
-        names = [("--no-cuda-graphs" if f == "--cuda-graphs" and not args.cuda_graphs else f)
-                 for f in wrong]
+        negated = {"--cuda-graphs": args.cuda_graphs is False,
+                   "--engine-process": getattr(args, "engine_process", None) is False}
+        names = [f.replace("--", "--no-", 1) if negated.get(f) else f for f in wrong]
         modes = [mode for mode, flags in MODE_FLAGS.items() if set(wrong) <= set(flags)]
         verb, pronoun = ("apply", "them") if len(wrong) > 1 else ("applies", "it")
         where = " or ".join(f"--mode {mode}" for mode in modes) or "another mode"

@@ -49,15 +49,17 @@ class BusyClock:
         self._running_since: float | None = None
         self._recent: collections.deque[tuple[float, float]] = collections.deque()
 
-    def start(self) -> None:
+    def start(self, at: float | None = None) -> None:
+        """A generation runs from now (or from `at`, a reading of the same clock)."""
         with self._lock:
-            self._running_since = self._clock()
+            if self._running_since is None:
+                self._running_since = self._clock() if at is None else at
 
-    def stop(self) -> None:
+    def stop(self, at: float | None = None) -> None:
         with self._lock:
             if self._running_since is None:
                 return
-            end = self._clock()
+            end = self._clock() if at is None else at
             self._closed_total += end - self._running_since
             self._recent.append((self._running_since, end))
             self._running_since = None
@@ -393,10 +395,12 @@ class ContinuousScheduler(QueueScheduler):
     the next decode step and leave it the step they finish; up to `max_batch_size` run at once,
     as many as the KV cache has pages for.
 
-    The generation thread runs the engine's steps for as long as it has work and sleeps when it
-    has none; the event loop hands requests to the engine (`add`, thread-safe) and gets each
-    result back through the same `_answer` as the other modes. `queue_time_ms` is submit -> the
-    request's prefill began."""
+    The engine runs in a process of its own (`labkit.serve.engine_process`, what `labkit serve`
+    does) or, for a backend built in this process (tests, Python), on the generation thread,
+    which runs its steps while it has work and sleeps when it has none. Either way the event
+    loop hands requests to the engine (`add`, thread-safe) and gets each outcome back through
+    the same `_answer` as the other modes. `queue_time_ms` is submit -> the request's prefill
+    began."""
 
     mode = "continuous"
 
@@ -408,16 +412,26 @@ class ContinuousScheduler(QueueScheduler):
         self._engine_loop: asyncio.Future | None = None
         self._closing = threading.Event()
 
+    def set_backend(self, backend: Backend) -> None:
+        super().set_backend(backend)
+        if backend.engine_process:  # the engine's own clock: when it had work
+            backend.engine.on_busy, backend.engine.on_idle = self.busy.start, self.busy.stop
+
     def _enqueue(self, job: _Job) -> None:
         loop = asyncio.get_running_loop()
-        if self._engine_loop is None:  # after warm-up, which ran on the same thread
+        if self._engine_loop is None and not self.backend.engine_process:
+            # after warm-up, which ran on the same thread
             self._engine_loop = loop.run_in_executor(self._executor, self._run_engine, loop)
 
-        def finished(result: Result) -> None:
-            result.memory_used_gb = self.backend.memory_used_gb()
-            loop.call_soon_threadsafe(self._answer, job, result, None)
+        def finished(outcome: Result | BaseException) -> None:
+            if isinstance(outcome, BaseException):
+                loop.call_soon_threadsafe(self._answer, job, None, outcome)
+                return
+            outcome.memory_used_gb = self.backend.memory_used_gb()
+            loop.call_soon_threadsafe(self._answer, job, outcome, None)
 
-        self.backend.engine.add(job.request, finished)  # PromptTooLong: raised to the handler
+        # PromptTooLong, or EngineGone: raised to the handler
+        self.backend.engine.add(job.request, finished)
         self._jobs[job.request] = job
         self._in_flight += 1
 
@@ -454,6 +468,8 @@ class ContinuousScheduler(QueueScheduler):
     async def close(self) -> None:
         self._closing.set()
         await super().close()
+        if self.backend is not None and self.backend.engine_process:
+            await asyncio.get_running_loop().run_in_executor(None, self.backend.close)
 
     def stats(self) -> dict:
         engine = self.backend.engine.stats() if self.backend is not None else {}

@@ -1,0 +1,377 @@
+"""The continuous-batching engine in a process of its own (`labkit serve --mode continuous`).
+
+Why a process: a thread shares the server's GIL. Every torch call of an engine step lets the GIL
+go, and the event loop, busy with HTTP and JSON, holds it on for up to the switch interval
+(5 ms) before the engine gets it back: the GPU idles while the step waits for Python. Measured on
+an H200 at concurrency 256 (benchmarks/RESULTS.md, "Continuous batching engine"), the engine on
+the server's thread kept the GPU busy 73 % of the time against 89 % in a plain Python loop.
+vLLM's engine core runs apart from its API server for the same reason.
+
+    server process                                  engine process
+    event loop: HTTP, JSON, tokenizing    --add-->     load model, warm up, then loop:
+                                         --cancel->     take messages, one engine step,
+    reader thread: stream tokens,        <--step---     send that step's news
+      answer finished requests           <--busy/idle-  (perf_counter: one clock for both)
+
+One pipe each way, one message per engine step: the new tokens of the requests that stream,
+the finished ones' results, and the engine's /stats counters. Requests cross as their fields,
+token ids included (the server tokenizes; the engine never sees text it must parse). The
+engine process ignores SIGINT and SIGTERM: the server drains its requests first, then tells the
+engine to stop. When the server dies, the pipe closes and the engine exits at its next step.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import logging
+import multiprocessing
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+from labkit.engine import hf_generate
+from labkit.engine.request import EngineGone, OutOfMemory, PromptTooLong, Request, Result
+
+log = logging.getLogger("labkit.server")
+
+# Request fields that cross the pipe (the hooks, a callback and a threading.Event, stay here).
+FIELDS = ("prompt", "max_tokens", "temperature", "top_p", "seed", "min_tokens", "ignore_eos",
+          "templated", "prompt_ids")
+STOP_TIMEOUT_S = 30.0
+MEMORY_EVERY_S = 0.5  # device memory readings in the step messages, at most this often
+
+
+# --- the server's side -------------------------------------------------------------------------
+
+class EngineProcess:
+    """The server's handle on the engine process: `add` a request with a callback for its
+    outcome (a Result, or the exception that failed it), read `stats()`. Tokens and results
+    come back on a reader thread, which calls the requests' `on_token` hooks and the callbacks
+    there, as the engine's own thread would in one process."""
+
+    def __init__(self, load_options: dict):
+        context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+        self._conn, child = context.Pipe()
+        self._process = context.Process(target=_engine_main, args=(child, load_options),
+                                        name="labkit-engine", daemon=True)
+        self._send_lock = threading.Lock()
+        self._ids = itertools.count()
+        self._live: dict[int, tuple[Request, Callable]] = {}  # sent, outcome not back yet
+        self._cancel_sent: set[int] = set()
+        self._stats: dict = {}
+        self.memory: dict | None = None  # the engine's device memory (gpu.memory_gb), lately
+        self.on_busy: Callable[[float], None] = lambda at: None
+        self.on_idle: Callable[[float], None] = lambda at: None
+        self.gone: str | None = None  # why the engine process is gone, once it is
+
+    def start(self) -> dict:
+        """Start the process and wait until its model is loaded and warm: its description."""
+        self._process.start()
+        try:
+            kind, payload = self._conn.recv()
+        except EOFError:
+            raise EngineGone(f"the engine process exited while loading (exit code "
+                             f"{self._process.join(5) or self._process.exitcode}); its log "
+                             "lines above say why") from None
+        if kind == "failed":
+            self._process.join(5)
+            raise _rebuild(payload)
+        self._stats, self.memory = payload["stats"], payload["memory"]
+        threading.Thread(target=self._read, name="labkit-engine-reader", daemon=True).start()
+        return payload
+
+    def add(self, request: Request, on_outcome: Callable[[Result | BaseException], None]
+            ) -> None:
+        """Send `request` (tokenized) to the engine; `on_outcome` gets its Result, or the
+        error that stopped it, on the reader thread."""
+        if self.gone is not None:
+            raise EngineGone(self.gone)
+        rid = next(self._ids)
+        self._live[rid] = (request, on_outcome)
+        fields = {name: getattr(request, name) for name in FIELDS}
+        self._send(("add", rid, fields, request.on_token is not None))
+
+    def stats(self) -> dict:
+        return self._stats
+
+    def close(self) -> None:
+        """Ask the engine to stop (it finishes what it holds), then wait for it to exit."""
+        try:
+            self._send(("stop",))
+        except OSError:
+            pass  # gone already
+        self._process.join(STOP_TIMEOUT_S)
+        if self._process.is_alive():
+            log.warning("The engine process did not stop within %.0f s: killed", STOP_TIMEOUT_S)
+            self._process.kill()
+            self._process.join(5)
+
+    def _send(self, message: tuple) -> None:
+        with self._send_lock:  # the event loop adds, the reader thread cancels
+            self._conn.send(message)
+
+    def _read(self) -> None:
+        while True:
+            try:
+                message = self._conn.recv()
+            except (EOFError, OSError):
+                self._engine_exited()
+                return
+            kind = message[0]
+            if kind == "step":
+                self._take_step(*message[1:])
+            elif kind == "busy":
+                self.on_busy(message[1])
+            elif kind == "idle":
+                self._stats = message[2]
+                self.on_idle(message[1])
+            elif kind == "stopped":
+                return
+
+    def _take_step(self, tokens: list, outcomes: list, stats: dict, memory) -> None:
+        self._stats = stats
+        if memory is not None:
+            self.memory = memory
+        for rid, token in tokens:
+            if rid in self._live:
+                self._live[rid][0].emit(token)  # a streaming response's text, as it grows
+        for rid, outcome in outcomes:
+            request, on_outcome = self._live.pop(rid)
+            self._cancel_sent.discard(rid)
+            on_outcome(_rebuild(outcome) if isinstance(outcome, tuple) else outcome)
+        # A client that went away (or a stop string seen in the text) sets the request's
+        # `cancelled` here; the engine hears of it before its next step.
+        for rid, (request, _) in list(self._live.items()):
+            if request.cancelled.is_set() and rid not in self._cancel_sent:
+                self._cancel_sent.add(rid)
+                self._send(("cancel", rid))
+
+    def _engine_exited(self) -> None:
+        self._process.join(5)
+        self.gone = (f"the engine process exited (exit code {self._process.exitcode}); the "
+                     "server's log says why. Restart the server.")
+        if self._live:
+            log.error("%s %d request(s) failed with it.", self.gone, len(self._live))
+        for rid in list(self._live):
+            self._live.pop(rid)[1](EngineGone(self.gone))
+        self.on_idle(time.perf_counter())
+
+
+class EngineProcessBackend:
+    """A model served by the continuous engine in its own process. This side keeps only the
+    tokenizer (prompts are checked and tokenized here, streamed text is detokenized here);
+    the weights, the KV cache and the CUDA graphs live in the engine process."""
+
+    engine_process = True
+    cuda_graphs: bool
+
+    def __init__(self, engine: EngineProcess, info: dict):
+        from labkit.engine.model import LoadedModel, load_tokenizer
+
+        self.engine = engine
+        for name in ("name", "synthetic", "device", "gpu_name", "context_length",
+                     "load_time_s", "cuda_graphs"):
+            setattr(self, name, info[name])
+        self.cache_tokens = info["cache_tokens"]
+        text_side = LoadedModel(model=None, tokenizer=load_tokenizer(info["tokenizer_dir"]),
+                                name=info["name"], source=info["source"],
+                                synthetic=info["synthetic"], device=None, dtype=None,
+                                num_parameters=info["num_parameters"],
+                                load_time_s=info["load_time_s"],
+                                context_length=info["context_length"], memory_after_load=None)
+        # One tokenizer per thread (a fast tokenizer refuses two at once): the check thread
+        # tokenizes, the reader thread detokenizes.
+        self.lm = text_side
+        self._checker = dataclasses.replace(text_side, tokenizer=copy.deepcopy(
+            text_side.tokenizer))
+
+    @classmethod
+    def start(cls, source: str, **load_options) -> EngineProcessBackend:
+        """Start the engine process with `load_model_backend`'s options (continuous mode).
+        A source that does not resolve fails here, before a process is spawned."""
+        from labkit.engine.model import tokenizer_dir
+
+        tokenizer_dir(source)
+        engine = EngineProcess({"source": source, **load_options})
+        return cls(engine, engine.start())
+
+    def tokenize(self, request: Request) -> None:
+        hf_generate.tokenize(self._checker, request)
+        needed = len(request.prompt_ids) + request.max_tokens
+        if needed > self.cache_tokens:  # the engine's own check, answered before the pipe
+            raise PromptTooLong(
+                f"prompt ({len(request.prompt_ids)} tokens) + max_tokens ({request.max_tokens}) "
+                f"needs {needed} tokens of KV cache, more than the whole cache holds "
+                f"({self.cache_tokens}); shorten it, or give the cache more memory")
+
+    def detokenizer(self) -> hf_generate.Detokenizer:
+        return hf_generate.Detokenizer(self.lm)
+
+    def chat_prompt(self, messages: list[dict]) -> str:
+        return hf_generate.chat_prompt(self._checker, messages)
+
+    def warm_up(self) -> None:
+        """Done in the engine process before it reported ready."""
+
+    def free_memory(self) -> None:
+        """The engine process frees its own memory after an out-of-memory error."""
+
+    def memory_used_gb(self) -> float | None:
+        return self.engine.memory["allocated_gb"] if self.engine.memory else None
+
+    def memory_gb(self) -> dict | None:
+        return self.engine.memory
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+# --- the engine's side -------------------------------------------------------------------------
+
+def _engine_main(conn, load_options: dict) -> None:
+    """The engine process: load, warm up, report ready, then serve the pipe until told to
+    stop or the server is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the server drains first, then stops us
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s",
+                        stream=sys.stderr, force=True)
+    from labkit.engine.model import tokenizer_dir
+    from labkit.serve.backend import load_model_backend
+
+    try:
+        backend = load_model_backend(**load_options)
+        backend.warm_up()
+    except BaseException as err:  # the server reports it and exits with 1
+        conn.send(("failed", _portable(err)))
+        return
+    lm, cache = backend.lm, backend.engine.cache
+    conn.send(("ready", {
+        "name": backend.name, "synthetic": backend.synthetic, "device": backend.device,
+        "gpu_name": backend.gpu_name, "context_length": backend.context_length,
+        "load_time_s": backend.load_time_s, "cuda_graphs": backend.cuda_graphs,
+        "cache_tokens": cache.tokens, "source": lm.source,
+        "tokenizer_dir": str(tokenizer_dir(lm.source)), "num_parameters": lm.num_parameters,
+        "stats": backend.engine.stats(), "memory": _memory(backend.device)}))
+    log.info("Engine process ready (pid %d): the server talks to it over a pipe",
+             multiprocessing.current_process().pid)
+    _EngineLoop(backend, conn).run()
+
+
+class _EngineLoop:
+    def __init__(self, backend, conn):
+        self.backend, self.engine, self.conn = backend, backend.engine, conn
+        self.requests: dict[int, Request] = {}
+        self.tokens: list[tuple[int, int]] = []  # (rid, token) of streaming requests, this step
+        self.outcomes: list[tuple[int, object]] = []  # (rid, Result or a portable error)
+        self.stopping = False
+        self.memory_read_at = 0.0
+
+    def run(self) -> None:
+        busy = False
+        while True:
+            working = self.engine.has_work()
+            if not self._take_messages(timeout=0 if working else 0.5):
+                return  # the server is gone: nobody is left to answer
+            working = self.engine.has_work()
+            if working and not busy:
+                busy = True
+                self.conn.send(("busy", time.perf_counter()))
+            if working:
+                self._step()
+            elif busy:
+                busy = False
+                self.conn.send(("idle", time.perf_counter(), self.engine.stats()))
+            if self.stopping and not working:
+                self.conn.send(("stopped",))
+                return
+
+    def _take_messages(self, timeout: float) -> bool:
+        try:
+            while self.conn.poll(timeout):
+                timeout = 0
+                self._handle(self.conn.recv())
+        except (EOFError, OSError):
+            return False
+        return True
+
+    def _handle(self, message: tuple) -> None:
+        kind = message[0]
+        if kind == "add":
+            _, rid, fields, streams = message
+            request = Request(**fields)
+            if streams:
+                request.on_token = lambda token, rid=rid: self.tokens.append((rid, token))
+            self.requests[rid] = request
+            try:
+                self.engine.add(request, lambda result, rid=rid: self._finished(rid, result))
+            except Exception as err:  # PromptTooLong: the server checks first, but to be sure
+                self._finished(rid, _portable(err))
+        elif kind == "cancel":
+            request = self.requests.get(message[1])
+            if request is not None:
+                request.cancelled.set()
+        elif kind == "stop":
+            self.stopping = True
+
+    def _finished(self, rid: int, outcome) -> None:
+        self.requests.pop(rid, None)
+        self.outcomes.append((rid, outcome))
+
+    def _step(self) -> None:
+        import torch
+
+        try:
+            self.engine.step()
+        except (torch.OutOfMemoryError, MemoryError) as err:
+            self._fail_all(OutOfMemory(f"{err}; in a batch of {len(self.requests)} requests, "
+                                       "which all failed: a smaller --max-batch-size or "
+                                       "--kv-cache-gb needs less memory"))
+            self.backend.free_memory()
+        except Exception as err:  # reported to the clients; the engine must survive it
+            log.exception("Engine step failed")
+            self._fail_all(err)
+        self._send_step()
+
+    def _fail_all(self, err: BaseException) -> None:
+        self.engine.reset()
+        for rid in list(self.requests):
+            self._finished(rid, _portable(err))
+
+    def _send_step(self) -> None:
+        memory = None
+        now = time.perf_counter()
+        if now - self.memory_read_at >= MEMORY_EVERY_S or self.outcomes:
+            memory, self.memory_read_at = _memory(self.backend.device), now
+        self.conn.send(("step", self.tokens, self.outcomes, self.engine.stats(), memory))
+        self.tokens, self.outcomes = [], []
+
+
+def _memory(device: str) -> dict | None:
+    """gpu.memory_gb of the engine's card, read in the engine's process (where torch holds
+    the memory); None on the CPU."""
+    from labkit.measure import gpu
+
+    if not device.startswith("cuda"):
+        return None
+    return gpu.memory_gb(int(device.split(":")[1]) if ":" in device else 0)
+
+
+# Errors cross the pipe as (kind, message): an exception's own class may not unpickle (torch's
+# need torch, others carry arguments their constructor does not take).
+_KINDS = {"OutOfMemory": OutOfMemory, "PromptTooLong": PromptTooLong,
+          "EngineGone": EngineGone}
+
+
+def _portable(err: BaseException) -> tuple[str, str]:
+    return type(err).__name__, str(err)
+
+
+def _rebuild(portable: tuple[str, str]) -> BaseException:
+    kind, message = portable
+    if kind in _KINDS:
+        return _KINDS[kind](message)
+    return RuntimeError(f"{kind} in the engine process: {message}")
