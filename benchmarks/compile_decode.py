@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
 
         import torch._inductor.config as inductor
         inductor.coordinate_descent_tuning = True
-        runner.graphs.clear()
+        runner.graphs.clear()  # frees their memory pool too: the new graph needs a new one
+        runner._pool = torch.cuda.graph_pool_handle()
         runner.model = torch.compile(runner.model, fullgraph=True, dynamic=False)
         began = time.perf_counter()
         compiled = runner.decode(chunks).float()  # compiles, then captures the graph

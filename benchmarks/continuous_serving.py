@@ -13,7 +13,8 @@ The ratio HTTP ÷ in-process is the serving overhead (event loop, JSON, and on a
 Every figure is measured here, in this run.
 
     python benchmarks/continuous_serving.py [--model synthetic:llama-3.2-3b] [--concurrency 256]
-        [--requests 1024] [--max-tokens 150] [--kv-cache-gb 24] [--json FILE]
+        [--requests 1024] [--max-tokens 150] [--kv-cache-gb 24] [--api generate|openai]
+        [--json FILE]
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ def in_process(args, sampler) -> dict:
     engine = ContinuousEngine(lm, Llama.from_hf(lm.model, free_source=True), cache,
                               max_running=args.concurrency)
     closed_loop(engine, args.concurrency, args.concurrency, 8, loadtest.DEFAULT_PROMPT)  # warm
+    before = engine.stats()
     started = time.perf_counter()
     tokens, seconds = closed_loop(engine, args.concurrency, args.requests, args.max_tokens,
                                   loadtest.DEFAULT_PROMPT)
@@ -73,7 +75,7 @@ def in_process(args, sampler) -> dict:
     row = {"where": "in-process", "output_tokens": tokens, "seconds": round(seconds, 3),
            "tok_s": round(tokens / seconds, 1), "nvml_util": util.get("mean_util"),
            "sm_activity": util.get("sm_activity_mean"),
-           "tokens_per_step": engine.stats()["tokens_per_step"]}
+           **engine_window(before, engine.stats(), seconds)}
     del engine, cache, lm
     gc.collect()
     torch.cuda.empty_cache()
@@ -85,12 +87,14 @@ def over_http(args, sampler, engine_process: bool) -> dict:
              "--engine-process" if engine_process else "--no-engine-process"]
     with launch(args.model, mode="continuous", max_tokens_limit=args.max_tokens,
                 extra_args=flags, timeout=600) as srv:
-        loadtest.run(srv.url + "/generate", args.concurrency, args.concurrency, max_tokens=8,
-                     temperature=0.0, progress=False)  # warm (synthetic models never stop early)
+        url = srv.url + ("/v1/completions" if args.api == "openai" else "/generate")
+        loadtest.run(url, args.concurrency, args.concurrency, max_tokens=8, temperature=0.0,
+                     progress=False, api=args.api)  # warm (synthetic models never stop early)
+        before = client.get(srv.url + "/stats").body["server"]
         started = time.perf_counter()
-        result = loadtest.run(srv.url + "/generate", args.concurrency, args.requests,
-                              max_tokens=args.max_tokens, temperature=0.0,
-                              progress=False)
+        result = loadtest.run(url, args.concurrency, args.requests, max_tokens=args.max_tokens,
+                              temperature=0.0, progress=False, api=args.api)
+        seconds = time.perf_counter() - started
         util = sampler.summary(start=started, end=time.perf_counter())
         server = client.get(srv.url + "/stats").body["server"]
     s = result.summary()
@@ -100,7 +104,20 @@ def over_http(args, sampler, engine_process: bool) -> dict:
             "success_rate": s["success_rate"], "p50_ms": s["latency_ms"]["p50"],
             "p95_ms": s["latency_ms"]["p95"], "nvml_util": util.get("mean_util"),
             "sm_activity": util.get("sm_activity_mean"),
-            "tokens_per_step": server.get("tokens_per_step")}
+            **engine_window(before, server, seconds)}
+
+
+def engine_window(before: dict, after: dict, seconds: float) -> dict:
+    """The engine's own counters over the timed window: decode tokens per step, the share of
+    the window its thread waited for the GPU (near 1: the GPU is the bottleneck), and the time
+    spent capturing CUDA graphs of shapes first met in the window."""
+    steps = after["decode_steps"] - before["decode_steps"]
+    return {"tokens_per_step": round((after["decode_tokens"] - before["decode_tokens"])
+                                     / max(steps, 1), 1),
+            "decode_steps": steps,
+            "device_wait_share": round((after["device_wait_s"] - before["device_wait_s"])
+                                       / seconds, 3),
+            "graph_capture_s": round(after["graph_capture_s"] - before["graph_capture_s"], 3)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=1024)
     parser.add_argument("--max-tokens", type=int, default=150)
     parser.add_argument("--kv-cache-gb", type=float, default=24.0)
+    parser.add_argument("--api", choices=["generate", "openai"], default="generate",
+                        help="openai: streamed /v1/completions, every token sent as it comes")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
@@ -120,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     sampler.stop()
     ratio = rows[1]["tok_s"] / rows[0]["tok_s"]
     report = {"card": card, "date": datetime.date.today().isoformat(), "model": args.model,
-              "concurrency": args.concurrency, "requests": args.requests,
+              "concurrency": args.concurrency, "requests": args.requests, "api": args.api,
               "max_tokens": args.max_tokens, "rows": rows, "http_over_in_process": ratio,
               "thread_over_in_process": rows[2]["tok_s"] / rows[0]["tok_s"]}
     if args.json:
@@ -128,10 +147,12 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(report, f, indent=2)
     print(f"\n{card}, {args.model}, concurrency {args.concurrency}, {args.requests} requests "
           f"of {args.max_tokens} tokens, greedy")
-    print(f"{'where':<22}{'tok/s':>10}{'util %':>8}{'SM %':>7}{'tok/step':>10}")
+    print(f"{'where':<22}{'tok/s':>10}{'util %':>8}{'SM %':>7}{'tok/step':>10}"
+          f"{'GPU wait':>10}{'capture s':>11}")
     for row in rows:
         print(f"{row['where']:<22}{row['tok_s']:>10.0f}{row['nvml_util'] or 0:>8.1f}"
-              f"{row['sm_activity'] or 0:>7.1f}{row['tokens_per_step'] or 0:>10.1f}")
+              f"{row['sm_activity'] or 0:>7.1f}{row['tokens_per_step']:>10.1f}"
+              f"{row['device_wait_share']:>10.2f}{row['graph_capture_s']:>11.2f}")
     print(f"HTTP (engine process) / in-process: {ratio:.2f} (target >= 0.60); engine thread: "
           f"{report['thread_over_in_process']:.2f}")
     return 0

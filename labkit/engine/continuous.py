@@ -91,10 +91,14 @@ class InFlight:
             self._ready = torch.cuda.Event()
             self._ready.record()
 
-    def on_host(self) -> list[int]:
-        if self._ready is not None:
+    def on_host(self) -> tuple[list[int], float]:
+        """The tokens, and the seconds the host waited for the device to produce them."""
+        waited = 0.0
+        if self._ready is not None and not self._ready.query():
+            began = time.perf_counter()
             self._ready.synchronize()
-        return self._host.tolist()
+            waited = time.perf_counter() - began
+        return self._host.tolist(), waited
 
 
 class ContinuousEngine:
@@ -113,6 +117,7 @@ class ContinuousEngine:
         self._in_flight: list[InFlight] = []  # steps whose tokens the host has not seen yet
         self.preemptions = self.decode_steps = self.decode_tokens = self.prefill_tokens = 0
         self.last_step_tokens = 0
+        self.device_wait_s = 0.0  # host time spent waiting for a step's tokens
 
     # -- what callers use ------------------------------------------------------------------
 
@@ -179,7 +184,12 @@ class ContinuousEngine:
             "tokens_per_step": (round(self.decode_tokens / self.decode_steps, 2)
                                 if self.decode_steps else None),
             "last_step_tokens": self.last_step_tokens,
+            "decode_tokens": self.decode_tokens,
             "prefill_tokens": self.prefill_tokens,
+            # Where the engine's thread spent its time: waiting for the GPU (the GPU is the
+            # bottleneck) or not (the host is), and capturing CUDA graphs of new shapes.
+            "device_wait_s": round(self.device_wait_s, 4),
+            "graph_capture_s": round(self.runner.capture_s, 4),
             "cuda_graph_shapes": sorted(self.runner.graphs),
             "prefill_graph_shapes": sorted(self.runner.prefill_graphs),
         }
@@ -277,7 +287,8 @@ class ContinuousEngine:
         return InFlight(rows, tokens)
 
     def _take_tokens(self, step: InFlight) -> None:
-        tokens = step.on_host()
+        tokens, waited = step.on_host()
+        self.device_wait_s += waited
         now = time.perf_counter()
         for seq, token in zip(step.rows, tokens, strict=True):
             seq.pending -= 1

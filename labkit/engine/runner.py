@@ -16,6 +16,7 @@ and replayed from graphs.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,7 @@ class ModelRunner:
         self.graphs: dict[tuple[int, int], _StepGraph] = {}  # decode: (rows, pages)
         self.prefill_graphs: dict[tuple[int, int, int], _StepGraph] = {}  # (rows, width, pages)
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+        self.capture_s = 0.0  # spent capturing graphs (a step that captures waits for it)
 
     def prefill(self, chunks: list[Chunk]) -> torch.Tensor:
         """Logits (rows, vocab) after each chunk's last token: from a graph when the chunks
@@ -89,9 +91,11 @@ class ModelRunner:
         table, key = ((self.graphs, (rows, pages)) if width == 1
                       else (self.prefill_graphs, (rows, width, pages)))
         if key not in table:
-            log.info("Capturing a CUDA graph for steps of %d rows × %d tokens × %d pages",
-                     rows, width, pages)
+            began = time.perf_counter()
             table[key] = _StepGraph(self, rows, width, pages)
+            self.capture_s += time.perf_counter() - began
+            log.info("Captured a CUDA graph for steps of %d rows × %d tokens × %d pages in "
+                     "%.0f ms", rows, width, pages, (time.perf_counter() - began) * 1000)
         return table[key]
 
     def _pack(self, chunks: list[Chunk], rows: int, width: int, pages: int,
