@@ -45,6 +45,16 @@ DEFAULT_MAX_RUNNING = 256
 DEFAULT_PREFILL_CHUNK = 2048  # prompt tokens prefilled per step, across requests
 
 
+def check_fits(request: Request, cache_tokens: int) -> None:
+    """PromptTooLong (413) when prompt + max_tokens could never fit in the whole cache."""
+    needed = len(request.prompt_ids) + request.max_tokens
+    if needed > cache_tokens:
+        raise PromptTooLong(
+            f"prompt ({len(request.prompt_ids)} tokens) + max_tokens ({request.max_tokens}) "
+            f"needs {needed} tokens of KV cache, more than the whole cache holds "
+            f"({cache_tokens}); shorten it, or give the cache more memory")
+
+
 @dataclass(eq=False)
 class Sequence:
     """A request inside the engine: its tokens so far and the pages that hold their keys and
@@ -122,13 +132,7 @@ class ContinuousEngine:
     # -- what callers use ------------------------------------------------------------------
 
     def check_fits(self, request: Request) -> None:
-        """PromptTooLong (413) when prompt + max_tokens could never fit in the whole cache."""
-        needed = len(request.prompt_ids) + request.max_tokens
-        if needed > self.cache.tokens:
-            raise PromptTooLong(
-                f"prompt ({len(request.prompt_ids)} tokens) + max_tokens ({request.max_tokens}) "
-                f"needs {needed} tokens of KV cache, more than the whole cache holds "
-                f"({self.cache.tokens}); shorten it, or give the cache more memory")
+        check_fits(request, self.cache.tokens)
 
     def add(self, request: Request, on_finish: Callable[[Result], None] | None = None) -> None:
         """Queue `request` (from any thread); `on_finish(result)` is called on the engine's

@@ -200,13 +200,10 @@ class EngineProcessBackend:
         return cls(engine, engine.start())
 
     def tokenize(self, request: Request) -> None:
+        from labkit.engine.continuous import check_fits
+
         hf_generate.tokenize(self._checker, request)
-        needed = len(request.prompt_ids) + request.max_tokens
-        if needed > self.cache_tokens:  # the engine's own check, answered before the pipe
-            raise PromptTooLong(
-                f"prompt ({len(request.prompt_ids)} tokens) + max_tokens ({request.max_tokens}) "
-                f"needs {needed} tokens of KV cache, more than the whole cache holds "
-                f"({self.cache_tokens}); shorten it, or give the cache more memory")
+        check_fits(request, self.cache_tokens)  # the engine's own check, before the pipe
 
     def detokenizer(self) -> hf_generate.Detokenizer:
         return hf_generate.Detokenizer(self.lm)
