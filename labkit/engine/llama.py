@@ -12,10 +12,16 @@ The same `forward` serves a prefill chunk (many tokens per row) and a decode ste
 row), so a decode step's shapes depend only on (rows, pages per row): a few padded sizes, each
 replayed from a CUDA graph (`labkit.engine.runner`).
 
-Why plain PyTorch ops: at batch 1 a decode step is a chain of matrix-vector products whose time
-is the weights' bytes over memory bandwidth; q/k/v and gate/up are fused into one matrix each so
-a layer launches 4 matrix products, not 7, and the CUDA graph removes the launch gaps between
-them. What is left is profiled in benchmarks/RESULTS.md ("Continuous batching engine").
+Why these ops: at batch 1 a decode step is a chain of matrix-vector products whose time is the
+weights' bytes over memory bandwidth; q/k/v and gate/up are fused into one matrix each so a
+layer launches 4 matrix products, not 7, and the CUDA graph removes the launch gaps between
+them. Between two products, eager PyTorch launches a kernel for every elementwise operation
+(RMSNorm, RoPE's neg/cat/mul/add, the cache write's copies, SiLU, mul, residual adds), each
+costing its 2-3 µs even in a graph. So on CUDA the layers run `labkit.engine.fused` instead: one
+Triton kernel for each stretch between two products, the residual add inside the next norm
+(which is why layers pass (x, residual) along). `EagerOps` are the same three steps in plain
+PyTorch: what runs on the CPU, and what the kernels are checked against. The timings are in
+benchmarks/RESULTS.md ("Continuous batching engine").
 """
 
 from __future__ import annotations
@@ -24,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from labkit.engine import paged_attention
-from labkit.engine.kv_cache import PagedKVCache
+from labkit.engine import fused, paged_attention
+from labkit.engine.kv_cache import PagedKVCache, write_kv
 
 
 class Layer(nn.Module):
@@ -44,20 +50,17 @@ class Layer(nn.Module):
                                     requires_grad=False)
         self.down = mlp.down_proj.weight
 
-    def forward(self, x, index: int, cos, sin, attend: Attend, cache: PagedKVCache, slots):
+    def forward(self, x, residual, index: int, ops, cos, sin, attend: Attend,
+                cache: PagedKVCache, slots):
+        """x: the previous layer's output, not yet added to `residual` (the sum of every
+        output so far; None before the first layer). Returns this layer's (x, residual).
+        `ops` does the elementwise work: `EagerOps` or the `fused` kernels."""
         rows, tokens, _ = x.shape
-        heads, kv_heads, dim = cache.heads, cache.kv_heads, cache.head_dim
-        qkv = rms_norm(x, self.input_norm, self.eps) @ self.qkv.T
-        # RoPE turns q and k alike: one pass over both, which sit side by side in qkv.
-        qk = rope(qkv[..., :(heads + kv_heads) * dim].view(rows, tokens, heads + kv_heads, dim),
-                  cos, sin)
-        q, k = qk[:, :, :heads], qk[:, :, heads:]
-        cache.write(index, k, qkv[..., (heads + kv_heads) * dim:].view(rows, tokens, kv_heads, dim),
-                    slots)
-        out = attend(q, index)
-        x = x + out.reshape(rows, tokens, heads * dim) @ self.o.T
-        gate, up = (rms_norm(x, self.post_attention_norm, self.eps) @ self.gate_up.T).chunk(2, -1)
-        return x + (F.silu(gate) * up) @ self.down.T
+        h, residual = ops.add_rms_norm(x, residual, self.input_norm, self.eps)
+        q = ops.rope_write_kv(h @ self.qkv.T, cos, sin, cache.kv, index, slots)
+        x = attend(q, index).reshape(rows, tokens, -1) @ self.o.T
+        h, residual = ops.add_rms_norm(x, residual, self.post_attention_norm, self.eps)
+        return ops.silu_mul(h @ self.gate_up.T) @ self.down.T, residual
 
 
 class Llama(nn.Module):
@@ -76,6 +79,7 @@ class Llama(nn.Module):
                              persistent=False)
         self.rope_scale = float(inner.rotary_emb.attention_scaling)
         self.decode_kernel = True  # decode attention by `paged_attention` where it can run
+        self.fused_kernels = True  # elementwise work by `fused`'s kernels where they can run
 
     @classmethod
     @torch.no_grad()
@@ -102,16 +106,18 @@ class Llama(nn.Module):
 
         tokens, positions, slots: (rows, tokens per row); block_table: (rows, pages per row).
         A padding token has slot 0 (a page nobody owns) and position 0."""
-        x = F.embedding(tokens, self.embed)
+        x, residual = F.embedding(tokens, self.embed), None
         cos, sin = self._rope_tables(positions, x.dtype)
+        ops = fused if self.fused_kernels and fused.available(x.device) else EagerOps
         if tokens.shape[1] == 1 and self.decode_kernel and paged_attention.available(x.device):
             attend = Attend.paged_kernel(cache, block_table, positions)
         else:
             attend = Attend.gathered(cache, block_table, positions)
         for index, layer in enumerate(self.layers):
-            x = layer(x, index, cos, sin, attend, cache, slots)
-        x = x[torch.arange(len(x), device=x.device), last]
-        return rms_norm(x, self.norm, self.eps) @ self.lm_head.T
+            x, residual = layer(x, residual, index, ops, cos, sin, attend, cache, slots)
+        picked = (torch.arange(len(x), device=x.device), last)
+        x, _ = ops.add_rms_norm(x[picked], residual[picked], self.norm, self.eps)
+        return x @ self.lm_head.T
 
     def _rope_tables(self, positions: torch.Tensor, dtype: torch.dtype):
         angles = positions[..., None].float() * self.inv_freq  # float32, as transformers does
@@ -162,6 +168,36 @@ class Attend:
                 q.reshape(rows, kv_heads, group * tokens, dim), k, v, attn_mask=mask)
             return out.view(rows, kv_heads, group, tokens, dim).permute(0, 3, 1, 2, 4)
         return cls(attend)
+
+
+class EagerOps:
+    """A layer's elementwise work in plain PyTorch ops, a kernel each, on any device. On CUDA
+    the model runs `labkit.engine.fused` instead: the same three functions, a kernel each."""
+
+    @staticmethod
+    def add_rms_norm(x, residual, weight, eps):
+        """(RMSNorm(x + residual), x + residual); with no residual yet, x is the sum."""
+        if residual is not None:
+            x = x + residual
+        return rms_norm(x, weight, eps), x
+
+    @staticmethod
+    def rope_write_kv(qkv, cos, sin, kv, layer: int, slots):
+        """q after RoPE, from a qkv product (rows, tokens, (heads + 2 kv_heads) × dim); k after
+        RoPE and v go to the cache `kv` at `slots`."""
+        rows, tokens, width = qkv.shape
+        kv_heads, dim = kv.shape[-2:]
+        qkv = qkv.view(rows, tokens, width // dim, dim)
+        heads = width // dim - 2 * kv_heads
+        # RoPE turns q and k alike: one pass over both, which sit side by side in qkv.
+        qk = rope(qkv[:, :, :heads + kv_heads], cos, sin)
+        write_kv(kv, layer, qk[:, :, heads:], qkv[:, :, heads + kv_heads:], slots)
+        return qk[:, :, :heads]
+
+    @staticmethod
+    def silu_mul(gate_up):
+        gate, up = gate_up.chunk(2, -1)
+        return F.silu(gate) * up
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
