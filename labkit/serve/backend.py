@@ -75,13 +75,33 @@ class Backend(Protocol):
         """GPU memory held by tensors now (torch allocated), None on the CPU."""
 
 
-class ModelBackend:
+class TextSide:
+    """The text work a server does around `lm`: prompts are checked and tokenized on the
+    server's check thread, streamed text is detokenized on the thread that delivers tokens.
+    A fast tokenizer is a Rust object that raises "Already borrowed" when two threads use it at
+    once, so the checker gets its own copy instead of sharing the other thread's."""
+
+    def __init__(self, lm: LoadedModel):
+        self.lm = lm
+        self._checker = dataclasses.replace(lm, tokenizer=copy.deepcopy(lm.tokenizer))
+
+    def tokenize(self, request: Request) -> None:
+        hf_generate.tokenize(self._checker, request)
+
+    def detokenizer(self) -> hf_generate.Detokenizer:
+        return hf_generate.Detokenizer(self.lm)
+
+    def chat_prompt(self, messages: list[dict]) -> str:
+        return hf_generate.chat_prompt(self._checker, messages)
+
+
+class ModelBackend(TextSide):
     """A loaded model served with `hf_generate.generate`, and in batches with
     `batched.generate_batch` (over `static` decoders when given: CUDA graphs)."""
 
     def __init__(self, lm: LoadedModel, static: StaticDecoders | None = None,
                  warmup_runs: int = 0, max_batch_size: int | None = None):
-        self.lm = lm
+        super().__init__(lm)
         self.static = static
         self.warmup_runs, self.max_batch_size = warmup_runs, max_batch_size
         self.cuda_graphs = static is not None and static.capture
@@ -92,22 +112,9 @@ class ModelBackend:
                          if lm.device.type == "cuda" else None)
         self.context_length = lm.context_length
         self.load_time_s = lm.load_time_s
-        # Prompt checks run on another thread than generation. A fast tokenizer is a Rust object
-        # that raises "Already borrowed" when two threads use it at once, so the checker gets
-        # its own copy instead of sharing the generation thread's.
-        self._checker = dataclasses.replace(lm, tokenizer=copy.deepcopy(lm.tokenizer))
-
-    def tokenize(self, request: Request) -> None:
-        hf_generate.tokenize(self._checker, request)
 
     def generate(self, request: Request) -> Result:
         return hf_generate.generate(self.lm, request)
-
-    def detokenizer(self) -> hf_generate.Detokenizer:
-        return hf_generate.Detokenizer(self.lm)
-
-    def chat_prompt(self, messages: list[dict]) -> str:
-        return hf_generate.chat_prompt(self._checker, messages)
 
     def generate_batch(self, requests: list[Request],
                        on_finish: Callable[[int, Result], None] | None = None) -> list[Result]:

@@ -2,10 +2,11 @@
 
 Why a process: a thread shares the server's GIL. Every torch call of an engine step lets the GIL
 go, and the event loop, busy with HTTP and JSON, holds it on for up to the switch interval
-(5 ms) before the engine gets it back: the GPU idles while the step waits for Python. Measured on
-an H200 at concurrency 256 (benchmarks/RESULTS.md, "Continuous batching engine"), the engine on
-the server's thread kept the GPU busy 73 % of the time against 89 % in a plain Python loop.
-vLLM's engine core runs apart from its API server for the same reason.
+(5 ms) before the engine gets it back: the GPU idles while the step waits for Python. Streaming
+at concurrency 256 on an H200 (benchmarks/RESULTS.md, "Continuous batching engine"), where the
+server detokenizes and writes some 20k events a second, the engine on the server's thread gave
+17.4k output tok/s and almost never waited for the GPU; in its own process, 23.4k. vLLM's
+engine core runs apart from its API server for the same reason.
 
     server process                                  engine process
     event loop: HTTP, JSON, tokenizing    --add-->     load model, warm up, then loop:
@@ -22,8 +23,6 @@ engine to stop. When the server dies, the pipe closes and the engine exits at it
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import itertools
 import logging
 import multiprocessing
@@ -33,8 +32,13 @@ import threading
 import time
 from collections.abc import Callable
 
-from labkit.engine import hf_generate
+import torch
+
+from labkit.engine.continuous import check_fits
+from labkit.engine.model import LoadedModel, load_tokenizer, tokenizer_dir
 from labkit.engine.request import EngineGone, OutOfMemory, PromptTooLong, Request, Result
+from labkit.serve.backend import TextSide, load_model_backend
+from labkit.serve.schedulers import out_of_memory
 
 log = logging.getLogger("labkit.server")
 
@@ -74,9 +78,9 @@ class EngineProcess:
         try:
             kind, payload = self._conn.recv()
         except EOFError:
+            self._process.join(5)
             raise EngineGone(f"the engine process exited while loading (exit code "
-                             f"{self._process.join(5) or self._process.exitcode}); its log "
-                             "lines above say why") from None
+                             f"{self._process.exitcode}); its log lines above say why") from None
         if kind == "failed":
             self._process.join(5)
             raise _rebuild(payload)
@@ -161,7 +165,7 @@ class EngineProcess:
         self.on_idle(time.perf_counter())
 
 
-class EngineProcessBackend:
+class EngineProcessBackend(TextSide):
     """A model served by the continuous engine in its own process. This side keeps only the
     tokenizer (prompts are checked and tokenized here, streamed text is detokenized here);
     the weights, the KV cache and the CUDA graphs live in the engine process."""
@@ -170,46 +174,28 @@ class EngineProcessBackend:
     cuda_graphs: bool
 
     def __init__(self, engine: EngineProcess, info: dict):
-        from labkit.engine.model import LoadedModel, load_tokenizer
-
+        super().__init__(LoadedModel(
+            model=None, tokenizer=load_tokenizer(info["tokenizer_dir"]), name=info["name"],
+            source=info["source"], synthetic=info["synthetic"], device=None, dtype=None,
+            num_parameters=info["num_parameters"], load_time_s=info["load_time_s"],
+            context_length=info["context_length"], memory_after_load=None))
         self.engine = engine
         for name in ("name", "synthetic", "device", "gpu_name", "context_length",
                      "load_time_s", "cuda_graphs"):
             setattr(self, name, info[name])
         self.cache_tokens = info["cache_tokens"]
-        text_side = LoadedModel(model=None, tokenizer=load_tokenizer(info["tokenizer_dir"]),
-                                name=info["name"], source=info["source"],
-                                synthetic=info["synthetic"], device=None, dtype=None,
-                                num_parameters=info["num_parameters"],
-                                load_time_s=info["load_time_s"],
-                                context_length=info["context_length"], memory_after_load=None)
-        # One tokenizer per thread (a fast tokenizer refuses two at once): the check thread
-        # tokenizes, the reader thread detokenizes.
-        self.lm = text_side
-        self._checker = dataclasses.replace(text_side, tokenizer=copy.deepcopy(
-            text_side.tokenizer))
 
     @classmethod
     def start(cls, source: str, **load_options) -> EngineProcessBackend:
         """Start the engine process with `load_model_backend`'s options (continuous mode).
         A source that does not resolve fails here, before a process is spawned."""
-        from labkit.engine.model import tokenizer_dir
-
         tokenizer_dir(source)
         engine = EngineProcess({"source": source, **load_options})
         return cls(engine, engine.start())
 
     def tokenize(self, request: Request) -> None:
-        from labkit.engine.continuous import check_fits
-
-        hf_generate.tokenize(self._checker, request)
+        super().tokenize(request)
         check_fits(request, self.cache_tokens)  # the engine's own check, before the pipe
-
-    def detokenizer(self) -> hf_generate.Detokenizer:
-        return hf_generate.Detokenizer(self.lm)
-
-    def chat_prompt(self, messages: list[dict]) -> str:
-        return hf_generate.chat_prompt(self._checker, messages)
 
     def warm_up(self) -> None:
         """Done in the engine process before it reported ready."""
@@ -236,9 +222,6 @@ def _engine_main(conn, load_options: dict) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the server drains first, then stops us
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s",
                         stream=sys.stderr, force=True)
-    from labkit.engine.model import tokenizer_dir
-    from labkit.serve.backend import load_model_backend
-
     try:
         backend = load_model_backend(**load_options)
         backend.warm_up()
@@ -319,15 +302,10 @@ class _EngineLoop:
         self.outcomes.append((rid, outcome))
 
     def _step(self) -> None:
-        import torch
-
         try:
             self.engine.step()
         except (torch.OutOfMemoryError, MemoryError) as err:
-            self._fail_all(OutOfMemory(f"{err}; in a batch of {len(self.requests)} requests, "
-                                       "which all failed: a smaller --max-batch-size or "
-                                       "--kv-cache-gb needs less memory"))
-            self.backend.free_memory()
+            self._fail_all(out_of_memory(self.backend, err, len(self.requests)))
         except Exception as err:  # reported to the clients; the engine must survive it
             log.exception("Engine step failed")
             self._fail_all(err)

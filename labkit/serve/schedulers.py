@@ -315,20 +315,25 @@ class QueueScheduler:
         raise NotImplementedError
 
     def _out_of_memory(self, err: BaseException, group_size: int) -> OutOfMemory:
-        # Free what the failed generation left in the allocator's cache, so the next one
-        # starts from the same memory as before instead of failing too.
-        self.backend.free_memory()
-        log.warning("Out of memory during a generation of %d request(s) (cache freed, still "
-                    "serving): %s", group_size, err)
-        message = str(err) or type(err).__name__
-        if group_size > 1:
-            message += (f"; in a batch of {group_size} requests, which all failed: a smaller "
-                        "--max-batch-size needs less memory")
-        return OutOfMemory(message)
+        return out_of_memory(self.backend, err, group_size)
 
     def _update_idle(self) -> None:
         if not self._waiting and not self._in_flight:
             self._idle.set()
+
+
+def out_of_memory(backend: Backend, err: BaseException, group_size: int) -> OutOfMemory:
+    """The error for the `group_size` requests an out-of-memory error failed, once the
+    backend's cache is freed (so the next generation starts from the same memory as before
+    instead of failing too)."""
+    backend.free_memory()
+    log.warning("Out of memory during a generation of %d request(s) (cache freed, still "
+                "serving): %s", group_size, err)
+    message = str(err) or type(err).__name__
+    if group_size > 1:
+        message += (f"; in a batch of {group_size} requests, which all failed: a smaller "
+                    "--max-batch-size needs less memory")
+    return OutOfMemory(message)
 
 
 class SequentialScheduler(QueueScheduler):
