@@ -1,13 +1,21 @@
-"""Decode steps with the fused elementwise kernels (`labkit.engine.fused`) against the eager ops.
+"""Decode steps down each path of the engine's layers, same run, same card, same model and cache.
 
-Same run, same card, same model and cache: ms per decode step replayed from the engine's CUDA
-graph, for each --rows (every row has --tokens cached), with `Llama.fused_kernels` on and off;
-and the GPU kernels (and copies) one eager step of one row launches with each. The two are timed
+ms per decode step replayed from the engine's CUDA graph, for each --rows (every row has --tokens
+cached), down each path (`labkit.engine.llama`):
+
+    eager_ops            EagerOps: a PyTorch kernel per elementwise operation, cuBLAS products
+    fused                FusedOps: a Triton kernel per stretch between two products (`fused`)
+    fused_gemv           GemvOps, one-row steps only: the products as `gemv` kernels with the
+                         elementwise step inside, overlapping by programmatic dependent launch
+    fused_gemv_no_pdl    the same without programmatic dependent launch
+
+and the GPU kernels (and copies) one eager step of one row launches on each. The paths are timed
 in turns, twice, and the faster of each kept. The cache holds zeros: a step's time does not
-depend on what the keys are.
+depend on what the keys are. --tiles takes benchmarks/decode_gemv.py's JSON: its best tile for
+each product instead of `gemv.tile`'s rule.
 
     python benchmarks/fused_decode.py [--model synthetic:llama-3.2-3b] [--rows 1 512]
-        [--tokens 170] [--json FILE]
+        [--tokens 170] [--tiles FILE] [--json FILE]
 """
 
 from __future__ import annotations
@@ -19,10 +27,19 @@ import time
 
 import torch
 
+from labkit.engine import fused, gemv
 from labkit.engine.kv_cache import PagedKVCache
 from labkit.engine.llama import Llama
 from labkit.engine.model import load_model
 from labkit.engine.runner import Chunk, ModelRunner
+
+# path: (fused elementwise kernels, gemv products for a few rows, programmatic dependent launch)
+PATHS = {"eager_ops": (False, False, False), "fused": (True, False, True),
+         "fused_gemv": (True, True, True), "fused_gemv_no_pdl": (True, True, False)}
+
+
+def use(model: Llama, fused_kernels: bool, gemv_kernels: bool, pdl: bool) -> None:
+    model.fused_kernels, model.gemv_kernels, fused.PDL = fused_kernels, gemv_kernels, pdl
 
 
 def step_ms(runner: ModelRunner, chunks: list[Chunk], steps: int) -> float:
@@ -52,8 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="synthetic:llama-3.2-3b")
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 512])
     parser.add_argument("--tokens", type=int, default=170, help="cached tokens of each row")
+    parser.add_argument("--tiles", help="gemv tiles by shape: a JSON of benchmarks/decode_gemv.py")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
+    if args.tiles:
+        with open(args.tiles) as f:
+            for shape in json.load(f)["shapes"]:
+                gemv.CONFIGS[(shape["n"], shape["k"])] = tuple(shape["best_tile"])
 
     lm = load_model(args.model, device="cuda", dtype="bf16")
     model = Llama.from_hf(lm.model, free_source=True)
@@ -61,28 +83,30 @@ def main(argv: list[str] | None = None) -> int:
     cache = PagedKVCache(lm.config, max(args.rows) * per_row + 1, lm.dtype, lm.device)
     tables = [cache.free.take(per_row) for _ in range(max(args.rows))]
     row = {"card": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
-           "torch": torch.__version__, "model": args.model, "cached_tokens": args.tokens}
+           "torch": torch.__version__, "model": args.model, "cached_tokens": args.tokens,
+           "gemv_tiles": {f"{n}x{k}": tile for (n, k), tile in gemv.CONFIGS.items()}}
     with torch.inference_mode():
         one = [Chunk([1234], args.tokens - 1, tables[0])]
-        for fused in (False, True):
-            model.fused_kernels = fused
+        for name, (fused_on, gemv_on, pdl_on) in PATHS.items():
+            use(model, fused_on, gemv_on, pdl_on)
             eager = ModelRunner(model, cache, max_rows=1, cuda_graphs=False)
-            row[f"gpu_ops_per_step_{'fused' if fused else 'eager'}"] = gpu_ops_per_step(eager, one)
+            row[f"gpu_ops_per_step_{name}"] = gpu_ops_per_step(eager, one)
         for rows in args.rows:
             chunks = [Chunk([1234], args.tokens - 1, table) for table in tables[:rows]]
+            paths = {name: flags for name, flags in PATHS.items()
+                     if not flags[1] or rows == 1}
             runners = {}
-            for fused in (False, True):  # each runner's graph keeps the path it was captured on
-                model.fused_kernels = fused
-                runners[fused] = ModelRunner(model, cache, max_rows=rows)
-                runners[fused].decode(chunks)
-            steps, best = (300 if rows == 1 else 100), {False: float("inf"), True: float("inf")}
+            for name, flags in paths.items():  # a runner's graph keeps the path it was captured on
+                use(model, *flags)
+                runners[name] = ModelRunner(model, cache, max_rows=rows)
+                runners[name].decode(chunks)
+            steps, best = (300 if rows == 1 else 100), dict.fromkeys(paths, float("inf"))
             for _ in range(2):  # in turns, so that a drift of the clocks touches both
-                for fused in (False, True):
-                    best[fused] = min(best[fused], step_ms(runners[fused], chunks, steps))
-            row[f"rows_{rows}"] = {"eager_ops_ms": round(best[False], 3),
-                                   "fused_ms": round(best[True], 3),
-                                   "speedup": round(best[False] / best[True], 3)}
+                for name in paths:
+                    best[name] = min(best[name], step_ms(runners[name], chunks, steps))
+            row[f"rows_{rows}"] = {f"{name}_ms": round(ms, 3) for name, ms in best.items()}
             del runners
+        use(model, True, True, True)
     print(json.dumps(row, indent=1))
     if args.json:
         with open(args.json, "w") as f:

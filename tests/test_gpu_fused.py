@@ -1,14 +1,15 @@
-"""GPU checks of the fused elementwise kernels (`labkit.engine.fused`) against the eager ops they
-replace (`labkit.engine.llama.EagerOps`), one op at a time and through the whole model."""
+"""GPU checks of the fused elementwise kernels (`labkit.engine.fused`) and of the few-row matrix
+products (`labkit.engine.gemv`) against the eager ops they replace (`labkit.engine.llama.EagerOps`),
+one op at a time and through the whole model."""
 
 import gc
 
 import pytest
 import torch
 
-from labkit.engine import fused
+from labkit.engine import fused, gemv
 from labkit.engine.kv_cache import PagedKVCache
-from labkit.engine.llama import EagerOps, Llama
+from labkit.engine.llama import EagerOps, FusedOps, GemvOps, Llama
 from labkit.engine.model import load_model
 from labkit.engine.runner import Chunk, ModelRunner
 
@@ -77,27 +78,96 @@ def test_rope_write_kv_matches_eager(dtype, rows, tokens, heads, kv_heads, dim):
     assert not got_kv[[0, 2]].any(), "wrote to another layer"
 
 
+def _close_products(got, want, dtype):
+    """Equal within the products' rounding: the same float32 sums in another order, rounded to
+    the dtype once (a wrong row, column or prologue is off by far more)."""
+    tolerance = {"atol": 3e-2, "rtol": 1.6e-2} if dtype == torch.bfloat16 else \
+        {"atol": 1e-4, "rtol": 1e-4}
+    torch.testing.assert_close(got, want, **tolerance)
+
+
+PRODUCTS = [(640, 256), (5120, 3072), (3072, 8192), (1000, 200)]  # (N, K); K=200 leaves a tail
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k", PRODUCTS)
+@pytest.mark.parametrize("first_layer", [True, False])
+def test_gemv_norm_linear_matches_fused(dtype, n, k, first_layer):
+    x = random(1, 1, k, dtype=dtype)
+    residual = None if first_layer else random(1, 1, k, dtype=dtype, scale=4)
+    norm = random(k, dtype=dtype, scale=0.3) + 1
+    weight = random(n, k, dtype=dtype, scale=k ** -0.5)
+    out, summed = gemv.norm_linear(x, residual, norm, 1e-5, weight)
+    want_out, want_summed = FusedOps.norm_linear(x, residual, norm, 1e-5, weight)
+    assert torch.equal(summed, want_summed)
+    _close_products(out, want_out, dtype)
+    final = gemv.final_norm_linear(x, x if first_layer else residual, norm, 1e-5, weight)
+    _close_products(final, FusedOps.final_norm_linear(x, x if first_layer else residual, norm,
+                                                      1e-5, weight), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k", PRODUCTS)
+def test_gemv_linear_and_silu_linear_match_fused(dtype, n, k):
+    weight = random(n, k, dtype=dtype, scale=k ** -0.5)
+    x = random(1, 1, k, dtype=dtype)
+    _close_products(gemv.linear(x, weight), FusedOps.linear(x, weight), dtype)
+    strided = random(1, 2 * k, dtype=dtype)[:, ::2]  # not contiguous: copied first
+    _close_products(gemv.linear(strided, weight), strided @ weight.T, dtype)
+    gate_up = random(1, 1, 2 * k, dtype=dtype, scale=3)
+    _close_products(gemv.silu_linear(gate_up, weight), FusedOps.silu_linear(gate_up, weight),
+                    dtype)
+
+
+def test_gemv_chain_in_a_graph_keeps_its_order():
+    """Many dependent products in one CUDA graph, launched with programmatic dependent launch
+    on Hopper: each waits for the one before, so the chain's result equals the one kernel at a
+    time version (a race would read a stale input)."""
+    weights = [random(1024, 1024, dtype=torch.float32, scale=1024 ** -0.5) for _ in range(24)]
+    norm = torch.ones(1024, device="cuda")
+    x0 = random(1, 1024, dtype=torch.float32)
+
+    def chain():
+        x, residual = x0, None
+        for w in weights:
+            h, residual = gemv.norm_linear(x, residual, norm, 1e-5, w)
+            x = gemv.linear(h, w)
+        return x
+
+    want = chain()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = chain()
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 # bf16: the random 1B's 16 layers amplify single-step rounding differences (RMSNorm's sum,
 # SiLU's exp) to a few % of the largest logit, as between the two attention paths in
 # tests/test_gpu_continuous.py, which allows the same 0.05.
 @pytest.mark.parametrize("source,dtype,tolerance", [("model", "fp32", 1e-4),
                                                     ("synthetic:llama-3.2-1b", "bf16", 0.05)])
 def test_model_logits_fused_match_eager(source, dtype, tolerance):
-    """A prefill (rows of 3, 4 and 5 tokens: padding included) then a decode step, with the
-    fused kernels and with the eager ops: same logits within rounding."""
+    """A prefill (rows of 3, 4 and 5 tokens: padding included), a decode step of the 3 rows,
+    then one of row 0 alone, with the fused kernels (with and without the gemv products, which
+    take the one-row step) and with the eager ops: same logits within rounding."""
     lm = load_model(source, device="cuda", dtype=dtype)
-    logits = [_prefill_then_decode(lm, fused_kernels) for fused_kernels in (True, False)]
-    for got, want in zip(*logits, strict=True):
-        assert (got - want).abs().max() <= tolerance * want.abs().max()
+    want = _prefill_then_decode(lm, EagerOps)
+    for ops in (FusedOps, GemvOps):
+        for got, wanted in zip(_prefill_then_decode(lm, ops), want, strict=True):
+            assert (got - wanted).abs().max() <= tolerance * wanted.abs().max(), ops.__name__
     del lm
     gc.collect()
     torch.cuda.empty_cache()
 
 
-def _prefill_then_decode(lm, fused_kernels: bool):
+def _prefill_then_decode(lm, ops):
     cache = PagedKVCache(lm.config, 64, lm.dtype, lm.device)
     model = Llama.from_hf(lm.model)
-    model.fused_kernels = fused_kernels
+    model.fused_kernels, model.gemv_kernels = ops is not EagerOps, ops is GemvOps
     runner = ModelRunner(model, cache, max_rows=8, cuda_graphs=False)
     pages = [cache.free.take(3) for _ in range(3)]
     prompts = [[11 + i, 500, 700, 42, 9][:3 + i] for i in range(3)]
@@ -105,4 +175,5 @@ def _prefill_then_decode(lm, fused_kernels: bool):
         prefill = runner.prefill([Chunk(p, 0, pg) for p, pg in zip(prompts, pages, strict=True)])
         decode = runner.decode([Chunk([77], len(p), pg)
                                 for p, pg in zip(prompts, pages, strict=True)])
-    return prefill.float(), decode.float()
+        alone = runner.decode([Chunk([78], len(prompts[0]) + 1, pages[0])])
+    return prefill.float(), decode.float(), alone.float()

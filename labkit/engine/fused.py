@@ -39,6 +39,15 @@ def available(device: torch.device) -> bool:
     return triton is not None and device.type == "cuda"
 
 
+PDL = True  # benchmarks/fused_decode.py turns it off to measure what it buys
+
+
+def pdl(device: torch.device) -> bool:
+    """Whether kernels launch with programmatic dependent launch (`labkit.engine.gemv`): on
+    Hopper (compute capability 9) and later."""
+    return PDL and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 if triton is not None:
 
     @triton.jit
@@ -64,8 +73,11 @@ if triton is not None:
                               tokens_per_row, q_ptr, k_cache_ptr, v_cache_ptr,
                               HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
                               ROPE_HEADS_PAD: tl.constexpr, KV_HEADS_PAD: tl.constexpr,
-                              DIM: tl.constexpr):
+                              DIM: tl.constexpr, PDL: tl.constexpr):
         token = tl.program_id(0).to(tl.int64)  # one program per token: all its heads
+        if PDL:  # launched early, beside the kernel before (labkit.engine.gemv): wait for it
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         HALF: tl.constexpr = DIM // 2
         dtype = q_ptr.dtype.element_ty
         qkv = qkv_ptr + token * (HEADS + 2 * KV_HEADS) * DIM  # q heads, k heads, v heads
@@ -161,7 +173,8 @@ def rope_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: t
         q, k_cache, v_cache,
         HEADS=heads, KV_HEADS=kv_heads, DIM=dim,
         ROPE_HEADS_PAD=triton.next_power_of_2(heads + kv_heads),
-        KV_HEADS_PAD=triton.next_power_of_2(kv_heads),
+        KV_HEADS_PAD=triton.next_power_of_2(kv_heads), PDL=pdl(qkv.device),
+        launch_pdl=pdl(qkv.device),
         enable_fp_fusion=False)  # a fused multiply-add would skip the products' rounding
     return q
 

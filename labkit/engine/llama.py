@@ -17,11 +17,19 @@ weights' bytes over memory bandwidth; q/k/v and gate/up are fused into one matri
 layer launches 4 matrix products, not 7, and the CUDA graph removes the launch gaps between
 them. Between two products, eager PyTorch launches a kernel for every elementwise operation
 (RMSNorm, RoPE's neg/cat/mul/add, the cache write's copies, SiLU, mul, residual adds), each
-costing its 2-3 µs even in a graph. So on CUDA the layers run `labkit.engine.fused` instead: one
-Triton kernel for each stretch between two products, the residual add inside the next norm
-(which is why layers pass (x, residual) along). `EagerOps` are the same three steps in plain
-PyTorch: what runs on the CPU, and what the kernels are checked against. The timings are in
-benchmarks/RESULTS.md ("Continuous batching engine").
+costing its 2-3 µs even in a graph. So a layer is written as its four products, each with the
+elementwise step before or after it (`norm_linear`, `linear`, `silu_linear`; RoPE and the cache
+write between qkv and attention), and three implementations run them:
+
+- `EagerOps`: plain PyTorch, a kernel per operation; what runs on the CPU, and what the
+  kernels are checked against;
+- `FusedOps` (CUDA): one Triton kernel for each stretch between two products
+  (`labkit.engine.fused`), the residual add inside the next norm (which is why layers pass
+  (x, residual) along), the products by cuBLAS;
+- `GemvOps` (CUDA, steps of one token: batch-1 decode): each product one Triton kernel that does
+  the elementwise step before it too, the kernels overlapping (`labkit.engine.gemv`).
+
+The timings are in benchmarks/RESULTS.md ("Continuous batching engine").
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from labkit.engine import fused, paged_attention
+from labkit.engine import fused, gemv, paged_attention
 from labkit.engine.kv_cache import PagedKVCache, write_kv
 
 
@@ -54,13 +62,14 @@ class Layer(nn.Module):
                 cache: PagedKVCache, slots):
         """x: the previous layer's output, not yet added to `residual` (the sum of every
         output so far; None before the first layer). Returns this layer's (x, residual).
-        `ops` does the elementwise work: `EagerOps` or the `fused` kernels."""
+        `ops` does everything but attention: `EagerOps`, `FusedOps` or `GemvOps`."""
         rows, tokens, _ = x.shape
-        h, residual = ops.add_rms_norm(x, residual, self.input_norm, self.eps)
-        q = ops.rope_write_kv(h @ self.qkv.T, cos, sin, cache.kv, index, slots)
-        x = attend(q, index).reshape(rows, tokens, -1) @ self.o.T
-        h, residual = ops.add_rms_norm(x, residual, self.post_attention_norm, self.eps)
-        return ops.silu_mul(h @ self.gate_up.T) @ self.down.T, residual
+        qkv, residual = ops.norm_linear(x, residual, self.input_norm, self.eps, self.qkv)
+        q = ops.rope_write_kv(qkv, cos, sin, cache.kv, index, slots)
+        x = ops.linear(attend(q, index).reshape(rows, tokens, -1), self.o)
+        gate_up, residual = ops.norm_linear(x, residual, self.post_attention_norm, self.eps,
+                                            self.gate_up)
+        return ops.silu_linear(gate_up, self.down), residual
 
 
 class Llama(nn.Module):
@@ -74,12 +83,19 @@ class Llama(nn.Module):
         self.layers = nn.ModuleList(Layer(layer, config.rms_norm_eps) for layer in inner.layers)
         self.norm, self.eps = inner.norm.weight, config.rms_norm_eps
         self.lm_head = hf_model.lm_head.weight  # the embedding itself when tied
-        # RoPE frequencies as transformers computed them for this config (llama3 scaling too).
-        self.register_buffer("inv_freq", inner.rotary_emb.inv_freq.float().clone(),
-                             persistent=False)
-        self.rope_scale = float(inner.rotary_emb.attention_scaling)
+        # RoPE's cos and sin at every position, with the frequencies transformers computed for
+        # this config (llama3 scaling too), in float32 then rounded as transformers rounds:
+        # a step looks its positions up (2 kernels) instead of computing them (8). For a
+        # 131k-token context, 64 MB in bf16.
+        angles = (torch.arange(config.max_position_embeddings, device=self.embed.device
+                               ).float()[:, None] * inner.rotary_emb.inv_freq.float())
+        angles = torch.cat([angles, angles], -1)  # (positions, head_dim): both halves
+        scale = float(inner.rotary_emb.attention_scaling)
+        for name, table in (("rope_cos", angles.cos()), ("rope_sin", angles.sin())):
+            self.register_buffer(name, (table * scale).to(self.embed.dtype), persistent=False)
         self.decode_kernel = True  # decode attention by `paged_attention` where it can run
         self.fused_kernels = True  # elementwise work by `fused`'s kernels where they can run
+        self.gemv_kernels = True  # steps of a few tokens by `gemv`'s kernels where they can run
 
     @classmethod
     @torch.no_grad()
@@ -107,23 +123,30 @@ class Llama(nn.Module):
         tokens, positions, slots: (rows, tokens per row); block_table: (rows, pages per row).
         A padding token has slot 0 (a page nobody owns) and position 0."""
         x, residual = F.embedding(tokens, self.embed), None
-        cos, sin = self._rope_tables(positions, x.dtype)
-        ops = fused if self.fused_kernels and fused.available(x.device) else EagerOps
+        cos, sin = self._rope_tables(positions)
+        ops = self._ops(x.device, tokens.numel())
         if tokens.shape[1] == 1 and self.decode_kernel and paged_attention.available(x.device):
             attend = Attend.paged_kernel(cache, block_table, positions)
         else:
             attend = Attend.gathered(cache, block_table, positions)
         for index, layer in enumerate(self.layers):
             x, residual = layer(x, residual, index, ops, cos, sin, attend, cache, slots)
-        picked = (torch.arange(len(x), device=x.device), last)
-        x, _ = ops.add_rms_norm(x[picked], residual[picked], self.norm, self.eps)
-        return x @ self.lm_head.T
+        if tokens.shape[1] == 1:  # a decode step: each row's one token, as views
+            x, residual = x[:, 0], residual[:, 0]
+        else:
+            picked = (torch.arange(len(x), device=x.device), last)
+            x, residual = x[picked], residual[picked]
+        return ops.final_norm_linear(x, residual, self.norm, self.eps, self.lm_head)
 
-    def _rope_tables(self, positions: torch.Tensor, dtype: torch.dtype):
-        angles = positions[..., None].float() * self.inv_freq  # float32, as transformers does
-        angles = torch.cat([angles, angles], -1)[:, :, None, :]  # (rows, tokens, 1, head_dim)
-        return ((angles.cos() * self.rope_scale).to(dtype),
-                (angles.sin() * self.rope_scale).to(dtype))
+    def _ops(self, device: torch.device, tokens: int):
+        if not (self.fused_kernels and fused.available(device)):
+            return EagerOps
+        return GemvOps if self.gemv_kernels and gemv.available(device, tokens) else FusedOps
+
+    def _rope_tables(self, positions: torch.Tensor):
+        """cos and sin at each token's position: (rows, tokens, 1, head_dim)."""
+        return (F.embedding(positions, self.rope_cos)[:, :, None],
+                F.embedding(positions, self.rope_sin)[:, :, None])
 
 
 class Attend:
@@ -171,8 +194,9 @@ class Attend:
 
 
 class EagerOps:
-    """A layer's elementwise work in plain PyTorch ops, a kernel each, on any device. On CUDA
-    the model runs `labkit.engine.fused` instead: the same three functions, a kernel each."""
+    """Everything a layer does but attention, in plain PyTorch ops, a kernel each, on any
+    device: the matrix products, each with the elementwise step before or after it. On CUDA
+    the model runs `FusedOps` or `GemvOps` instead, the same functions in fewer kernels."""
 
     @staticmethod
     def add_rms_norm(x, residual, weight, eps):
@@ -198,6 +222,43 @@ class EagerOps:
     def silu_mul(gate_up):
         gate, up = gate_up.chunk(2, -1)
         return F.silu(gate) * up
+
+    @classmethod
+    def norm_linear(cls, x, residual, norm, eps, weight):
+        """(RMSNorm(x + residual) @ weight.T, x + residual)."""
+        h, residual = cls.add_rms_norm(x, residual, norm, eps)
+        return h @ weight.T, residual
+
+    @classmethod
+    def final_norm_linear(cls, x, residual, norm, eps, weight):
+        return cls.norm_linear(x, residual, norm, eps, weight)[0]
+
+    @staticmethod
+    def linear(x, weight):
+        return x @ weight.T
+
+    @classmethod
+    def silu_linear(cls, gate_up, weight):
+        """(SiLU(gate) · up) @ weight.T."""
+        return cls.silu_mul(gate_up) @ weight.T
+
+
+class FusedOps(EagerOps):
+    """The elementwise steps as `fused`'s Triton kernels, the products by cuBLAS."""
+
+    add_rms_norm = staticmethod(fused.add_rms_norm)
+    rope_write_kv = staticmethod(fused.rope_write_kv)
+    silu_mul = staticmethod(fused.silu_mul)
+
+
+class GemvOps(FusedOps):
+    """Steps of a few tokens: each product a `gemv` kernel that does the elementwise step
+    before it too, the kernels overlapping one another."""
+
+    norm_linear = staticmethod(gemv.norm_linear)
+    final_norm_linear = staticmethod(gemv.final_norm_linear)
+    linear = staticmethod(gemv.linear)
+    silu_linear = staticmethod(gemv.silu_linear)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from labkit.engine import fused
+
 try:
     import triton
     import triton.language as tl
@@ -40,8 +42,11 @@ if triton is not None:
                        table_stride,
                        KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                        DIM: tl.constexpr, PAGE: tl.constexpr, TOKENS: tl.constexpr,
-                       PRECISION: tl.constexpr):
+                       PRECISION: tl.constexpr, PDL: tl.constexpr):
         row, kv_head = tl.program_id(0), tl.program_id(1)
+        if PDL:  # launched early, beside the kernel before (labkit.engine.gemv): wait for it
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         heads = tl.arange(0, GROUP_PAD)  # padded to 16: the smallest tensor-core product
         dims = tl.arange(0, DIM)
         # q: (rows, kv_heads * group, dim); this program's group of query heads
@@ -92,7 +97,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         block_table.stride(0),
         KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         DIM=dim, PAGE=page, TOKENS=max(64, page),
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        PDL=fused.pdl(q.device), launch_pdl=fused.pdl(q.device))
     return out
 
 

@@ -32,6 +32,10 @@ from labkit.measure import gpu
 
 log = logging.getLogger("labkit.server")
 
+# Decode graphs captured at warm-up: rows' contexts of up to 64 pages (1,024 tokens); longer
+# ones capture theirs on first use. Each graph keeps its logits (rows × vocabulary).
+WARMUP_GRAPH_PAGES = 64
+
 
 class Backend(Protocol):
     """A loaded model, as the server uses it. `generate` blocks; it runs off the event loop."""
@@ -186,15 +190,20 @@ class ContinuousBackend(ModelBackend):
         return results
 
     def warm_up(self) -> None:
-        """Throwaway generations through the engine; on a GPU, the CUDA graphs of every padded
-        batch size up to max_batch_size, and of small prefills of short prompts (at the
-        smallest page count), are captured first, so no request waits for a capture of those."""
+        """Throwaway generations through the engine; on a GPU, the CUDA graphs of decode steps
+        of every padded batch size up to max_batch_size and every page count up to
+        WARMUP_GRAPH_PAGES, and of small prefills of short prompts, are captured first, so no
+        request waits for a capture of those (a capture in a busy server's step stalls every
+        request: 0.1-0.4 s of a 10 s benchmark window, benchmarks/RESULTS.md)."""
         if not self.warmup_runs:
             return
         began = time.perf_counter()
         runner, rows = self.engine.runner, 1
         while rows <= padded(self.engine.max_running):
-            runner.capture(rows, MIN_GRAPH_PAGES)
+            pages = MIN_GRAPH_PAGES
+            while pages <= WARMUP_GRAPH_PAGES:
+                runner.capture(rows, pages)
+                pages *= 2
             if rows <= PREFILL_GRAPH_ROWS:
                 for width in (16, 32, 64):  # prompts of up to 64 tokens
                     runner.capture(rows, MIN_GRAPH_PAGES, width)
