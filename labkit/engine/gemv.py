@@ -6,7 +6,7 @@ matrix once, and its time should be the matrix's bytes over memory bandwidth. Th
 matrices are small (the o projection is 19 MB: 4.5 µs at 4.2 TB/s), so what a kernel costs
 besides its bytes (its launch, the first reads' latency, the last programs' tail) is a large
 share of it; cuBLAS read the o projection at 1.9 TB/s, and with the small kernels between the
-products (norm, SiLU) the 3B step took 2.47 ms against a 1.52 ms floor. Three changes:
+products (norm, SiLU) the 3B step took 2.46 ms against a 1.52 ms floor. Three changes:
 
 - The elementwise work runs inside the product that follows it, as a prologue on its input:
   `norm_linear` is RMSNorm(x + residual) @ W.T (the sum is the next residual), `silu_linear`
@@ -24,7 +24,7 @@ products (norm, SiLU) the 3B step took 2.47 ms against a 1.52 ms floor. Three ch
   kernel that ends has seen every earlier one end. The RoPE and attention kernels of the step
   take part too (`fused`, `paged_attention`).
 
-Together: the 3B step from 2.47 to 2.00 ms (1.32× the floor); without PDL, 2.19
+Together: the 3B step from 2.46 to 1.99 ms on an H200 (1.30× the floor); without PDL, 2.18
 (benchmarks/fused_decode.py). The prologues round where the eager ops round
 (`labkit.engine.llama.EagerOps`), so results agree with `fused` + cuBLAS within the products'
 own rounding (tests/test_gpu_fused.py). Steps of more tokens are matrix-matrix products, which
