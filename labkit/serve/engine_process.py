@@ -46,7 +46,9 @@ log = logging.getLogger("labkit.server")
 FIELDS = ("prompt", "max_tokens", "temperature", "top_p", "seed", "min_tokens", "ignore_eos",
           "templated", "prompt_ids")
 STOP_TIMEOUT_S = 30.0
-MEMORY_EVERY_S = 0.5  # device memory readings in the step messages, at most this often
+# Device memory readings in the step messages, at most this often: a reading asks the driver
+# (cudaMemGetInfo), which costs host time in every step that carries one, while the GPU waits.
+MEMORY_EVERY_S = 0.5
 
 
 # --- the server's side -------------------------------------------------------------------------
@@ -319,7 +321,7 @@ class _EngineLoop:
     def _send_step(self) -> None:
         memory = None
         now = time.perf_counter()
-        if now - self.memory_read_at >= MEMORY_EVERY_S or self.outcomes:
+        if now - self.memory_read_at >= MEMORY_EVERY_S:
             memory, self.memory_read_at = _memory(self.backend.device), now
         self.conn.send(("step", self.tokens, self.outcomes, self.engine.stats(), memory))
         self.tokens, self.outcomes = [], []
