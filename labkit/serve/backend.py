@@ -26,7 +26,7 @@ from labkit.engine.kv_cache import PagedKVCache
 from labkit.engine.llama import Llama
 from labkit.engine.model import LoadedModel, load_model, resolve_local_path
 from labkit.engine.request import Request, Result
-from labkit.engine.runner import MIN_GRAPH_PAGES, PREFILL_GRAPH_ROWS, padded
+from labkit.engine.runner import MIN_GRAPH_PAGES, PREFILL_GRAPH_ROWS, PREFILL_GRAPH_WIDTH, padded
 from labkit.engine.static_decode import StaticDecoders
 from labkit.measure import gpu
 
@@ -204,9 +204,10 @@ class ContinuousBackend(ModelBackend):
             while pages <= WARMUP_GRAPH_PAGES:
                 runner.capture(rows, pages)
                 pages *= 2
-            if rows <= PREFILL_GRAPH_ROWS:
-                for width in (16, 32, 64):  # prompts of up to 64 tokens
-                    runner.capture(rows, MIN_GRAPH_PAGES, width)
+            width = 2  # prompts of 2 to 64 tokens (one token is a decode step's shape)
+            while rows <= PREFILL_GRAPH_ROWS and width <= PREFILL_GRAPH_WIDTH:
+                runner.capture(rows, MIN_GRAPH_PAGES, width)
+                width *= 2
             rows *= 2
         for _ in range(self.warmup_runs):
             self.engine.generate([Request("warm-up", hf_generate.WARMUP_TOKENS, 0)])
