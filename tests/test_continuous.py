@@ -89,6 +89,25 @@ def test_compact_llama_follows_llama3_rope_scaling_and_untied_weights():
     torch.testing.assert_close(got[-1], expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_tables_are_transformers_cos_and_sin_at_each_position(dtype):
+    """The model looks RoPE's cos and sin up in tables made at load: they must be the values
+    transformers computes per step, bit for bit, scaling and rounding included."""
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         vocab_size=300, max_position_embeddings=256,
+                         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0,
+                                          "factor": 32.0, "low_freq_factor": 1.0,
+                                          "high_freq_factor": 4.0,
+                                          "original_max_position_embeddings": 64})
+    hf = LlamaForCausalLM(config).to(dtype).eval()
+    positions = torch.tensor([[0, 1, 63, 64, 200, 255]])
+    cos, sin = Llama.from_hf(hf)._rope_tables(positions)
+    want_cos, want_sin = hf.model.rotary_emb(torch.zeros(1, dtype=dtype), positions)
+    assert cos.shape == (1, 6, 1, 16) and cos.dtype == dtype
+    assert torch.equal(cos[:, :, 0], want_cos) and torch.equal(sin[:, :, 0], want_sin)
+
+
 def test_greedy_output_equals_sequential_with_chunked_prefill_and_a_busy_batch(lm):
     eng = engine(lm, max_running=3, prefill_chunk=7)
     results = eng.generate(greedy())
