@@ -63,10 +63,6 @@ class PagedKVCache:
         """Flat index (page × page_size + offset) where the token at `position` is stored."""
         return pages[position // self.page_size] * self.page_size + position % self.page_size
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-        """Store k, v (rows, tokens, kv_heads, dim) at their flat slots (rows, tokens)."""
-        write_kv(self.kv, layer, k, v, slots)
-
     def read(self, layer: int, block_table: torch.Tensor):
         """Keys and values of each row's pages, in order: two (rows, kv_heads, pages ×
         page_size, dim) tensors (a gather: each row's pages copied side by side)."""
