@@ -108,6 +108,26 @@ def test_rope_tables_are_transformers_cos_and_sin_at_each_position(dtype):
     assert torch.equal(cos[:, :, 0], want_cos) and torch.equal(sin[:, :, 0], want_sin)
 
 
+def test_warm_up_captures_every_padded_shape_a_step_can_take(lm, monkeypatch):
+    """The runner's warm-up list is its own padding rules: decode steps of each power-of-two
+    row count and page count, small prefills of each width from 2 tokens (recorded here, not
+    captured)."""
+    runner = ModelRunner(Llama.from_hf(lm.model), PagedKVCache(lm.config, 8, lm.dtype, lm.device),
+                         max_rows=16, cuda_graphs=False)
+    captured = []
+    monkeypatch.setattr(runner, "_graph", lambda *shape: captured.append(shape))
+    runner.capture_all(12, 64)
+    assert captured == []  # CPU: no graphs
+    runner.cuda_graphs = True
+    runner.capture_all(12, 64)  # 12 rows pad to 16
+    decode = {(rows, pages) for rows, width, pages in captured if width == 1}
+    prefill = {shape for shape in captured if shape[1] > 1}
+    assert decode == {(rows, pages) for rows in (1, 2, 4, 8, 16) for pages in (8, 16, 32, 64)}
+    assert prefill == {(rows, width, 8) for rows in (1, 2, 4, 8)
+                       for width in (2, 4, 8, 16, 32, 64)}
+    assert len(captured) == len(decode) + len(prefill)
+
+
 def test_greedy_output_equals_sequential_with_chunked_prefill_and_a_busy_batch(lm):
     eng = engine(lm, max_running=3, prefill_chunk=7)
     results = eng.generate(greedy())

@@ -79,11 +79,18 @@ class ModelRunner:
         packed = self._pack(chunks, *shape, host=True)
         return self._graph(*shape).replay(packed, carried)[:len(chunks)]
 
-    def capture(self, rows: int, pages: int, width: int = 1) -> None:
-        """Capture the graph of a decode step (width 1) or a prefill of (rows, width, pages)
-        now, at warm-up, rather than in a request's step."""
-        if self.cuda_graphs:
-            self._graph(rows, width, pages)
+    def capture_all(self, rows: int, pages: int) -> None:
+        """Capture now, at warm-up, rather than in a request's step, the graph of every padded
+        shape up to `rows` rows: decode steps of up to `pages` pages per row, and small
+        prefills of 2 to PREFILL_GRAPH_WIDTH tokens (one token is a decode step's shape)."""
+        if not self.cuda_graphs:
+            return
+        for row_count in _powers_of_two(1, padded(rows)):
+            for page_count in _powers_of_two(MIN_GRAPH_PAGES, pages):
+                self._graph(row_count, 1, page_count)
+            if row_count <= PREFILL_GRAPH_ROWS:
+                for width in _powers_of_two(2, PREFILL_GRAPH_WIDTH):
+                    self._graph(row_count, width, MIN_GRAPH_PAGES)
 
     def _graph(self, rows: int, width: int, pages: int) -> _StepGraph:
         """The graph of a padded step shape, captured on first use. Width 1 is a decode step's
@@ -173,6 +180,11 @@ def _carry(packed: torch.Tensor, carried) -> None:
     pick, tokens = carried
     column = packed[:len(pick), 0]
     column.copy_(torch.where(pick >= 0, tokens[pick.clamp(min=0)], column))
+
+
+def _powers_of_two(low: int, high: int) -> list[int]:
+    """low, 2·low, 4·low, ... up to high (low a power of two)."""
+    return [low << shift for shift in range(max(0, (high // low).bit_length()))]
 
 
 def padded(n: int) -> int:

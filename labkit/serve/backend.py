@@ -26,7 +26,6 @@ from labkit.engine.kv_cache import PagedKVCache
 from labkit.engine.llama import Llama
 from labkit.engine.model import LoadedModel, load_model, resolve_local_path
 from labkit.engine.request import Request, Result
-from labkit.engine.runner import MIN_GRAPH_PAGES, PREFILL_GRAPH_ROWS, PREFILL_GRAPH_WIDTH, padded
 from labkit.engine.static_decode import StaticDecoders
 from labkit.measure import gpu
 
@@ -198,17 +197,7 @@ class ContinuousBackend(ModelBackend):
         if not self.warmup_runs:
             return
         began = time.perf_counter()
-        runner, rows = self.engine.runner, 1
-        while rows <= padded(self.engine.max_running):
-            pages = MIN_GRAPH_PAGES
-            while pages <= WARMUP_GRAPH_PAGES:
-                runner.capture(rows, pages)
-                pages *= 2
-            width = 2  # prompts of 2 to 64 tokens (one token is a decode step's shape)
-            while rows <= PREFILL_GRAPH_ROWS and width <= PREFILL_GRAPH_WIDTH:
-                runner.capture(rows, MIN_GRAPH_PAGES, width)
-                width *= 2
-            rows *= 2
+        self.engine.runner.capture_all(self.engine.max_running, WARMUP_GRAPH_PAGES)
         for _ in range(self.warmup_runs):
             self.engine.generate([Request("warm-up", hf_generate.WARMUP_TOKENS, 0)])
         log.info("Warm-up: %d run(s) through the continuous engine; CUDA graphs for (rows, "
