@@ -26,6 +26,8 @@ elsewhere the model runs `EagerOps`.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 try:
@@ -45,7 +47,13 @@ PDL = True  # benchmarks/fused_decode.py turns it off to measure what it buys
 def pdl(device: torch.device) -> bool:
     """Whether kernels launch with programmatic dependent launch (`labkit.engine.gemv`): on
     Hopper (compute capability 9) and later."""
-    return PDL and torch.cuda.get_device_capability(device)[0] >= 9
+    return PDL and _hopper_or_later(device)
+
+
+@functools.cache
+def _hopper_or_later(device: torch.device) -> bool:
+    """Asked once per device: every kernel launch of an eager step asks."""
+    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 if triton is not None:
@@ -168,13 +176,13 @@ def rope_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: t
     k_cache, v_cache = kv[layer].unbind(0)
     if slots.stride(-1) != 1:
         slots = slots.contiguous()
+    use_pdl = pdl(qkv.device)
     _rope_write_kv_kernel[(slots.numel(),)](
         qkv, cos.contiguous(), sin.contiguous(), slots, slots.stride(0), slots.shape[1],
         q, k_cache, v_cache,
         HEADS=heads, KV_HEADS=kv_heads, DIM=dim,
         ROPE_HEADS_PAD=triton.next_power_of_2(heads + kv_heads),
-        KV_HEADS_PAD=triton.next_power_of_2(kv_heads), PDL=pdl(qkv.device),
-        launch_pdl=pdl(qkv.device),
+        KV_HEADS_PAD=triton.next_power_of_2(kv_heads), PDL=use_pdl, launch_pdl=use_pdl,
         enable_fp_fusion=False)  # a fused multiply-add would skip the products' rounding
     return q
 

@@ -92,13 +92,14 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     group = heads // kv_heads
     q = q.contiguous()
     out = torch.empty_like(q)
+    use_pdl = fused.pdl(q.device)
     _decode_kernel[(rows, kv_heads)](
         q, k_cache, v_cache, block_table, lengths, out, dim ** -0.5,
         block_table.stride(0),
         KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         DIM=dim, PAGE=page, TOKENS=max(64, page),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        PDL=fused.pdl(q.device), launch_pdl=fused.pdl(q.device))
+        PDL=use_pdl, launch_pdl=use_pdl)
     return out
 
 
