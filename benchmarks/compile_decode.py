@@ -17,23 +17,13 @@ import json
 import time
 
 import torch
+from fused_decode import step_ms  # this directory's: run as python benchmarks/...
 
 from labkit.engine.continuous import ContinuousEngine
 from labkit.engine.kv_cache import PagedKVCache
 from labkit.engine.llama import Llama
 from labkit.engine.model import load_model
 from labkit.engine.runner import Chunk
-
-
-def step_ms(runner, chunks: list[Chunk], steps: int = 300) -> float:
-    for _ in range(20):
-        runner.decode(chunks)
-    torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(steps):
-        runner.decode(chunks)
-    torch.cuda.synchronize()
-    return (time.perf_counter() - started) / steps * 1000
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     chunks = [Chunk([1234], args.tokens - 1, pages)]
     with torch.inference_mode():
         runner.prefill([Chunk(list(range(100, 100 + args.tokens - 1)), 0, pages)])
-        eager_ms = step_ms(runner, chunks)
+        eager_ms = step_ms(runner, chunks, 300, warmup=20)
         reference = runner.decode(chunks).float().clone()
 
         import torch._inductor.config as inductor
@@ -62,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         began = time.perf_counter()
         compiled = runner.decode(chunks).float()  # compiles, then captures the graph
         compile_s = time.perf_counter() - began
-        compiled_ms = step_ms(runner, chunks)
+        compiled_ms = step_ms(runner, chunks, 300, warmup=20)
     row = {"card": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
            "torch": torch.__version__, "model": args.model, "cached_tokens": args.tokens,
            "graph_step_ms": round(eager_ms, 3), "compiled_graph_step_ms": round(compiled_ms, 3),

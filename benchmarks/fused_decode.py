@@ -42,8 +42,10 @@ def use(model: Llama, fused_kernels: bool, gemv_kernels: bool, pdl: bool) -> Non
     model.fused_kernels, model.gemv_kernels, fused.PDL = fused_kernels, gemv_kernels, pdl
 
 
-def step_ms(runner: ModelRunner, chunks: list[Chunk], steps: int) -> float:
-    for _ in range(10):
+def step_ms(runner: ModelRunner, chunks: list[Chunk], steps: int, warmup: int = 10) -> float:
+    """ms per decode step of `chunks` (from the runner's CUDA graph when it has one), over
+    `steps` steps after `warmup` untimed ones. benchmarks/compile_decode.py times with it too."""
+    for _ in range(warmup):
         runner.decode(chunks)
     torch.cuda.synchronize()
     started = time.perf_counter()
