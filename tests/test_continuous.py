@@ -24,7 +24,7 @@ from labkit.engine.continuous import ContinuousEngine
 from labkit.engine.kv_cache import PagedKVCache, bytes_per_token
 from labkit.engine.llama import Llama
 from labkit.engine.request import PromptTooLong, Request
-from labkit.engine.runner import Chunk, ModelRunner
+from labkit.engine.runner import PREFILL_GRAPH_TOKENS, Chunk, ModelRunner
 from labkit.serve import schedulers
 from labkit.serve.backend import ContinuousBackend
 from labkit.serve.http import create_app
@@ -110,8 +110,8 @@ def test_rope_tables_are_transformers_cos_and_sin_at_each_position(dtype):
 
 def test_warm_up_captures_every_padded_shape_a_step_can_take(lm, monkeypatch):
     """The runner's warm-up list is its own padding rules: decode steps of each power-of-two
-    row count and page count, small prefills of each width from 2 tokens (recorded here, not
-    captured)."""
+    row count and page count, short prefills of each width from 2 tokens within the prefill
+    graphs' token budget (recorded here, not captured)."""
     runner = ModelRunner(Llama.from_hf(lm.model), PagedKVCache(lm.config, 8, lm.dtype, lm.device),
                          max_rows=16, cuda_graphs=False)
     captured = []
@@ -123,9 +123,15 @@ def test_warm_up_captures_every_padded_shape_a_step_can_take(lm, monkeypatch):
     decode = {(rows, pages) for rows, width, pages in captured if width == 1}
     prefill = {shape for shape in captured if shape[1] > 1}
     assert decode == {(rows, pages) for rows in (1, 2, 4, 8, 16) for pages in (8, 16, 32, 64)}
-    assert prefill == {(rows, width, 8) for rows in (1, 2, 4, 8)
+    assert prefill == {(rows, width, 8) for rows in (1, 2, 4, 8, 16)
                        for width in (2, 4, 8, 16, 32, 64)}
     assert len(captured) == len(decode) + len(prefill)
+    captured.clear()
+    runner.capture_all(256, 8)  # a wide batch: prefills of up to 2,048 tokens in all
+    prefill = {shape for shape in captured if shape[1] > 1}
+    assert (256, 8, 8) in prefill and (32, 64, 8) in prefill
+    assert (256, 16, 8) not in prefill and (64, 64, 8) not in prefill
+    assert max(rows * width for rows, width, _ in prefill) == PREFILL_GRAPH_TOKENS
 
 
 def test_greedy_output_equals_sequential_with_chunked_prefill_and_a_busy_batch(lm):

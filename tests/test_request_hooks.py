@@ -5,6 +5,9 @@ each way of generating: alone, batched (eager and over static caches) and contin
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
 from labkit.engine import hf_generate
@@ -14,6 +17,7 @@ from labkit.engine.kv_cache import PagedKVCache
 from labkit.engine.llama import Llama
 from labkit.engine.request import InvalidRequest, Request
 from labkit.engine.static_decode import StaticDecoders
+from labkit.serve.backend import TextSide
 
 PROMPT = "Suggest a skincare routine for dry skin"
 
@@ -102,3 +106,45 @@ def test_a_templated_prompt_is_tokenized_as_is(lm):
     chat = Request(text, 5, templated=True)
     plain = Request("Suggest a skincare routine", 5)
     assert hf_generate.tokenize(lm, chat) == hf_generate.tokenize(lm, plain)
+
+
+@pytest.mark.parametrize("way", WAYS)
+def test_a_result_carries_the_token_ids_its_text_is_decoded_from(lm, way):
+    result, = run(lm, [Request(PROMPT, 12, temperature=0.0)], way)
+    assert len(result.token_ids) >= result.tokens_generated == 12
+    assert hf_generate.decode(lm, result.token_ids) == result.generated_text
+    assert "token_ids" not in result.as_dict()  # the seed's response fields only
+
+
+def test_an_engine_that_leaves_text_to_its_caller_sends_the_same_ids(lm):
+    """The engine process's way: ids only, the server decodes them."""
+    cache = PagedKVCache(lm.config, 64, lm.dtype, lm.device)
+    engine = ContinuousEngine(lm, Llama.from_hf(lm.model), cache)
+    requests = [Request(PROMPT, 12, temperature=0.0), Request("Hello", 7, temperature=0.0)]
+    texts = engine.generate(requests)
+    engine.detokenize = False
+    ids_only = engine.generate([Request(r.prompt, r.max_tokens, 0.0) for r in requests])
+    assert [r.generated_text for r in ids_only] == ["", ""]
+    assert [r.token_ids for r in ids_only] == [r.token_ids for r in texts]
+
+
+def test_every_thread_tokenizes_with_a_tokenizer_of_its_own(lm):
+    """Short prompts are tokenized on the server's event loop, long ones on its check thread:
+    a fast tokenizer used by two threads at once raises "Already borrowed"."""
+    side = TextSide(lm)
+    prompts = [f"{PROMPT} {i} " * (1 + i % 50) for i in range(200)]
+    expected = [hf_generate.tokenize(lm, Request(p, 5)) for p in prompts]
+    start = threading.Barrier(4)
+
+    def tokenize_all(_):
+        start.wait()
+        requests = [Request(p, 5) for p in prompts]
+        for request in requests:
+            side.tokenize(request)
+        return [r.prompt_ids for r in requests], id(side._own_lm().tokenizer)
+
+    with ThreadPoolExecutor(4) as pool:
+        outcomes = list(pool.map(tokenize_all, range(4)))
+    assert all(ids == expected for ids, _ in outcomes)
+    tokenizers = {tokenizer for _, tokenizer in outcomes}
+    assert len(tokenizers) == 4 and id(lm.tokenizer) not in tokenizers

@@ -128,6 +128,9 @@ class ContinuousEngine:
         self.preemptions = self.decode_steps = self.decode_tokens = self.prefill_tokens = 0
         self.last_step_tokens = 0
         self.device_wait_s = 0.0  # host time spent waiting for a step's tokens
+        # False: results come with token ids and empty text, for the caller to decode (the
+        # engine process leaves it to the server, off the loop that keeps the GPU fed).
+        self.detokenize = True
 
     # -- what callers use ------------------------------------------------------------------
 
@@ -359,6 +362,6 @@ class ContinuousEngine:
             return
         started = seq.admitted_at or now
         result = hf_generate.build_result(self.lm, seq.request, seq.generated, started,
-                                          seq.first_token_at or now, now)
+                                          seq.first_token_at or now, now, self.detokenize)
         result.queue_time_ms = round((started - seq.added_at) * 1000, 3)
         seq.on_finish(result)

@@ -186,9 +186,11 @@ def stop_token_ids(lm: LoadedModel) -> set[int]:
 
 
 def build_result(lm: LoadedModel, request: Request, new_ids: list[int], started: float,
-                 first_token_at: float, finished: float) -> Result:
+                 first_token_at: float, finished: float, detokenize: bool = True) -> Result:
     """Result of one request from its new ids (a final stop token is not counted) and host
-    times (perf_counter): start, first token on the CPU, last token on the CPU."""
+    times (perf_counter): start, first token on the CPU, last token on the CPU. With
+    `detokenize` False its text is left empty, for whoever receives it to decode from
+    `token_ids`."""
     stopped = bool(new_ids) and new_ids[-1] in stop_token_ids(lm)
     if stopped:
         reason = "stop"
@@ -201,7 +203,8 @@ def build_result(lm: LoadedModel, request: Request, new_ids: list[int], started:
     ttft_ms = (first_token_at - started) * 1000
     tpot = (total_ms - ttft_ms) / (n - 1) if n > 1 else None
     return Result(
-        generated_text=decode(lm, new_ids), prompt=request.prompt, tokens_generated=n,
+        generated_text=decode(lm, new_ids) if detokenize else "", token_ids=new_ids,
+        prompt=request.prompt, tokens_generated=n,
         prompt_tokens=len(request.prompt_ids), time_to_first_token_ms=round(ttft_ms, 2),
         inference_time_ms=round(total_ms, 2),
         tokens_per_second=round(n / (total_ms / 1000), 2) if total_ms > 0 else 0.0,

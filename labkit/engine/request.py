@@ -107,9 +107,14 @@ class Result:
     finish_reason: str  # "length" (hit max_tokens), "stop" (a stop token), "cancelled"
     queue_time_ms: float | None = None  # waiting in a server before its generation started
     memory_used_gb: float | None = None  # GPU memory held by tensors when it finished
+    # The generated ids as sampled (a final stop token included): what `generated_text` is
+    # decoded from. Not in `as_dict`, which is the seed's response.
+    token_ids: list[int] = field(default_factory=list, repr=False)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        fields = asdict(self)
+        del fields["token_ids"]
+        return fields
 
 
 def _is_number(value) -> bool:

@@ -6,11 +6,13 @@ leaves a handful of shapes; each is captured once as a CUDA graph (on first use,
 and replayed after that, so a step costs one launch from Python instead of ~20 per layer. Padded
 rows read and write the padding page (page 0) and their logits are dropped.
 
-Prefill chunks have every shape under the sun (rows × chunk lengths). A large one keeps the GPU
-busy on its own and runs eagerly. A small one (a few new requests' short prompts, the usual
-case while serving) is mostly Python launching ~20 kernels per layer, during which the GPU
-idles: those are padded to powers of two too (at most PREFILL_GRAPH_ROWS × PREFILL_GRAPH_WIDTH)
-and replayed from graphs.
+Prefill chunks have every shape under the sun (rows × chunk lengths). A long one keeps the GPU
+busy on its own and runs eagerly. Short ones (new requests' short prompts, the usual case while
+serving) are mostly Python launching ~20 kernels per layer, during which the GPU idles: those
+are padded to powers of two too (widths up to PREFILL_GRAPH_WIDTH, PREFILL_GRAPH_TOKENS in all)
+and replayed from graphs. That holds for many rows at once as well: when a wave of requests
+returns to a busy server, dozens are admitted in the same step, and an eager prefill of them
+cost ~10 ms of host time on an H200 while the decoding requests waited for it.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from labkit.engine.llama import Llama
 log = logging.getLogger("labkit.engine")
 
 MIN_GRAPH_PAGES = 8  # smallest pages-per-row a graph is captured for (128 tokens of 16)
-PREFILL_GRAPH_ROWS, PREFILL_GRAPH_WIDTH, PREFILL_GRAPH_PAGES = 8, 64, 64  # larger: eager
+# Prefills replayed from graphs: up to 64 tokens per row and 64 pages, 2,048 tokens in all
+# (padded rows × padded width); larger ones run eagerly.
+PREFILL_GRAPH_WIDTH, PREFILL_GRAPH_PAGES, PREFILL_GRAPH_TOKENS = 64, 64, 2048
 
 
 @dataclass
@@ -81,15 +85,16 @@ class ModelRunner:
 
     def capture_all(self, rows: int, pages: int) -> None:
         """Capture now, at warm-up, rather than in a request's step, the graph of every padded
-        shape up to `rows` rows: decode steps of up to `pages` pages per row, and small
-        prefills of 2 to PREFILL_GRAPH_WIDTH tokens (one token is a decode step's shape)."""
+        shape up to `rows` rows: decode steps of up to `pages` pages per row, and short
+        prefills of 2 to PREFILL_GRAPH_WIDTH tokens per row (one token is a decode step's
+        shape) within PREFILL_GRAPH_TOKENS."""
         if not self.cuda_graphs:
             return
         for row_count in _powers_of_two(1, padded(rows)):
             for page_count in _powers_of_two(MIN_GRAPH_PAGES, pages):
                 self._graph(row_count, 1, page_count)
-            if row_count <= PREFILL_GRAPH_ROWS:
-                for width in _powers_of_two(2, PREFILL_GRAPH_WIDTH):
+            for width in _powers_of_two(2, PREFILL_GRAPH_WIDTH):
+                if fits_prefill_graph(row_count, width, MIN_GRAPH_PAGES):
                     self._graph(row_count, width, MIN_GRAPH_PAGES)
 
     def _graph(self, rows: int, width: int, pages: int) -> _StepGraph:
@@ -143,8 +148,9 @@ def unpack(packed: torch.Tensor, width: int) -> tuple[torch.Tensor, ...]:
 
 
 def fits_prefill_graph(rows: int, width: int, pages: int) -> bool:
-    return rows <= PREFILL_GRAPH_ROWS and width <= PREFILL_GRAPH_WIDTH \
-        and pages <= PREFILL_GRAPH_PAGES
+    """Whether a padded prefill shape is replayed from a graph (else it runs eagerly)."""
+    return width <= PREFILL_GRAPH_WIDTH and pages <= PREFILL_GRAPH_PAGES \
+        and rows * width <= PREFILL_GRAPH_TOKENS
 
 
 class _StepGraph:

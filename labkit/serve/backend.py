@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import gc
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -49,7 +50,8 @@ class Backend(Protocol):
 
     def tokenize(self, request: Request) -> None:
         """Store the prompt's token ids on the request; raises PromptTooLong when it cannot
-        fit the context. Runs on the server's check thread, not the generation thread."""
+        fit the context. Runs on the event loop or the server's check thread, never the
+        generation thread."""
 
     def generate(self, request: Request) -> Result:
         """Run one generation."""
@@ -79,23 +81,32 @@ class Backend(Protocol):
 
 
 class TextSide:
-    """The text work a server does around `lm`: prompts are checked and tokenized on the
-    server's check thread, streamed text is detokenized on the thread that delivers tokens.
-    A fast tokenizer is a Rust object that raises "Already borrowed" when two threads use it at
-    once, so the checker gets its own copy instead of sharing the other thread's."""
+    """The text work a server does around `lm`: prompts are checked and tokenized on the event
+    loop (short ones) or the server's check thread (long ones), streamed text is detokenized on
+    the thread that delivers tokens. A fast tokenizer is a Rust object that raises "Already
+    borrowed" when two threads use it at once, so `lm`'s own tokenizer is left to the thread
+    that generates (or delivers tokens), and every other thread gets a copy of its own."""
 
     def __init__(self, lm: LoadedModel):
         self.lm = lm
-        self._checker = dataclasses.replace(lm, tokenizer=copy.deepcopy(lm.tokenizer))
+        self._local = threading.local()
 
     def tokenize(self, request: Request) -> None:
-        hf_generate.tokenize(self._checker, request)
+        hf_generate.tokenize(self._own_lm(), request)
 
     def detokenizer(self) -> hf_generate.Detokenizer:
         return hf_generate.Detokenizer(self.lm)
 
     def chat_prompt(self, messages: list[dict]) -> str:
-        return hf_generate.chat_prompt(self._checker, messages)
+        return hf_generate.chat_prompt(self._own_lm(), messages)
+
+    def _own_lm(self) -> LoadedModel:
+        """`lm` with this thread's own copy of the tokenizer (made on the thread's first call)."""
+        lm = getattr(self._local, "lm", None)
+        if lm is None:
+            lm = self._local.lm = dataclasses.replace(
+                self.lm, tokenizer=copy.deepcopy(self.lm.tokenizer))
+        return lm
 
 
 class ModelBackend(TextSide):

@@ -16,7 +16,8 @@ engine core runs apart from its API server for the same reason.
 
 One pipe each way, one message per engine step: the new tokens of the requests that stream,
 the finished ones' results, and the engine's /stats counters. Requests cross as their fields,
-token ids included (the server tokenizes; the engine never sees text it must parse). The
+token ids included, and results come back as token ids: the server tokenizes and detokenizes,
+so the engine's loop spends its time on the GPU's next step, not on text. The
 engine process ignores SIGINT and SIGTERM: the server drains its requests first, then tells the
 engine to stop. When the server dies, the pipe closes and the engine exits at its next step.
 """
@@ -34,6 +35,7 @@ from collections.abc import Callable
 
 import torch
 
+from labkit.engine import hf_generate
 from labkit.engine.continuous import check_fits
 from labkit.engine.model import LoadedModel, load_tokenizer, tokenizer_dir
 from labkit.engine.request import EngineGone, OutOfMemory, PromptTooLong, Request, Result
@@ -73,6 +75,9 @@ class EngineProcess:
         self.on_busy: Callable[[float], None] = lambda at: None
         self.on_idle: Callable[[float], None] = lambda at: None
         self.gone: str | None = None  # why the engine process is gone, once it is
+        # A result's text from its token ids, on the reader thread (set by the backend, which
+        # holds the tokenizer): the engine sends ids only.
+        self.detokenize: Callable[[list[int]], str] = lambda ids: ""
 
     def start(self) -> dict:
         """Start the process and wait until its model is loaded and warm: its description."""
@@ -148,7 +153,11 @@ class EngineProcess:
         for rid, outcome in outcomes:
             request, on_outcome = self._live.pop(rid)
             self._cancel_sent.discard(rid)
-            on_outcome(_rebuild(outcome) if isinstance(outcome, tuple) else outcome)
+            if isinstance(outcome, tuple):
+                outcome = _rebuild(outcome)
+            else:
+                outcome.generated_text = self.detokenize(outcome.token_ids)
+            on_outcome(outcome)
         # A client that went away (or a stop string seen in the text) sets the request's
         # `cancelled` here; the engine hears of it before its next step.
         for rid, (request, _) in list(self._live.items()):
@@ -182,6 +191,7 @@ class EngineProcessBackend(TextSide):
             num_parameters=info["num_parameters"], load_time_s=info["load_time_s"],
             context_length=info["context_length"], memory_after_load=None))
         self.engine = engine
+        engine.detokenize = lambda ids: hf_generate.decode(self.lm, ids)
         for name in ("name", "synthetic", "device", "gpu_name", "context_length",
                      "load_time_s", "cuda_graphs"):
             setattr(self, name, info[name])
@@ -231,6 +241,7 @@ def _engine_main(conn, load_options: dict) -> None:
         conn.send(("failed", _portable(err)))
         return
     lm, cache = backend.lm, backend.engine.cache
+    backend.engine.detokenize = False  # the server decodes results' token ids
     conn.send(("ready", {
         "name": backend.name, "synthetic": backend.synthetic, "device": backend.device,
         "gpu_name": backend.gpu_name, "context_length": backend.context_length,

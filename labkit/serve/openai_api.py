@@ -195,13 +195,13 @@ class Call:
     def prompt_field(self) -> str:
         return "messages" if self.chat else "prompt"
 
-    # --- the Request it becomes (on the server's check thread: templating tokenizes) ---------
+    # --- the Request it becomes (templating and tokenizing: on the check thread when long) ---
 
     def prepare(self, backend: Backend, max_tokens_limit: int) -> Request:
-        """The Request for this call, validated and tokenized. Runs off the event loop (a chat
-        template and the tokenizer both work on up to 1 MiB of text). Without max_tokens, a
-        completion gets OpenAI's 16 and a chat answer as much as the server allows and the
-        context has room for."""
+        """The Request for this call, validated and tokenized. A long body's runs off the event
+        loop (a chat template and the tokenizer both work on up to 1 MiB of text). Without
+        max_tokens, a completion gets OpenAI's 16 and a chat answer as much as the server
+        allows and the context has room for."""
         prompt = backend.chat_prompt(self.messages) if self.chat else self.prompt
         if self.max_tokens is not None:
             max_tokens = self.max_tokens
