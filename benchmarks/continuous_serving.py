@@ -2,7 +2,9 @@
 
 1. In-process: the continuous engine keeps --concurrency requests in flight (a new one is added
    as each finishes: a closed loop, like the load tester's) until --requests have run; output
-   tokens per second over that window, with NVML utilization and GPM SM activity.
+   tokens per second over that window, with NVML utilization and GPM SM activity. The engine
+   does what it does in the server's engine process: graphs captured first, token ids in and
+   out (the text work is the server's).
 2. Over HTTP: `labkit serve --mode continuous` with the same model, cache and batch cap, under
    `labkit loadtest` (closed loop, same concurrency, prompt and max_tokens, greedy, ignore_eos);
    output tokens per second, latency, and the same GPU readings over the load test's window.
@@ -27,6 +29,7 @@ import time
 
 import torch
 
+from labkit.engine import hf_generate
 from labkit.engine.continuous import ContinuousEngine
 from labkit.engine.kv_cache import PagedKVCache
 from labkit.engine.llama import Llama
@@ -34,17 +37,21 @@ from labkit.engine.model import load_model, synchronize
 from labkit.engine.request import Request
 from labkit.measure import loadtest, utilization
 from labkit.serve import client
+from labkit.serve.backend import WARMUP_GRAPH_PAGES
 from labkit.serve.launcher import launch
 
 
 def closed_loop(engine: ContinuousEngine, concurrency: int, total: int, max_tokens: int,
                 prompt: str) -> tuple[int, float]:
-    """Keep `concurrency` requests in the engine until `total` have finished: (tokens, seconds)."""
+    """Keep `concurrency` requests in the engine until `total` have finished: (tokens, seconds).
+    The prompt is tokenized once, here, as the server tokenizes outside the engine process."""
     done, sent, tokens = [0], [0], [0]
+    prompt_ids = hf_generate.tokenize(engine.lm, Request(prompt, max_tokens))
 
     def send() -> None:
         sent[0] += 1
-        engine.add(Request(prompt, max_tokens, 0.0, ignore_eos=True), finished)
+        engine.add(Request(prompt, max_tokens, 0.0, ignore_eos=True,
+                           prompt_ids=list(prompt_ids)), finished)
 
     def finished(result) -> None:
         done[0] += 1
@@ -66,6 +73,9 @@ def in_process(args, sampler) -> dict:
     cache = PagedKVCache.sized(lm.config, args.kv_cache_gb, lm.dtype, lm.device)
     engine = ContinuousEngine(lm, Llama.from_hf(lm.model, free_source=True), cache,
                               max_running=args.concurrency)
+    # As in the engine process: the server's graphs, and token ids out (the server decodes).
+    engine.runner.capture_all(args.concurrency, WARMUP_GRAPH_PAGES)
+    engine.detokenize = False
     closed_loop(engine, args.concurrency, args.concurrency, 8, loadtest.DEFAULT_PROMPT)  # warm
     before = engine.stats()
     started = time.perf_counter()

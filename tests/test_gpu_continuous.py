@@ -51,6 +51,22 @@ def test_graph_replay_equals_eager_and_sequential_greedy(lm32):
     assert [r.generated_text for r in replayed] == [r.generated_text for r in sequential]
 
 
+def test_a_wide_prefill_replays_a_graph_with_the_eager_logits(lm32):
+    """A wave of returning requests admitted in one step: 40 short prompts, one graph."""
+    engine = engine_for(lm32, cuda_graphs=True, pages=128)
+    runner, cache = engine.runner, engine.cache
+    generator = torch.Generator().manual_seed(0)
+    chunks = [Chunk(torch.randint(10, 1000, (3 + i % 10,), generator=generator).tolist(), 0,
+                    cache.free.take(1)) for i in range(40)]
+    with torch.inference_mode():
+        replayed = runner.prefill(chunks).clone()
+        assert (64, 16, 8) in runner.prefill_graphs  # 40 rows of up to 12 tokens, padded
+        runner.cuda_graphs = False
+        eager = runner.prefill(chunks)
+    assert replayed.shape == eager.shape == (40, lm32.config.vocab_size)
+    assert (replayed - eager).abs().max() <= 1e-4 * eager.abs().max()
+
+
 def test_graph_logits_match_eager_and_the_sdpa_path_in_bf16():
     lm = load_model("synthetic:llama-3.2-1b", device="cuda", dtype="bf16")
     engine = engine_for(lm, cuda_graphs=True, pages=64)
