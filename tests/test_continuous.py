@@ -24,7 +24,7 @@ from labkit.engine.continuous import ContinuousEngine
 from labkit.engine.kv_cache import PagedKVCache, bytes_per_token
 from labkit.engine.llama import Llama
 from labkit.engine.request import PromptTooLong, Request
-from labkit.engine.runner import PREFILL_GRAPH_TOKENS, Chunk, ModelRunner
+from labkit.engine.runner import PREFILL_GRAPH_TOKENS, Chunk, ModelRunner, unpack
 from labkit.serve import schedulers
 from labkit.serve.backend import ContinuousBackend
 from labkit.serve.http import create_app
@@ -70,6 +70,24 @@ def test_compact_llama_gives_transformers_logits_prefilled_whole_or_in_chunks(lm
     got = logits_by_chunks(model, lm.config, ids, cuts=[3, 4, 9])  # the 4 is a decode step
     for row, end in enumerate([3, 4, 9, len(ids)]):
         torch.testing.assert_close(got[row], expected[end - 1], atol=1e-4, rtol=1e-4)
+
+
+def test_a_forward_that_stops_at_the_hidden_state_ends_with_the_same_logits(lm):
+    """Large CUDA graphs end at the hidden state (their logits are computed after the replay,
+    so no graph holds its own): `logits()` must finish exactly what `forward` would have."""
+    model = Llama.from_hf(lm.model)
+    runner = ModelRunner(model, PagedKVCache(lm.config, 8, lm.dtype, lm.device), max_rows=2)
+    pages = [runner.cache.free.take(2) for _ in range(2)]
+    chunks = [Chunk([5, 17, 300, 42], 0, pages[0]), Chunk([9, 11], 0, pages[1])]
+    inputs = unpack(runner._pack(chunks, 2, 4, 2), 4)
+    with torch.inference_mode():
+        whole = model(*inputs, cache=runner.cache)
+        x, residual = model(*inputs, cache=runner.cache, logits=False)
+        assert x.shape == residual.shape == (2, lm.config.hidden_size)
+        torch.testing.assert_close(model.logits(x, residual), whole, atol=0, rtol=0)
+        # The real rows only (a graph's padding rows are left out): BLAS may round 1 row apart
+        torch.testing.assert_close(model.logits(x[:1], residual[:1]), whole[:1], atol=1e-5,
+                                   rtol=1e-5)
 
 
 def test_compact_llama_follows_llama3_rope_scaling_and_untied_weights():

@@ -52,19 +52,40 @@ def test_graph_replay_equals_eager_and_sequential_greedy(lm32):
 
 
 def test_a_wide_prefill_replays_a_graph_with_the_eager_logits(lm32):
-    """A wave of returning requests admitted in one step: 40 short prompts, one graph."""
+    """A wave of returning requests admitted in one step: 40 short prompts, one graph; then
+    their first decode step, one graph too."""
     engine = engine_for(lm32, cuda_graphs=True, pages=128)
     runner, cache = engine.runner, engine.cache
     generator = torch.Generator().manual_seed(0)
     chunks = [Chunk(torch.randint(10, 1000, (3 + i % 10,), generator=generator).tolist(), 0,
                     cache.free.take(1)) for i in range(40)]
+    step = [Chunk([7], len(chunk.tokens), chunk.pages) for chunk in chunks]
     with torch.inference_mode():
         replayed = runner.prefill(chunks).clone()
         assert (64, 16, 8) in runner.prefill_graphs  # 40 rows of up to 12 tokens, padded
+        replayed_step = runner.decode(step).clone()
+        assert (64, 8) in runner.graphs
         runner.cuda_graphs = False
         eager = runner.prefill(chunks)
+        eager_step = runner.decode(step)
+    # These graphs end at the hidden state; the logits of the 40 real rows come after them.
     assert replayed.shape == eager.shape == (40, lm32.config.vocab_size)
+    assert replayed_step.shape == eager_step.shape == (40, lm32.config.vocab_size)
     assert (replayed - eager).abs().max() <= 1e-4 * eager.abs().max()
+    assert (replayed_step - eager_step).abs().max() <= 1e-4 * eager_step.abs().max()
+
+
+def test_warm_up_graphs_hold_no_autograd_state(lm32):
+    """The server captures its graphs outside inference mode, and the weights require grad:
+    a graph captured with autograd on would keep every layer's activations alive."""
+    engine = engine_for(lm32, cuda_graphs=True)
+    assert any(p.requires_grad for p in engine.runner.model.parameters())
+    engine.runner.capture_all(16, 8)  # 16 rows: past GRAPH_LOGITS_ROWS, so both kinds
+    outputs = [graph.out for table in (engine.runner.graphs, engine.runner.prefill_graphs)
+               for graph in table.values()]
+    tensors = [t for out in outputs for t in (out if isinstance(out, tuple) else (out,))]
+    assert any(isinstance(out, tuple) for out in outputs)  # graphs ending at the hidden state
+    assert tensors and all(t.grad_fn is None and not t.requires_grad for t in tensors)
 
 
 def test_graph_logits_match_eager_and_the_sdpa_path_in_bf16():

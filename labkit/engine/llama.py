@@ -117,8 +117,9 @@ class Llama(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                 block_table: torch.Tensor, last: torch.Tensor,
-                cache: PagedKVCache) -> torch.Tensor:
-        """Logits (rows, vocab) at column `last` of each row.
+                cache: PagedKVCache, logits: bool = True):
+        """Logits (rows, vocab) at column `last` of each row; with `logits` False, that
+        column's hidden state as (x, residual), for `logits()` to finish.
 
         tokens, positions, slots: (rows, tokens per row); block_table: (rows, pages per row).
         A padding token has slot 0 (a page nobody owns) and position 0."""
@@ -136,6 +137,14 @@ class Llama(nn.Module):
         else:
             picked = (torch.arange(len(x), device=x.device), last)
             x, residual = x[picked], residual[picked]
+        if not logits:
+            return x, residual
+        return ops.final_norm_linear(x, residual, self.norm, self.eps, self.lm_head)
+
+    def logits(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """The end of `forward(..., logits=False)`: the last norm (after the last residual add)
+        and lm_head, for the rows given."""
+        ops = self._ops(x.device, len(x))
         return ops.final_norm_linear(x, residual, self.norm, self.eps, self.lm_head)
 
     def _ops(self, device: torch.device, tokens: int):

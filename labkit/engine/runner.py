@@ -29,6 +29,12 @@ from labkit.engine.llama import Llama
 log = logging.getLogger("labkit.engine")
 
 MIN_GRAPH_PAGES = 8  # smallest pages-per-row a graph is captured for (128 tokens of 16)
+# A graph's output stays allocated as long as the graph lives. Graphs of up to this many rows
+# end with their logits (batch-1 decoding cannot spare a launch after the replay); larger ones
+# end with the last hidden state, and the logits of the real rows are computed after the
+# replay, so that each graph does not hold (rows × vocabulary) logits of its own: for the 3B
+# shape, the server's warm-up graphs would hold ~1 GB of them.
+GRAPH_LOGITS_ROWS = 8
 # Prefills replayed from graphs: up to 64 tokens per row and 64 pages, 2,048 tokens in all
 # (padded rows × padded width); larger ones run eagerly.
 PREFILL_GRAPH_WIDTH, PREFILL_GRAPH_PAGES, PREFILL_GRAPH_TOKENS = 64, 64, 2048
@@ -66,7 +72,7 @@ class ModelRunner:
             packed = self._pack(chunks, len(chunks), width, pages)
             return self.model(*unpack(packed, width), cache=self.cache)
         packed = self._pack(chunks, *shape, host=True)
-        return self._graph(*shape).replay(packed)[:len(chunks)]
+        return self._graph(*shape).replay(packed, len(chunks))
 
     def decode(self, chunks: list[Chunk], carried: tuple[torch.Tensor, torch.Tensor] | None = None
                ) -> torch.Tensor:
@@ -81,7 +87,7 @@ class ModelRunner:
             return self.model(*unpack(packed, 1), cache=self.cache)
         shape = (padded(len(chunks)), 1, max(MIN_GRAPH_PAGES, padded(pages)))
         packed = self._pack(chunks, *shape, host=True)
-        return self._graph(*shape).replay(packed, carried)[:len(chunks)]
+        return self._graph(*shape).replay(packed, len(chunks), carried)
 
     def capture_all(self, rows: int, pages: int) -> None:
         """Capture now, at warm-up, rather than in a request's step, the graph of every padded
@@ -104,7 +110,11 @@ class ModelRunner:
                       else (self.prefill_graphs, (rows, width, pages)))
         if key not in table:
             began = time.perf_counter()
-            table[key] = _StepGraph(self, rows, width, pages)
+            # Without autograd: the weights require grad, and a graph captured with autograd
+            # on keeps every layer's saved activations alive with its output (the warm-up's
+            # graphs did, outside the engine's inference mode: benchmarks/graph_memory.py).
+            with torch.no_grad():
+                table[key] = _StepGraph(self, rows, width, pages)
             self.capture_s += time.perf_counter() - began
             log.info("Captured a CUDA graph for steps of %d rows × %d tokens × %d pages in "
                      "%.0f ms", rows, width, pages, (time.perf_counter() - began) * 1000)
@@ -158,25 +168,30 @@ class _StepGraph:
     buffer: a decode step (width 1) or a small prefill."""
 
     def __init__(self, runner: ModelRunner, rows: int, width: int, pages: int):
-        device, model, cache = runner.device, runner.model, runner.cache
+        device, self.model, cache = runner.device, runner.model, runner.cache
         self.packed = torch.zeros(rows, 3 * width + pages + 1, dtype=torch.long, device=device)
         inputs = unpack(self.packed, width)
+        logits = rows <= GRAPH_LOGITS_ROWS
         # Warm up on a side stream (kernel selection, workspace allocation), then capture.
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             for _ in range(2):
-                model(*inputs, cache=cache)
+                self.model(*inputs, cache=cache, logits=logits)
         torch.cuda.current_stream(device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=runner._pool):
-            self.logits = model(*inputs, cache=cache)
+            self.out = self.model(*inputs, cache=cache, logits=logits)  # logits or (x, residual)
 
-    def replay(self, packed: torch.Tensor, carried=None) -> torch.Tensor:
+    def replay(self, packed: torch.Tensor, used: int, carried=None) -> torch.Tensor:
+        """Logits (used, vocab) of the first `used` rows (the rest are padding)."""
         self.packed.copy_(packed, non_blocking=True)
         _carry(self.packed, carried)
         self.graph.replay()
-        return self.logits
+        if isinstance(self.out, torch.Tensor):
+            return self.out[:used]
+        x, residual = self.out
+        return self.model.logits(x[:used], residual[:used])
 
 
 def _carry(packed: torch.Tensor, carried) -> None:
