@@ -74,9 +74,7 @@ def in_process(args, sampler) -> dict:
     engine = ContinuousEngine(lm, Llama.from_hf(lm.model, free_source=True), cache,
                               max_running=args.concurrency)
     # As in the engine process: the server's graphs, and token ids out (the server decodes).
-    reserved = torch.cuda.memory_reserved()
     engine.runner.capture_all(args.concurrency, WARMUP_GRAPH_PAGES)
-    graphs_gb = (torch.cuda.memory_reserved() - reserved) / 1e9  # what the graphs hold
     engine.detokenize = False
     closed_loop(engine, args.concurrency, args.concurrency, 8, loadtest.DEFAULT_PROMPT)  # warm
     before = engine.stats()
@@ -86,8 +84,7 @@ def in_process(args, sampler) -> dict:
     util = sampler.summary(start=started, end=time.perf_counter())
     row = {"where": "in-process", "output_tokens": tokens, "seconds": round(seconds, 3),
            "tok_s": round(tokens / seconds, 1), "nvml_util": util.get("mean_util"),
-           "sm_activity": util.get("sm_activity_mean"), "graphs_memory_gb": round(graphs_gb, 3),
-           "graphs": len(engine.runner.graphs) + len(engine.runner.prefill_graphs),
+           "sm_activity": util.get("sm_activity_mean"),
            **engine_window(before, engine.stats(), seconds)}
     del engine, cache, lm
     gc.collect()
@@ -172,8 +169,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{row['where']:<22}{row['tok_s']:>10.0f}{row['nvml_util'] or 0:>8.1f}"
               f"{row['sm_activity'] or 0:>7.1f}{row['tokens_per_step']:>10.1f}"
               f"{row['device_wait_share']:>10.2f}{row['graph_capture_s']:>11.2f}")
-    print(f"in-process warm-up: {rows[0]['graphs']} CUDA graphs holding "
-          f"{rows[0]['graphs_memory_gb']:.2f} GB")
     for engine, ratio in ratios.items():
         print(f"HTTP, engine {engine} / in-process: {ratio:.2f} (target >= 0.60)")
     return 0
