@@ -13,7 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
              "device, driver, CUDA, torch, GPU memory, NVML, and the default model"),
     "generate": ("labkit.engine.generate_cli", "generate one completion and print its timings"),
     "download": ("labkit.engine.download", "download a Hugging Face model (needs internet)"),
-    "serve": ("labkit.serve.http", "run the HTTP inference server (the seed's API)"),
+    "serve": ("labkit.serve.cli", "run the HTTP inference server (the seed's API)"),
     "loadtest": ("labkit.measure.loadtest",
                  "load-test a running server and print the seed's report"),
     "monitor": ("labkit.measure.monitor",

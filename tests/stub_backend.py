@@ -29,7 +29,7 @@ class StubBackend:
     synthetic = False
     device = "cpu"
     gpu_name = None
-    context_length = 512  # "tokens" are whitespace-separated words here
+    context_length = token_budget = 512  # "tokens" are whitespace-separated words here
     load_time_s = 0.0
     cuda_graphs = False
 
@@ -115,6 +115,9 @@ class StubBackend:
         self.freed += 1
 
     def memory_used_gb(self) -> float | None:
+        return None
+
+    def memory_gb(self) -> dict | None:
         return None
 
 

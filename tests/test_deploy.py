@@ -12,10 +12,11 @@ import re
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import kubernetes_validate  # a dev dependency; it ships the Kubernetes JSON schemas
 import pytest
 import yaml
 
+# A dev dependency that ships the Kubernetes JSON schemas (absent on the GPU machine).
+kubernetes_validate = pytest.importorskip("kubernetes_validate")
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "compose.yaml"
 DOCKERFILE = ROOT / "Dockerfile"
@@ -207,6 +208,90 @@ def test_service_and_job_reach_the_deployment():
     assert "nvidia.com/gpu" not in json.dumps(job), "the load test client needs no GPU"
 
 
+def _pod_specs() -> dict[str, dict]:
+    return {kind: _one(kind)["spec"]["template"]["spec"] for kind in ("Deployment", "Job")}
+
+
+def restricted_violations(pod: dict) -> list[str]:
+    """What in a pod spec breaks the "restricted" Pod Security Standard (Kubernetes' own list:
+    non-root, seccomp RuntimeDefault or Localhost, no privilege escalation, every capability
+    dropped, nothing of the host's), plus this project's rules: a read-only root filesystem, no
+    service-account token, and CPU, memory and ephemeral-storage limits on every container."""
+    found = []
+    context = pod.get("securityContext", {})
+    if context.get("runAsNonRoot") is not True:
+        found.append("pod: runAsNonRoot is not true")
+    if context.get("seccompProfile", {}).get("type") not in ("RuntimeDefault", "Localhost"):
+        found.append("pod: seccompProfile is not RuntimeDefault")
+    for key in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(key):
+            found.append(f"pod: {key}")
+    if pod.get("automountServiceAccountToken") is not False:
+        found.append("pod: the service-account token is mounted")
+    found += [f"volume {v['name']}: hostPath" for v in pod.get("volumes", []) if "hostPath" in v]
+    for container in pod.get("initContainers", []) + pod["containers"]:
+        name, sc = container["name"], container.get("securityContext", {})
+        if sc.get("allowPrivilegeEscalation") is not False:
+            found.append(f"{name}: allowPrivilegeEscalation is not false")
+        if sc.get("privileged"):
+            found.append(f"{name}: privileged")
+        if sc.get("runAsNonRoot") is False or sc.get("runAsUser") == 0:
+            found.append(f"{name}: runs as root")
+        capabilities = sc.get("capabilities", {})
+        if "ALL" not in capabilities.get("drop", []):
+            found.append(f"{name}: capabilities not dropped")
+        if set(capabilities.get("add", [])) - {"NET_BIND_SERVICE"}:
+            found.append(f"{name}: adds capabilities")
+        if sc.get("readOnlyRootFilesystem") is not True:
+            found.append(f"{name}: the root filesystem is writable")
+        if any(port.get("hostPort") for port in container.get("ports", [])):
+            found.append(f"{name}: hostPort")
+        limits = container.get("resources", {}).get("limits", {})
+        for resource in ("cpu", "memory", "ephemeral-storage"):
+            if resource not in limits:
+                found.append(f"{name}: no {resource} limit")
+    return found
+
+
+@pytest.mark.parametrize("kind", ["Deployment", "Job"])
+def test_pods_pass_the_restricted_pod_security_standard(kind):
+    assert restricted_violations(_pod_specs()[kind]) == []
+
+
+def test_the_restricted_check_can_fail():
+    pod = copy.deepcopy(_pod_specs()["Deployment"])
+    del pod["securityContext"]["seccompProfile"]
+    [container] = pod["containers"]
+    container["securityContext"]["capabilities"] = {"add": ["SYS_ADMIN"]}
+    del container["resources"]["limits"]["ephemeral-storage"]
+    pod["automountServiceAccountToken"] = True
+    found = restricted_violations(pod)
+    assert len(found) == 5, found
+
+
+def test_the_server_takes_its_key_from_a_secret_and_only_some_pods_reach_it():
+    [container] = _pod_specs()["Deployment"]["containers"]
+    [key] = [e for e in container["env"] if e["name"] == "LABKIT_API_KEY"]
+    ref = key["valueFrom"]["secretKeyRef"]
+    assert ref["optional"] is True  # no Secret: no key, as `labkit serve` without one
+    [job_container] = _pod_specs()["Job"]["containers"]
+    [job_key] = [e for e in job_container["env"] if e["name"] == "OPENAI_API_KEY"]
+    assert job_key["valueFrom"]["secretKeyRef"]["name"] == ref["name"]
+
+    policy = _one("NetworkPolicy")
+    pod_labels = _one("Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    assert policy["spec"]["egress"] == []
+    [rule] = policy["spec"]["ingress"]
+    assert [p["port"] for p in rule["ports"]] == [8000]
+    job_labels = _one("Job")["spec"]["template"]["metadata"]["labels"]
+    sources = rule["from"]
+    assert any(s.get("podSelector", {}).get("matchLabels", {}).items() <= job_labels.items()
+               and "namespaceSelector" not in s for s in sources)
+    assert any("namespaceSelector" in s for s in sources), "Prometheus must scrape /metrics"
+
+
 def test_time_slicing_config_is_the_device_plugins_format():
     config_map = next(d for d in _documents(K8S / "gpu-time-slicing.yaml")
                       if d["kind"] == "ConfigMap")
@@ -295,6 +380,15 @@ def test_compose_services_ports_gpu_and_volumes(compose):
         assert mounts.get("/lab/model") == "./model", name
         assert mounts.get("/lab/downloads") == "downloads", name
     assert services["lab"]["image"] == services["server"]["image"], "one image for both"
+
+
+def test_compose_publishes_on_loopback_only_and_restarts_a_failed_server(compose):
+    for name, service in compose["services"].items():
+        for entry in service["ports"]:
+            assert str(entry).startswith("127.0.0.1:"), f"{name} publishes {entry} beyond loopback"
+    server = compose["services"]["server"]
+    assert server["restart"] in ("unless-stopped", "on-failure", "always")
+    assert "LABKIT_API_KEY" in server["environment"]  # passed through, never written here
 
 
 def test_compose_lab_keeps_token_auth_on(compose):

@@ -238,7 +238,7 @@ def test_request_bodies():
 
 
 def test_the_generate_api_stays_the_default_and_unchanged(stream_url, monkeypatch):
-    monkeypatch.setenv("OPENAI_API_KEY", KEY)  # ignored by the /generate API
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)  # sent to /generate too (a locked labkit serve)
     result = loadtest.run(stream_url, concurrency=2, requests=4, progress=False)
     s = result.summary()
     assert s["successful"] == 4 and s["api"] == "generate"
@@ -254,7 +254,7 @@ def test_the_generate_api_stays_the_default_and_unchanged(stream_url, monkeypatc
     assert "OpenAI" not in text and "chunks" not in text
     client = loadtest._Client([f"{stream_url}/generate"], ["p"], 7, 0.0)
     assert json.loads(client.body(0)) == {"prompt": "p", "max_tokens": 7, "temperature": 0.0}
-    assert client.headers == {"Content-Type": "application/json"}
+    assert client.headers == {"Content-Type": "application/json"}  # no key given, none sent
     with pytest.raises(ValueError, match="api='openai'"):
         loadtest.run(stream_url, requests=1, model="m", progress=False)
 

@@ -15,7 +15,6 @@ import json
 import time
 import urllib.request
 
-import openai
 import pytest
 import torch
 from aiohttp.test_utils import TestClient, TestServer
@@ -23,9 +22,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from stub_backend import StubBackend, held_loader
 from test_server import serving, stats, wait_for, wait_loaded
 
-from labkit.engine.request import OutOfMemory
+from labkit.engine.request import OutOfMemory, PromptTooLong
 from labkit.serve.http import STATE, create_app
 from labkit.serve.launcher import launch
+
+openai = pytest.importorskip("openai")  # a dev dependency: absent on the GPU machine
 
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
 PROMPT = "Suggest a skincare routine for dry skin"
@@ -391,6 +392,11 @@ BAD = [
      "max_completion_tokens", ["32"]),
     (CHAT, {"json": {"messages": MESSAGES, "max_completion_tokens": 0}}, 400,
      "max_completion_tokens", ["at least 1"]),
+    # both names, disagreeing: the invalid one used to be ignored (200)
+    (CHAT, {"json": {"messages": MESSAGES, "max_completion_tokens": 3, "max_tokens": 0}}, 400,
+     "max_tokens", ["disagree", "max_completion_tokens"]),
+    (CHAT, {"json": {"messages": MESSAGES, "max_completion_tokens": 3, "max_tokens": 4}}, 400,
+     "max_tokens", ["disagree"]),
     (COMPLETIONS, {"json": {"prompt": "hi", "max_tokens": "10"}}, 400, "max_tokens", []),
     (COMPLETIONS, {"json": {"prompt": "hi", "max_tokens": 0}}, 400, "max_tokens", []),
     (COMPLETIONS, {"json": {"prompt": "hi", "temperature": 3}}, 400, "temperature", ["0 to 2"]),
@@ -457,6 +463,28 @@ def test_every_bad_input_gets_an_openai_error_and_the_server_keeps_serving():
     assert len(backend.calls) == 1  # nothing refused reached the model
 
 
+class RefusedByTheEngine(StubBackend):
+    """Passes the check at the door; the engine then finds the request can never fit."""
+
+    def generate(self, request):
+        raise PromptTooLong("prompt (2 tokens) + max_tokens (5) needs 7 tokens of KV cache, more "
+                            "than the whole cache holds (4)")
+
+
+@pytest.mark.parametrize("path, param", [(COMPLETIONS, "prompt"), (CHAT, "messages")])
+def test_a_413_from_the_engine_keeps_param_and_code(path, param):
+    async def scenario():
+        async with serving(RefusedByTheEngine()) as client:
+            body = {"prompt": "hi"} if path == COMPLETIONS else {"messages": MESSAGES}
+            response = await client.post(path, json={**body, "max_tokens": 5})
+            return response.status, await response.json()
+
+    status, body = asyncio.run(scenario())
+    assert status == 413
+    check_openai_error(body, 413, param, ["KV cache"])
+    assert body["error"]["code"] == "context_length_exceeded"
+
+
 def test_503_while_loading_out_of_memory_and_500_in_openai_shape():
     backend = StubBackend()
     slow_loader, release = held_loader(backend)
@@ -480,7 +508,10 @@ def test_503_while_loading_out_of_memory_and_500_in_openai_shape():
             backend.fail_next = [KeyError("boom")]
             bug = await client.post(COMPLETIONS, json={"prompt": "hi"})
             assert bug.status == 500
-            check_openai_error(await bug.json(), 500, None, ["bug", "boom"])
+            request_id = bug.headers["X-Request-ID"]
+            body = await bug.json()
+            check_openai_error(body, 500, None, ["Internal error", "bug", request_id])
+            assert "boom" not in body["error"]["message"]  # the details go to the log only
             assert (await client.post(CHAT, json={"messages": MESSAGES, "max_tokens": 2,
                                                   "stream": True})).status == 200
 
@@ -522,15 +553,20 @@ def test_a_disconnect_mid_stream_stops_the_generation(mode):
             for _ in range(3):  # the role chunk and two pieces of text
                 assert (await response.content.readuntil(b"\n\n")).startswith(b"data: ")
             response.close()  # the client goes away
-            server = await wait_for(client, lambda s: s["requests_cancelled"] == 1
-                                    and s["in_flight"] == 0)
+            await wait_for(client, lambda s: s["requests_cancelled"] == 1
+                           and s["in_flight"] == 0)
             ok = await client.post(COMPLETIONS, json={"prompt": "hi", "max_tokens": 2,
                                                       "stream": True})
             assert (await ok.read()).endswith(b"data: [DONE]\n\n")
-            return server
+            metrics = await (await client.get("/metrics")).text()
+            return await stats(client), metrics
 
-    server = asyncio.run(scenario())
+    server, metrics = asyncio.run(scenario())
     assert server["queue_depth"] == 0
+    # the dropped stream is cancelled only, not also served (it used to count as both)
+    assert server["requests_served"] == 1 and server["requests_cancelled"] == 1
+    assert "vllm:request_success_total 1.0" in metrics
+    assert 'labkit_requests_total{outcome="served"} 1.0' in metrics
     stopped, after = backend.results
     assert stopped.finish_reason == "cancelled" and 2 <= stopped.tokens_generated < 100
     assert after.finish_reason == "length"

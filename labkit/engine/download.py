@@ -62,12 +62,13 @@ def explain(err: Exception, model_id: str, token: str | None) -> str:
     if isinstance(err, errors.GatedRepoError):
         if not has_token:
             return (f"{model_id} is gated: accept its license on its Hugging Face page, create a "
-                    "read token, then pass --token YOUR_HF_TOKEN (or set HF_TOKEN).")
+                    "read token, then set it in the environment: HF_TOKEN=YOUR_TOKEN labkit "
+                    "download ...")
         return (f"{model_id} is gated and this token has no access yet: accept the license on "
                 "the model's page with the account that owns the token, then retry.")
     if isinstance(err, errors.RepositoryNotFoundError):
         return (f"No model {model_id!r} on the Hub (check the spelling, e.g. "
-                "meta-llama/Llama-3.2-3B-Instruct); a private model also needs --token.")
+                "meta-llama/Llama-3.2-3B-Instruct); a private model also needs HF_TOKEN.")
     if isinstance(err, errors.LocalEntryNotFoundError) or _is_network_error(err):
         return ("Cannot reach the Hugging Face Hub: check your internet connection or proxy "
                 "(HTTPS_PROXY). Without internet, use the embedded model or synthetic:<shape>.")
@@ -120,7 +121,8 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", type=Path, default=None,
                         help=f"directory (default: {DOWNLOADS_DIR}/ORG--NAME)")
     parser.add_argument("--token", default=None,
-                        help="Hugging Face token for gated models (or set HF_TOKEN)")
+                        help="Hugging Face token for gated models; prefer HF_TOKEN in the "
+                             "environment, which ps and the shell's history do not show")
 
 
 def run_cli(args) -> int:

@@ -12,7 +12,6 @@ this module before its model, and torch with it, has loaded.
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -20,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 DEFAULT_MAX_TOKENS = 150
 DEFAULT_TEMPERATURE = 0.7
 MAX_TEMPERATURE = 2.0
+MAX_SEED = 2**64 - 1  # torch.manual_seed takes an unsigned 64-bit integer
 
 
 class InvalidRequest(ValueError):
@@ -117,7 +117,8 @@ class Result:
         return fields
 
 
-def _is_number(value) -> bool:
+def is_number(value) -> bool:
+    """An int or a float, not a bool (which Python counts as an int)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -136,10 +137,10 @@ def _check_max_tokens(max_tokens) -> None:
 
 
 def _check_temperature(temperature) -> float:
-    if not _is_number(temperature):
+    if not is_number(temperature):
         raise InvalidRequest(f"temperature must be a number from 0 to {MAX_TEMPERATURE:g}, got "
                              f"{temperature!r}")
-    if not math.isfinite(temperature) or not 0 <= temperature <= MAX_TEMPERATURE:
+    if not 0 <= temperature <= MAX_TEMPERATURE:  # NaN and infinities fail it too
         raise InvalidRequest(f"temperature must be from 0 to {MAX_TEMPERATURE:g} (0 = greedy), "
                              f"got {temperature}")
     return float(temperature)
@@ -148,9 +149,9 @@ def _check_temperature(temperature) -> float:
 def _check_top_p(top_p) -> float | None:
     if top_p is None:
         return None
-    if not _is_number(top_p):
+    if not is_number(top_p):
         raise InvalidRequest(f"top_p must be a number in (0, 1], got {top_p!r}")
-    if not math.isfinite(top_p) or not 0 < top_p <= 1:
+    if not 0 < top_p <= 1:  # NaN fails it too
         raise InvalidRequest(f"top_p must be in (0, 1], got {top_p}")
     return float(top_p)
 
@@ -164,5 +165,7 @@ def _check_min_tokens(min_tokens, max_tokens: int) -> None:
 
 
 def _check_seed(seed) -> None:
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise InvalidRequest(f"seed must be a non-negative integer or null, got {seed!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                             or not 0 <= seed <= MAX_SEED):
+        raise InvalidRequest(f"seed must be an integer from 0 to {MAX_SEED} (64 bits) or null, "
+                             f"got {seed!r}")

@@ -32,7 +32,6 @@ import asyncio
 import concurrent.futures
 import json
 import math
-import os
 import sys
 import time
 import urllib.parse
@@ -42,6 +41,7 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 
+from labkit.measure.auth import api_key_from_env, auth_headers
 from labkit.measure.loadstats import DEFINITIONS, LoadTestResult, RequestRecord
 
 DEFAULT_PROMPT = "Suggest a skincare routine for dry skin"
@@ -215,7 +215,8 @@ async def arun(url: str | Sequence[str], concurrency: int | None = None, request
     timeout: seconds per request (a stream: to its end) before it counts as a "timeout" failure.
     api: "generate" (the seed's POST /generate) or "openai" (streamed POST /v1/completions).
     model: api="openai": the model to ask for; None asks the server's GET /v1/models and takes
-        the one model it serves. The API key, if any, comes from $OPENAI_API_KEY.
+        the one model it serves. The API key, if any, comes from $OPENAI_API_KEY (else
+        $LABKIT_API_KEY), for either api.
     ignore_eos: api="openai": send vLLM's "ignore_eos": true, so every request generates
         exactly max_tokens tokens (fixed-length benchmarks).
     """
@@ -230,7 +231,7 @@ async def arun(url: str | Sequence[str], concurrency: int | None = None, request
         raise ValueError("model and ignore_eos apply to api='openai' (--api openai) only")
     if rate is None and concurrency is None:
         concurrency = DEFAULT_CONCURRENCY
-    api_key = (os.environ.get(API_KEY_ENV) or None) if api == "openai" else None
+    api_key = api_key_from_env()
     config = {"urls": urls, "concurrency": concurrency, "requests": requests, "rate": rate,
               "max_tokens": mix if len(mix) > 1 else next(iter(mix)),
               "temperature": temperature, "timeout": timeout,
@@ -287,7 +288,7 @@ class _Client:
                          "stream_options": {"include_usage": True}, **extra} if self.stream
                         else {"prompt": p, "max_tokens": length, "temperature": temperature})
                 self.bodies[k, length] = json.dumps(body).encode()
-        self.headers = {"Content-Type": "application/json", **_auth(api_key)}
+        self.headers = {"Content-Type": "application/json", **auth_headers(api_key)}
         self.api_key = api_key
         self.session: aiohttp.ClientSession | None = None
         self.t0 = time.perf_counter()
@@ -536,10 +537,6 @@ def _openai_error(data) -> str | None:
     return f"{kind}: {message}" if kind else message
 
 
-def _auth(api_key: str | None) -> dict[str, str]:
-    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
-
-
 async def _mark_sent(session, context, params) -> None:
     if context.trace_request_ctx is not None:  # None for the readiness check
         context.trace_request_ctx["sent"] = time.perf_counter()
@@ -554,7 +551,7 @@ async def _openai_model(session: aiohttp.ClientSession, urls: list[str], model: 
     listings = {}
     for models_url in sorted({u[: u.rfind("/")] + "/models" for u in urls}):
         try:
-            async with session.get(models_url, headers=_auth(api_key),
+            async with session.get(models_url, headers=auth_headers(api_key),
                                    timeout=aiohttp.ClientTimeout(total=10)) as resp:
                 status, body = resp.status, await resp.read()
         except (aiohttp.ClientError, asyncio.TimeoutError) as err:
@@ -598,13 +595,15 @@ async def _check_ready(session: aiohttp.ClientSession, urls: list[str]) -> None:
     for base in sorted({u[: u.rfind("/")] for u in urls}):
         try:
             async with session.get(base + "/", timeout=aiohttp.ClientTimeout(total=10)) as resp:
-                data = await resp.json(content_type=None) if resp.status == 200 else None
+                data = await resp.json(content_type=None) if resp.status in (200, 503) else None
         except (aiohttp.ClientError, asyncio.TimeoutError) as err:
             raise ServerNotReady(
                 f"Cannot reach {base}/ ({type(err).__name__}: {err}). Is the server running? "
                 "Start one with `labkit serve` (or check the URL and port).") from None
         except ValueError:
             continue  # not a labkit server: nothing to check
+        if isinstance(data, dict) and data.get("error"):  # a labkit server whose engine failed
+            raise ServerNotReady(f"{base} cannot generate: {data['error']}")
         if isinstance(data, dict) and data.get("model_loaded") is False:
             raise ServerNotReady(
                 f"{base} is still loading its model. Wait until `curl {base}/` shows "

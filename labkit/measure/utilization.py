@@ -37,6 +37,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from labkit.measure import gpu
+from labkit.measure.auth import api_key_from_env, auth_headers
 
 IDLE_THRESHOLD_PCT = 5.0  # a sample under this utilization counts as idle
 GPM_MIN_GAP_S = 0.1  # NVML: GPM samples should be >= 100 ms apart (internal refresh rate)
@@ -310,7 +311,8 @@ class ServerStatsReader:
         self.device_name = f"labkit server {self.url[: -len('/stats')]} ({where})"
 
     def _fetch(self) -> dict:
-        with urllib.request.urlopen(self.url, timeout=self._timeout) as response:
+        request = urllib.request.Request(self.url, headers=auth_headers(api_key_from_env()))
+        with urllib.request.urlopen(request, timeout=self._timeout) as response:
             return json.load(response)
 
     def read(self) -> dict[str, Value]:

@@ -46,6 +46,7 @@ class Backend(Protocol):
     device: str  # "cpu" or "cuda"/"cuda:N": where generation runs
     gpu_name: str | None  # the card generation runs on; None on the CPU
     context_length: int
+    token_budget: int  # the most tokens (prompt + generated) one request may hold
     load_time_s: float
     cuda_graphs: bool  # batched decode steps replayed from CUDA graphs
 
@@ -79,6 +80,10 @@ class Backend(Protocol):
 
     def memory_used_gb(self) -> float | None:
         """GPU memory held by tensors now (torch allocated), None on the CPU."""
+
+    def memory_gb(self) -> dict | None:
+        """The device memory an engine in a process of its own reports (`gpu.memory_gb`);
+        None where this process holds the model (the server reads torch's figures itself)."""
 
 
 class TextSide:
@@ -125,7 +130,7 @@ class ModelBackend(TextSide):
         self.device = str(lm.device)
         self.gpu_name = (torch.cuda.get_device_name(lm.device)
                          if lm.device.type == "cuda" else None)
-        self.context_length = lm.context_length
+        self.context_length = self.token_budget = lm.context_length
         self.load_time_s = lm.load_time_s
 
     def generate(self, request: Request) -> Result:
@@ -170,6 +175,9 @@ class ModelBackend(TextSide):
             return None
         return round(torch.cuda.memory_allocated(self.lm.device) / 1e9, 3)
 
+    def memory_gb(self) -> dict | None:
+        return None
+
 
 class ContinuousBackend(ModelBackend):
     """A loaded model served by the continuous-batching engine (`labkit.engine.continuous`),
@@ -184,6 +192,7 @@ class ContinuousBackend(ModelBackend):
                          max_batch_size=engine.max_running)
         self.engine = engine
         self.cuda_graphs = engine.runner.cuda_graphs
+        self.token_budget = min(self.context_length, engine.cache.tokens)
 
     def tokenize(self, request: Request) -> None:
         super().tokenize(request)

@@ -9,6 +9,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
+from labkit.measure.auth import api_key_from_env, auth_headers
+
 
 @dataclass
 class Reply:
@@ -23,10 +25,12 @@ class Reply:
 def call(method: str, url: str, payload: object = None, *, data: bytes | None = None,
          content_type: str = "application/json", timeout: float = 300.0) -> Reply:
     """Send one request. `payload` is sent as JSON; `data` sends raw bytes (for bad-input demos).
-    HTTP errors are returned as replies, not raised: a 4xx is an answer worth reading."""
+    HTTP errors are returned as replies, not raised: a 4xx is an answer worth reading. A server
+    locked with an API key gets $OPENAI_API_KEY (or $LABKIT_API_KEY) as a Bearer token."""
     if payload is not None:
         data = json.dumps(payload).encode()
-    request = urllib.request.Request(url, data=data, method=method)
+    request = urllib.request.Request(url, data=data, method=method,
+                                     headers=auth_headers(api_key_from_env()))
     if data is not None:
         request.add_header("Content-Type", content_type)
     started = time.perf_counter()

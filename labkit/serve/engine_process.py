@@ -75,6 +75,9 @@ class EngineProcess:
         self.on_busy: Callable[[float], None] = lambda at: None
         self.on_idle: Callable[[float], None] = lambda at: None
         self.gone: str | None = None  # why the engine process is gone, once it is
+        self._kill_reason: str | None = None
+        self._busy = False
+        self._heard = time.perf_counter()  # the engine's last message
         # A result's text from its token ids, on the reader thread (set by the backend, which
         # holds the tokenizer): the engine sends ids only.
         self.detokenize: Callable[[list[int]], str] = lambda ids: ""
@@ -109,6 +112,15 @@ class EngineProcess:
     def stats(self) -> dict:
         return self._stats
 
+    def stalled_s(self) -> float:
+        """Seconds the engine has had work without sending a step's news (0 while idle)."""
+        return time.perf_counter() - self._heard if self._busy and self.gone is None else 0.0
+
+    def kill(self, reason: str) -> None:
+        """Kill the engine process (wedged): its requests fail with EngineGone(reason)."""
+        self._kill_reason = reason
+        self._process.kill()
+
     def close(self) -> None:
         """Ask the engine to stop (it finishes what it holds), then wait for it to exit."""
         try:
@@ -132,12 +144,15 @@ class EngineProcess:
             except (EOFError, OSError):
                 self._engine_exited()
                 return
+            self._heard = time.perf_counter()
             kind = message[0]
             if kind == "step":
                 self._take_step(*message[1:])
             elif kind == "busy":
+                self._busy = True
                 self.on_busy(message[1])
             elif kind == "idle":
+                self._busy = False
                 self._stats = message[2]
                 self.on_idle(message[1])
             elif kind == "stopped":
@@ -167,8 +182,10 @@ class EngineProcess:
 
     def _engine_exited(self) -> None:
         self._process.join(5)
-        self.gone = (f"the engine process exited (exit code {self._process.exitcode}); the "
-                     "server's log says why. Restart the server.")
+        self.gone = self._kill_reason or (
+            f"the engine process exited (exit code {self._process.exitcode}); the server's "
+            "log says why")
+        self.gone += ". Restart the server."
         if self._live:
             log.error("%s %d request(s) failed with it.", self.gone, len(self._live))
         for rid in list(self._live):
@@ -196,6 +213,7 @@ class EngineProcessBackend(TextSide):
                      "load_time_s", "cuda_graphs"):
             setattr(self, name, info[name])
         self.cache_tokens = info["cache_tokens"]
+        self.token_budget = min(self.context_length, self.cache_tokens)
 
     @classmethod
     def start(cls, source: str, **load_options) -> EngineProcessBackend:
@@ -275,9 +293,12 @@ class _EngineLoop:
                 self.conn.send(("busy", time.perf_counter()))
             if working:
                 self._step()
-            elif busy:
-                busy = False
-                self.conn.send(("idle", time.perf_counter(), self.engine.stats()))
+            else:
+                if self.outcomes:  # refused on arrival: answered now, not with a later step
+                    self._send_step()
+                if busy:
+                    busy = False
+                    self.conn.send(("idle", time.perf_counter(), self.engine.stats()))
             if self.stopping and not working:
                 self.conn.send(("stopped",))
                 return

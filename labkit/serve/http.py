@@ -11,20 +11,23 @@ The server listens at once and loads the model on a background thread, so readin
 observable. Requests go through a scheduler (`labkit.serve.schedulers`); the default, sequential
 one runs exactly one generation at a time on its own thread, so the event loop keeps answering
 health and stats calls within milliseconds while the model works. SIGTERM/SIGINT stop it gracefully:
-accepted requests finish, new ones get 503; a second signal stops at once.
+accepted requests finish, new ones get 503; a second signal stops at once. An engine that dies
+or wedges turns `/` and `/health` to 503 at once, fails what it held, and the server exits with
+status 3 shortly after, for its supervisor to restart it.
 
-For notebooks, `launch()` (from `labkit.serve.launcher`) runs this server as a subprocess.
+Each generation request ends in exactly one outcome: served, failed or cancelled once the
+scheduler has it, rejected (or cancelled, or failed) before. `/stats` and `/metrics` count them.
+The command line is `labkit.serve.cli`; for notebooks, `labkit.serve.launcher.launch()`.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
+import collections
 import concurrent.futures
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 import uuid
@@ -34,24 +37,15 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from labkit.engine.request import EngineGone, InvalidRequest, OutOfMemory, PromptTooLong, Request
-from labkit.serve import generate_api, openai_api
-from labkit.serve.generate_api import ApiError
+from labkit.serve import access, generate_api, openai_api
+from labkit.serve.errors import ApiError, check_content_type, internal_error_message, openai_error
 from labkit.serve.metrics import CONTENT_TYPE, ServerMetrics
+from labkit.serve.schedulers import Scheduler, make_scheduler
 
 if TYPE_CHECKING:
     from labkit.serve.backend import Backend
-from labkit.serve.schedulers import (
-    DEFAULT_MAX_BATCH_SIZE,
-    DEFAULT_MAX_RUNNING,
-    DEFAULT_MAX_WAIT_MS,
-    SCHEDULERS,
-    Scheduler,
-    check_max_batch_size,
-    check_max_wait_ms,
-    make_scheduler,
-)
 
-log = logging.getLogger("labkit.serve.http")
+log = logging.getLogger(__name__)
 
 # The launcher looks for this line to learn the actual address (the port may be 0 = any free).
 LISTENING_PREFIX = "Serving on "
@@ -61,20 +55,28 @@ NOT_LOADED = "Model not loaded"
 INLINE_TEXT_CHARS = 4096
 SHUTTING_DOWN = ("Server is shutting down: it finishes the requests it already accepted and "
                  "takes no new ones. Retry against a running server.")
+EXIT_ENGINE_FAILED = 3  # the exit status after the engine died or wedged
+FAILURE_POLL_S = 0.25
+GENERATION_PATHS = ("/generate", openai_api.COMPLETIONS, openai_api.CHAT)
+REQUEST_ID = web.RequestKey("labkit_request_id", str)
+SUBMITTED = web.RequestKey("labkit_submitted", bool)  # the scheduler counts its outcome
 
 
 class ServerState:
     """Everything the handlers share: model, scheduler, counters, lifecycle flags."""
 
     def __init__(self, load_backend: Callable[[], Backend], scheduler: Scheduler,
-                 max_tokens_limit: int):
+                 max_tokens_limit: int, body_timeout_s: float):
         self.load_backend = load_backend
         self.scheduler = scheduler
         self.max_tokens_limit = max_tokens_limit
+        self.body_timeout_s = body_timeout_s
         self.backend: Backend | None = None
         self.load_error: BaseException | None = None
         self.shutdown_reason: str | None = None
-        self.rejected = 0  # generation requests (/generate, /v1/...) answered 4xx (bad input)
+        # Generation requests that ended before the scheduler had them: rejected (refused: bad
+        # input, loading, shutting down), cancelled (the client left), failed (a bug: 500).
+        self.early: collections.Counter[str] = collections.Counter()
         self.loaded = asyncio.Event()
         self.finished_loading = asyncio.Event()  # loaded or failed
         # Long prompts' checks tokenize (up to 1 MiB of text) and device queries may wait for a
@@ -85,8 +87,16 @@ class ServerState:
         self._nvml_reader = None
 
     def counters(self) -> dict:
-        """The scheduler's counters plus the requests refused as bad input."""
-        return {**self.scheduler.stats(), "requests_rejected": self.rejected}
+        """The scheduler's counters, with the requests that ended before reaching it."""
+        stats = self.scheduler.stats()
+        for outcome in ("failed", "cancelled"):
+            stats[f"requests_{outcome}"] += self.early[outcome]
+        stats["requests_rejected"] = self.early["rejected"]
+        return stats
+
+    def failure(self) -> str | None:
+        """Why this server can no longer generate (its engine died or wedged), or None."""
+        return self.scheduler.failure() if self.backend is not None else None
 
     def _gpu_reading(self) -> dict | None:
         """NVML's columns for the card the model runs on; None without a GPU or a model."""
@@ -111,7 +121,15 @@ class ServerState:
             raise ApiError(503, SHUTTING_DOWN)
         if self.backend is None:
             raise ApiError(503, NOT_LOADED)
+        failure = self.failure()
+        if failure is not None:
+            raise ApiError(503, f"The model cannot generate: {failure}", code="engine_failed")
         return self.backend
+
+    async def submit(self, http_request: web.Request, params: Request):
+        """Hand `params` to the scheduler, which from here on counts its outcome."""
+        http_request[SUBMITTED] = True
+        return await self.scheduler.submit(params)
 
     def start_loading(self) -> None:
         """Load on a daemon thread: a SIGTERM during a long load must not wait for it."""
@@ -153,12 +171,12 @@ class ServerState:
         device = self.backend.device if self.backend is not None else "cpu"
         index = int(device.split(":")[1]) if device.startswith("cuda:") else 0
         # An engine in its own process reports its memory itself (here torch holds none).
-        engine_memory = getattr(self.backend, "memory_gb", None)
+        engine_memory = self.backend.memory_gb() if self.backend is not None else None
         loop = asyncio.get_running_loop()
         info = await loop.run_in_executor(self.info_executor, gpu.device_info, index,
                                           engine_memory is None)
         if engine_memory is not None:
-            info["memory"] = engine_memory()
+            info["memory"] = engine_memory
         return info
 
 
@@ -166,13 +184,19 @@ STATE = web.AppKey("labkit_state", ServerState)
 
 
 def create_app(load_backend: Callable[[], Backend], *, max_tokens_limit: int = 1024,
-               mode: str = "sequential", **scheduler_options) -> web.Application:
+               mode: str = "sequential", api_key: str | None = None,
+               allowed_hosts: frozenset[str] | None = None,
+               body_timeout_s: float = access.DEFAULT_BODY_TIMEOUT_S,
+               **scheduler_options) -> web.Application:
     """The aiohttp application. `load_backend` runs on a background thread at startup; tests
     pass a stub, `labkit serve` passes `load_model_backend` for the chosen model.
-    `scheduler_options` go to the mode's scheduler (batched: max_batch_size, max_wait_ms)."""
-    app = web.Application(middlewares=[_errors_as_json],
+    `scheduler_options` go to the mode's scheduler (batched: max_batch_size, max_wait_ms).
+    With `api_key`, every endpoint but / and /health wants it; with `allowed_hosts`, requests
+    addressed to another Host are refused (`labkit.serve.access`)."""
+    app = web.Application(middlewares=[_errors_as_json, access.middleware(api_key, allowed_hosts)],
                           client_max_size=generate_api.MAX_BODY_BYTES)
-    state = ServerState(load_backend, make_scheduler(mode, **scheduler_options), max_tokens_limit)
+    state = ServerState(load_backend, make_scheduler(mode, **scheduler_options), max_tokens_limit,
+                        body_timeout_s)
     app[STATE] = state
     app.router.add_get("/", handle_root)
     app.router.add_get("/health", handle_health)
@@ -203,10 +227,17 @@ async def _on_cleanup(app: web.Application) -> None:
 # --- handlers -----------------------------------------------------------------------------------
 
 async def handle_root(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok", "model_loaded": request.app[STATE].model_loaded})
+    """Liveness: 200 while the server works (loading included), 503 once its engine is gone."""
+    state = request.app[STATE]
+    failure = state.failure()
+    if failure is not None:
+        return web.json_response({"status": "error", "model_loaded": False, "error": failure},
+                                 status=503)
+    return web.json_response({"status": "ok", "model_loaded": state.model_loaded})
 
 
 async def handle_health(request: web.Request) -> web.Response:
+    """Readiness: 503 while loading, draining, or with a dead or wedged engine (the cause)."""
     state = request.app[STATE]
     backend = state.require_ready()
     info = await state.device_info()
@@ -231,12 +262,12 @@ async def handle_generate(request: web.Request) -> web.Response:
     received = time.perf_counter()
     state = request.app[STATE]
     backend = state.require_ready()
-    generate_api.check_content_type(request.content_type)
-    body = await request.read()  # over 1 MiB raises 413 (client_max_size)
+    check_content_type(request.content_type, generate_api.VALID_FORM)
+    body = await access.read_body(request, state.body_timeout_s)  # over 1 MiB: 413
     params = generate_api.parse_generate_body(body, state.max_tokens_limit)
     await _tokenize(state, backend, params)
-    request_id = uuid.uuid4().hex[:16]
-    result = await state.scheduler.submit(params)  # errors reach the middleware's mapping
+    request_id = request[REQUEST_ID]
+    result = await state.submit(request, params)  # errors reach the middleware's mapping
     total_ms = (time.perf_counter() - received) * 1000
     state.metrics.observe(result, total_ms)
     log.info("POST /generate 200 %s: %d prompt + %d generated tokens, queue %.0f ms, "
@@ -273,9 +304,10 @@ async def handle_openai_completion(request: web.Request) -> web.StreamResponse:
     received = time.perf_counter()
     state = request.app[STATE]
     backend = state.require_ready()
-    openai_api.check_content_type(request.content_type)
-    body = await request.read()  # over 1 MiB raises 413 (client_max_size)
+    check_content_type(request.content_type)
+    body = await access.read_body(request, state.body_timeout_s)  # over 1 MiB: 413
     call = openai_api.parse(request.path, body, openai_api.model_id(backend))
+    request[REQUEST_ID] = call.id
     params = await _off_loop_if_long(state, len(body), call.prepare, backend,
                                      state.max_tokens_limit)
 
@@ -287,10 +319,12 @@ async def handle_openai_completion(request: web.Request) -> web.StreamResponse:
                  result.prompt_tokens, result.tokens_generated, result.queue_time_ms,
                  result.inference_time_ms)
 
+    def submit(params: Request):
+        return state.submit(request, params)
+
     if call.stream:
-        return await openai_api.stream(request, call, params, backend, state.scheduler.submit,
-                                       observe)
-    return await openai_api.complete(call, params, backend, state.scheduler.submit, observe)
+        return await openai_api.stream(request, call, params, backend, submit, observe)
+    return await openai_api.complete(call, params, backend, submit, observe)
 
 
 async def handle_metrics(request: web.Request) -> web.Response:
@@ -305,6 +339,7 @@ async def handle_stats(request: web.Request) -> web.Response:
     memory = info["memory"]
     server = state.counters()
     server["shutting_down"] = state.shutdown_reason is not None
+    server["engine_failure"] = state.failure()
     backend = state.backend
     server["cuda_graphs"] = backend.cuda_graphs if backend else False
     return web.json_response({
@@ -356,45 +391,60 @@ def _device_type(backend: Backend) -> str:
 @web.middleware
 async def _errors_as_json(request: web.Request, handler) -> web.StreamResponse:
     """Every error leaves as `{"error": "..."}`: ours (ApiError), aiohttp's (404, 405, 413),
-    and unexpected exceptions (500, logged with the traceback: a 500 is always a bug). On a /v1
-    path, in OpenAI's shape instead, with the field at fault (`param`) where there is one."""
-    headers: dict[str, str] = {}
-    param = code = None
+    and unexpected exceptions (500: "internal error" and the request id; the traceback goes to
+    the log only, a 500 is always a bug). On a /v1 path, in OpenAI's shape instead, with the
+    field at fault (`param`) where there is one. A generation request's outcome is counted
+    here when it ended before reaching the scheduler; every refusal is logged."""
+    request.setdefault(REQUEST_ID, uuid.uuid4().hex[:16])
     try:
         return await handler(request)
-    except ApiError as err:
-        status, message = err.status, err.message
-        param, code = getattr(err, "param", None), getattr(err, "code", None)
-    except PromptTooLong as err:
-        status, message = 413, str(err)
-    except InvalidRequest as err:
-        status, message = 400, str(err)
-    except EngineGone as err:
-        status, message = 503, str(err)
-    except OutOfMemory as err:
-        status = 503
-        message = (f"Out of memory while generating ({err}). The server freed its cache and "
-                   "keeps serving: retry, or lower max_tokens / shorten the prompt.")
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        status, message = exc.status, _http_error_message(exc, request)
-        if "Allow" in exc.headers:
-            headers["Allow"] = exc.headers["Allow"]
+    except asyncio.CancelledError:  # the client went away
+        _count_early(request, "cancelled")
+        raise
     except Exception as exc:
-        log.exception("Internal error on %s %s", request.method, request.path)
-        status = 500
-        message = (f"Internal server error (a bug in labkit; the log has the traceback): "
-                   f"{type(exc).__name__}: {exc}")
-    if request.path in GENERATION_PATHS and 400 <= status < 500:
-        request.app[STATE].rejected += 1
+        status, message, param, code, headers = _error_of(exc, request)
+    _count_early(request, "failed" if status == 500 else "rejected")
+    request_id = request[REQUEST_ID]
+    headers["X-Request-ID"] = request_id
+    log.log(logging.WARNING if status >= 500 else logging.INFO, "%s %s %d %s: %s",
+            request.method, request.path, status, request_id, message)
     if openai_api.is_openai_path(request.path):
-        return web.json_response(openai_api.error_body(status, message, param, code),
+        return web.json_response(openai_error(status, message, param, code),
                                  status=status, headers=headers)
     return web.json_response({"error": message}, status=status, headers=headers)
 
 
-GENERATION_PATHS = ("/generate", openai_api.COMPLETIONS, openai_api.CHAT)
+def _error_of(exc: Exception, request: web.Request) -> tuple:
+    """(status, message, param, code, headers) of the answer to `exc`."""
+    param = code = None
+    headers: dict[str, str] = {}
+    if isinstance(exc, ApiError):
+        return exc.status, exc.message, exc.param, exc.code, dict(exc.headers)
+    if isinstance(exc, PromptTooLong):  # from the check at the door, or the engine's own
+        param = "messages" if request.path == openai_api.CHAT else "prompt"
+        return 413, str(exc), param, "context_length_exceeded", headers
+    if isinstance(exc, InvalidRequest):
+        return 400, str(exc), param, code, headers
+    if isinstance(exc, EngineGone):
+        return 503, str(exc), param, "engine_failed", headers
+    if isinstance(exc, OutOfMemory):
+        return 503, (f"Out of memory while generating ({exc}). The server freed its cache and "
+                     "keeps serving: retry, or lower max_tokens / shorten the prompt."), \
+            param, code, headers
+    if isinstance(exc, web.HTTPException) and exc.status >= 400:
+        if "Allow" in exc.headers:
+            headers["Allow"] = exc.headers["Allow"]
+        return exc.status, _http_error_message(exc, request), param, code, headers
+    if isinstance(exc, web.HTTPException):
+        raise exc  # a redirect or another non-error answer: aiohttp sends it
+    log.error("Internal error on %s %s (request %s)", request.method, request.path,
+              request[REQUEST_ID], exc_info=exc)
+    return 500, internal_error_message(request[REQUEST_ID]), param, code, headers
+
+
+def _count_early(request: web.Request, outcome: str) -> None:
+    if request.path in GENERATION_PATHS and not request.get(SUBMITTED):
+        request.app[STATE].early[outcome] += 1
 
 
 def _http_error_message(exc: web.HTTPException, request: web.Request) -> str:
@@ -414,13 +464,20 @@ def _http_error_message(exc: web.HTTPException, request: web.Request) -> str:
 # --- running it ---------------------------------------------------------------------------------
 
 async def serve(app: web.Application, host: str = "127.0.0.1", port: int = 8000, *,
-                watch_parent: bool = False, drain_timeout_s: float = 600.0) -> int:
+                watch_parent: bool = False, drain_timeout_s: float = 600.0,
+                idle_timeout_s: float = access.DEFAULT_IDLE_TIMEOUT_S,
+                max_connections: int = access.DEFAULT_MAX_CONNECTIONS,
+                failure_exit_s: float = 10.0) -> int:
     """Listen, load, serve until a signal (or the parent's exit), drain, stop. Returns the exit
-    status: 0 after a graceful stop, 1 when the model failed to load."""
+    status: 0 after a graceful stop, 1 when the model failed to load, 3 when the engine died or
+    wedged (`failure_exit_s` after it did, or at a signal; negative: only at a signal)."""
     state = app[STATE]
+    # keepalive_timeout runs from a connection's start until its request's headers are in,
+    # and between requests: it bounds a slow sender of headers as much as an idle client.
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
-                           shutdown_timeout=10.0)
+                           shutdown_timeout=10.0, keepalive_timeout=idle_timeout_s)
     await runner.setup()
+    access.cap_connections(runner.server, max_connections)
     site = web.TCPSite(runner, host, port)
     await site.start()
     bound_port = runner.addresses[0][1]
@@ -448,14 +505,16 @@ async def serve(app: web.Application, host: str = "127.0.0.1", port: int = 8000,
         await state.finished_loading.wait()
         if state.load_error is not None:
             stop.set()
-        else:
-            log.info("Ready: POST %s/generate (mode %s, max_tokens up to %d)", url,
-                     _describe_mode(state.scheduler.stats()), state.max_tokens_limit)
+            return
+        log.info("Ready: POST %s/generate (mode %s, max_tokens up to %d)", url,
+                 _describe_mode(state.scheduler.stats()), state.max_tokens_limit)
+        await _watch_engine(state, stop, failure_exit_s)
 
     watcher = asyncio.create_task(announce_ready())
     await stop.wait()
     watcher.cancel()
-    if state.load_error is None:
+    failure = state.failure()
+    if state.load_error is None and failure is None:
         stats = state.scheduler.stats()
         log.info("Shutting down (%s): finishing %d queued + %d running request(s); new "
                  "requests get 503", state.shutdown_reason, stats["queue_depth"],
@@ -464,7 +523,25 @@ async def serve(app: web.Application, host: str = "127.0.0.1", port: int = 8000,
             log.warning("Gave up waiting for requests after %.0f s", drain_timeout_s)
     await runner.cleanup()
     log.info("Server stopped after serving %d request(s)", state.scheduler.served)
-    return 1 if state.load_error is not None else 0
+    if state.load_error is not None:
+        return 1
+    return EXIT_ENGINE_FAILED if failure is not None else 0
+
+
+async def _watch_engine(state: ServerState, stop: asyncio.Event, exit_after_s: float) -> None:
+    """Poll for a dead or wedged engine; once seen, fail what it held (it will never answer),
+    then stop the server `exit_after_s` later, so that a supervisor restarts it."""
+    while (failure := state.scheduler.failure()) is None:
+        await asyncio.sleep(FAILURE_POLL_S)
+    log.error("The engine failed: %s. Requests in it failed with 503; / and /health answer 503%s",
+              failure, f"; stopping in {exit_after_s:g} s (exit status {EXIT_ENGINE_FAILED})"
+              if exit_after_s >= 0 else "")
+    state.scheduler.abandon(failure)
+    if exit_after_s >= 0:
+        await asyncio.sleep(exit_after_s)
+        if state.shutdown_reason is None:
+            state.shutdown_reason = "engine failed"
+        stop.set()
 
 
 def _watch_parent(loop: asyncio.AbstractEventLoop, request_stop) -> None:
@@ -493,159 +570,3 @@ def _watch_parent(loop: asyncio.AbstractEventLoop, request_stop) -> None:
 
     threading.Thread(target=read_stdin, name="labkit-parent-pipe", daemon=True).start()
     threading.Thread(target=poll_ppid, name="labkit-parent-pid", daemon=True).start()
-
-
-def configure_cli(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="model",
-                        help="model source: model (default, the embedded model), a local "
-                             "directory, a cached Hub id, or synthetic:<shape>")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default loopback; 0.0.0.0 in a container)")
-    parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
-    parser.add_argument("--max-tokens-limit", type=int, default=1024,
-                        help="largest max_tokens a request may ask for (default 1024)")
-    parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
-    parser.add_argument("--dtype", default="auto", help="auto, bf16, fp16 or fp32")
-    parser.add_argument("--mode", default="sequential", choices=sorted(SCHEDULERS),
-                        help="serving mode: sequential = one generation at a time (the seed); "
-                             "batched = requests waiting for the model are generated together; "
-                             "continuous = requests join and leave the batch at every step")
-    parser.add_argument("--max-batch-size", type=int, default=None, metavar="N",
-                        help="batched mode: most requests in one batch (default "
-                             f"{DEFAULT_MAX_BATCH_SIZE}); continuous mode: most requests "
-                             f"decoding at once (default {DEFAULT_MAX_RUNNING})")
-    parser.add_argument("--max-wait-ms", type=float, default=None, metavar="MS",
-                        help="batched mode: how long a batch waits to fill after its first "
-                             f"request arrives (default {DEFAULT_MAX_WAIT_MS:g})")
-    parser.add_argument("--kv-cache-gb", type=float, default=None, metavar="GB",
-                        help="continuous mode: GPU memory for the paged KV cache (default a "
-                             "tenth of the card; 0.25 on the CPU); bounds how many tokens "
-                             "all running requests hold together")
-    parser.add_argument("--prefill-chunk", type=int, default=None, metavar="TOKENS",
-                        help="continuous mode: most prompt tokens prefilled per step (default "
-                             "2048); a longer prompt is prefilled over several steps")
-    parser.add_argument("--engine-process", action=argparse.BooleanOptionalAction,
-                        default=None,
-                        help="continuous mode: run the engine in a process of its own (default "
-                             "on); --no-engine-process runs it on a thread of the server, "
-                             "sharing the event loop's GIL")
-    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
-                        help="batched mode on a GPU: replay each decode step from a CUDA graph "
-                             "(default on; --no-cuda-graphs decodes eagerly, the GPU waiting "
-                             "on Python between kernels)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for generation (default on the CPU: one less than "
-                             "the cores, leaving one to the server and clients)")
-    parser.add_argument("--warmup", type=int, default=1,
-                        help="throwaway generations after loading, before serving (default 1)")
-    parser.add_argument("--drain-timeout", type=float, default=600.0,
-                        help="on SIGTERM, seconds to wait for accepted requests (default 600)")
-    parser.add_argument("--watch-parent", action="store_true",
-                        help="stop when the launching process exits or closes our stdin "
-                             "(used by labkit.serve.launcher.launch)")
-
-
-def run_cli(args) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s",
-                        stream=sys.stderr, force=True)
-    if args.max_tokens_limit < 1:
-        print("error: --max-tokens-limit must be at least 1", file=sys.stderr)
-        return 2
-    if args.threads is not None and args.threads < 1:
-        print("error: --threads must be at least 1", file=sys.stderr)
-        return 2
-    try:
-        scheduler_options = _scheduler_options(args)
-        engine_options = _engine_options(args)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
-    def load() -> Backend:
-        options = dict(device=args.device, dtype=args.dtype, warmup_runs=args.warmup,
-                       threads=args.threads,
-                       max_batch_size=scheduler_options.get("max_batch_size"),
-                       cuda_graphs=args.cuda_graphs is not False, continuous=engine_options)
-        if engine_options is not None and args.engine_process is not False:
-            from labkit.serve.engine_process import EngineProcessBackend
-
-            return EngineProcessBackend.start(args.model, **options)
-        from labkit.serve.backend import load_model_backend  # torch: on the loading thread
-
-        return load_model_backend(args.model, **options)
-
-    async def main() -> int:
-        app = create_app(load, max_tokens_limit=args.max_tokens_limit, mode=args.mode,
-                         **scheduler_options)
-        return await serve(app, args.host, args.port, watch_parent=args.watch_parent,
-                           drain_timeout_s=args.drain_timeout)
-
-    try:
-        return asyncio.run(main())
-    except OSError as err:  # address in use, permission denied
-        log.error("Could not listen on %s:%s: %s. Pick another --port (0 = any free one).",
-                  args.host, args.port, err)
-        return 1
-
-
-# Which flags each mode takes; the others are an error in that mode.
-MODE_FLAGS = {
-    "sequential": (),
-    "batched": ("--max-batch-size", "--max-wait-ms", "--cuda-graphs"),
-    "continuous": ("--max-batch-size", "--kv-cache-gb", "--prefill-chunk", "--cuda-graphs",
-                   "--engine-process"),
-}
-
-
-def _scheduler_options(args) -> dict:
-    """The scheduler's options of the chosen mode (batched: --max-batch-size, --max-wait-ms;
-    continuous: --max-batch-size); an error for a flag the mode does not take."""
-    given = {"--max-batch-size": args.max_batch_size, "--max-wait-ms": args.max_wait_ms,
-             "--kv-cache-gb": getattr(args, "kv_cache_gb", None),
-             "--prefill-chunk": getattr(args, "prefill_chunk", None),
-             "--cuda-graphs": args.cuda_graphs,
-             "--engine-process": getattr(args, "engine_process", None)}
-    wrong = [flag for flag, value in given.items()
-             if value is not None and flag not in MODE_FLAGS[args.mode]]
-    if wrong:
-        negated = {"--cuda-graphs": args.cuda_graphs is False,
-                   "--engine-process": getattr(args, "engine_process", None) is False}
-        names = [f.replace("--", "--no-", 1) if negated.get(f) else f for f in wrong]
-        modes = [mode for mode, flags in MODE_FLAGS.items() if set(wrong) <= set(flags)]
-        verb, pronoun = ("apply", "them") if len(wrong) > 1 else ("applies", "it")
-        where = " or ".join(f"--mode {mode}" for mode in modes) or "another mode"
-        raise ValueError(f"{' and '.join(names)} {verb} only to {where}; add "
-                         f"{'it' if len(modes) == 1 else 'one'} or drop {pronoun}")
-    if args.mode == "sequential":
-        return {}
-    default_batch = DEFAULT_MAX_BATCH_SIZE if args.mode == "batched" else DEFAULT_MAX_RUNNING
-    checks = {"--max-batch-size": (default_batch, check_max_batch_size)}
-    if args.mode == "batched":
-        checks["--max-wait-ms"] = (DEFAULT_MAX_WAIT_MS, check_max_wait_ms)
-    options = {}
-    for flag, (default, check) in checks.items():
-        value = default if given[flag] is None else given[flag]
-        try:
-            check(value)
-        except ValueError as err:
-            raise ValueError(f"{flag}: {err}") from None
-        options[flag.removeprefix("--").replace("-", "_")] = value
-    return options
-
-
-def _engine_options(args) -> dict | None:
-    """Continuous mode's engine options (KV cache memory, prefill chunk), checked; else None."""
-    if args.mode != "continuous":
-        return None
-    options = {}
-    if args.kv_cache_gb is not None:
-        if not 0 < args.kv_cache_gb <= 10_000:
-            raise ValueError(f"--kv-cache-gb must be a positive number of gigabytes, got "
-                             f"{args.kv_cache_gb:g}")
-        options["kv_cache_gb"] = args.kv_cache_gb
-    if args.prefill_chunk is not None:
-        if args.prefill_chunk < 1:
-            raise ValueError(f"--prefill-chunk must be at least 1 token, got "
-                             f"{args.prefill_chunk}")
-        options["prefill_chunk"] = args.prefill_chunk
-    return options

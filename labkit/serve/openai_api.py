@@ -35,8 +35,17 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from labkit.engine.request import InvalidRequest, OutOfMemory, PromptTooLong, Request, Result
-from labkit.serve.generate_api import ApiError
+from labkit.engine.request import (
+    EngineGone,
+    InvalidRequest,
+    OutOfMemory,
+    PromptTooLong,
+    Request,
+    Result,
+    is_number,
+)
+from labkit.serve import body as json_body
+from labkit.serve.errors import ApiError, internal_error_message, json_type, openai_error
 
 if TYPE_CHECKING:
     from labkit.serve.backend import Backend
@@ -58,36 +67,14 @@ SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                "X-Accel-Buffering": "no"}  # a proxy (nginx) must not hold the stream back
 
 
-class OpenAIError(ApiError):
-    """A refused request, answered in OpenAI's error shape; `param` names the field at fault."""
-
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None):
-        super().__init__(status, message)
-        self.param = param
-        self.code = code
-
-
-def error_body(status: int, message: str, param: str | None = None,
-               code: str | None = None) -> dict:
-    """OpenAI's error object. `type` is invalid_request_error for a client's mistake (4xx),
-    server_error for ours (5xx: loading, shutting down, out of memory, a bug)."""
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
 # --- which fields a body may carry -------------------------------------------------------------
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
 
 def _same(value, default) -> bool:
     """`value` is `default` in JSON terms: 0 and 0.0 alike, but false is not 0."""
     if default is None or isinstance(default, bool):
         return value is default
-    if _is_number(default):
-        return _is_number(value) and value == default
+    if is_number(default):
+        return is_number(value) and value == default
     return value == default
 
 
@@ -158,13 +145,8 @@ FIELDS = {
 }
 
 
-def _json_type(value) -> str:
-    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer",
-            float: "number", type(None): "null"}.get(type(value), type(value).__name__)
-
-
-def _bad(param: str, message: str) -> OpenAIError:
-    return OpenAIError(400, message, param)
+def _bad(param: str, message: str) -> ApiError:
+    return ApiError(400, message, param)
 
 
 # --- a parsed request --------------------------------------------------------------------------
@@ -225,23 +207,24 @@ class Call:
             else:
                 backend.tokenize(request)
         except PromptTooLong as err:
-            raise OpenAIError(413, str(err), self.prompt_field, "context_length_exceeded") \
+            raise ApiError(413, str(err), self.prompt_field, "context_length_exceeded") \
                 from None
         return request
 
     def _fit_default_max_tokens(self, request: Request, backend: Backend) -> None:
-        """No max_tokens asked for: as many as the context has room for after the prompt, up
-        to the server's limit (what vLLM does), rather than a 413 for a long conversation."""
+        """No max_tokens asked for: as many as the request can hold after the prompt (the
+        model's context, and in continuous mode the whole KV cache), up to the server's limit
+        (what vLLM does), rather than a 413 for a long conversation."""
         wanted, request.max_tokens = request.max_tokens, 1
         backend.tokenize(request)  # stores the prompt ids; PromptTooLong if nothing fits
-        room = backend.context_length - len(request.prompt_ids)
+        room = backend.token_budget - len(request.prompt_ids)
         request.max_tokens = max(1, min(wanted, room))
         if request.min_tokens > request.max_tokens:
             raise _bad("min_tokens", f"min_tokens ({request.min_tokens}) is more than the "
                                      f"{request.max_tokens} tokens the context has room for "
                                      "after these messages")
 
-    def _invalid(self, err: InvalidRequest) -> OpenAIError:
+    def _invalid(self, err: InvalidRequest) -> ApiError:
         """A 400 naming the field: Request's message starts with the one it is about."""
         message = str(err)
         param = message.split(maxsplit=1)[0] if message else ""
@@ -341,24 +324,16 @@ def models_list(backend: Backend) -> dict:
                                         "created": STARTED, "owned_by": OWNED_BY}]}
 
 
-def check_content_type(content_type: str) -> None:
-    if content_type != "application/json":
-        raise OpenAIError(415, f"Content-Type must be application/json, got "
-                               f"{content_type or 'none'!r}.")
-
-
 def parse(path: str, body: bytes, served: str) -> Call:
     """A /v1/completions or /v1/chat/completions body (already size-checked) as a Call; each
-    problem is an OpenAIError naming its field. Sampling values are left to `Request`."""
+    problem is an ApiError naming its field. Sampling values are left to `Request`."""
     chat = path == CHAT
     try:
-        data = json.loads(body.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise _bad(None, "The body is not UTF-8 text.") from None
-    except json.JSONDecodeError as err:
-        raise _bad(None, f"The body is not valid JSON ({err}).") from None
+        data = json_body.load(body)
+    except json_body.BodyError as err:
+        raise _bad(err.param, str(err)) from None
     if not isinstance(data, dict):
-        raise _bad(None, f"The body must be a JSON object, got a JSON {_json_type(data)}.")
+        raise _bad(None, f"The body must be a JSON object, got a JSON {json_type(data)}.")
     supported, no_ops = FIELDS[path]
     unknown = sorted(set(data) - set(supported) - set(no_ops))
     if unknown:
@@ -372,9 +347,9 @@ def parse(path: str, body: bytes, served: str) -> Call:
 
     model = data.get("model")
     if model is not None and not isinstance(model, str):
-        raise _bad("model", f"model must be a string, got a JSON {_json_type(model)}.")
+        raise _bad("model", f"model must be a string, got a JSON {json_type(model)}.")
     if model is not None and model != served:
-        raise OpenAIError(404, f"The model {model!r} does not exist: this server serves "
+        raise ApiError(404, f"The model {model!r} does not exist: this server serves "
                                f"{served!r} (GET /v1/models).", "model", "model_not_found")
 
     stream = data.get("stream")
@@ -385,8 +360,7 @@ def parse(path: str, body: bytes, served: str) -> Call:
     prompt = messages = None
     if chat:
         messages = _messages(data.get("messages"))
-        max_tokens_field = ("max_completion_tokens" if data.get("max_completion_tokens")
-                            is not None else "max_tokens")
+        max_tokens_field = _chat_max_tokens_field(data)
     else:
         if "prompt" not in data:
             raise _bad("prompt", "Missing required argument: prompt.")
@@ -404,6 +378,20 @@ def parse(path: str, body: bytes, served: str) -> Call:
                 continuous_usage=continuous_usage)
 
 
+def _chat_max_tokens_field(data: dict) -> str:
+    """Which of chat's two names for the limit sets it: max_completion_tokens (OpenAI's
+    current name) or max_tokens (the older one). Both at different values is a 400, so neither
+    is silently ignored."""
+    new, old = data.get("max_completion_tokens"), data.get("max_tokens")
+    if new is None:
+        return "max_tokens"
+    if old is not None and not (type(old) is type(new) and old == new):
+        raise _bad("max_tokens", f"max_tokens ({json.dumps(old)}) and max_completion_tokens "
+                                 f"({json.dumps(new)}) disagree; send one of them "
+                                 "(max_tokens is the older name).")
+    return "max_completion_tokens"
+
+
 def _with_hint(name: str, known) -> str:
     close = difflib.get_close_matches(name, known, n=1)
     return f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name)
@@ -414,16 +402,16 @@ def _prompt(prompt) -> str:
         if len(prompt) != 1 or not isinstance(prompt[0], str):
             raise _bad("prompt", f"prompt must be a string or a list of exactly one string "
                                  f"(one completion per request), got a list of {len(prompt)} "
-                                 f"{_json_type(prompt[0]) if prompt else 'item'}s.")
+                                 f"{json_type(prompt[0]) if prompt else 'item'}s.")
         prompt = prompt[0]
     if not isinstance(prompt, str):
-        raise _bad("prompt", f"prompt must be a string, got a JSON {_json_type(prompt)}.")
+        raise _bad("prompt", f"prompt must be a string, got a JSON {json_type(prompt)}.")
     return prompt
 
 
 def _messages(messages) -> list[dict]:
     if not isinstance(messages, list) or not messages:
-        got = "none" if messages is None else f"a JSON {_json_type(messages)}"
+        got = "none" if messages is None else f"a JSON {json_type(messages)}"
         if isinstance(messages, list):
             got = "an empty list"
         raise _bad("messages", f"messages must be a non-empty list of {{role, content}} "
@@ -433,7 +421,7 @@ def _messages(messages) -> list[dict]:
         where = f"messages[{i}]"
         if not isinstance(message, dict):
             raise _bad(where, f"{where} must be an object with role and content, got a JSON "
-                              f"{_json_type(message)}.")
+                              f"{json_type(message)}.")
         extra = sorted(set(message) - {"role", "content", "name"})
         if extra:
             raise _bad(f"{where}.{extra[0]}", f"{where}.{extra[0]} is not supported (messages "
@@ -459,7 +447,7 @@ def _content(content, where: str) -> str:
             and isinstance(part.get("text"), str) for part in content):
         return "".join(part["text"] for part in content)
     raise _bad(where, f"{where} must be a string (or a list of text parts), got a JSON "
-                      f"{_json_type(content)}; this server reads text only.")
+                      f"{json_type(content)}; this server reads text only.")
 
 
 def _stop(stop) -> list[str]:
@@ -614,24 +602,25 @@ async def stream(http_request: web.Request, call: Call, request: Request, backen
     except Exception as err:
         if not response.prepared:
             raise  # nothing sent yet: the error middleware answers with its status
-        await _stream_error(response, err)
+        await _stream_error(response, err, call.id)
     finally:
         if not work.done():
             work.cancel()  # the scheduler withdraws or cancels it, and counts it
     return response
 
 
-async def _stream_error(response: web.StreamResponse, err: Exception) -> None:
+async def _stream_error(response: web.StreamResponse, err: Exception, request_id: str) -> None:
     """An error after the stream began: the status is sent, so it goes in a last event."""
     if isinstance(err, OutOfMemory):
         status, message = 503, (f"Out of memory while generating ({err}). The server freed its "
                                 "cache and keeps serving: retry, or ask for fewer tokens.")
+    elif isinstance(err, EngineGone):
+        status, message = 503, str(err)
     else:
-        log.error("Internal error while streaming", exc_info=err)
-        status, message = 500, (f"Internal server error (a bug in labkit; the log has the "
-                                f"traceback): {type(err).__name__}: {err}")
+        log.error("Internal error while streaming %s", request_id, exc_info=err)
+        status, message = 500, internal_error_message(request_id)
     try:
-        await response.write(sse(error_body(status, message)))
+        await response.write(sse(openai_error(status, message)))
         await response.write(DONE)
         await response.write_eof()
     except ConnectionResetError:

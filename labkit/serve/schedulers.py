@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from labkit.engine.request import OutOfMemory, Request, Result
+from labkit.engine.request import EngineGone, OutOfMemory, Request, Result
 
 if TYPE_CHECKING:
     from labkit.serve.backend import Backend
@@ -32,6 +32,9 @@ DEFAULT_MAX_BATCH_SIZE = 32
 # labkit.engine.continuous, which imports torch).
 DEFAULT_MAX_RUNNING = 256
 DEFAULT_MAX_WAIT_MS = 5.0
+# Continuous mode: an engine step running longer than this is taken for a wedged engine. A step
+# is milliseconds on a GPU; a graph capture or a long CPU prefill, seconds.
+DEFAULT_STEP_TIMEOUT_S = 120.0
 MAX_WAIT_LIMIT_MS = 10_000.0
 
 
@@ -102,6 +105,7 @@ class _Job:
     request: Request
     submitted: float
     future: asyncio.Future = field(repr=False)  # its Result, or the error that stopped it
+    outcome: str | None = None  # served, failed or cancelled: counted once, when first known
 
 
 class Scheduler(Protocol):
@@ -115,6 +119,8 @@ class Scheduler(Protocol):
     async def wait_idle(self, timeout: float | None = None) -> bool: ...
     async def close(self) -> None: ...
     def stats(self) -> dict: ...
+    def failure(self) -> str | None: ...
+    def abandon(self, reason: str) -> None: ...
 
 
 class QueueScheduler:
@@ -164,22 +170,35 @@ class QueueScheduler:
 
     async def submit(self, request: Request) -> Result:
         """Queue `request` and wait for its result, with `queue_time_ms` and `memory_used_gb`
-        filled in; raises what stopped it (OutOfMemory, or a bug). Cancelling the caller (a
-        client that disconnects) withdraws the job if it has not started yet."""
+        filled in; raises what stopped it (OutOfMemory, EngineGone, or a bug). Cancelling the
+        caller (a client that disconnects) withdraws the job if it has not started yet. Every
+        call ends in exactly one of the counters served, failed and cancelled."""
         if self.backend is None or self._queue is None:
             raise RuntimeError("scheduler has no model yet")
         job = _Job(request, time.perf_counter(), asyncio.get_running_loop().create_future())
         self._idle.clear()
-        self._enqueue(job)
+        try:
+            self._enqueue(job)
+        except BaseException:  # refused on the way in (the engine is gone): nothing waits
+            self._count(job, "failed")
+            self._update_idle()
+            raise
         try:
             return await job.future
         except asyncio.CancelledError:
             request.cancelled.set()  # generating: the engine stops it at its next step
             if job in self._waiting:  # never started: the worker will skip it
                 self._waiting.discard(job)
-            self.cancelled += 1
+            self._count(job, "cancelled")
             self._update_idle()
             raise
+
+    def _count(self, job: _Job, outcome: str) -> None:
+        """Count `job`'s outcome, unless it has one already (a client that went away while its
+        result was on the way is cancelled, not also served)."""
+        if job.outcome is None:
+            job.outcome = outcome
+            setattr(self, outcome, getattr(self, outcome) + 1)
 
     def _enqueue(self, job: _Job) -> None:
         self._waiting.add(job)
@@ -265,10 +284,7 @@ class QueueScheduler:
     def _answer(self, job: _Job, result: Result | None, error: BaseException | None) -> None:
         """On the event loop: count the outcome and hand it to the waiting handler (if it still
         waits). The one hand-off from the generation thread to the handler."""
-        if error is None:
-            self.served += 1
-        else:
-            self.failed += 1
+        self._count(job, "served" if error is None else "failed")
         self._in_flight = max(0, self._in_flight - 1)
         if not job.future.done():
             if error is None:
@@ -320,6 +336,14 @@ class QueueScheduler:
     def _update_idle(self) -> None:
         if not self._waiting and not self._in_flight:
             self._idle.set()
+
+    def failure(self) -> str | None:
+        """Why this server can no longer generate (a dead or wedged engine); None while it can.
+        A generation here runs in the server's own process: it fails requests, not itself."""
+        return None
+
+    def abandon(self, reason: str) -> None:
+        """After `failure()`: fail every request still waiting (nothing here can fail that way)."""
 
 
 def out_of_memory(backend: Backend, err: BaseException, group_size: int) -> OutOfMemory:
@@ -410,12 +434,17 @@ class ContinuousScheduler(QueueScheduler):
     mode = "continuous"
 
     def __init__(self, backend: Backend | None = None, window_s: float = RECENT_WINDOW_S, *,
-                 max_batch_size: int = DEFAULT_MAX_RUNNING):
+                 max_batch_size: int = DEFAULT_MAX_RUNNING,
+                 step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S):
         check_max_batch_size(max_batch_size)
         super().__init__(backend, window_s, max_batch_size=max_batch_size)
+        self.step_timeout_s = step_timeout_s
         self._jobs: dict[Request, _Job] = {}  # submitted, not answered yet
         self._engine_loop: asyncio.Future | None = None
         self._closing = threading.Event()
+        self._step_began: float | None = None  # the engine thread's step in progress
+        self._abandoned: str | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def set_backend(self, backend: Backend) -> None:
         super().set_backend(backend)
@@ -423,7 +452,9 @@ class ContinuousScheduler(QueueScheduler):
             backend.engine.on_busy, backend.engine.on_idle = self.busy.start, self.busy.stop
 
     def _enqueue(self, job: _Job) -> None:
-        loop = asyncio.get_running_loop()
+        if self._abandoned is not None:
+            raise EngineGone(self._abandoned)
+        loop = self._loop = asyncio.get_running_loop()
         if self._engine_loop is None and not self.backend.engine_process:
             # after warm-up, which ran on the same thread
             self._engine_loop = loop.run_in_executor(self._executor, self._run_engine, loop)
@@ -456,19 +487,48 @@ class ContinuousScheduler(QueueScheduler):
             self.busy.start()
             try:
                 while engine.has_work() and not self._closing.is_set():
+                    self._step_began = time.perf_counter()
                     engine.step()
+                    self._step_began = None
             except (torch.OutOfMemoryError, MemoryError) as err:
                 self._fail_all(engine, self._out_of_memory(err, len(self._jobs)), loop)
             except Exception as err:  # reported to the clients; the engine must survive it
                 log.exception("Engine step failed")
                 self._fail_all(engine, err, loop)
             finally:
+                self._step_began = None
                 self.busy.stop()
 
     def _fail_all(self, engine, error: BaseException, loop: asyncio.AbstractEventLoop) -> None:
         engine.reset()
         for job in list(self._jobs.values()):
             loop.call_soon_threadsafe(self._answer, job, None, error)
+
+    def failure(self) -> str | None:
+        """The engine process is gone, or a step has run longer than `step_timeout_s`."""
+        if self._abandoned is not None:
+            return self._abandoned
+        if self.backend is None:
+            return None
+        if self.backend.engine_process:
+            stalled, gone = self.backend.engine.stalled_s(), self.backend.engine.gone
+        else:
+            began, gone = self._step_began, None
+            stalled = time.perf_counter() - began if began is not None else 0.0
+        if gone is None and stalled > self.step_timeout_s:
+            return (f"the engine is wedged: a step has run for {stalled:.0f} s, over the "
+                    f"{self.step_timeout_s:g} s limit (labkit serve --engine-step-timeout)")
+        return gone
+
+    def abandon(self, reason: str) -> None:
+        """Fail every request in the engine with EngineGone(reason), and refuse new ones; an
+        engine process is killed (a wedged one would never answer)."""
+        self._abandoned = reason
+        if self.backend is not None and self.backend.engine_process:
+            self.backend.engine.kill(reason)  # its reader thread fails what it held
+        elif self._loop is not None:
+            for job in list(self._jobs.values()):
+                self._loop.call_soon_threadsafe(self._answer, job, None, EngineGone(reason))
 
     async def close(self) -> None:
         self._closing.set()
@@ -478,6 +538,8 @@ class ContinuousScheduler(QueueScheduler):
 
     def stats(self) -> dict:
         engine = self.backend.engine.stats() if self.backend is not None else {}
+        if self.failure() is not None:  # the engine's last figures are not its state now
+            engine = {**engine, "running": 0, "waiting": 0, "kv_pages_used": 0}
         return {**super().stats(), **engine,
                 "queue_depth": engine.get("waiting", 0), "in_flight": engine.get("running", 0),
                 "batches": engine.get("decode_steps", 0),

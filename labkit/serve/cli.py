@@ -1,0 +1,235 @@
+"""`labkit serve`: its flags, checked, and the server they start (`labkit.serve.http`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from typing import TYPE_CHECKING
+
+from labkit.serve import access
+from labkit.serve.access import API_KEY_ENV
+from labkit.serve.http import create_app, serve
+from labkit.serve.schedulers import (
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_RUNNING,
+    DEFAULT_MAX_WAIT_MS,
+    DEFAULT_STEP_TIMEOUT_S,
+    SCHEDULERS,
+    check_max_batch_size,
+    check_max_wait_ms,
+)
+
+if TYPE_CHECKING:
+    from labkit.serve.backend import Backend
+
+log = logging.getLogger(__name__)
+
+
+def configure_cli(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="model",
+                        help="model source: model (default, the embedded model), a local "
+                             "directory, a cached Hub id, or synthetic:<shape>")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default loopback; 0.0.0.0 in a container)")
+    parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    parser.add_argument("--max-tokens-limit", type=int, default=1024,
+                        help="largest max_tokens a request may ask for (default 1024)")
+    parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
+    parser.add_argument("--dtype", default="auto", help="auto, bf16, fp16 or fp32")
+    parser.add_argument("--mode", default="sequential", choices=sorted(SCHEDULERS),
+                        help="serving mode: sequential = one generation at a time (the seed); "
+                             "batched = requests waiting for the model are generated together; "
+                             "continuous = requests join and leave the batch at every step")
+    parser.add_argument("--max-batch-size", type=int, default=None, metavar="N",
+                        help="batched mode: most requests in one batch (default "
+                             f"{DEFAULT_MAX_BATCH_SIZE}); continuous mode: most requests "
+                             f"decoding at once (default {DEFAULT_MAX_RUNNING})")
+    parser.add_argument("--max-wait-ms", type=float, default=None, metavar="MS",
+                        help="batched mode: how long a batch waits to fill after its first "
+                             f"request arrives (default {DEFAULT_MAX_WAIT_MS:g})")
+    parser.add_argument("--kv-cache-gb", type=float, default=None, metavar="GB",
+                        help="continuous mode: GPU memory for the paged KV cache (default a "
+                             "tenth of the card; 0.25 on the CPU); bounds how many tokens "
+                             "all running requests hold together")
+    parser.add_argument("--prefill-chunk", type=int, default=None, metavar="TOKENS",
+                        help="continuous mode: most prompt tokens prefilled per step (default "
+                             "2048); a longer prompt is prefilled over several steps")
+    parser.add_argument("--engine-process", action=argparse.BooleanOptionalAction,
+                        default=None,
+                        help="continuous mode: run the engine in a process of its own (default "
+                             "on); --no-engine-process runs it on a thread of the server, "
+                             "sharing the event loop's GIL")
+    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                        help="batched mode on a GPU: replay each decode step from a CUDA graph "
+                             "(default on; --no-cuda-graphs decodes eagerly, the GPU waiting "
+                             "on Python between kernels)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for generation (default on the CPU: one less than "
+                             "the cores, leaving one to the server and clients)")
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="throwaway generations after loading, before serving (default 1)")
+    parser.add_argument("--drain-timeout", type=float, default=600.0,
+                        help="on SIGTERM, seconds to wait for accepted requests (default 600)")
+    parser.add_argument("--engine-step-timeout", type=float, default=None, metavar="S",
+                        help="continuous mode: an engine step running longer than this is a "
+                             "wedged engine: its requests fail, / and /health answer 503 "
+                             f"(default {DEFAULT_STEP_TIMEOUT_S:g})")
+    parser.add_argument("--failure-exit-delay", type=float, default=10.0, metavar="S",
+                        help="after the engine died or wedged, exit with status 3 this many "
+                             "seconds later, for a supervisor to restart the server (default "
+                             "10; -1: stay up, answering 503)")
+    security = parser.add_argument_group("access and limits")
+    security.add_argument("--api-key", default=None, metavar="KEY",
+                          help="require 'Authorization: Bearer KEY' on every endpoint but / "
+                               f"and /health (default: ${API_KEY_ENV}, which, unlike this "
+                               "flag, ps and the shell's history do not show)")
+    security.add_argument("--allowed-host", action="append", default=None, metavar="NAME",
+                          help="a Host name the server answers (repeatable); bound to loopback "
+                               "it answers only loopback names unless given more, against DNS "
+                               "rebinding")
+    security.add_argument("--idle-timeout", type=float, default=access.DEFAULT_IDLE_TIMEOUT_S,
+                          metavar="S", help="seconds a client may take to send a request's "
+                          "headers, or stay idle between requests (default "
+                          f"{access.DEFAULT_IDLE_TIMEOUT_S:g})")
+    security.add_argument("--body-timeout", type=float, default=access.DEFAULT_BODY_TIMEOUT_S,
+                          metavar="S", help="seconds a client may take to send a body (default "
+                          f"{access.DEFAULT_BODY_TIMEOUT_S:g}; then 408)")
+    security.add_argument("--max-connections", type=int, default=access.DEFAULT_MAX_CONNECTIONS,
+                          metavar="N", help="most open connections; more get 503 (default "
+                          f"{access.DEFAULT_MAX_CONNECTIONS})")
+    parser.add_argument("--watch-parent", action="store_true",
+                        help="stop when the launching process exits or closes our stdin "
+                             "(used by labkit.serve.launcher.launch)")
+
+
+def run_cli(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s",
+                        stream=sys.stderr, force=True)
+    try:
+        scheduler_options = _scheduler_options(args)
+        engine_options = _engine_options(args)
+        _check_limits(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    hosts = access.allowed_hosts(args.host, args.allowed_host)
+    if api_key:
+        log.info("API key required on every endpoint but / and /health")
+    elif not access.is_loopback(args.host):
+        log.warning("Listening on %s with no API key: anyone who reaches this address can use "
+                    "the model (set $%s)", args.host, API_KEY_ENV)
+
+    def load() -> Backend:
+        options = dict(device=args.device, dtype=args.dtype, warmup_runs=args.warmup,
+                       threads=args.threads,
+                       max_batch_size=scheduler_options.get("max_batch_size"),
+                       cuda_graphs=args.cuda_graphs is not False, continuous=engine_options)
+        if engine_options is not None and args.engine_process is not False:
+            from labkit.serve.engine_process import EngineProcessBackend
+
+            return EngineProcessBackend.start(args.model, **options)
+        from labkit.serve.backend import load_model_backend  # torch: on the loading thread
+
+        return load_model_backend(args.model, **options)
+
+    async def main() -> int:
+        app = create_app(load, max_tokens_limit=args.max_tokens_limit, mode=args.mode,
+                         api_key=api_key, allowed_hosts=hosts, body_timeout_s=args.body_timeout,
+                         **scheduler_options)
+        return await serve(app, args.host, args.port, watch_parent=args.watch_parent,
+                           drain_timeout_s=args.drain_timeout, idle_timeout_s=args.idle_timeout,
+                           max_connections=args.max_connections,
+                           failure_exit_s=args.failure_exit_delay)
+
+    try:
+        return asyncio.run(main())
+    except OSError as err:  # address in use, permission denied
+        log.error("Could not listen on %s:%s: %s. Pick another --port (0 = any free one).",
+                  args.host, args.port, err)
+        return 1
+
+
+# Which flags each mode takes; the others are an error in that mode.
+MODE_FLAGS = {
+    "sequential": (),
+    "batched": ("--max-batch-size", "--max-wait-ms", "--cuda-graphs"),
+    "continuous": ("--max-batch-size", "--kv-cache-gb", "--prefill-chunk", "--cuda-graphs",
+                   "--engine-process", "--engine-step-timeout"),
+}
+
+
+def _scheduler_options(args) -> dict:
+    """The scheduler's options of the chosen mode (batched: --max-batch-size, --max-wait-ms;
+    continuous: --max-batch-size); an error for a flag the mode does not take."""
+    given = {"--max-batch-size": args.max_batch_size, "--max-wait-ms": args.max_wait_ms,
+             "--kv-cache-gb": getattr(args, "kv_cache_gb", None),
+             "--prefill-chunk": getattr(args, "prefill_chunk", None),
+             "--cuda-graphs": args.cuda_graphs,
+             "--engine-process": getattr(args, "engine_process", None),
+             "--engine-step-timeout": getattr(args, "engine_step_timeout", None)}
+    wrong = [flag for flag, value in given.items()
+             if value is not None and flag not in MODE_FLAGS[args.mode]]
+    if wrong:
+        negated = {"--cuda-graphs": args.cuda_graphs is False,
+                   "--engine-process": getattr(args, "engine_process", None) is False}
+        names = [f.replace("--", "--no-", 1) if negated.get(f) else f for f in wrong]
+        modes = [mode for mode, flags in MODE_FLAGS.items() if set(wrong) <= set(flags)]
+        verb, pronoun = ("apply", "them") if len(wrong) > 1 else ("applies", "it")
+        where = " or ".join(f"--mode {mode}" for mode in modes) or "another mode"
+        raise ValueError(f"{' and '.join(names)} {verb} only to {where}; add "
+                         f"{'it' if len(modes) == 1 else 'one'} or drop {pronoun}")
+    if args.mode == "sequential":
+        return {}
+    default_batch = DEFAULT_MAX_BATCH_SIZE if args.mode == "batched" else DEFAULT_MAX_RUNNING
+    checks = {"--max-batch-size": (default_batch, check_max_batch_size)}
+    if args.mode == "batched":
+        checks["--max-wait-ms"] = (DEFAULT_MAX_WAIT_MS, check_max_wait_ms)
+    options = {}
+    for flag, (default, check) in checks.items():
+        value = default if given[flag] is None else given[flag]
+        try:
+            check(value)
+        except ValueError as err:
+            raise ValueError(f"{flag}: {err}") from None
+        options[flag.removeprefix("--").replace("-", "_")] = value
+    if args.mode == "continuous" and args.engine_step_timeout is not None:
+        if not args.engine_step_timeout > 0:
+            raise ValueError(f"--engine-step-timeout must be a positive number of seconds, got "
+                             f"{args.engine_step_timeout:g}")
+        options["step_timeout_s"] = args.engine_step_timeout
+    return options
+
+
+def _check_limits(args) -> None:
+    for flag, value in (("--max-tokens-limit", args.max_tokens_limit),
+                        ("--threads", 1 if args.threads is None else args.threads),
+                        ("--max-connections", args.max_connections)):
+        if value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
+    for flag, value in (("--idle-timeout", args.idle_timeout),
+                        ("--body-timeout", args.body_timeout),
+                        ("--drain-timeout", args.drain_timeout)):
+        if not value > 0:
+            raise ValueError(f"{flag} must be a positive number of seconds, got {value:g}")
+
+
+def _engine_options(args) -> dict | None:
+    """Continuous mode's engine options (KV cache memory, prefill chunk), checked; else None."""
+    if args.mode != "continuous":
+        return None
+    options = {}
+    if args.kv_cache_gb is not None:
+        if not 0 < args.kv_cache_gb <= 10_000:
+            raise ValueError(f"--kv-cache-gb must be a positive number of gigabytes, got "
+                             f"{args.kv_cache_gb:g}")
+        options["kv_cache_gb"] = args.kv_cache_gb
+    if args.prefill_chunk is not None:
+        if args.prefill_chunk < 1:
+            raise ValueError(f"--prefill-chunk must be at least 1 token, got "
+                             f"{args.prefill_chunk}")
+        options["prefill_chunk"] = args.prefill_chunk
+    return options
