@@ -31,6 +31,7 @@ LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 DEFAULT_IDLE_TIMEOUT_S = 30.0  # headers, and keep-alive idle time between requests
 DEFAULT_BODY_TIMEOUT_S = 30.0
 DEFAULT_MAX_CONNECTIONS = 2048
+FILES_KEPT = 128  # file descriptors left for the model, the engine's pipe, logs and the loop
 
 
 def is_loopback(host: str) -> bool:
@@ -92,6 +93,17 @@ async def read_body(request: web.Request, timeout_s: float) -> bytes:
     except asyncio.TimeoutError:
         raise ApiError(408, f"The request body did not arrive within {timeout_s:g} s; send it "
                             "whole, at once.") from None
+
+
+def default_max_connections() -> int:
+    """DEFAULT_MAX_CONNECTIONS, or fewer where the process may open fewer files (a container's
+    `ulimit -n` is often 1,024): past that limit, accept() fails for everyone."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return DEFAULT_MAX_CONNECTIONS
+    return max(1, min(DEFAULT_MAX_CONNECTIONS, soft - FILES_KEPT))
 
 
 def cap_connections(server: web.Server, limit: int) -> None:

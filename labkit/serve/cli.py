@@ -97,9 +97,11 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
     security.add_argument("--body-timeout", type=float, default=access.DEFAULT_BODY_TIMEOUT_S,
                           metavar="S", help="seconds a client may take to send a body (default "
                           f"{access.DEFAULT_BODY_TIMEOUT_S:g}; then 408)")
-    security.add_argument("--max-connections", type=int, default=access.DEFAULT_MAX_CONNECTIONS,
-                          metavar="N", help="most open connections; more get 503 (default "
-                          f"{access.DEFAULT_MAX_CONNECTIONS})")
+    security.add_argument("--max-connections", type=int,
+                          default=access.default_max_connections(), metavar="N",
+                          help="most open connections; more get 503 (default "
+                               f"{access.DEFAULT_MAX_CONNECTIONS}, or fewer where `ulimit -n` "
+                               "allows fewer open files)")
     parser.add_argument("--watch-parent", action="store_true",
                         help="stop when the launching process exits or closes our stdin "
                              "(used by labkit.serve.launcher.launch)")
