@@ -41,12 +41,15 @@ from labkit.engine.runner import Chunk
 from labkit.measure import roofline, utilization
 
 
-def fixed_requests(n: int, prompt_tokens: int, max_tokens: int, vocab: int) -> list[Request]:
-    """n greedy requests of exactly `prompt_tokens` random ids (seeded) and `max_tokens`."""
+def fixed_requests(n: int, prompt_tokens: int, max_tokens: int, vocab: int,
+                   temperature: float = 0.0, top_p: float | None = None) -> list[Request]:
+    """n requests of exactly `prompt_tokens` random ids (seeded) and `max_tokens` (greedy
+    unless given a temperature; each seeded)."""
     rng = random.Random(0)
     requests = []
-    for _ in range(n):
-        request = Request("benchmark", max_tokens, 0.0, ignore_eos=True)
+    for i in range(n):
+        request = Request("benchmark", max_tokens, temperature, top_p=top_p, seed=i,
+                          ignore_eos=True)
         request.prompt_ids = [rng.randrange(100, vocab) for _ in range(prompt_tokens)]
         requests.append(request)
     return requests
@@ -130,6 +133,13 @@ def throughput(args, sampler) -> list[dict]:
         engine.generate(fixed_requests(n, args.prompt_tokens, 4, vocab))  # graphs of this size
         row = {"concurrency": n, **run_engine(
             engine, fixed_requests(n, args.prompt_tokens, args.max_tokens, vocab), sampler)}
+        # The same requests sampled: at --temperature (top_p 1), then with --top-p as well.
+        for name, top_p in (("sampled", None), ("nucleus", args.top_p)):
+            sampled = run_engine(engine, fixed_requests(n, args.prompt_tokens, args.max_tokens,
+                                                        vocab, args.temperature, top_p))
+            row[name] = {"temperature": args.temperature, "top_p": top_p or 1.0, **sampled,
+                         "x_greedy_step": round(sampled["tpot_ms_mean"] / row["tpot_ms_mean"],
+                                                3)}
         if not args.no_hf:
             hf = run_hf(lm, fixed_requests(n, args.prompt_tokens, args.max_tokens, vocab),
                         args.hf_warmup)
@@ -205,6 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=20)
     parser.add_argument("--max-tokens", type=int, default=150)
     parser.add_argument("--kv-cache-gb", type=float, default=24.0)
+    parser.add_argument("--temperature", type=float, default=0.7,
+                        help="the sampled runs' temperature (the seed's default, 0.7); every "
+                             "throughput row is also run greedy, in the same run")
+    parser.add_argument("--top-p", type=float, default=0.9,
+                        help="the nucleus runs' top_p (default 0.9)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bf16")
     parser.add_argument("--no-hf", action="store_true", help="skip transformers' generate_batch")
@@ -239,12 +254,17 @@ def main(argv: list[str] | None = None) -> int:
     for row in report["batch1"]:
         print(f"{row['model']:<28}{row['floor_ms']:>10}{row['ms_per_token']:>10}"
               f"{row['x_floor']:>9}{str(row.get('hf_generate_batch_ms_per_token')):>11}")
-    print(f"{'concurrency':>11}{'tok/s':>10}{'HF tok/s':>10}{'x HF':>7}{'util':>7}{'SM':>7}")
+    print(f"{'concurrency':>11}{'tok/s':>10}{'HF tok/s':>10}{'x HF':>7}{'util':>7}{'SM':>7}"
+          f"{'T tok/s':>9}{'x step':>7}{'T,p tok/s':>10}{'x step':>7}")
     for row in report["throughput"]:
         if "concurrency" in row:
+            t, tp = row["sampled"], row["nucleus"]
             print(f"{row['concurrency']:>11}{row['tok_s']:>10}{str(row.get('hf_tok_s')):>10}"
                   f"{str(row.get('x_hf')):>7}{_pct(row.get('nvml_util')):>7}"
-                  f"{_pct(row.get('sm_activity')):>7}")
+                  f"{_pct(row.get('sm_activity')):>7}{t['tok_s']:>9}{t['x_greedy_step']:>7}"
+                  f"{tp['tok_s']:>10}{tp['x_greedy_step']:>7}")
+    print(f"T = temperature {args.temperature}, p = top_p {args.top_p}; x step: the sampled "
+          "decode step's time over the greedy one's (TPOT)")
     return 0
 
 

@@ -133,11 +133,11 @@ def test_tiny_top_p_is_greedy(lm):
 def test_sampling_follows_temperature_and_top_p():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     logits = probs.log().expand(4000, 4)
-    uniform = torch.rand(4000, generator=torch.Generator().manual_seed(0))
+    seeds = torch.randint(0, 2**31, (4000,), generator=torch.Generator().manual_seed(0))
 
     def frequencies(temperature: float, top_p: float) -> torch.Tensor:
         tokens = next_tokens(logits, torch.full((4000,), temperature), torch.full((4000,), top_p),
-                              uniform)
+                             seeds)
         return (torch.bincount(tokens, minlength=4) / 4000).tolist()
 
     assert frequencies(1.0, 1.0) == pytest.approx(probs.tolist(), abs=0.03)

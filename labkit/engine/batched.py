@@ -29,7 +29,7 @@ from transformers import DynamicCache
 from labkit.engine import hf_generate
 from labkit.engine.model import LoadedModel, synchronize
 from labkit.engine.request import Request, Result
-from labkit.engine.sampling import hold_stop_tokens, next_tokens, uniforms
+from labkit.engine.sampling import hold_stop_tokens, next_tokens, step_seeds
 from labkit.engine.static_decode import StaticDecoders, last_logits_only
 
 
@@ -69,10 +69,10 @@ def generate_batch(lm: LoadedModel, requests: list[Request],
     with torch.inference_mode():
         logits = decoder.prefill(input_ids, attention_mask, position_ids)
         while True:
-            draws = uniforms([rngs[i] for i in rows], device)
+            seeds = step_seeds([rngs[i] for i in rows], device)
             held = [row for row, i in enumerate(rows) if not requests[i].may_stop(len(new_ids[i]))]
             hold_stop_tokens(logits, held, stop_ids)  # min_tokens / ignore_eos
-            tokens = next_tokens(logits, temperature, top_p, draws)
+            tokens = next_tokens(logits, temperature, top_p, seeds)
             host_tokens = tokens.tolist()  # waits for the device, so the clock reads after it
             now = time.perf_counter()
             keep = []

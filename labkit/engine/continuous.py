@@ -34,12 +34,13 @@ from dataclasses import dataclass, field
 import torch
 
 from labkit.engine import hf_generate
+from labkit.engine.device import to_device
 from labkit.engine.kv_cache import PagedKVCache
 from labkit.engine.llama import Llama
 from labkit.engine.model import LoadedModel
 from labkit.engine.request import PromptTooLong, Request, Result
-from labkit.engine.runner import Chunk, ModelRunner, to_device
-from labkit.engine.sampling import hold_stop_tokens, next_tokens, uniforms
+from labkit.engine.runner import Chunk, ModelRunner
+from labkit.engine.sampling import hold_stop_tokens, next_tokens, step_seeds
 
 DEFAULT_MAX_RUNNING = 256
 DEFAULT_PREFILL_CHUNK = 2048  # prompt tokens prefilled per step, across requests
@@ -336,13 +337,13 @@ class ContinuousEngine:
         held = [row for row, seq in enumerate(seqs)
                 if not seq.request.may_stop(seq.produced)]
         hold_stop_tokens(logits, held, self.stop_ids)
-        draws = uniforms([seq.rng for seq in seqs], device)
-        if draws is None:  # all greedy: no per-row parameters to send to the device
+        seeds = step_seeds([seq.rng for seq in seqs], device)
+        if seeds is None:  # all greedy: no per-row parameters to send to the device
             return logits.argmax(-1)
         requests = [seq.request for seq in seqs]
         temperature = to_device([r.temperature for r in requests], device, torch.float32)
         top_p = to_device([r.top_p or 1.0 for r in requests], device, torch.float32)
-        return next_tokens(logits, temperature, top_p, draws)
+        return next_tokens(logits, temperature, top_p, seeds)
 
     def _accept(self, seq: Sequence, token: int, now: float) -> None:
         """A new token of `seq` reaches the host: streamed, and the request ends if it should."""
