@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 import torch
+from tokenizers.decoders import DecodeStream
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
@@ -140,26 +141,22 @@ def decode(lm: LoadedModel, ids: list[int]) -> str:
 
 class Detokenizer:
     """The text of a growing list of token ids, as it grows: `push(token_id)` returns the new
-    text. Decodes a short window (the tokens since the last text boundary), not the whole list,
-    so each push costs the same however long the answer; a token that ends inside a UTF-8
-    character (decoded as U+FFFD) is held back until the next one completes it. The pieces add
-    up to `decode(lm, ids)`."""
+    text. tokenizers' own incremental decoder (`DecodeStream`, in Rust: under a microsecond a
+    token, against 5 µs for decoding a window in Python) holds back a token that ends inside a
+    UTF-8 character until the next one completes it. The pieces add up to `decode(lm, ids)`, but
+    for a last character left incomplete."""
 
     def __init__(self, lm: LoadedModel):
-        self.lm = lm
-        self.ids: list[int] = []
-        self.prefix = self.read = 0  # window start; ids before `read` are already sent
+        self.tokenizer = lm.tokenizer.backend_tokenizer
+        self.stream = DecodeStream(skip_special_tokens=True)
+        self.fold = len(lm.tokenizer) if lm.synthetic else None  # as `_text` folds them
         self.started = False  # leading whitespace is dropped, as `decode` drops it
 
     def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        before = _text(self.lm, self.ids[self.prefix:self.read])
-        now = _text(self.lm, self.ids[self.prefix:])
-        if len(now) <= len(before) or now.endswith("\ufffd"):
-            return ""
-        new = now[len(before):]
-        self.prefix, self.read = self.read, len(self.ids)
-        if not self.started:
+        if self.fold is not None:
+            token_id %= self.fold
+        new = self.stream.step(self.tokenizer, token_id) or ""
+        if not self.started and new:
             new = new.lstrip()
             self.started = bool(new)
         return new

@@ -63,6 +63,9 @@ class Request:
     templated: bool = False  # the prompt is already in the model's chat format: used as is
     prompt_ids: list[int] | None = field(default=None, repr=False)  # set by tokenize, once
     on_token: TokenSink | None = field(default=None, repr=False)
+    # False: whoever waits builds the text from `on_token` (a server's stream): the result's
+    # text may be left empty, sparing a second decode of the same tokens.
+    wants_text: bool = field(default=True, repr=False)
     cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def __post_init__(self) -> None:

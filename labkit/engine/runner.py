@@ -26,7 +26,7 @@ import torch
 from labkit.engine.kv_cache import PagedKVCache
 from labkit.engine.llama import Llama
 
-log = logging.getLogger("labkit.engine")
+log = logging.getLogger(__name__)
 
 MIN_GRAPH_PAGES = 8  # smallest pages-per-row a graph is captured for (128 tokens of 16)
 # A graph's output stays allocated as long as the graph lives. Graphs of up to this many rows

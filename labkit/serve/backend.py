@@ -30,7 +30,7 @@ from labkit.engine.request import Request, Result
 from labkit.engine.static_decode import StaticDecoders
 from labkit.measure import gpu
 
-log = logging.getLogger("labkit.server")
+log = logging.getLogger(__name__)
 
 # Decode graphs captured at warm-up: rows' contexts of up to 64 pages (1,024 tokens); longer
 # ones capture theirs on first use. The whole warm-up set (84 graphs up to 256 rows) holds

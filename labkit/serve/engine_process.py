@@ -42,7 +42,7 @@ from labkit.engine.request import EngineGone, OutOfMemory, PromptTooLong, Reques
 from labkit.serve.backend import TextSide, load_model_backend
 from labkit.serve.schedulers import out_of_memory
 
-log = logging.getLogger("labkit.server")
+log = logging.getLogger(__name__)
 
 # Request fields that cross the pipe (the hooks, a callback and a threading.Event, stay here).
 FIELDS = ("prompt", "max_tokens", "temperature", "top_p", "seed", "min_tokens", "ignore_eos",
@@ -170,7 +170,7 @@ class EngineProcess:
             self._cancel_sent.discard(rid)
             if isinstance(outcome, tuple):
                 outcome = _rebuild(outcome)
-            else:
+            elif request.wants_text:  # a stream has its text from its tokens already
                 outcome.generated_text = self.detokenize(outcome.token_ids)
             on_outcome(outcome)
         # A client that went away (or a stop string seen in the text) sets the request's

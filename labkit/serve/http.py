@@ -323,7 +323,8 @@ async def handle_openai_completion(request: web.Request) -> web.StreamResponse:
         return state.submit(request, params)
 
     if call.stream:
-        return await openai_api.stream(request, call, params, backend, submit, observe)
+        return await openai_api.stream(request, call, params, backend, submit, observe,
+                                       state.scheduler.relay)
     return await openai_api.complete(call, params, backend, submit, observe)
 
 

@@ -27,6 +27,7 @@ import asyncio
 import difflib
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -46,11 +47,12 @@ from labkit.engine.request import (
 )
 from labkit.serve import body as json_body
 from labkit.serve.errors import ApiError, internal_error_message, json_type, openai_error
+from labkit.serve.relay import Relay
 
 if TYPE_CHECKING:
     from labkit.serve.backend import Backend
 
-log = logging.getLogger("labkit.serve.http")
+log = logging.getLogger(__name__)
 
 PREFIX = "/v1/"
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
@@ -63,6 +65,9 @@ DEFAULT_TOP_P = 1.0
 MAX_STOP_STRINGS = 4
 ROLES = ("system", "developer", "user", "assistant")
 DONE = b"data: [DONE]\n\n"
+# A stream's frames waiting for a slow reader, beyond what the socket buffers: past this, the
+# request is cancelled (its KV cache pages go to others) rather than held for a stalled client.
+STREAM_BUFFER_BYTES = 256 * 1024
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                "X-Accel-Buffering": "no"}  # a proxy (nginx) must not hold the stream back
 
@@ -168,6 +173,7 @@ class Call:
     continuous_usage: bool = False  # vLLM's stream_options.continuous_usage_stats
     id: str = field(default="")
     created: int = field(default_factory=lambda: int(time.time()))
+    _text_template: tuple[bytes, bytes] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -248,8 +254,8 @@ class Call:
         return usage_counts(result.prompt_tokens, result.tokens_generated)
 
     def response(self, result: Result, sink: TextSink | None) -> dict:
-        """The non-streaming answer."""
-        text = sink.text if sink is not None and sink.matched else result.generated_text
+        """The non-streaming answer (with stop strings, the sink has the text)."""
+        text = sink.text if sink is not None else result.generated_text
         reason = self.finish_reason(result, sink)
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text},
@@ -259,6 +265,19 @@ class Call:
         return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
                 "created": self.created, "model": self.model, "choices": [choice],
                 "usage": self.usage(result)}
+
+    def text_frame(self, text: str, prompt_tokens: int, tokens: int) -> bytes:
+        """The SSE frame of a piece of text, `tokens` generated so far: the same bytes as
+        `chunk(text)`, from a template made once per call (a piece is a token or so, and a
+        general JSON encoder spent more time on the rest of the chunk than on it)."""
+        if self.continuous_usage:
+            return self.chunk(text, usage=usage_counts(prompt_tokens, tokens))
+        if self._text_template is None:
+            marker = "\x00piece\x00"
+            head, tail = self.chunk(marker).split(json.dumps(marker).encode())
+            self._text_template = (head, tail)
+        head, tail = self._text_template
+        return head + json.dumps(text, ensure_ascii=False).encode() + tail
 
     def chunk(self, text: str | None = None, finish_reason: str | None = None, *,
               first: bool = False, usage: dict | None = None) -> bytes:
@@ -506,6 +525,7 @@ class TextSink:
         self.sent = 0  # characters of `text` delivered
         self.matched = False
         request.on_token = self.on_token
+        request.wants_text = False  # `text` is the answer's text
 
     def on_token(self, token_id: int) -> None:
         self.tokens += 1
@@ -555,46 +575,113 @@ async def complete(call: Call, request: Request, backend: Backend,
     return web.json_response(call.response(result, sink))
 
 
+class FrameQueue:
+    """A stream's SSE frames, from the thread that generates to the handler that writes them.
+    Frames gather here as they are made; the writer takes all there are at each wake-up and
+    writes them at once, so a loop that falls behind writes fewer, larger pieces. The wake-ups
+    go through the scheduler's `Relay`, after the frames and before the request's result. A
+    client that reads more slowly than the engine writes leaves frames piling up here; past
+    `limit` bytes, `overflow` runs (on the loop) and the writer stops."""
+
+    def __init__(self, relay: Relay, limit: int, overflow: Callable[[], None]):
+        self.relay, self.limit, self.overflow = relay, limit, overflow
+        self._lock = threading.Lock()
+        self._frames: list[bytes] = []
+        self._size = 0
+        self._wake_posted = self.overflowed = self._closed = False
+        self._waiter: asyncio.Future | None = None
+
+    def put(self, frame: bytes) -> None:
+        """From any thread."""
+        with self._lock:
+            if self.overflowed:
+                return
+            self._frames.append(frame)
+            self._size += len(frame)
+            if self._size > self.limit:
+                self.overflowed = True
+                self._frames.clear()
+                post = self._overflow
+            elif self._wake_posted:
+                return
+            else:
+                self._wake_posted, post = True, self._wake
+        self.relay.post(post)
+
+    async def take(self) -> list[bytes]:
+        """On the loop: every frame so far, once there is one; [] once closed and drained."""
+        while True:
+            with self._lock:
+                if self.overflowed:
+                    raise ConnectionResetError("the client read too slowly: stream cancelled")
+                if self._frames:
+                    frames, self._frames, self._size = self._frames, [], 0
+                    return frames
+            if self._closed:
+                return []
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+
+    def close(self) -> None:
+        """On the loop, once the generation has ended (after its last frame was posted)."""
+        self._closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._wake_posted = False
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _overflow(self) -> None:
+        self.overflow()
+        self._wake()
+
+
 async def stream(http_request: web.Request, call: Call, request: Request, backend: Backend,
                  submit: Callable[[Request], Awaitable[Result]],
-                 observe: Callable[[Result], None]) -> web.StreamResponse:
+                 observe: Callable[[Result], None], relay: Relay) -> web.StreamResponse:
     """The streaming answer: each piece of text as a chunk as soon as it exists, then the
-    closing chunks. A disconnect (the handler cancelled, or a write to a closed connection)
-    cancels the request, so the engine stops generating it."""
-    loop = asyncio.get_running_loop()
-    pieces: asyncio.Queue[tuple[str, int] | None] = asyncio.Queue()
+    closing chunks. A disconnect (the handler cancelled, a write to a closed connection, or a
+    reader too slow for `STREAM_BUFFER_BYTES`) cancels the request, so the engine stops it."""
+    prompt_tokens = len(request.prompt_ids)
+
+    def too_slow() -> None:
+        log.warning("%s: the client read too slowly (over %d bytes waiting): cancelled",
+                    call.id, STREAM_BUFFER_BYTES)
+        work.cancel()  # as for a client that left: counted cancelled, the engine stops it
+        if http_request.transport is not None:
+            http_request.transport.abort()  # a writer stuck on the full socket gives up now
+
+    frames = FrameQueue(relay, STREAM_BUFFER_BYTES, too_slow)
     sink = TextSink(request, backend.detokenizer(), call.stop,
-                    deliver=lambda *piece: loop.call_soon_threadsafe(pieces.put_nowait, piece))
+                    deliver=lambda piece, tokens: frames.put(
+                        call.text_frame(piece, prompt_tokens, tokens)))
     work = asyncio.ensure_future(submit(request))
 
     def finished(task: asyncio.Future) -> None:
-        # After every piece: the generation thread schedules its pieces before its result.
         if not task.cancelled():
             task.exception()  # retrieved here too, in case nobody is left to await it
-        pieces.put_nowait(None)
+        frames.close()
 
     work.add_done_callback(finished)
     response = web.StreamResponse(headers=SSE_HEADERS)
 
-    prompt_tokens = len(request.prompt_ids)
-
-    async def send(frame: bytes) -> None:
+    async def send(data: bytes) -> None:
         if not response.prepared:  # starts with the first piece of text, or the result
             await response.prepare(http_request)
             if call.chat:
-                await response.write(call.chunk(first=True, usage=usage_counts(prompt_tokens, 0)))
-        await response.write(frame)
+                data = call.chunk(first=True, usage=usage_counts(prompt_tokens, 0)) + data
+        await response.write(data)
 
     try:
-        while (item := await pieces.get()) is not None:
-            piece, tokens = item  # the counts so far go out with continuous usage stats only
-            await send(call.chunk(piece, usage=usage_counts(prompt_tokens, tokens)))
+        while batch := await frames.take():
+            await send(b"".join(batch))
         result = work.result()  # before the first byte, an error gets its own status code
         observe(result)
-        for frame in call.closing_frames(result, sink):
-            await send(frame)
+        await send(b"".join(call.closing_frames(result, sink)))
         await response.write_eof()
-    except ConnectionResetError:  # the client went away between two chunks
+    except ConnectionResetError:  # the client went away between two chunks, or lagged
         request.cancelled.set()
     except asyncio.CancelledError:  # the client went away (aiohttp cancels its handler)
         request.cancelled.set()

@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from labkit.engine.request import EngineGone, OutOfMemory, Request, Result
+from labkit.serve.relay import Relay
 
 if TYPE_CHECKING:
     from labkit.serve.backend import Backend
 
-log = logging.getLogger("labkit.serve.http")
+log = logging.getLogger(__name__)
 
 RECENT_WINDOW_S = 5.0
 DEFAULT_MAX_BATCH_SIZE = 32
@@ -111,6 +112,7 @@ class _Job:
 class Scheduler(Protocol):
     mode: str
     served: int
+    relay: Relay  # hands results (and streamed text) from the generation threads to the loop
 
     def set_backend(self, backend: Backend) -> None: ...
     def run_on_generation_thread(self, fn: Callable[[], object]) -> object: ...
@@ -163,6 +165,7 @@ class QueueScheduler:
         return self._executor.submit(fn).result()
 
     async def start(self) -> None:
+        self.relay = Relay(asyncio.get_running_loop())  # results and streamed text, to the loop
         self._queue = asyncio.Queue()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -252,7 +255,7 @@ class QueueScheduler:
             self.batches += 1
             self.batched_requests += len(jobs)
             try:
-                await loop.run_in_executor(self._executor, self._generate, jobs, loop)
+                await loop.run_in_executor(self._executor, self._generate, jobs)
             finally:  # every answer was scheduled before the executor's own completion
                 self._in_flight = 0
             self._update_idle()
@@ -292,7 +295,7 @@ class QueueScheduler:
             else:
                 job.future.set_exception(error)
 
-    def _generate(self, jobs: list[_Job], loop: asyncio.AbstractEventLoop) -> None:
+    def _generate(self, jobs: list[_Job]) -> None:
         """Runs on the generation thread: time each job's wait, generate the group, answer each
         job as soon as its result exists, and turn what a request can cause (out of memory, a
         bug) into the error of every job not answered yet."""
@@ -305,7 +308,7 @@ class QueueScheduler:
             answered.add(index)
             result.queue_time_ms = (started - jobs[index].submitted) * 1000
             result.memory_used_gb = self.backend.memory_used_gb()
-            loop.call_soon_threadsafe(self._answer, jobs[index], result, None)
+            self.relay.post(self._answer, jobs[index], result, None)
 
         self.busy.start()
         try:
@@ -323,7 +326,7 @@ class QueueScheduler:
             self.busy.stop()
         for index, job in enumerate(jobs):
             if index not in answered:
-                loop.call_soon_threadsafe(self._answer, job, None, error)
+                self.relay.post(self._answer, job, None, error)
 
     def _generate_group(self, requests: list[Request],
                         finish: Callable[[int, Result], None]) -> None:
@@ -444,7 +447,6 @@ class ContinuousScheduler(QueueScheduler):
         self._closing = threading.Event()
         self._step_began: float | None = None  # the engine thread's step in progress
         self._abandoned: str | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     def set_backend(self, backend: Backend) -> None:
         super().set_backend(backend)
@@ -454,17 +456,17 @@ class ContinuousScheduler(QueueScheduler):
     def _enqueue(self, job: _Job) -> None:
         if self._abandoned is not None:
             raise EngineGone(self._abandoned)
-        loop = self._loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
         if self._engine_loop is None and not self.backend.engine_process:
             # after warm-up, which ran on the same thread
-            self._engine_loop = loop.run_in_executor(self._executor, self._run_engine, loop)
+            self._engine_loop = loop.run_in_executor(self._executor, self._run_engine)
 
         def finished(outcome: Result | BaseException) -> None:
             if isinstance(outcome, BaseException):
-                loop.call_soon_threadsafe(self._answer, job, None, outcome)
+                self.relay.post(self._answer, job, None, outcome)
                 return
             outcome.memory_used_gb = self.backend.memory_used_gb()
-            loop.call_soon_threadsafe(self._answer, job, outcome, None)
+            self.relay.post(self._answer, job, outcome, None)
 
         # PromptTooLong, or EngineGone: raised to the handler
         self.backend.engine.add(job.request, finished)
@@ -476,7 +478,7 @@ class ContinuousScheduler(QueueScheduler):
         self._jobs.pop(job.request, None)
         self._update_idle()
 
-    def _run_engine(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _run_engine(self) -> None:
         """The generation thread: step while there is work, sleep while there is none."""
         import torch
 
@@ -491,18 +493,18 @@ class ContinuousScheduler(QueueScheduler):
                     engine.step()
                     self._step_began = None
             except (torch.OutOfMemoryError, MemoryError) as err:
-                self._fail_all(engine, self._out_of_memory(err, len(self._jobs)), loop)
+                self._fail_all(engine, self._out_of_memory(err, len(self._jobs)))
             except Exception as err:  # reported to the clients; the engine must survive it
                 log.exception("Engine step failed")
-                self._fail_all(engine, err, loop)
+                self._fail_all(engine, err)
             finally:
                 self._step_began = None
                 self.busy.stop()
 
-    def _fail_all(self, engine, error: BaseException, loop: asyncio.AbstractEventLoop) -> None:
+    def _fail_all(self, engine, error: BaseException) -> None:
         engine.reset()
         for job in list(self._jobs.values()):
-            loop.call_soon_threadsafe(self._answer, job, None, error)
+            self.relay.post(self._answer, job, None, error)
 
     def failure(self) -> str | None:
         """The engine process is gone, or a step has run longer than `step_timeout_s`."""
@@ -526,9 +528,9 @@ class ContinuousScheduler(QueueScheduler):
         self._abandoned = reason
         if self.backend is not None and self.backend.engine_process:
             self.backend.engine.kill(reason)  # its reader thread fails what it held
-        elif self._loop is not None:
+        else:
             for job in list(self._jobs.values()):
-                self._loop.call_soon_threadsafe(self._answer, job, None, EngineGone(reason))
+                self.relay.post(self._answer, job, None, EngineGone(reason))
 
     async def close(self) -> None:
         self._closing.set()
