@@ -305,3 +305,26 @@ def test_chunks_that_need_no_parsing(payload, plain):
     event = json.loads(payload)
     if plain:
         assert event["choices"][0]["text"] and not event.get("usage") and "error" not in event
+
+
+def test_workers_split_the_load_and_merge_one_report(stream_url):
+    result = openai(stream_url, concurrency=6, requests=30, max_tokens=4, workers=3)
+    s = result.summary()
+    assert s["successful"] == 30 and s["workers"] == 3
+    assert sorted(r.index for r in result.records) == list(range(30))
+    assert s["stream_chunks"] == 30 * CHUNKS and s["config"]["concurrency"] == 6
+    lag = s["client_loop_lag_ms"]
+    assert lag["max"] >= lag["p99"] >= lag["p50"] >= 0  # watched in every worker
+    assert len(s["config"]["client_loop_lag_ms_by_worker"]) == 3
+    assert "Client event-loop lag (ms, 3 processes)" in result.report()
+
+
+def test_workers_in_an_open_loop_send_on_one_schedule(stream_url):
+    alone = openai(stream_url, rate=40, requests=16, max_tokens=2, seed=5)
+    split = openai(stream_url, rate=40, requests=16, max_tokens=2, seed=5, workers=2)
+    want = loadtest.poisson_arrivals(40, 16, 5)
+    for result in (alone, split):
+        scheduled = [r.scheduled_s for r in sorted(result.records, key=lambda r: r.index)]
+        assert scheduled == pytest.approx(list(want), abs=1e-6)
+    with pytest.raises(ValueError, match="at least 4 requests"):
+        openai(stream_url, requests=3, workers=4)

@@ -43,6 +43,9 @@ Metric definitions
                loop: its worker was free; open loop: its scheduled arrival, or when a
                concurrency slot freed up) to its headers being written to the socket. A large
                send lag means the client, not the server, limits the measurement.
+  loop lag     how late the client's event loop woke from a 10 ms sleep, sampled throughout:
+               every send and every chunk's arrival time is that late too. Near 0 while the
+               client keeps up; with --workers N, over all N processes.
 """
 
 TTFT_SOURCES = {"openai": "client-side, first streamed token",
@@ -51,6 +54,8 @@ TTFT_SOURCES = {"openai": "client-side, first streamed token",
 # Warn when the client's own lag (p99) exceeds both of these: it then distorts the latencies.
 CLIENT_LAG_WARN_MS = 10.0
 CLIENT_LAG_WARN_SHARE = 0.1  # of the median latency
+# ... and when its event loop wakes late by more than this (p99; streamed: or a quarter of ITL).
+CLIENT_LOOP_LAG_WARN_MS = 5.0
 
 
 @dataclass(slots=True)
@@ -195,6 +200,9 @@ class LoadTestResult:
             "by_max_tokens": self.by_max_tokens() if len(self.max_tokens_values()) > 1 else None,
             "send_lag_ms": lag,
             "client_bound": self.client_bound(lag["p99"], lat["p50"]),
+            "client_loop_lag_ms": self.loop_lag(),
+            "client_saturated": self.client_saturated(percentiles(itl, (50,))["p50"]),
+            "workers": self.config.get("workers", 1),
             "server": self.server_description(),
             "config": self.config,
         }
@@ -250,6 +258,22 @@ class LoadTestResult:
         if not math.isnan(latency_p50_ms):
             threshold = max(threshold, CLIENT_LAG_WARN_SHARE * latency_p50_ms)
         return lag_p99_ms > threshold
+
+    def loop_lag(self) -> dict:
+        """p50, p99 and max of the client's event-loop lag (ms), over every worker."""
+        samples = self.config.get("client_loop_lag_ms") or []
+        return {**percentiles(samples, (50, 99)), "max": max(samples, default=math.nan)}
+
+    def client_saturated(self, itl_p50_ms: float = math.nan) -> bool:
+        """Whether the client's own event loop lagged enough to distort what it timed: p99 over
+        CLIENT_LOOP_LAG_WARN_MS, or over a quarter of the median gap between streamed chunks."""
+        p99 = self.loop_lag()["p99"]
+        if math.isnan(p99):
+            return False
+        threshold = CLIENT_LOOP_LAG_WARN_MS
+        if not math.isnan(itl_p50_ms):
+            threshold = min(threshold, max(1.0, 0.25 * itl_p50_ms))
+        return p99 > threshold
 
     def server_description(self) -> dict | None:
         """Model and device as the server reported them (first successful response)."""
@@ -320,8 +344,16 @@ class LoadTestResult:
         for kind, entry in sorted(s["errors_by_type"].items(), key=lambda kv: -kv[1]["count"]):
             example = (entry["example"] or "")[:160]
             lines.append(f"  {kind}: {entry['count']}" + (f"  (e.g. {example})" if example else ""))
-        lag = s["send_lag_ms"]
-        lines += ["", f"Client send lag (ms): p50 {_num(lag['p50'], 2)}, p99 {_num(lag['p99'], 2)}"]
+        lag, loop = s["send_lag_ms"], s["client_loop_lag_ms"]
+        workers = f", {s['workers']} processes" if s["workers"] > 1 else ""
+        lines += ["", f"Client send lag (ms): p50 {_num(lag['p50'], 2)}, p99 {_num(lag['p99'], 2)}",
+                  f"Client event-loop lag (ms{workers}): p50 {_num(loop['p50'], 2)}, "
+                  f"p99 {_num(loop['p99'], 2)}, max {_num(loop['max'], 2)}"]
+        if s["client_saturated"]:
+            lines.append(
+                f"  WARNING: the client was saturated: its event loop ran late (p99 "
+                f"{loop['p99']:.1f} ms), so it read chunks and sent requests late and its "
+                "timings include its own delay. Use more processes (--workers N).")
         if s["client_bound"]:
             lines.append(
                 "  WARNING: the client, not the server, is the bottleneck: requests left late "

@@ -35,7 +35,7 @@ import math
 import sys
 import time
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import aiohttp
@@ -156,13 +156,21 @@ def run(url: str | Sequence[str], concurrency: int | None = None, requests: int 
         temperature: float = 0.7, timeout: float = 300.0, warmup: int = 0,
         rate: float | None = None, seed: int = 0, progress: bool = True,
         check_ready: bool = True, api: str = "generate", model: str | None = None,
-        ignore_eos: bool = False) -> LoadTestResult:
+        ignore_eos: bool = False, workers: int = 1) -> LoadTestResult:
     """Run a load test and return its result. Blocks; works inside a running event loop
-    (Jupyter) by running the test on a thread of its own. See `arun` for the arguments."""
-    coro = arun(url, concurrency, requests, max_tokens=max_tokens, prompt=prompt,
-                temperature=temperature, timeout=timeout, warmup=warmup, rate=rate, seed=seed,
-                progress=progress, check_ready=check_ready, api=api, model=model,
-                ignore_eos=ignore_eos)
+    (Jupyter) by running the test on a thread of its own. See `arun` for the arguments;
+    `workers` > 1 sends the load from that many processes (`labkit.measure.load_workers`)."""
+    options = dict(max_tokens=max_tokens, prompt=prompt, temperature=temperature,
+                   timeout=timeout, warmup=warmup, rate=rate, seed=seed, check_ready=check_ready,
+                   api=api, model=model, ignore_eos=ignore_eos)
+    if workers > 1:
+        from labkit.measure import load_workers
+
+        return load_workers.run(workers, url, concurrency, requests, progress=progress,
+                                **options)
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    coro = arun(url, concurrency, requests, progress=progress, **options)
     try:
         asyncio.get_running_loop()
     except RuntimeError:  # a plain script: no loop yet
@@ -197,9 +205,11 @@ def _run_on_own_thread(coro) -> LoadTestResult:
 async def arun(url: str | Sequence[str], concurrency: int | None = None, requests: int = 50, *,
                max_tokens: MaxTokens = 150, prompt: str | Sequence[str] = DEFAULT_PROMPT,
                temperature: float = 0.7, timeout: float = 300.0, warmup: int = 0,
-               rate: float | None = None, seed: int = 0, progress: bool = True,
-               check_ready: bool = True, api: str = "generate", model: str | None = None,
-               ignore_eos: bool = False) -> LoadTestResult:
+               rate: float | None = None, seed: int = 0,
+               progress: bool | Callable[[int], None] = True, check_ready: bool = True,
+               api: str = "generate", model: str | None = None, ignore_eos: bool = False,
+               arrivals: Sequence[float] | None = None,
+               on_ready: Callable[[], float] | None = None) -> LoadTestResult:
     """Async load test.
 
     url: one or several URLs (list or comma-separated), used round-robin: /generate URLs, or
@@ -219,6 +229,14 @@ async def arun(url: str | Sequence[str], concurrency: int | None = None, request
         $LABKIT_API_KEY), for either api.
     ignore_eos: api="openai": send vLLM's "ignore_eos": true, so every request generates
         exactly max_tokens tokens (fixed-length benchmarks).
+    progress: a progress bar; or a function called with 1 as each request ends.
+    arrivals: open loop at these send times (seconds from the start, one per request) instead
+        of Poisson arrivals at `rate`.
+    on_ready: called (off the loop) once warmed up; returns the `time.perf_counter()` at which
+        to start (several processes start together: `labkit.measure.load_workers`).
+
+    The client's own event-loop lag is watched throughout (`client_loop_lag_ms` in the
+    summary): a loop that lags delays every send and every chunk it times.
     """
     urls = normalize_urls(url, api)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -251,21 +269,54 @@ async def arun(url: str | Sequence[str], concurrency: int | None = None, request
         client.session = session
         if warmup:
             await client.closed_loop(range(warmup), min(concurrency or warmup, warmup), None)
+        if on_ready is not None:
+            start_at = await asyncio.get_running_loop().run_in_executor(None, on_ready)
+            await asyncio.sleep(max(0.0, start_at - time.perf_counter()))
+        if arrivals is None and rate is not None:
+            arrivals = poisson_arrivals(rate, requests, seed)
         label = f"open loop {rate:g} req/s" if rate is not None else f"concurrency {concurrency}"
+        lag = LoopLag()
+        watch = asyncio.create_task(lag.watch())
         with _progress_bar(requests, progress, label) as bar:
             client.reset_clock()
-            if rate is None:
+            if arrivals is None:
                 records = await client.closed_loop(range(warmup, warmup + requests),
                                                    concurrency, bar)
             else:
-                records = await client.open_loop(range(warmup, warmup + requests), rate,
-                                                 concurrency, seed, bar)
+                records = await client.open_loop(range(warmup, warmup + requests), arrivals,
+                                                 concurrency, bar)
+        watch.cancel()
     for record in records:
         record.index -= warmup
     # perf_counter is the system's monotonic clock: another process on this machine can place
     # the records' relative times on its own timeline (labkit.measure.utilization.loadtest_t0).
     config["t0_perf_counter"] = client.t0
+    config["client_loop_lag_ms"] = lag.samples_ms
     return LoadTestResult(records, config)
+
+
+def poisson_arrivals(rate: float, count: int, seed: int) -> np.ndarray:
+    """Send times of `count` Poisson arrivals at `rate` per second (seconds from the start;
+    the first at 0)."""
+    gaps = np.random.default_rng(seed).exponential(1.0 / rate, count)
+    return np.cumsum(gaps) - gaps[0]
+
+
+class LoopLag:
+    """How late this event loop wakes from a short sleep: the delay it adds to every send and
+    every chunk it times. Near 0 while the client keeps up; milliseconds when it is saturated."""
+
+    INTERVAL_S = 0.01
+
+    def __init__(self):
+        self.samples_ms: list[float] = []
+
+    async def watch(self) -> None:
+        while True:
+            before = time.perf_counter()
+            await asyncio.sleep(self.INTERVAL_S)
+            late = time.perf_counter() - before - self.INTERVAL_S
+            self.samples_ms.append(round(max(0.0, late) * 1000, 3))
 
 
 class _Client:
@@ -316,10 +367,10 @@ class _Client:
         await asyncio.gather(*(worker() for _ in range(min(concurrency, len(indices)))))
         return records
 
-    async def open_loop(self, indices: range, rate: float, cap: int | None, seed: int,
+    async def open_loop(self, indices: range, send_times: Sequence[float], cap: int | None,
                         bar) -> list[RequestRecord]:
-        gaps = np.random.default_rng(seed).exponential(1.0 / rate, len(indices))
-        arrivals = self.t0 + np.cumsum(gaps) - gaps[0]  # the first request leaves at once
+        """Request i at send_times[i] (seconds from the start), whatever the server does."""
+        arrivals = self.t0 + np.asarray(send_times, dtype=float)
         slots = asyncio.Semaphore(cap) if cap else None
         records: list[RequestRecord] = []
 
@@ -633,10 +684,12 @@ class _progress_bar:
     FORMAT = ("{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} req "
               "[{elapsed}<{remaining}, {rate_noinv_fmt}]")
 
-    def __init__(self, total: int, enabled: bool, label: str):
+    def __init__(self, total: int, enabled: bool | Callable[[int], None], label: str):
         self.total, self.enabled, self.label, self.bar = total, enabled, label, None
 
     def __enter__(self):
+        if callable(self.enabled):  # someone else counts (load_workers' parent process)
+            return _Counter(self.enabled)
         if self.enabled:
             from tqdm.auto import tqdm
 
@@ -647,6 +700,11 @@ class _progress_bar:
     def __exit__(self, *exc) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class _Counter:
+    def __init__(self, update: Callable[[int], None]):
+        self.update = update
 
 
 # --- command line -------------------------------------------------------------------------------
@@ -670,6 +728,10 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
                         help="closed loop: concurrent workers (default 5); with --rate: the "
                              "most requests in flight (default: no cap)")
     parser.add_argument("--requests", type=int, default=50, help="requests to measure (50)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="send the load from this many processes (default 1): for loads "
+                             "that one process cannot read fast enough (the report's event-loop "
+                             "lag says when)")
     parser.add_argument("--max-tokens", type=_max_tokens_arg, default=150, metavar="N|MIX",
                         help="tokens per request (150); or a mix of lengths with their shares, "
                              "e.g. 16:0.8,256:0.2 (80 %% of the requests ask for 16 tokens, "
@@ -711,7 +773,7 @@ def run_cli(args) -> int:
                      prompt=prompts, temperature=args.temperature, timeout=args.timeout,
                      warmup=args.warmup, rate=args.rate, seed=args.seed,
                      progress=not args.no_progress, api=args.api, model=args.model,
-                     ignore_eos=args.ignore_eos)
+                     ignore_eos=args.ignore_eos, workers=args.workers)
     except (ValueError, OSError, ServerNotReady) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
