@@ -2,21 +2,22 @@
 
 1. In-process: the continuous engine keeps --concurrency requests in flight (a new one is added
    as each finishes: a closed loop, like the load tester's) until --requests have run; output
-   tokens per second over that window, with NVML utilization and GPM SM activity. The engine
-   does what it does in the server's engine process: graphs captured first, token ids in and
-   out (the text work is the server's).
+   tokens per second over that window, the mean decode step (TPOT), NVML utilization and GPM
+   SM activity. The engine does what it does in the server's engine process: graphs captured
+   first, token ids in and out (the text work is the server's). Once per --temperature.
 2. Over HTTP: `labkit serve --mode continuous` with the same model, cache and batch cap, under
-   `labkit loadtest` (closed loop, same concurrency, prompt and max_tokens, greedy, ignore_eos);
-   output tokens per second, latency, and the same GPU readings over the load test's window.
-   Twice: the engine in its own process (the default), and on a thread of the server
-   (`--no-engine-process`), where it shares the event loop's GIL.
+   `labkit loadtest` (closed loop, same concurrency, prompt and max_tokens, ignore_eos), once
+   per --api and --temperature against one server; streamed runs from --workers processes, so
+   the client is not the limit (its event-loop lag is recorded). Output tokens per second,
+   latency, ITL, and the same GPU readings over each load test's window. For each --engine:
+   in its own process (the default), or on a thread of the server (`--no-engine-process`).
 
-The ratio HTTP ÷ in-process is the serving overhead (event loop, JSON, and on a thread the GIL).
-Every figure is measured here, in this run.
+The ratio HTTP ÷ in-process (same temperature) is the serving overhead; ITL p50 over the
+in-process step says how much each token waits in the server. Every figure is measured here.
 
     python benchmarks/continuous_serving.py [--model synthetic:llama-3.2-3b] [--concurrency 256]
-        [--requests 1024] [--max-tokens 150] [--kv-cache-gb 24] [--api generate|openai]
-        [--engine process thread] [--json FILE]
+        [--requests 1024] [--max-tokens 150] [--kv-cache-gb 24] [--api generate openai]
+        [--temperature 0 0.7] [--workers 4] [--engine process thread] [--json FILE]
 """
 
 from __future__ import annotations
@@ -42,20 +43,24 @@ from labkit.serve.launcher import launch
 
 
 def closed_loop(engine: ContinuousEngine, concurrency: int, total: int, max_tokens: int,
-                prompt: str) -> tuple[int, float]:
+                prompt: str, temperature: float = 0.0, tpots: list | None = None
+                ) -> tuple[int, float]:
     """Keep `concurrency` requests in the engine until `total` have finished: (tokens, seconds).
-    The prompt is tokenized once, here, as the server tokenizes outside the engine process."""
+    The prompt is tokenized once, here, as the server tokenizes outside the engine process.
+    Each result's TPOT goes to `tpots`."""
     done, sent, tokens = [0], [0], [0]
     prompt_ids = hf_generate.tokenize(engine.lm, Request(prompt, max_tokens))
 
     def send() -> None:
         sent[0] += 1
-        engine.add(Request(prompt, max_tokens, 0.0, ignore_eos=True,
+        engine.add(Request(prompt, max_tokens, temperature, seed=sent[0], ignore_eos=True,
                            prompt_ids=list(prompt_ids)), finished)
 
     def finished(result) -> None:
         done[0] += 1
         tokens[0] += result.tokens_generated
+        if tpots is not None and result.time_per_output_token_ms is not None:
+            tpots.append(result.time_per_output_token_ms)
         if sent[0] < total:
             send()
 
@@ -68,7 +73,7 @@ def closed_loop(engine: ContinuousEngine, concurrency: int, total: int, max_toke
     return tokens[0], time.perf_counter() - started
 
 
-def in_process(args, sampler) -> dict:
+def in_process(args, sampler) -> list[dict]:
     lm = load_model(args.model, device="cuda", dtype="bf16")
     cache = PagedKVCache.sized(lm.config, args.kv_cache_gb, lm.dtype, lm.device)
     engine = ContinuousEngine(lm, Llama.from_hf(lm.model, free_source=True), cache,
@@ -77,44 +82,64 @@ def in_process(args, sampler) -> dict:
     engine.runner.capture_all(args.concurrency, WARMUP_GRAPH_PAGES)
     engine.detokenize = False
     closed_loop(engine, args.concurrency, args.concurrency, 8, loadtest.DEFAULT_PROMPT)  # warm
-    before = engine.stats()
-    started = time.perf_counter()
-    tokens, seconds = closed_loop(engine, args.concurrency, args.requests, args.max_tokens,
-                                  loadtest.DEFAULT_PROMPT)
-    util = sampler.summary(start=started, end=time.perf_counter())
-    row = {"where": "in-process", "output_tokens": tokens, "seconds": round(seconds, 3),
-           "tok_s": round(tokens / seconds, 1), "nvml_util": util.get("mean_util"),
-           "sm_activity": util.get("sm_activity_mean"),
-           **engine_window(before, engine.stats(), seconds)}
+    rows = []
+    for temperature in args.temperature:
+        before, tpots = engine.stats(), []
+        started = time.perf_counter()
+        tokens, seconds = closed_loop(engine, args.concurrency, args.requests, args.max_tokens,
+                                      loadtest.DEFAULT_PROMPT, temperature, tpots)
+        util = sampler.summary(start=started, end=time.perf_counter())
+        rows.append({"where": "in-process", "api": None, "temperature": temperature,
+                     "output_tokens": tokens, "seconds": round(seconds, 3),
+                     "tok_s": round(tokens / seconds, 1),
+                     "tpot_ms_mean": round(sum(tpots) / len(tpots), 3),
+                     "nvml_util": util.get("mean_util"),
+                     "sm_activity": util.get("sm_activity_mean"),
+                     **engine_window(before, engine.stats(), seconds)})
+        print(rows[-1], flush=True)
     del engine, cache, lm
     gc.collect()
     torch.cuda.empty_cache()
-    return row
+    return rows
 
 
-def over_http(args, sampler, engine_process: bool) -> dict:
+def over_http(args, sampler, engine_process: bool) -> list[dict]:
     flags = ["--max-batch-size", str(args.concurrency), "--kv-cache-gb", str(args.kv_cache_gb),
              "--engine-process" if engine_process else "--no-engine-process"]
+    rows = []
     with launch(args.model, mode="continuous", max_tokens_limit=args.max_tokens,
                 extra_args=flags, timeout=600) as srv:
-        url = srv.url + ("/v1/completions" if args.api == "openai" else "/generate")
-        loadtest.run(url, args.concurrency, args.concurrency, max_tokens=8, temperature=0.0,
-                     progress=False, api=args.api)  # warm (synthetic models never stop early)
-        before = client.get(srv.url + "/stats").body["server"]
-        started = time.perf_counter()
-        result = loadtest.run(url, args.concurrency, args.requests, max_tokens=args.max_tokens,
-                              temperature=0.0, progress=False, api=args.api)
-        seconds = time.perf_counter() - started
-        util = sampler.summary(start=started, end=time.perf_counter())
-        server = client.get(srv.url + "/stats").body["server"]
-    s = result.summary()
-    where = "HTTP, engine process" if engine_process else "HTTP, engine thread"
-    return {"where": where, "output_tokens": s["output_tokens"],
-            "tok_s": s["output_tokens_per_sec"], "req_s": s["requests_per_sec"],
-            "success_rate": s["success_rate"], "p50_ms": s["latency_ms"]["p50"],
-            "p95_ms": s["latency_ms"]["p95"], "nvml_util": util.get("mean_util"),
-            "sm_activity": util.get("sm_activity_mean"),
-            **engine_window(before, server, seconds)}
+        for api in args.api:
+            url = srv.url + ("/v1/completions" if api == "openai" else "/generate")
+            options = dict(api=api, progress=False,
+                           workers=args.workers if api == "openai" else 1,
+                           ignore_eos=api == "openai")
+            loadtest.run(url, args.concurrency, 2 * args.concurrency, max_tokens=8,
+                         temperature=0.0, **options)  # warm: connections, workers
+            for temperature in args.temperature:
+                before = client.get(srv.url + "/stats").body["server"]
+                started = time.perf_counter()
+                result = loadtest.run(url, args.concurrency, args.requests,
+                                      max_tokens=args.max_tokens, temperature=temperature,
+                                      **options)
+                seconds = time.perf_counter() - started
+                util = sampler.summary(start=started, end=time.perf_counter())
+                server = client.get(srv.url + "/stats").body["server"]
+                s = result.summary()
+                rows.append({
+                    "where": "HTTP, engine " + ("process" if engine_process else "thread"),
+                    "api": api, "temperature": temperature, "workers": s["workers"],
+                    "output_tokens": s["output_tokens"], "tok_s": s["output_tokens_per_sec"],
+                    "req_s": s["requests_per_sec"], "success_rate": s["success_rate"],
+                    "p50_ms": s["latency_ms"]["p50"], "p95_ms": s["latency_ms"]["p95"],
+                    "itl_ms_p50": s["itl_ms"]["p50"], "tpot_ms_mean": s["tpot_ms"]["mean"],
+                    "client_loop_lag_ms": s["client_loop_lag_ms"],
+                    "client_saturated": s["client_saturated"],
+                    "nvml_util": util.get("mean_util"),
+                    "sm_activity": util.get("sm_activity_mean"),
+                    **engine_window(before, server, seconds)})
+                print(rows[-1], flush=True)
+    return rows
 
 
 def engine_window(before: dict, after: dict, seconds: float) -> dict:
@@ -140,38 +165,56 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=1024)
     parser.add_argument("--max-tokens", type=int, default=150)
     parser.add_argument("--kv-cache-gb", type=float, default=24.0)
-    parser.add_argument("--api", choices=["generate", "openai"], default="generate",
+    parser.add_argument("--api", nargs="+", choices=["generate", "openai"],
+                        default=["generate", "openai"],
                         help="openai: streamed /v1/completions, every token sent as it comes")
+    parser.add_argument("--temperature", type=float, nargs="+", default=[0.0, 0.7],
+                        help="each run's temperature (0 = greedy; the seed's default is 0.7)")
+    parser.add_argument("--workers", type=int, default=4,
+                        help="load-test processes for the streamed runs (default 4)")
     parser.add_argument("--engine", nargs="+", choices=["process", "thread"],
-                        default=["process", "thread"], help="the HTTP servers to run")
+                        default=["process"], help="the HTTP servers to run")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
     card = torch.cuda.get_device_name(0)
     sampler = utilization.UtilizationSampler(interval=0.05).start()
-    rows = [in_process(args, sampler)] + [
-        over_http(args, sampler, engine_process=engine == "process") for engine in args.engine]
+    engine_rows = in_process(args, sampler)
+    http_rows = [row for engine in args.engine
+                 for row in over_http(args, sampler, engine_process=engine == "process")]
     sampler.stop()
-    ratios = {engine: row["tok_s"] / rows[0]["tok_s"]
-              for engine, row in zip(args.engine, rows[1:], strict=True)}
+    base = {row["temperature"]: row for row in engine_rows}
+    greedy = base.get(0.0, engine_rows[0])
+    for row in engine_rows + http_rows:
+        row["x_in_process"] = round(row["tok_s"] / base[row["temperature"]]["tok_s"], 3)
+        row["x_in_process_greedy"] = round(row["tok_s"] / greedy["tok_s"], 3)
+        if row.get("itl_ms_p50") is not None:
+            row["itl_over_step"] = round(row["itl_ms_p50"] / base[row["temperature"]]
+                                         ["tpot_ms_mean"], 3)
     report = {"card": card, "date": datetime.date.today().isoformat(), "model": args.model,
-              "concurrency": args.concurrency, "requests": args.requests, "api": args.api,
-              "max_tokens": args.max_tokens, "rows": rows,
-              **{f"{engine}_over_in_process": ratio for engine, ratio in ratios.items()}}
+              "concurrency": args.concurrency, "requests": args.requests,
+              "max_tokens": args.max_tokens, "rows": engine_rows + http_rows}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
     print(f"\n{card}, {args.model}, concurrency {args.concurrency}, {args.requests} requests "
-          f"of {args.max_tokens} tokens, greedy")
-    print(f"{'where':<22}{'tok/s':>10}{'util %':>8}{'SM %':>7}{'tok/step':>10}"
-          f"{'GPU wait':>10}{'capture s':>11}")
-    for row in rows:
-        print(f"{row['where']:<22}{row['tok_s']:>10.0f}{row['nvml_util'] or 0:>8.1f}"
-              f"{row['sm_activity'] or 0:>7.1f}{row['tokens_per_step']:>10.1f}"
-              f"{row['device_wait_share']:>10.2f}{row['graph_capture_s']:>11.2f}")
-    for engine, ratio in ratios.items():
-        print(f"HTTP, engine {engine} / in-process: {ratio:.2f} (target >= 0.60)")
+          f"of {args.max_tokens} tokens; x: over in-process at the same temperature")
+    print(f"{'where':<22}{'api':>9}{'T':>5}{'tok/s':>9}{'x':>7}{'util %':>8}{'SM %':>7}"
+          f"{'ITL p50':>9}{'ITL/step':>9}{'GPU wait':>9}{'lag p99':>8}")
+    for row in engine_rows + http_rows:
+        lag = (row.get("client_loop_lag_ms") or {}).get("p99")
+        print(f"{row['where']:<22}{row['api'] or '-':>9}{row['temperature']:>5g}"
+              f"{row['tok_s']:>9.0f}{row['x_in_process']:>7.2f}{row['nvml_util'] or 0:>8.1f}"
+              f"{row['sm_activity'] or 0:>7.1f}{_num(row.get('itl_ms_p50')):>9}"
+              f"{_num(row.get('itl_over_step')):>9}{row['device_wait_share']:>9.2f}"
+              f"{_num(lag):>8}")
+    print("targets: HTTP >= 0.85x in-process at the same temperature, util >= 90 %, "
+          "SM >= 70 %, ITL p50 <= 1.15x the engine's step")
     return 0
+
+
+def _num(value) -> str:
+    return "-" if value is None or value != value else f"{value:.2f}"
 
 
 if __name__ == "__main__":

@@ -6,15 +6,18 @@ its own process), so the load tester itself is what runs out of steam.
                                            [--json FILE]
     python benchmarks/loadtest_capacity.py --api openai [--chunks 50] [--chunk-delay 0.01]
                                            [--seconds 5] [--concurrency 32 128 512]
+                                           [--workers 1 4] [--servers 4]
 
 Target (issue 3): >= 1,500 req/s from one process. The CPU share of the client and of the
 endpoint's process (CPU seconds / wall seconds) say which one ran out: near 100 % is the limit.
 
 `--api openai` (issue 12): how many streamed chunks per second the client takes. The endpoint
-streams `--chunks` chunks `--chunk-delay` s apart per request (delay_server.py's OpenAI mode),
-so `concurrency` streams offer concurrency / chunk-delay chunks/s; each row runs about
-`--seconds`. Where the client keeps up, chunks/s matches the offer and the measured ITL the
-chunk delay; where it does not, chunks/s falls short and ITL p99 grows.
+streams `--chunks` chunks `--chunk-delay` s apart per request (delay_server.py's OpenAI mode, a
+replay of SSE chunks with no model; `--servers K` runs K of them, used round-robin, so they are
+not the limit), so `concurrency` streams offer concurrency / chunk-delay chunks/s; each row runs
+about `--seconds`, once per `--workers` count (1 4: one process, then four). Where the client
+keeps up, chunks/s matches the offer and the measured ITL the chunk delay; where it does not,
+chunks/s falls short, ITL p99 grows and its event loop lags.
 """
 
 from __future__ import annotations
@@ -62,58 +65,80 @@ def measure(url: str, server_pid: int, concurrency: int, requests: int) -> dict:
     }
 
 
-def measure_stream(url: str, server_pid: int, concurrency: int, args) -> dict:
-    run = dict(api="openai", model="delay-model", max_tokens=args.chunks, progress=False)
-    warm = loadtest.run(url, concurrency=concurrency, requests=2 * concurrency, **run)
+def measure_stream(urls: list[str], server_pids: list[int], concurrency: int, workers: int,
+                   args) -> dict:
+    run = dict(api="openai", model="delay-model", max_tokens=args.chunks, progress=False,
+               workers=workers)
+    warm = loadtest.run(urls, concurrency=concurrency, requests=2 * concurrency, **run)
     # as many requests as the warm-up's pace finishes in about args.seconds
     requests = max(2 * concurrency, round(args.seconds * warm.summary()["requests_per_sec"]))
-    server_before = process_cpu_s(server_pid)
-    cpu_before, wall_before = time.process_time(), time.perf_counter()
-    result = loadtest.run(url, concurrency=concurrency, requests=requests, **run)
-    cpu = time.process_time() - cpu_before
+    server_before = sum(process_cpu_s(pid) for pid in server_pids)
+    cpu_before, wall_before = _client_cpu_s(), time.perf_counter()
+    result = loadtest.run(urls, concurrency=concurrency, requests=requests, **run)
+    cpu = _client_cpu_s() - cpu_before
     wall = time.perf_counter() - wall_before
-    server_cpu = process_cpu_s(server_pid) - server_before
+    server_cpu = sum(process_cpu_s(pid) for pid in server_pids) - server_before
     s = result.summary()
     offered = concurrency / args.chunk_delay if args.chunk_delay else None
     return {
-        "concurrency": concurrency, "requests": requests, "successful": s["successful"],
-        "requests_per_sec": s["requests_per_sec"],
+        "concurrency": concurrency, "workers": workers, "requests": requests,
+        "successful": s["successful"], "requests_per_sec": s["requests_per_sec"],
         "chunks_per_sec": s["stream_chunks"] / s["total_time_s"],
         "offered_chunks_per_sec": offered, "ttft_p50_ms": s["ttft_ms"]["p50"],
         "itl_p50_ms": s["itl_ms"]["p50"], "itl_p99_ms": s["itl_ms"]["p99"],
-        "send_lag_p99_ms": s["send_lag_ms"]["p99"], "client_cpu_share": cpu / wall,
+        "send_lag_p99_ms": s["send_lag_ms"]["p99"],
+        "loop_lag_p99_ms": s["client_loop_lag_ms"]["p99"],
+        "client_saturated": s["client_saturated"], "client_cpu_share": cpu / wall,
         "server_cpu_share": server_cpu / wall,
     }
+
+
+def _client_cpu_s() -> float:
+    """This process's CPU seconds and its finished children's (the --workers processes)."""
+    import resource
+
+    own, children = (resource.getrusage(who) for who in (resource.RUSAGE_SELF,
+                                                          resource.RUSAGE_CHILDREN))
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def main_stream(args, machine: str) -> int:
     command = [sys.executable, str(DELAY_SERVER), "--api", "openai", "--delay", "0",
                "--chunks", str(args.chunks), "--chunk-delay", str(args.chunk_delay)]
-    server = ServerProcess("streaming endpoint", command=command).start().wait_ready(60)
+    servers = [ServerProcess("streaming endpoint", command=command).start()
+               for _ in range(args.servers)]
     try:
-        rows = [measure_stream(server.url, server.pid, c, args)
-                for c in args.concurrency or [32, 128, 512]]
+        for server in servers:
+            server.wait_ready(60)
+        urls = [server.url + "/v1" for server in servers]
+        pids = [server.pid for server in servers]
+        rows = [measure_stream(urls, pids, c, w, args)
+                for c in args.concurrency or [32, 128, 512] for w in args.workers]
     finally:
-        server.stop()
-    print(f"labkit loadtest --api openai: streamed chunks the client takes, against a trivial "
-          f"OpenAI-style endpoint streaming {args.chunks} chunks {args.chunk_delay * 1000:g} ms "
-          f"apart ({machine}; the server runs in a second process on the same CPUs)")
-    print(f"{'concurrency':>11} {'requests':>8} {'req/s':>7} {'chunks/s':>8} {'offered':>8} "
-          f"{'TTFT p50':>8} {'ITL p50':>8} {'ITL p99':>8} {'lag p99':>8} {'client CPU':>10} "
+        for server in servers:
+            server.stop()
+    print(f"labkit loadtest --api openai: streamed chunks the client takes, against "
+          f"{args.servers} trivial OpenAI-style endpoint process(es) streaming {args.chunks} "
+          f"chunks {args.chunk_delay * 1000:g} ms apart ({machine}; the same CPUs)")
+    print(f"{'concurrency':>11} {'workers':>7} {'req/s':>7} {'chunks/s':>9} {'offered':>8} "
+          f"{'TTFT p50':>8} {'ITL p50':>8} {'ITL p99':>8} {'loop p99':>8} {'client CPU':>10} "
           f"{'server CPU':>10}")
     for r in rows:
         offered = f"{r['offered_chunks_per_sec']:.0f}" if r["offered_chunks_per_sec"] else "-"
-        print(f"{r['concurrency']:>11} {r['successful']:>8} {r['requests_per_sec']:>7.0f} "
-              f"{r['chunks_per_sec']:>8.0f} {offered:>8} {r['ttft_p50_ms']:>8.2f} "
-              f"{r['itl_p50_ms']:>8.2f} {r['itl_p99_ms']:>8.2f} {r['send_lag_p99_ms']:>8.2f} "
+        print(f"{r['concurrency']:>11} {r['workers']:>7} {r['requests_per_sec']:>7.0f} "
+              f"{r['chunks_per_sec']:>9.0f} {offered:>8} {r['ttft_p50_ms']:>8.2f} "
+              f"{r['itl_p50_ms']:>8.2f} {r['itl_p99_ms']:>8.2f} {r['loop_lag_p99_ms']:>8.2f} "
               f"{100 * r['client_cpu_share']:>9.0f}% {100 * r['server_cpu_share']:>9.0f}%")
-    best = max(rows, key=lambda r: r["chunks_per_sec"])
-    print(f"best: {best['chunks_per_sec']:.0f} chunks/s ({best['requests_per_sec']:.0f} req/s) "
-          f"at concurrency {best['concurrency']}")
+    for workers in args.workers:
+        best = max((r for r in rows if r["workers"] == workers),
+                   key=lambda r: r["chunks_per_sec"])
+        print(f"{workers} worker(s): best {best['chunks_per_sec']:.0f} chunks/s "
+              f"({best['requests_per_sec']:.0f} req/s) at concurrency {best['concurrency']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine, "api": "openai", "chunks": args.chunks,
-                       "chunk_delay_s": args.chunk_delay, "rows": rows}, f, indent=2)
+                       "chunk_delay_s": args.chunk_delay, "servers": args.servers,
+                       "rows": rows}, f, indent=2)
         print(f"wrote {args.json}")
     return 0
 
@@ -128,6 +153,11 @@ def main() -> int:
     parser.add_argument("--chunk-delay", type=float, default=0.01,
                         help="openai: seconds between chunks (0: as fast as the server writes)")
     parser.add_argument("--seconds", type=float, default=5.0, help="openai: about, per row")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1],
+                        help="openai: load-test processes, each a row (e.g. 1 4)")
+    parser.add_argument("--servers", type=int, default=1,
+                        help="openai: endpoint processes, used round-robin (so that they are "
+                             "not the limit)")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
