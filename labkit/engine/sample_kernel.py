@@ -3,12 +3,13 @@ in their own dtype, a few passes over the vocabulary and no sort.
 
     temperature 0   argmax (the first of equal maxima, as torch.argmax)
     top_p 1         argmax of logits / temperature + Gumbel noise: one pass
-    top_p < 1       a pass for the softmax's max and sum, then per round: the Gumbel argmax among
-                    the tokens above the pivot, and the mass of the tokens more likely than the
-                    draw; the draw is kept when that mass is under top_p, else it is the pivot
+    top_p < 1       that pass (it finds the likeliest token too), then one for the mass of all
+                    tokens and of those more likely than the draw: the draw is kept when that
+                    is under top_p of all; else it is the pivot, and each further round draws
+                    among the tokens above it (a pass) and weighs the new draw (a pass)
 
-Gumbel noise is -log(-log(u)) of Philox uniforms (`tl.rand`) keyed by the row's seed, the round
-and the token's index. A custom op, so CUDA graphs capture it and torch.compile calls it as is.
+Gumbel noise is -log(-log(u)) of uniforms hashed from the row's seed, the round and the token's
+index. A custom op, so CUDA graphs capture it and torch.compile calls it as is.
 """
 
 from __future__ import annotations
@@ -32,71 +33,101 @@ def available() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _argmax_pass(row_ptr, vocab, inv_t, seed, round_, pivot, V_PAD: tl.constexpr,
-                     BLOCK: tl.constexpr, NOISE: tl.constexpr):
-        """The index of the largest logit * inv_t (+ Gumbel noise), among those above pivot."""
+    def _uniform(key, index):
+        """A uniform number in (0, 1) per index, from a 32-bit key: the lowbias32 hash (C.
+        Wellons) of key ^ golden-ratio × index, in int32 (wrapping products, masked shifts).
+        Cheaper than Philox (`tl.rand`), which made the draw's pass compute-bound."""
+        x = key ^ (index * -1640531527)  # 0x9E3779B9
+        x ^= (x >> 16) & 0xFFFF
+        x *= 0x7FEB352D
+        x ^= (x >> 15) & 0x1FFFF
+        x *= -2073254261  # 0x846CA68B
+        x ^= (x >> 16) & 0xFFFF
+        return ((x >> 8) & 0xFFFFFF).to(tl.float32) * (1.0 / 16777216) + (0.5 / 16777216)
+
+    @triton.jit
+    def _round_key(seed, round_):
+        x = seed ^ (round_ * 0x2545F491)
+        x ^= (x >> 16) & 0xFFFF
+        x *= 0x7FEB352D
+        x ^= (x >> 15) & 0x1FFFF
+        return x
+
+    @triton.jit
+    def _draw_pass(row_ptr, vocab, inv_t, key, pivot, BLOCK: tl.constexpr,
+                   NOISE: tl.constexpr):
+        """(the draw, the most likely token): the argmax of logit × inv_t plus Gumbel noise
+        among the tokens above `pivot`, and the argmax without noise (the first of equal maxima,
+        as torch.argmax), in one pass."""
         cols = tl.arange(0, BLOCK)
         best = tl.full([BLOCK], float("-inf"), tl.float32)
         where = tl.zeros([BLOCK], tl.int32)
+        top = tl.full([BLOCK], float("-inf"), tl.float32)
+        top_at = tl.zeros([BLOCK], tl.int32)
         for start in range(0, vocab, BLOCK):
             at = start + cols
             s = tl.load(row_ptr + at, mask=at < vocab, other=float("-inf")).to(tl.float32) * inv_t
-            score = s
+            higher = s > top  # strict: an equal later token does not displace an earlier one
+            top = tl.where(higher, s, top)
+            top_at = tl.where(higher, at, top_at)
             if NOISE:
-                u = tl.rand(seed, at + round_ * V_PAD)
-                score = tl.where(s > pivot, s - tl.log(-tl.log(u)), float("-inf"))
-            better = score > best  # strict: an equal later token does not displace an earlier
-            best = tl.where(better, score, best)
-            where = tl.where(better, at, where)
-        top = tl.max(best, 0)
-        return tl.min(tl.where(best == top, where, vocab), 0)
+                gumbel = -tl.log(-tl.log(_uniform(key, at)))
+                score = tl.where(s > pivot, s + gumbel, float("-inf"))
+                better = score > best
+                best = tl.where(better, score, best)
+                where = tl.where(better, at, where)
+        peak = tl.max(top, 0)
+        likeliest = tl.min(tl.where(top == peak, top_at, vocab), 0)
+        drawn = likeliest
+        if NOISE:
+            high = tl.max(best, 0)
+            drawn = tl.min(tl.where(best == high, where, vocab), 0)
+        return drawn, likeliest
+
+    @triton.jit
+    def _mass_pass(row_ptr, vocab, inv_t, peak, threshold, BLOCK: tl.constexpr):
+        """(mass of the tokens whose logit × inv_t is above `threshold`, mass of all), both
+        unnormalised (exp(s - peak)), in one pass."""
+        cols = tl.arange(0, BLOCK)
+        above = tl.zeros([BLOCK], tl.float32)
+        total = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, vocab, BLOCK):
+            at = start + cols
+            s = tl.load(row_ptr + at, mask=at < vocab, other=float("-inf")).to(tl.float32) * inv_t
+            e = tl.exp(s - peak)
+            total += e
+            above += tl.where(s > threshold, e, 0.0)
+        return tl.sum(above, 0), tl.sum(total, 0)
 
     @triton.jit
     def _sample_kernel(logits_ptr, row_stride, temperature_ptr, top_p_ptr, seed_ptr, out_ptr,
-                       vocab, V_PAD: tl.constexpr, BLOCK: tl.constexpr,
-                       MAX_ROUNDS: tl.constexpr):
+                       vocab, BLOCK: tl.constexpr, MAX_ROUNDS: tl.constexpr):
         row = tl.program_id(0)
         row_ptr = logits_ptr + row.to(tl.int64) * row_stride
         temperature = tl.load(temperature_ptr + row)
         top_p = tl.load(top_p_ptr + row)
         seed = tl.load(seed_ptr + row)
-        cols = tl.arange(0, BLOCK)
         if temperature == 0:
-            chosen = _argmax_pass(row_ptr, vocab, 1.0, seed, 0, float("-inf"), V_PAD, BLOCK,
-                                  False)
-        elif top_p >= 1:
-            chosen = _argmax_pass(row_ptr, vocab, 1.0 / temperature, seed, 0, float("-inf"),
-                                  V_PAD, BLOCK, True)
+            _, chosen = _draw_pass(row_ptr, vocab, 1.0, seed, float("-inf"), BLOCK, False)
         else:
             inv_t = 1.0 / temperature
-            # The most likely token: in the nucleus always, the answer if every round rejects.
-            chosen = _argmax_pass(row_ptr, vocab, inv_t, seed, 0, float("-inf"), V_PAD, BLOCK,
-                                  False)
-            peak = tl.load(row_ptr + chosen).to(tl.float32) * inv_t
-            total = tl.zeros([BLOCK], tl.float32)
-            for start in range(0, vocab, BLOCK):
-                at = start + cols
-                s = tl.load(row_ptr + at, mask=at < vocab, other=float("-inf"))
-                total += tl.exp(s.to(tl.float32) * inv_t - peak)
-            cut = top_p * tl.sum(total, 0)  # top_p of the mass, unnormalised
-            pivot = float("-inf")
-            round_ = 0
-            while round_ < MAX_ROUNDS:
-                draw = _argmax_pass(row_ptr, vocab, inv_t, seed, round_, pivot, V_PAD, BLOCK,
-                                    True)
-                s_draw = tl.load(row_ptr + draw).to(tl.float32) * inv_t
-                above = tl.zeros([BLOCK], tl.float32)
-                for start in range(0, vocab, BLOCK):
-                    at = start + cols
-                    s = tl.load(row_ptr + at, mask=at < vocab, other=float("-inf"))
-                    s = s.to(tl.float32) * inv_t
-                    above += tl.where(s > s_draw, tl.exp(s - peak), 0.0)
-                if tl.sum(above, 0) < cut:
-                    chosen = draw
-                    round_ = MAX_ROUNDS
-                else:
-                    pivot = s_draw
+            chosen, likeliest = _draw_pass(row_ptr, vocab, inv_t, _round_key(seed, 0),
+                                           float("-inf"), BLOCK, True)
+            if top_p < 1:
+                peak = tl.load(row_ptr + likeliest).to(tl.float32) * inv_t
+                s_draw = tl.load(row_ptr + chosen).to(tl.float32) * inv_t
+                above, total = _mass_pass(row_ptr, vocab, inv_t, peak, s_draw, BLOCK)
+                cut = top_p * total
+                round_ = 1
+                while above >= cut and round_ < MAX_ROUNDS:  # outside the nucleus: again,
+                    pivot = s_draw  # among the tokens more likely than this one only
+                    chosen, _ = _draw_pass(row_ptr, vocab, inv_t, _round_key(seed, round_),
+                                           pivot, BLOCK, True)
+                    s_draw = tl.load(row_ptr + chosen).to(tl.float32) * inv_t
+                    above, _ = _mass_pass(row_ptr, vocab, inv_t, peak, s_draw, BLOCK)
                     round_ += 1
+                if above >= cut:  # every round missed (vanishingly rare): the likeliest token
+                    chosen = likeliest
         tl.store(out_ptr + row, chosen.to(tl.int64))
 
 
@@ -107,9 +138,8 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
     rows, vocab = logits.shape
     logits = logits if logits.stride(1) == 1 else logits.contiguous()
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
-    v_pad = triton.cdiv(vocab, BLOCK) * BLOCK
     _sample_kernel[(rows,)](logits, logits.stride(0), temperature.float(), top_p.float(),
-                            seeds.to(torch.int32), out, vocab, V_PAD=v_pad, BLOCK=BLOCK,
+                            seeds.to(torch.int32), out, vocab, BLOCK=BLOCK,
                             MAX_ROUNDS=MAX_ROUNDS, num_warps=8)
     return out
 

@@ -58,8 +58,8 @@ SHUTTING_DOWN = ("Server is shutting down: it finishes the requests it already a
 EXIT_ENGINE_FAILED = 3  # the exit status after the engine died or wedged
 FAILURE_POLL_S = 0.25
 GENERATION_PATHS = ("/generate", openai_api.COMPLETIONS, openai_api.CHAT)
-REQUEST_ID = web.RequestKey("labkit_request_id", str)
-SUBMITTED = web.RequestKey("labkit_submitted", bool)  # the scheduler counts its outcome
+REQUEST_ID = "labkit_request_id"  # keys of a request's own state
+SUBMITTED = "labkit_submitted"  # the scheduler counts its outcome
 
 
 class ServerState:
