@@ -58,8 +58,10 @@ SHUTTING_DOWN = ("Server is shutting down: it finishes the requests it already a
 EXIT_ENGINE_FAILED = 3  # the exit status after the engine died or wedged
 FAILURE_POLL_S = 0.25
 GENERATION_PATHS = ("/generate", openai_api.COMPLETIONS, openai_api.CHAT)
-REQUEST_ID = "labkit_request_id"  # keys of a request's own state
-SUBMITTED = "labkit_submitted"  # the scheduler counts its outcome
+# Keys of a request's own state (typed keys from aiohttp 3.13; plain strings before).
+_key = getattr(web, "RequestKey", lambda name, kind: name)
+REQUEST_ID = _key("labkit_request_id", str)
+SUBMITTED = _key("labkit_submitted", bool)  # the scheduler counts its outcome
 
 
 class ServerState:
