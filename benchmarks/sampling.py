@@ -43,9 +43,19 @@ def time_cases(rows: int, args) -> dict[str, float]:
         "kernel, top_p": lambda: sample_kernel.sample(logits, t, p, seeds),
         "sort, top_p": lambda: sort_based(logits, t, p, uniform),
     }
+    for block, warps in args.tiles:  # the kernel's own tile sizes, to choose them
+        cases[f"T {block}x{warps}w"] = (
+            lambda b=block, w=warps: sample_kernel.sample(logits, t, one, seeds, b, w))
+        cases[f"T,p {block}x{warps}w"] = (
+            lambda b=block, w=warps: sample_kernel.sample(logits, t, p, seeds, b, w))
     return {name: round(1000 * triton.testing.do_bench(fn, warmup=50, rep=300,
                                                         return_mode="median"), 1)
             for name, fn in cases.items()}
+
+
+def _tile(text: str) -> tuple[int, int]:
+    block, warps = text.lower().split("x")
+    return int(block), int(warps)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--tiles", type=_tile, nargs="*", default=[],
+                        help="also time the kernel at these BLOCKxWARPS (e.g. 2048x8 8192x16)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     card = torch.cuda.get_device_name()
@@ -69,9 +81,10 @@ def main(argv: list[str] | None = None) -> int:
                        "top_p": args.top_p, "us": table}, f, indent=2)
     print(f"\n{card}: next tokens from bf16 logits, vocab {args.vocab}, median us")
     names = [k for k in table[0] if k != "rows"]
-    print(f"{'rows':>6}" + "".join(f"{n:>22}" for n in names))
+    width = max(len(n) for n in names) + 2
+    print(f"{'rows':>6}" + "".join(f"{n:>{width}}" for n in names))
     for row in table:
-        print(f"{row['rows']:>6}" + "".join(f"{row[n]:>22}" for n in names))
+        print(f"{row['rows']:>6}" + "".join(f"{row[n]:>{width}}" for n in names))
     return 0
 
 

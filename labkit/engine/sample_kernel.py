@@ -23,6 +23,7 @@ except ImportError:  # CPU-only PyTorch: sampling runs its eager path
     triton = None
 
 BLOCK = 2048
+SMALL_BATCH = 64  # below this many rows, each program takes a larger block with more warps
 MAX_ROUNDS = 32  # as labkit.engine.sampling.MAX_ROUNDS
 
 
@@ -133,17 +134,20 @@ if triton is not None:
 
 @torch.library.custom_op("labkit::sample", mutates_args=())
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
-           seeds: torch.Tensor) -> torch.Tensor:
-    """Each row's next token (see the module's docstring); `logits` [rows, vocab], any float."""
+           seeds: torch.Tensor, block: int = 0, warps: int = 0) -> torch.Tensor:
+    """Each row's next token (see the module's docstring); `logits` [rows, vocab], any float.
+    `block` and `warps` (0: chosen by the row count) size each program's steps."""
     rows, vocab = logits.shape
     logits = logits if logits.stride(1) == 1 else logits.contiguous()
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    if not block:  # few rows: few programs, each must keep more of the vocabulary in flight
+        block, warps = (8192, 16) if rows < SMALL_BATCH else (BLOCK, 8)
     _sample_kernel[(rows,)](logits, logits.stride(0), temperature.float(), top_p.float(),
-                            seeds.to(torch.int32), out, vocab, BLOCK=BLOCK,
-                            MAX_ROUNDS=MAX_ROUNDS, num_warps=8)
+                            seeds.to(torch.int32), out, vocab, BLOCK=block,
+                            MAX_ROUNDS=MAX_ROUNDS, num_warps=warps)
     return out
 
 
 @sample.register_fake
-def _(logits, temperature, top_p, seeds):
+def _(logits, temperature, top_p, seeds, block=0, warps=0):
     return logits.new_empty(logits.shape[0], dtype=torch.int64)

@@ -12,57 +12,55 @@ the report says when any of them was saturated.
 
 from __future__ import annotations
 
-import asyncio
 import multiprocessing
 import time
-from collections.abc import Sequence
+from collections.abc import Callable
 
 from labkit.measure.loadstats import LoadTestResult
 
 START_MARGIN_S = 0.1  # from the last worker's "ready" to the common start
 
 
-def run(workers: int, url: str | Sequence[str], concurrency: int | None, requests: int, *,
-        progress: bool, rate: float | None = None, seed: int = 0, warmup: int = 0,
-        **options) -> LoadTestResult:
-    """`labkit.measure.loadtest.run` from `workers` processes (see the module's docstring)."""
-    from labkit.measure import loadtest
-
-    if concurrency is None and rate is None:
-        concurrency = loadtest.DEFAULT_CONCURRENCY
+def run(workers: int, job: Callable, plan: dict, progress_bar, errors: dict[str, type]
+        ) -> LoadTestResult:
+    """`job(plan, ready, count) -> (records, config)` in `workers` processes, each with its share
+    of `plan` (concurrency, requests, warmup, arrivals: see the module's docstring); `ready()`
+    returns the common start, `count(n)` moves `progress_bar()`'s bar. A worker's exception
+    comes back as the class `errors` maps its name to (else ValueError)."""
+    concurrency, requests = plan["concurrency"], plan["requests"]
     if concurrency is not None and concurrency < workers:
         raise ValueError(f"--workers {workers} needs a concurrency of at least {workers}")
     if requests < workers:
         raise ValueError(f"--workers {workers} needs at least {workers} requests")
-    arrivals = loadtest.poisson_arrivals(rate, requests, seed) if rate is not None else None
     context = multiprocessing.get_context("spawn")  # no fork of a process that holds threads
     counter = context.Value("i", 0)
     pipes, processes = [], []
     for k in range(workers):
-        plan = {**options, "url": url, "requests": len(range(k, requests, workers)),
-                "concurrency": _share(concurrency, workers, k), "rate": rate, "seed": seed + k,
-                "warmup": _share(warmup, workers, k) or 0,
-                "arrivals": None if arrivals is None else list(arrivals[k::workers])}
+        arrivals = plan["arrivals"]
+        share = {**plan, "requests": len(range(k, requests, workers)),
+                 "concurrency": _share(concurrency, workers, k), "seed": plan["seed"] + k,
+                 "warmup": _share(plan["warmup"], workers, k),
+                 "arrivals": None if arrivals is None else list(arrivals[k::workers])}
         ours, theirs = context.Pipe()
-        process = context.Process(target=_worker, args=(plan, theirs, counter),
+        process = context.Process(target=_worker, args=(job, share, theirs, counter),
                                   name=f"labkit-loadtest-{k}", daemon=True)
         process.start()
         pipes.append(ours)
         processes.append(process)
     try:
         for pipe in pipes:
-            _expect(pipe, "ready")
+            _expect(pipe, "ready", errors)
         start_at = time.perf_counter() + START_MARGIN_S
         for pipe in pipes:
             pipe.send(start_at)
-        _follow(counter, requests, progress, workers, [p.poll for p in pipes])
-        parts = [_expect(pipe, "done") for pipe in pipes]
+        _follow(counter, progress_bar, [p.poll for p in pipes])
+        parts = [_expect(pipe, "done", errors) for pipe in pipes]
     finally:
         for process in processes:
             process.join(5)
             if process.is_alive():
                 process.kill()
-    return _merge(parts, workers, start_at, concurrency, seed)
+    return _merge(parts, workers, start_at, concurrency, plan["seed"])
 
 
 def _share(total: int | None, workers: int, k: int) -> int | None:
@@ -70,9 +68,7 @@ def _share(total: int | None, workers: int, k: int) -> int | None:
     return None if total is None else total // workers + (k < total % workers)
 
 
-def _worker(plan: dict, pipe, counter) -> None:
-    from labkit.measure import loadtest
-
+def _worker(job: Callable, plan: dict, pipe, counter) -> None:
     def count(n: int) -> None:
         with counter.get_lock():
             counter.value += n
@@ -81,17 +77,15 @@ def _worker(plan: dict, pipe, counter) -> None:
         pipe.send(("ready", None))
         return pipe.recv()
 
-    url, concurrency, requests = plan.pop("url"), plan.pop("concurrency"), plan.pop("requests")
     try:
-        result = asyncio.run(loadtest.arun(url, concurrency, requests, progress=count,
-                                           on_ready=ready, **plan))
+        records, config = job(plan, ready, count)
     except Exception as err:  # sent to the parent, which raises it with its message
         pipe.send(("error", (type(err).__name__, str(err))))
         return
-    pipe.send(("done", (result.records, result.config)))
+    pipe.send(("done", (records, config)))
 
 
-def _expect(pipe, kind: str):
+def _expect(pipe, kind: str, errors: dict[str, type]):
     try:
         message, payload = pipe.recv()
     except EOFError:
@@ -100,28 +94,25 @@ def _expect(pipe, kind: str):
                            "spawned processes need)") from None
     if message == "error":
         name, text = payload
-        from labkit.measure.loadtest import ServerNotReady
-
-        raise (ServerNotReady if name == "ServerNotReady" else ValueError)(text)
+        raise errors.get(name, ValueError)(text)
     if message != kind:
         raise RuntimeError(f"a load-test worker said {message!r}, expected {kind!r}")
     return payload
 
 
-def _follow(counter, total: int, progress: bool, workers: int, polls) -> None:
-    """A progress bar of the requests every worker has finished, until they all report."""
-    from labkit.measure.loadtest import _progress_bar
-
-    with _progress_bar(total, progress, f"{workers} workers") as bar:
+def _follow(counter, progress_bar, polls) -> None:
+    """Move the progress bar by the requests every worker has finished, until they all report."""
+    with progress_bar() as bar:
         seen = 0
-        while not all(poll() for poll in polls):
-            time.sleep(0.1)
+        while True:
+            done = all(poll() for poll in polls)
             now = counter.value
             if bar is not None and now > seen:
                 bar.update(now - seen)
                 seen = now
-        if bar is not None and counter.value > seen:
-            bar.update(counter.value - seen)
+            if done:
+                return
+            time.sleep(0.1)
 
 
 def _merge(parts: list, workers: int, start_at: float, concurrency: int | None,

@@ -163,19 +163,34 @@ def run(url: str | Sequence[str], concurrency: int | None = None, requests: int 
     options = dict(max_tokens=max_tokens, prompt=prompt, temperature=temperature,
                    timeout=timeout, warmup=warmup, rate=rate, seed=seed, check_ready=check_ready,
                    api=api, model=model, ignore_eos=ignore_eos)
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
     if workers > 1:
         from labkit.measure import load_workers
 
-        return load_workers.run(workers, url, concurrency, requests, progress=progress,
-                                **options)
-    if workers < 1:
-        raise ValueError(f"workers must be at least 1, got {workers}")
+        if concurrency is None and rate is None:
+            concurrency = DEFAULT_CONCURRENCY
+        arrivals = poisson_arrivals(rate, requests, seed) if rate is not None else None
+        plan = {**options, "url": url, "concurrency": concurrency, "requests": requests,
+                "arrivals": arrivals}
+        return load_workers.run(workers, _worker_job, plan,
+                                lambda: _progress_bar(requests, progress, f"{workers} workers"),
+                                {"ServerNotReady": ServerNotReady})
     coro = arun(url, concurrency, requests, progress=progress, **options)
     try:
         asyncio.get_running_loop()
     except RuntimeError:  # a plain script: no loop yet
         return asyncio.run(coro)
     return _run_on_own_thread(coro)
+
+
+def _worker_job(plan: dict, ready: Callable[[], float], count: Callable[[int], None]):
+    """One load_workers process's share of the load: (records, config)."""
+    plan = dict(plan)
+    url, concurrency, requests = plan.pop("url"), plan.pop("concurrency"), plan.pop("requests")
+    result = asyncio.run(arun(url, concurrency, requests, progress=count, on_ready=ready,
+                              **plan))
+    return result.records, result.config
 
 
 def _run_on_own_thread(coro) -> LoadTestResult:
