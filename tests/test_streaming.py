@@ -15,13 +15,13 @@ from stub_backend import StubBackend
 from threaded_server import serving
 
 from labkit.measure import loadtest
-from labkit.serve import client, openai_api
+from labkit.serve import client, streaming
 from labkit.serve.http import create_app
 from labkit.serve.launcher import launch
 
 
 def test_a_stalled_reader_is_cancelled_past_its_buffer_and_slows_no_one(monkeypatch):
-    monkeypatch.setattr(openai_api, "STREAM_BUFFER_BYTES", 16 * 1024)
+    monkeypatch.setattr(streaming, "STREAM_BUFFER_BYTES", 16 * 1024)
     backend = StubBackend()
     backend.context_length = backend.token_budget = 100_000
     app = create_app(lambda: backend, mode="batched", max_batch_size=4, max_tokens_limit=50_000)

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from labkit.engine.request import EngineGone, InvalidRequest, OutOfMemory, PromptTooLong, Request
-from labkit.serve import access, generate_api, openai_api
+from labkit.serve import access, generate_api, openai_api, streaming
 from labkit.serve.errors import ApiError, check_content_type, internal_error_message, openai_error
 from labkit.serve.metrics import CONTENT_TYPE, ServerMetrics
 from labkit.serve.schedulers import Scheduler, make_scheduler
@@ -325,9 +325,9 @@ async def handle_openai_completion(request: web.Request) -> web.StreamResponse:
         return state.submit(request, params)
 
     if call.stream:
-        return await openai_api.stream(request, call, params, backend, submit, observe,
+        return await streaming.stream(request, call, params, backend, submit, observe,
                                        state.scheduler.relay)
-    return await openai_api.complete(call, params, backend, submit, observe)
+    return await streaming.complete(call, params, backend, submit, observe)
 
 
 async def handle_metrics(request: web.Request) -> web.Response:

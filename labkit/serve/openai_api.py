@@ -12,42 +12,29 @@ one at a value other than its no-op default (`n: 2`, `logprobs: true`, `echo: tr
 Sampling values are checked once, by `Request`; its `InvalidRequest` becomes a 400 whose `param`
 is the field it names.
 
-Streaming: each new token reaches `Request.on_token` on the generation thread, where a
-detokenizer turns it into text and `TextSink` cuts it at the first stop string (cancelling the
-rest of the generation); the text crosses to the event loop with `call_soon_threadsafe` and
-leaves as a chunk at once. The response starts with the first piece of text, so an error
-before it (out of memory in the prefill) still gets a real status code; an error after it is
-sent as a final `data: {"error": ...}` event. A client that disconnects mid-stream cancels its
-request: the engine stops it at its next step.
+How an answer is produced and sent, whole or streamed, is `labkit.serve.streaming`'s.
 """
 
 from __future__ import annotations
 
-import asyncio
 import difflib
 import json
 import logging
-import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
-from aiohttp import web
+from typing import TYPE_CHECKING, Protocol
 
 from labkit.engine.request import (
-    EngineGone,
     InvalidRequest,
-    OutOfMemory,
     PromptTooLong,
     Request,
     Result,
     is_number,
 )
 from labkit.serve import body as json_body
-from labkit.serve.errors import ApiError, internal_error_message, json_type, openai_error
-from labkit.serve.relay import Relay
+from labkit.serve.errors import ApiError, json_type
 
 if TYPE_CHECKING:
     from labkit.serve.backend import Backend
@@ -65,11 +52,6 @@ DEFAULT_TOP_P = 1.0
 MAX_STOP_STRINGS = 4
 ROLES = ("system", "developer", "user", "assistant")
 DONE = b"data: [DONE]\n\n"
-# A stream's frames waiting for a slow reader, beyond what the socket buffers: past this, the
-# request is cancelled (its KV cache pages go to others) rather than held for a stalled client.
-STREAM_BUFFER_BYTES = 256 * 1024
-SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-               "X-Accel-Buffering": "no"}  # a proxy (nginx) must not hold the stream back
 
 
 # --- which fields a body may carry -------------------------------------------------------------
@@ -152,6 +134,15 @@ FIELDS = {
 
 def _bad(param: str, message: str) -> ApiError:
     return ApiError(400, message, param)
+
+
+class Text(Protocol):
+    """What an answer needs of the text watched as it was generated (`streaming.TextSink`)."""
+
+    text: str  # all of it, cut at the first stop string
+    matched: bool  # a stop string ended it
+
+    def flush(self) -> str: ...
 
 
 # --- a parsed request --------------------------------------------------------------------------
@@ -245,7 +236,7 @@ class Call:
 
     # --- answers ----------------------------------------------------------------------------
 
-    def finish_reason(self, result: Result, sink: TextSink | None) -> str:
+    def finish_reason(self, result: Result, sink: Text | None) -> str:
         if sink is not None and sink.matched:
             return "stop"  # a stop string (the engine then stopped: finish_reason cancelled)
         return "length" if result.finish_reason == "length" else "stop"
@@ -253,7 +244,7 @@ class Call:
     def usage(self, result: Result) -> dict:
         return usage_counts(result.prompt_tokens, result.tokens_generated)
 
-    def response(self, result: Result, sink: TextSink | None) -> dict:
+    def response(self, result: Result, sink: Text | None) -> dict:
         """The non-streaming answer (with stop strings, the sink has the text)."""
         text = sink.text if sink is not None else result.generated_text
         reason = self.finish_reason(result, sink)
@@ -295,7 +286,7 @@ class Call:
                       "finish_reason": finish_reason}
         return self._frame([choice], usage if self.continuous_usage else None)
 
-    def closing_frames(self, result: Result, sink: TextSink) -> list[bytes]:
+    def closing_frames(self, result: Result, sink: Text) -> list[bytes]:
         """After the last piece of text: the text held back for a stop string that never came,
         the chunk with finish_reason, the usage chunk when asked for, and [DONE]."""
         frames = []
@@ -505,213 +496,6 @@ def _stream_options(options, stream: bool) -> tuple[bool, bool]:
             raise _bad(f"stream_options.{name}", f"stream_options.{name} must be true or false.")
     usage = bool(options.get("include_usage"))
     return usage, usage and bool(options.get("continuous_usage_stats"))
-
-
-# --- the text of a generation, on the generation thread ----------------------------------------
-
-class TextSink:
-    """The text of one generation as its tokens arrive, on the generation thread: each token is
-    detokenized, the text is cut at the first stop string (which sets `request.cancelled`, so the
-    engine stops at its next step), and each new piece goes to `deliver` with the number of
-    tokens generated so far. A piece that could be the start of a stop string is held back until
-    the next tokens show it is not."""
-
-    def __init__(self, request: Request, detokenizer, stop: list[str],
-                 deliver: Callable[[str, int], None] | None = None):
-        self.request, self.detokenizer, self.stop = request, detokenizer, stop
-        self.deliver = deliver
-        self.tokens = 0  # generated so far
-        self.text = ""  # everything so far (cut at a stop string)
-        self.sent = 0  # characters of `text` delivered
-        self.matched = False
-        request.on_token = self.on_token
-        request.wants_text = False  # `text` is the answer's text
-
-    def on_token(self, token_id: int) -> None:
-        self.tokens += 1
-        piece = self.detokenizer.push(token_id)  # on the generation thread, as it must be
-        if self.matched or not piece:
-            return
-        self.text += piece
-        cut = min((i for s in self.stop if (i := self.text.find(s, self.sent)) >= 0),
-                  default=-1)
-        if cut >= 0:
-            self.text, self.matched = self.text[:cut], True
-            self.request.cancelled.set()
-            ready = len(self.text)
-        else:
-            ready = len(self.text) - self._held_back()
-        if ready > self.sent:
-            new, self.sent = self.text[self.sent:ready], ready
-            if self.deliver is not None:
-                self.deliver(new, self.tokens)
-
-    def _held_back(self) -> int:
-        """Length of the longest end of `text` that begins a stop string."""
-        longest = 0
-        for s in self.stop:
-            for k in range(min(len(s) - 1, len(self.text) - self.sent), longest, -1):
-                if self.text.endswith(s[:k]):
-                    longest = k
-                    break
-        return longest
-
-    def flush(self) -> str:
-        """Once the generation has ended: the text still held back."""
-        rest, self.sent = self.text[self.sent:], len(self.text)
-        return rest
-
-
-# --- answering ---------------------------------------------------------------------------------
-
-async def complete(call: Call, request: Request, backend: Backend,
-                   submit: Callable[[Request], Awaitable[Result]],
-                   observe: Callable[[Result], None]) -> web.Response:
-    """The non-streaming answer. With stop strings the text is watched as it is generated, so
-    the generation ends at the first one."""
-    sink = TextSink(request, backend.detokenizer(), call.stop) if call.stop else None
-    result = await submit(request)
-    observe(result)
-    return web.json_response(call.response(result, sink))
-
-
-class FrameQueue:
-    """A stream's SSE frames, from the thread that generates to the handler that writes them.
-    Frames gather here as they are made; the writer takes all there are at each wake-up and
-    writes them at once, so a loop that falls behind writes fewer, larger pieces. The wake-ups
-    go through the scheduler's `Relay`, after the frames and before the request's result. A
-    client that reads more slowly than the engine writes leaves frames piling up here; past
-    `limit` bytes, `overflow` runs (on the loop) and the writer stops."""
-
-    def __init__(self, relay: Relay, limit: int, overflow: Callable[[], None]):
-        self.relay, self.limit, self.overflow = relay, limit, overflow
-        self._lock = threading.Lock()
-        self._frames: list[bytes] = []
-        self._size = 0
-        self._wake_posted = self.overflowed = self._closed = False
-        self._waiter: asyncio.Future | None = None
-
-    def put(self, frame: bytes) -> None:
-        """From any thread."""
-        with self._lock:
-            if self.overflowed:
-                return
-            self._frames.append(frame)
-            self._size += len(frame)
-            if self._size > self.limit:
-                self.overflowed = True
-                self._frames.clear()
-                post = self._overflow
-            elif self._wake_posted:
-                return
-            else:
-                self._wake_posted, post = True, self._wake
-        self.relay.post(post)
-
-    async def take(self) -> list[bytes]:
-        """On the loop: every frame so far, once there is one; [] once closed and drained."""
-        while True:
-            with self._lock:
-                if self.overflowed:
-                    raise ConnectionResetError("the client read too slowly: stream cancelled")
-                if self._frames:
-                    frames, self._frames, self._size = self._frames, [], 0
-                    return frames
-            if self._closed:
-                return []
-            self._waiter = asyncio.get_running_loop().create_future()
-            await self._waiter
-
-    def close(self) -> None:
-        """On the loop, once the generation has ended (after its last frame was posted)."""
-        self._closed = True
-        self._wake()
-
-    def _wake(self) -> None:
-        with self._lock:
-            self._wake_posted = False
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    def _overflow(self) -> None:
-        self.overflow()
-        self._wake()
-
-
-async def stream(http_request: web.Request, call: Call, request: Request, backend: Backend,
-                 submit: Callable[[Request], Awaitable[Result]],
-                 observe: Callable[[Result], None], relay: Relay) -> web.StreamResponse:
-    """The streaming answer: each piece of text as a chunk as soon as it exists, then the
-    closing chunks. A disconnect (the handler cancelled, a write to a closed connection, or a
-    reader too slow for `STREAM_BUFFER_BYTES`) cancels the request, so the engine stops it."""
-    prompt_tokens = len(request.prompt_ids)
-
-    def too_slow() -> None:
-        log.warning("%s: the client read too slowly (over %d bytes waiting): cancelled",
-                    call.id, STREAM_BUFFER_BYTES)
-        work.cancel()  # as for a client that left: counted cancelled, the engine stops it
-        if http_request.transport is not None:
-            http_request.transport.abort()  # a writer stuck on the full socket gives up now
-
-    frames = FrameQueue(relay, STREAM_BUFFER_BYTES, too_slow)
-    sink = TextSink(request, backend.detokenizer(), call.stop,
-                    deliver=lambda piece, tokens: frames.put(
-                        call.text_frame(piece, prompt_tokens, tokens)))
-    work = asyncio.ensure_future(submit(request))
-
-    def finished(task: asyncio.Future) -> None:
-        if not task.cancelled():
-            task.exception()  # retrieved here too, in case nobody is left to await it
-        frames.close()
-
-    work.add_done_callback(finished)
-    response = web.StreamResponse(headers=SSE_HEADERS)
-
-    async def send(data: bytes) -> None:
-        if not response.prepared:  # starts with the first piece of text, or the result
-            await response.prepare(http_request)
-            if call.chat:
-                data = call.chunk(first=True, usage=usage_counts(prompt_tokens, 0)) + data
-        await response.write(data)
-
-    try:
-        while batch := await frames.take():
-            await send(b"".join(batch))
-        result = work.result()  # before the first byte, an error gets its own status code
-        observe(result)
-        await send(b"".join(call.closing_frames(result, sink)))
-        await response.write_eof()
-    except ConnectionResetError:  # the client went away between two chunks, or lagged
-        request.cancelled.set()
-    except asyncio.CancelledError:  # the client went away (aiohttp cancels its handler)
-        request.cancelled.set()
-        raise
-    except Exception as err:
-        if not response.prepared:
-            raise  # nothing sent yet: the error middleware answers with its status
-        await _stream_error(response, err, call.id)
-    finally:
-        if not work.done():
-            work.cancel()  # the scheduler withdraws or cancels it, and counts it
-    return response
-
-
-async def _stream_error(response: web.StreamResponse, err: Exception, request_id: str) -> None:
-    """An error after the stream began: the status is sent, so it goes in a last event."""
-    if isinstance(err, OutOfMemory):
-        status, message = 503, (f"Out of memory while generating ({err}). The server freed its "
-                                "cache and keeps serving: retry, or ask for fewer tokens.")
-    elif isinstance(err, EngineGone):
-        status, message = 503, str(err)
-    else:
-        log.error("Internal error while streaming %s", request_id, exc_info=err)
-        status, message = 500, internal_error_message(request_id)
-    try:
-        await response.write(sse(openai_error(status, message)))
-        await response.write(DONE)
-        await response.write_eof()
-    except ConnectionResetError:
-        pass
 
 
 def is_openai_path(path: str) -> bool:
