@@ -20,12 +20,14 @@ A row's randomness is a 32-bit seed per step, drawn on the host from the request
 
 from __future__ import annotations
 
+import logging
 import random
 
 import torch
 
 from labkit.engine.device import to_device
 
+log = logging.getLogger(__name__)
 MAX_ROUNDS = 32  # rejection rounds before a row settles for its most likely token (in N)
 _M32 = 0xFFFFFFFF
 
@@ -44,12 +46,25 @@ def next_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
     temperature-scaled distribution cut to its top-p nucleus, from the row's seed."""
     if seeds is None:
         return logits.argmax(-1)
-    if logits.is_cuda:
+    if logits.is_cuda and _kernel_usable():
         from labkit.engine import sample_kernel
 
-        if sample_kernel.available():
+        try:
             return sample_kernel.sample(logits, temperature, top_p, seeds)
+        except Exception as err:  # a Triton that cannot build it: the eager path is exact too
+            _KERNEL_BROKEN.append(err)
+            log.warning("The sampling kernel failed (%s: %s); sampling on the eager path from "
+                        "now on", type(err).__name__, err)
     return _sample_eager(logits, temperature, top_p, seeds)
+
+
+_KERNEL_BROKEN: list[BaseException] = []
+
+
+def _kernel_usable() -> bool:
+    from labkit.engine import sample_kernel
+
+    return sample_kernel.available() and not _KERNEL_BROKEN
 
 
 def _sample_eager(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
