@@ -41,13 +41,13 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 
-from labkit.measure.auth import api_key_from_env, auth_headers
+from labkit.measure.auth import API_KEY_ENVS, api_key_from_env, auth_headers
 from labkit.measure.loadstats import DEFINITIONS, LoadTestResult, RequestRecord
 
 DEFAULT_PROMPT = "Suggest a skincare routine for dry skin"
 DEFAULT_CONCURRENCY = 5
 APIS = ("generate", "openai")
-API_KEY_ENV = "OPENAI_API_KEY"
+API_KEY_ENV = API_KEY_ENVS[0]  # the one messages name first
 SERVER_FIELDS = {  # record attribute <- response field
     "tokens_generated": "tokens_generated", "prompt_tokens": "prompt_tokens",
     "queue_time_ms": "queue_time_ms", "inference_time_ms": "inference_time_ms",
@@ -732,7 +732,8 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api", choices=APIS, default="generate",
                         help="generate: the seed's POST /generate (default); openai: any "
                              "OpenAI-compatible server's POST /v1/completions, streamed and "
-                             f"timed on the client (API key from ${API_KEY_ENV}, if set)")
+                             f"timed on the client (API key from ${API_KEY_ENVS[0]} or "
+                             f"${API_KEY_ENVS[1]}, if set)")
     parser.add_argument("--model", default=None,
                         help="--api openai: the model to ask for (default: the one model the "
                              "server lists at GET /v1/models)")

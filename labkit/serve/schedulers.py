@@ -489,9 +489,8 @@ class ContinuousScheduler(QueueScheduler):
             self.busy.start()
             try:
                 while engine.has_work() and not self._closing.is_set():
-                    self._step_began = time.perf_counter()
+                    self._step_began = time.perf_counter()  # cleared once the engine rests
                     engine.step()
-                    self._step_began = None
             except (torch.OutOfMemoryError, MemoryError) as err:
                 self._fail_all(engine, self._out_of_memory(err, len(self._jobs)))
             except Exception as err:  # reported to the clients; the engine must survive it
