@@ -71,6 +71,21 @@ def test_the_engine_process_answers_as_the_engine_does_and_streams_its_tokens(ba
     assert busy[0][0] == "busy" and sent_at <= busy[0][1] <= busy[-1][1] <= time.perf_counter()
 
 
+def test_the_engine_says_it_is_idle_as_soon_as_its_last_request_is_answered(backend):
+    """The busy clock stops with the last step, not after the engine's wait for new messages
+    (0.5 s): otherwise a server with nothing in flight reads as busy (notebook 08's CPU run)."""
+    idle: list[float] = []
+    backend.engine.on_idle = idle.append
+    outcomes = Outcomes()
+    request = Request(PROMPTS[0], 4, 0.0, ignore_eos=True)
+    backend.tokenize(request)
+    backend.engine.add(request, outcomes.callback(0))
+    outcomes.wait(1)
+    answered = time.perf_counter()
+    wait_for(lambda: idle, timeout=5)
+    assert idle[0] - answered < 0.1, f"idle {idle[0] - answered:.3f} s after the answer"
+
+
 def test_a_cancelled_request_stops_at_the_next_step_and_frees_its_pages(backend):
     request = Request(PROMPTS[0], 150, 0.7, seed=1, ignore_eos=True)
     backend.tokenize(request)

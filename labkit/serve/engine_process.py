@@ -284,24 +284,24 @@ class _EngineLoop:
     def run(self) -> None:
         busy = False
         while True:
-            working = self.engine.has_work()
-            if not self._take_messages(timeout=0 if working else 0.5):
-                return  # the server is gone: nobody is left to answer
-            working = self.engine.has_work()
-            if working and not busy:
-                busy = True
-                self.conn.send(("busy", time.perf_counter()))
-            if working:
-                self._step()
-            else:
+            if not self.engine.has_work():
+                # At rest: say so before waiting for messages, or the wait (up to 0.5 s) would
+                # count as busy time in the server's /stats.
                 if self.outcomes:  # refused on arrival: answered now, not with a later step
                     self._send_step()
                 if busy:
                     busy = False
                     self.conn.send(("idle", time.perf_counter(), self.engine.stats()))
-            if self.stopping and not working:
-                self.conn.send(("stopped",))
-                return
+                if self.stopping:
+                    self.conn.send(("stopped",))
+                    return
+            if not self._take_messages(timeout=0 if self.engine.has_work() else 0.5):
+                return  # the server is gone: nobody is left to answer
+            if self.engine.has_work():
+                if not busy:
+                    busy = True
+                    self.conn.send(("busy", time.perf_counter()))
+                self._step()
 
     def _take_messages(self, timeout: float) -> bool:
         try:
