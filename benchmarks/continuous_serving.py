@@ -118,12 +118,15 @@ def over_http(args, sampler, engine_process: bool) -> list[dict]:
                          temperature=0.0, **options)  # warm: connections, workers
             for temperature in args.temperature:
                 before = client.get(srv.url + "/stats").body["server"]
-                started = time.perf_counter()
                 result = loadtest.run(url, args.concurrency, args.requests,
                                       max_tokens=args.max_tokens, temperature=temperature,
                                       **options)
-                seconds = time.perf_counter() - started
-                util = sampler.summary(start=started, end=time.perf_counter())
+                # The load's own window, first send to last answer: with --workers, run()
+                # also spends seconds starting its processes, while the GPU waits.
+                spans = utilization.request_spans(result)
+                started, ended = min(s for s, _ in spans), max(e for _, e in spans)
+                seconds = ended - started
+                util = sampler.summary(start=started, end=ended)
                 server = client.get(srv.url + "/stats").body["server"]
                 s = result.summary()
                 rows.append({

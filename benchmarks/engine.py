@@ -130,7 +130,12 @@ def throughput(args, sampler) -> list[dict]:
     vocab = lm.config.vocab_size
     rows = []
     for n in args.concurrency:
-        engine.generate(fixed_requests(n, args.prompt_tokens, 4, vocab))  # graphs of this size
+        # Warm-up, untimed: this size's CUDA graphs, greedy and sampled (a sampled step has
+        # graphs and a Triton kernel of its own, which would otherwise compile inside the
+        # first sampled run's time).
+        for temperature, top_p in ((0.0, None), (args.temperature, None),
+                                   (args.temperature, args.top_p)):
+            engine.generate(fixed_requests(n, args.prompt_tokens, 4, vocab, temperature, top_p))
         row = {"concurrency": n, **run_engine(
             engine, fixed_requests(n, args.prompt_tokens, args.max_tokens, vocab), sampler)}
         # The same requests sampled: at --temperature (top_p 1), then with --top-p as well.
