@@ -130,8 +130,8 @@ def throughput(args, sampler) -> list[dict]:
     vocab = lm.config.vocab_size
     rows = []
     for n in args.concurrency:
-        # Warm-up, untimed: this size's CUDA graphs, greedy and sampled (a sampled step has
-        # graphs and a Triton kernel of its own, which would otherwise compile inside the
+        # Warm-up, untimed: this size's CUDA graphs, and greedy and sampled steps (the
+        # sampling kernel's first call at a size compiles it, which must not fall inside the
         # first sampled run's time).
         for temperature, top_p in ((0.0, None), (args.temperature, None),
                                    (args.temperature, args.top_p)):
