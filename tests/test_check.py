@@ -97,40 +97,50 @@ def test_unusable_answer_is_reported_not_raised(answer):
 
 
 def test_close_answer_says_how_far_off():
-    result = answers.parameter_count(3.4e9, "llama-3.2-3b")
+    result = answers.parameter_count(3.3e9, "llama-3.2-3b")
     assert result.status == "close"
-    assert "5.8% above" in result.message and "±1%" in result.message
+    assert "2.7% above" in result.message and "±1%" in result.message and "±5%" in result.message
 
 
-@pytest.mark.parametrize(("checker", "answer", "phrase"), [
-    (lambda a: answers.parameter_count(a, "llama-3.2-3b"), 3.2127e9 + 128256 * 3072, "once"),
-    (lambda a: answers.weight_memory(a, "llama-3.2-3b"), 3.2127e9 * 2 / 2**30, "GiB"),
-    (lambda a: answers.weight_memory(a, "llama-3.2-3b"), 3.2127e9 * 4 / 1e9, "float32"),
-    (lambda a: answers.kv_cache_size(a, "llama-3.2-3b", 8192), 0.9395 / 2, "K and V"),
-    (lambda a: answers.kv_cache_size(a, "llama-3.2-3b", 8192), 0.9395 * 3, "num_key_value"),
-    (lambda a: answers.ms_per_token(a, 823.4, 145), 145 / 0.8234, "tokens per second"),
-    (lambda a: answers.p95_latency(a, LATENCIES), 1543.0, "maximum"),
-    (lambda a: answers.littles_law_throughput(a, 0.8, 5), 6.25, "parallel"),
-    (lambda a: answers.littles_law_latency(a, 0.8, 5), 0.8, "queue"),
-    (lambda a: answers.idle_percent(a, [0, 0, 3, 80, 90, 100]), 0.5, "fraction"),
-    (lambda a: answers.effective_cost(a, 3.0, 0.18), 0.54, "divide"),
-    (lambda a: answers.memory_per_server(a, SHARED), 33.2 / 4, "including memory"),
-    (lambda a: answers.servers_that_fit(a, SHARED, 80), 10, "One too many"),
-    (lambda a: answers.servers_to_match(a, SHARED), 50, "round up"),
-    (lambda a: answers.kv_pages_needed(a, 16, **LONG), 524, "rounds the tokens of all"),
-    (lambda a: answers.kv_pages_needed(a, 16, **LONG), 16 * 32, "prompt's tokens"),
-    (lambda a: answers.kv_pages_in_memory(a, 14.0, "llama-3.2-3b"), 7629 * 2, "K and V"),
-    (lambda a: answers.kv_pages_in_memory(a, 14.0, "llama-3.2-3b"), 7629.39, "round down"),
-    (lambda a: answers.kv_pages_in_memory(a, 14.0, "llama-3.2-3b"), 8192, "GiB"),
-    (lambda a: answers.requests_that_fit(a, 8178, **LONG), 8178 * 16 // 524, "tokens, not"),
-    (lambda a: answers.requests_that_fit(a, 8178, **LONG), 248, "Round down"),
-    (lambda a: answers.rate_where_ttft_passes(a, RATES, 141.0), 16.0, "within the target"),
-    (lambda a: answers.rate_where_ttft_passes(a, RATES, 141.0), 64.0, "lower measured rate"),
-    (lambda a: answers.rate_where_ttft_passes(a, RATES, 141.0), 20.0, "not one of"),
+@pytest.mark.parametrize(("checker", "answer", "phrase", "status"), [
+    (lambda a: answers.parameter_count(a, "llama-3.2-3b"), 3.2127e9 + 128256 * 3072, "once",
+     "wrong"),
+    (lambda a: answers.weight_memory(a, "llama-3.2-3b"), 3.2127e9 * 2 / 2**30, "GiB", "close"),
+    (lambda a: answers.weight_memory(a, "llama-3.2-3b"), 3.2127e9 * 4 / 1e9, "float32", "wrong"),
+    (lambda a: answers.kv_cache_size(a, "llama-3.2-3b", 8192), 0.9395 / 2, "K and V", "wrong"),
+    (lambda a: answers.kv_cache_size(a, "llama-3.2-3b", 8192), 0.9395 * 3, "num_key_value",
+     "wrong"),
+    (lambda a: answers.ms_per_token(a, 823.4, 145), 145 / 0.8234, "tokens per second", "wrong"),
+    (lambda a: answers.p95_latency(a, LATENCIES), 1543.0, "maximum", "wrong"),
+    (lambda a: answers.littles_law_throughput(a, 0.8, 5), 6.25, "parallel", "wrong"),
+    (lambda a: answers.littles_law_latency(a, 0.8, 5), 0.8, "queue", "wrong"),
+    (lambda a: answers.idle_percent(a, [0, 0, 3, 80, 90, 100]), 0.5, "fraction", "wrong"),
+    (lambda a: answers.effective_cost(a, 3.0, 0.18), 0.54, "divide", "wrong"),
+    (lambda a: answers.memory_per_server(a, SHARED), 33.2 / 4, "including memory", "close"),
+    (lambda a: answers.servers_that_fit(a, SHARED, 80), 10, "one too many", "close"),
+    (lambda a: answers.servers_to_match(a, SHARED), 50, "round up", "close"),
+    (lambda a: answers.kv_pages_needed(a, 16, **LONG), 524, "rounds the tokens of all", "close"),
+    (lambda a: answers.kv_pages_needed(a, 16, prompt_tokens=40, output_tokens=512), 16 * 32,
+     "prompt's tokens", "wrong"),
+    (lambda a: answers.kv_pages_in_memory(a, 14.0, "llama-3.2-3b"), 7629 * 2, "K and V",
+     "wrong"),
+    (lambda a: answers.kv_pages_in_memory(a, 14.0, "llama-3.2-3b"), 7629.39, "round it down",
+     "close"),
+    (lambda a: answers.kv_pages_in_memory(a, 14.0, "llama-3.2-3b"), 8192, "GiB", "wrong"),
+    (lambda a: answers.requests_that_fit(a, 8178, **LONG), 8178 * 16 // 524, "tokens, not",
+     "close"),
+    (lambda a: answers.requests_that_fit(a, 8178, **LONG), 248, "round down", "close"),
+    (lambda a: answers.rate_where_ttft_passes(a, RATES, 141.0), 16.0, "within the target",
+     "wrong"),
+    (lambda a: answers.rate_where_ttft_passes(a, RATES, 141.0), 64.0, "lower measured rate",
+     "wrong"),
+    (lambda a: answers.rate_where_ttft_passes(a, RATES, 141.0), 20.0, "not one of", "wrong"),
 ])
-def test_known_mistakes_get_a_specific_explanation(checker, answer, phrase):
+def test_known_mistakes_get_a_specific_explanation(checker, answer, phrase, status):
+    """A known mistake is explained; its mark is set by the checker's bands like any answer's
+    (a GB/GiB slip is within weight_memory's 🟡 band, a rounding slip is 🟡 for a count)."""
     result = checker(answer)
-    assert result.status == "wrong"
+    assert result.status == status, result.message
     assert phrase in result.message
 
 

@@ -2,10 +2,19 @@
 whether theirs is right, how far off it is, and a hint.
 
 Every checker takes the learner's answer first, then the inputs the answer was computed from
-(a model shape, or the measured numbers), prints one line and returns a `CheckResult`:
+(a model shape, or the measured numbers), prints one line and returns a `CheckResult`. The line
+starts with one of the marks in `MARKS`, the key every exercise notebook and exercises/README.md
+show (tests/test_answer_marks.py holds them to it):
 
-    ✅ correct · 🟡 close (how far off, the tolerance) · ❌ not yet (how far off, a hint)
-    ✏️ not answered yet (the stub's `None` or `...`) · ⚠️ not a usable answer (e.g. text)
+    ✅ right · 🟡 close (how far off, and the tolerance) · ❌ not yet (how far off, and a hint) ·
+    ✏️ not answered yet · ⚠️ not a usable answer (e.g. text where a number goes)
+
+and states the bands it was judged by. A number (memory, a time, a rate) is ✅ within its
+checker's tolerance and 🟡 within `CLOSE_FACTOR` times it. A count that comes whole (pages,
+servers) is ✅ only when exact and 🟡 when only the rounding is off (rounded the other way, at
+another step, or not at all). A choice among measured rows is ✅ only for the right row; its 🟡
+band is stated by its checker. An answer that matches a known mistake gets that mistake's
+explanation instead of the general hint, 🟡 or ❌ by the same bands.
 
 Checkers never raise on the learner's answer. Inputs that the exercise itself supplies (a shape,
 measured numbers) are validated and raise ValueError when they cannot give a reference.
@@ -16,10 +25,10 @@ With LABKIT_CHECK_STRICT=1 (the solution notebooks in CI) anything but ✅ raise
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -28,6 +37,19 @@ from labkit.measure.utilization import IDLE_THRESHOLD_PCT
 
 STRICT_ENV = "LABKIT_CHECK_STRICT"
 UNITS = {"bytes": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+
+# Verdict -> (the mark its line starts with, what the mark tells the learner). MARKS_KEY is the
+# key learners read, in every exercise notebook's first cell and in exercises/README.md.
+MARKS: dict[str, tuple[str, str]] = {
+    "correct": ("✅", "right"),
+    "close": ("🟡", "close (how far off, and the tolerance)"),
+    "wrong": ("❌", "not yet (how far off, and a hint)"),
+    "unanswered": ("✏️", "not answered yet"),
+    "invalid": ("⚠️", "not a usable answer (e.g. text where a number goes)"),
+}
+MARKS_KEY = " · ".join(f"{mark} {meaning}" for mark, meaning in MARKS.values())
+CLOSE_FACTOR = 5  # a number is 🟡 within this many times its ✅ tolerance
+CHOICE_CLOSE = 0.05  # 🟡 band of the choices among measured rows (see their checkers)
 
 # Exercise name -> exercise set (the course notebook it belongs to).
 EXERCISES: dict[str, str] = {
@@ -59,10 +81,10 @@ class ExerciseNotPassed(AssertionError):
     """Raised in strict mode (LABKIT_CHECK_STRICT=1) when a checker's verdict is not ✅."""
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class CheckResult:
     exercise: str
-    status: str  # "correct", "close", "wrong", "unanswered" or "invalid"
+    status: str  # a key of MARKS: "correct", "close", "wrong", "unanswered" or "invalid"
     message: str
     answer: object = None
     expected: object = None
@@ -70,6 +92,10 @@ class CheckResult:
     @property
     def correct(self) -> bool:
         return self.status == "correct"
+
+    @property
+    def mark(self) -> str:
+        return MARKS[self.status][0]
 
     def __bool__(self) -> bool:
         return self.correct
@@ -83,6 +109,13 @@ class CheckResult:
 
 # --- verdict helpers -------------------------------------------------------------------------
 
+def _result(exercise: str, status: str, text: str, answer: object = None,
+            expected: object = None) -> CheckResult:
+    """The verdict `status`, its line starting with the mark MARKS gives that status."""
+    return CheckResult(exercise, status, f"{MARKS[status][0]} {exercise}: {text}", answer,
+                       expected)
+
+
 def _finish(result: CheckResult) -> CheckResult:
     print(result.message)
     if os.environ.get(STRICT_ENV, "") not in ("", "0") and not result.correct:
@@ -91,18 +124,8 @@ def _finish(result: CheckResult) -> CheckResult:
 
 
 def _unanswered(exercise: str) -> CheckResult:
-    return CheckResult(exercise, "unanswered", f"✏️ {exercise}: not answered yet — replace the "
-                       "`None` (or `...`) with your answer and run the cell again.")
-
-
-def _not_measured(exercise: str, value: float, measured: list[float], what: str, answer: object,
-                  expected: object) -> CheckResult | None:
-    """A "wrong" result when `value` is none of the `measured` values of the table, else None."""
-    if value in measured:
-        return None
-    listed = ", ".join(f"{m:g}" for m in measured)
-    return CheckResult(exercise, "wrong", f"❌ {exercise}: {value:g} is not one of the measured "
-                       f"{what}: {listed}.", answer, expected)
+    return _result(exercise, "unanswered", "not answered yet — replace the `None` (or `...`) "
+                   "with your answer and run the cell again.")
 
 
 def _number(exercise: str, answer: object) -> float | CheckResult:
@@ -110,22 +133,26 @@ def _number(exercise: str, answer: object) -> float | CheckResult:
     if answer is None or answer is Ellipsis:
         return _unanswered(exercise)
     if isinstance(answer, (str, bytes, bool)):
-        return CheckResult(exercise, "invalid", f"⚠️ {exercise}: expected a number, got "
-                           f"{answer!r}. Give the value itself, e.g. 6.43, not text.", answer)
+        return _result(exercise, "invalid", f"expected a number, got {answer!r}. Give the value "
+                       "itself, e.g. 6.43, not text.", answer)
     try:
         value = float(answer)  # ints, floats, numpy and one-element torch scalars
     except (TypeError, ValueError):
-        return CheckResult(exercise, "invalid", f"⚠️ {exercise}: expected a single number, got "
-                           f"{type(answer).__name__} {answer!r}.", answer)
+        return _result(exercise, "invalid", f"expected a single number, got "
+                       f"{type(answer).__name__} {answer!r}.", answer)
     if not math.isfinite(value):
-        return CheckResult(exercise, "invalid", f"⚠️ {exercise}: got {value}; the answer must be "
-                           "a finite number (a division by zero somewhere?).", answer)
+        return _result(exercise, "invalid", f"got {value}; the answer must be a finite number "
+                       "(a division by zero somewhere?).", answer)
     return value
 
 
-def _how_far(value: float, expected: float) -> str:
-    if expected == 0:
-        return f"{value:.4g} away from the reference"
+def _how_far(value: float, expected: float, unit: str | None = None) -> str:
+    """How far `value` is from the reference: relative, or in `unit` when one is given (the
+    checkers with an absolute tolerance)."""
+    if unit is not None or expected == 0:
+        diff = value - expected
+        return (f"{abs(diff):.3g} {_unit_name(unit or '')} {'above' if diff > 0 else 'below'} "
+                "the reference").replace("  ", " ")
     ratio = value / expected
     if ratio >= 2 or 0 < ratio <= 0.5:
         return f"about {ratio:.3g}× the reference" if ratio > 1 else \
@@ -135,35 +162,97 @@ def _how_far(value: float, expected: float) -> str:
     return f"{abs(ratio - 1):.1%} {'above' if ratio > 1 else 'below'} the reference"
 
 
+def _unit_name(unit: str) -> str:
+    return "percentage points" if unit == "%" else unit
+
+
+def _percent(fraction: float) -> str:
+    return f"{round(100 * fraction, 6):g}%"
+
+
+def _bands(rel_tol: float, abs_tol: float, unit: str) -> tuple[str, str]:
+    """The ✅ tolerance and the 🟡 band of a number, as its messages state them."""
+    if rel_tol:
+        return f"±{_percent(rel_tol)}", f"±{_percent(CLOSE_FACTOR * rel_tol)}"
+    name = _unit_name(unit)
+    return f"±{abs_tol:g} {name}".rstrip(), f"±{CLOSE_FACTOR * abs_tol:g} {name}".rstrip()
+
+
 def _compare(exercise: str, answer: object, expected: float, *, unit: str, hint: str,
              rel_tol: float = 0.0, abs_tol: float = 0.0,
              mistakes: Iterable[tuple[float, str]] = ()) -> CheckResult:
-    """Numeric verdict: within tolerance → correct; a known mistake → its explanation;
-    within a few tolerances → close; otherwise wrong. Wrong answers never reveal the reference."""
+    """Numeric verdict, with a tolerance relative to the reference (`rel_tol`) or in the
+    answer's unit (`abs_tol`): ✅ within it, 🟡 within CLOSE_FACTOR times it, ❌ beyond; every
+    message states both bands. An answer at a known mistake (within the tolerance of the
+    mistake's value) gets its explanation instead of the hint. Only ✅ shows the reference."""
+    if (rel_tol > 0) == (abs_tol > 0):
+        raise ValueError("give a checker either rel_tol or abs_tol")
     value = _number(exercise, answer)
     if isinstance(value, CheckResult):
         return value
 
     def tolerance(ref: float) -> float:
-        return max(rel_tol * abs(ref), abs_tol)
+        return rel_tol * abs(ref) if rel_tol else abs_tol
 
+    right, close = _bands(rel_tol, abs_tol, unit)
     shown = f"{value:.4g} {unit}".rstrip()
-    if abs(value - expected) <= tolerance(expected):
-        return CheckResult(exercise, "correct", f"✅ {exercise}: correct — {shown} "
-                           f"(reference {expected:.4g} {unit}).",
+    off = abs(value - expected)
+    if off <= tolerance(expected):
+        return _result(exercise, "correct", f"correct — {shown} (reference {expected:.4g} "
+                       f"{unit}, within {right}).".replace(" ,", ","), answer, expected)
+    why = next((explanation for wrong_value, explanation in mistakes
+                if abs(value - wrong_value) <= tolerance(wrong_value)
+                and abs(wrong_value - expected) > tolerance(expected)), f"Hint: {hint}")
+    status = "close" if off <= CLOSE_FACTOR * tolerance(expected) else "wrong"
+    far = _how_far(value, expected, None if rel_tol else unit)
+    return _result(exercise, status, f"{'close' if status == 'close' else 'not yet'} — {shown} "
+                   f"is {far} (✅ within {right}, 🟡 within {close}). {why}", answer, expected)
+
+
+def _whole(exercise: str, answer: object, expected: int, *, noun: str, hint: str,
+           rounds: str | None, rounding: Iterable[tuple[float, str]] = (),
+           mistakes: Iterable[tuple[float, str]] = ()) -> CheckResult:
+    """A count that comes whole: ✅ only when exact; 🟡 when only the rounding is off: a
+    fraction that rounding `rounds` ("down" or "up") turns into the reference, or one of
+    `rounding` (the reference rounded the other way or at another step; a fractional entry is
+    the value before rounding, matched within 0.05, a one-decimal reading of it); ❌ otherwise,
+    with a known mistake's explanation if the answer is one."""
+    value = _number(exercise, answer)
+    if isinstance(value, CheckResult):
+        return value
+    rule = f"a whole number of {noun}: ✅ only when exact, 🟡 when only the rounding is off"
+    shown = f"{value:g} {noun}"
+    if value == expected:
+        return _result(exercise, "correct", f"correct — {expected:g} {noun}.", answer, expected)
+    fraction = not value.is_integer()
+    mistaken = [why for wrong, why in mistakes if wrong != expected and value == wrong]
+    for near, why in rounding:
+        if near == expected:
+            continue
+        if value == near or (fraction and not float(near).is_integer()
+                             and abs(value - near) <= 0.05):
+            also = f" Or, if that is not it: {mistaken[0]}" if mistaken else ""
+            return _result(exercise, "close", f"close — {shown}: {why} ({rule}).{also}",
                            answer, expected)
-    for wrong_value, explanation in mistakes:
-        if abs(value - wrong_value) <= tolerance(wrong_value) and \
-                abs(wrong_value - expected) > tolerance(expected):
-            return CheckResult(exercise, "wrong", f"❌ {exercise}: {shown} is "
-                               f"{_how_far(value, expected)}. {explanation}", answer, expected)
-    allowed = f"±{rel_tol:.0%}" if rel_tol else f"±{abs_tol:g} {unit}".rstrip()
-    off = _how_far(value, expected)
-    if abs(value - expected) <= max(4 * tolerance(expected), 0.1 * abs(expected)):
-        return CheckResult(exercise, "close", f"🟡 {exercise}: close — {shown} is {off} "
-                           f"(tolerance {allowed}). Hint: {hint}", answer, expected)
-    return CheckResult(exercise, "wrong", f"❌ {exercise}: not yet — {shown} is {off}. "
-                       f"Hint: {hint}", answer, expected)
+    rounded = {"down": math.floor, "up": math.ceil}[rounds](value) if rounds and fraction \
+        else None
+    if rounded == expected:
+        return _result(exercise, "close", f"close — {shown} is not a whole number: round it "
+                       f"{rounds} ({rule}).", answer, expected)
+    why = mistaken[0] if mistaken else f"Hint: {hint}"
+    return _result(exercise, "wrong", f"not yet — {shown} is {_how_far(value, expected)} "
+                   f"({rule}). {why}", answer, expected)
+
+
+def _choice(exercise: str, value: float, measured: list[float], what: str, rule: str,
+            answer: object, expected: object) -> CheckResult | None:
+    """A "wrong" result when `value` is none of the `measured` values of the table, else None.
+    `rule`: the checker's bands, which the message states."""
+    if value in measured:
+        return None
+    listed = ", ".join(f"{m:g}" for m in measured)
+    return _result(exercise, "wrong", f"not yet — {value:g} is not one of the measured {what}: "
+                   f"{listed} ({rule}).", answer, expected)
 
 
 # --- inputs the exercise supplies --------------------------------------------------------------
@@ -450,7 +539,8 @@ def effective_cost(answer, hourly_price: float, utilization: float) -> CheckResu
 
 def timeline_request_count(answer, request_spans: Sequence[tuple[float, float]],
                            window: tuple[float, float] | None = None) -> CheckResult:
-    """How many requests ran (overlapped `window`, or at all) in a timeline of (start, end)."""
+    """How many requests ran (overlapped `window`, or at all) in a timeline of (start, end).
+    A count read off a chart: ✅ only when exact, 🟡 when one off."""
     exercise = "timeline_request_count"
     spans = _spans(request_spans)
     if window is not None:
@@ -462,14 +552,14 @@ def timeline_request_count(answer, request_spans: Sequence[tuple[float, float]],
         return _finish(value)
     where = f" between t = {w_start:g} s and {w_end:g} s" if window is not None else ""
     if value == expected:
-        return _finish(CheckResult(exercise, "correct", f"✅ {exercise}: correct — {expected} "
-                                   f"requests ran{where}.", answer, expected))
+        return _finish(_result(exercise, "correct", f"correct — {expected} requests ran{where}.",
+                               answer, expected))
     off = value - expected
-    status = "close" if abs(off) == 1 else "wrong"
-    mark = "🟡" if status == "close" else "❌"
-    return _finish(CheckResult(
-        exercise, status, f"{mark} {exercise}: {value:g} is {abs(off):g} too "
-        f"{'many' if off > 0 else 'few'}. Hint: count every bar{where}, including those that "
+    status = "close" if abs(off) <= 1 else "wrong"
+    return _finish(_result(
+        exercise, status, f"{'close' if status == 'close' else 'not yet'} — {value:g} is "
+        f"{abs(off):g} too {'many' if off > 0 else 'few'} (a whole number of requests: ✅ only "
+        f"when exact, 🟡 when one off). Hint: count every bar{where}, including those that "
         "start before or end after the window; bars that touch are separate requests.",
         answer, expected))
 
@@ -477,7 +567,8 @@ def timeline_request_count(answer, request_spans: Sequence[tuple[float, float]],
 def timeline_idle_gap(answer, request_spans: Sequence[tuple[float, float]],
                       min_overlap: float = 0.6) -> CheckResult:
     """The longest interval with no request running, read off a timeline, as (start, end) in s.
-    Correct when it overlaps the true gap by ≥ `min_overlap` (intersection over union)."""
+    ✅ when it overlaps the true gap by ≥ `min_overlap` of the span the two cover together
+    (intersection over union), 🟡 when it overlaps it less, ❌ when it does not overlap it."""
     exercise = "timeline_idle_gap"
     gaps = idle_intervals(_spans(request_spans))
     if not gaps:
@@ -485,31 +576,33 @@ def timeline_idle_gap(answer, request_spans: Sequence[tuple[float, float]],
     expected = max(gaps, key=lambda g: g[1] - g[0])
     if answer is None or answer is Ellipsis:
         return _finish(_unanswered(exercise))
-    interval = _interval(answer)
+    interval = None if isinstance(answer, (str, bytes)) else _interval(answer)
     if interval is None:
-        return _finish(CheckResult(exercise, "invalid", f"⚠️ {exercise}: give the interval as "
-                                   f"(start_s, end_s), e.g. (3.2, 4.0); got {answer!r}.", answer))
+        return _finish(_result(exercise, "invalid", "expected an interval (start_s, end_s) of "
+                               f"two numbers, e.g. (3.2, 4.0); got {answer!r}.", answer))
     start, end = interval
     iou = _overlap(interval, expected) / (max(end, expected[1]) - min(start, expected[0]))
     shown = f"({start:g}, {end:g}) s"
+    rule = (f"✅ from an overlap of {min_overlap:.0%} of the span the two intervals cover, "
+            "🟡 below that")
     if iou >= min_overlap:
-        return _finish(CheckResult(exercise, "correct", f"✅ {exercise}: correct — {shown} "
-                                   f"matches the longest idle gap, ({expected[0]:.2f}, "
-                                   f"{expected[1]:.2f}) s.", answer, expected))
+        return _finish(_result(exercise, "correct", f"correct — {shown} matches the longest "
+                               f"idle gap, ({expected[0]:.2f}, {expected[1]:.2f}) s (overlap "
+                               f"{iou:.0%}, ✅ from {min_overlap:.0%}).", answer, expected))
     other = max(gaps, key=lambda g: _overlap(interval, g))
     if _overlap(interval, other) > 0 and other != expected:
-        return _finish(CheckResult(exercise, "wrong", f"❌ {exercise}: {shown} is an idle gap, "
-                                   "but not the longest one. Hint: compare the widths of all the "
-                                   "gaps between bars.", answer, expected))
+        return _finish(_result(exercise, "wrong", f"not yet — {shown} is an idle gap, but not "
+                               "the longest one. Hint: compare the widths of all the gaps "
+                               "between bars.", answer, expected))
     if _overlap(interval, expected) > 0:
-        return _finish(CheckResult(
-            exercise, "close", f"🟡 {exercise}: close — {shown} overlaps the gap, but its start "
-            f"is {start - expected[0]:+.2f} s and its end {end - expected[1]:+.2f} s off. "
+        return _finish(_result(
+            exercise, "close", f"close — {shown} overlaps the gap by {iou:.0%} ({rule}): its "
+            f"start is {start - expected[0]:+.2f} s and its end {end - expected[1]:+.2f} s off. "
             "Hint: the gap runs from the end of one bar to the start of the next.",
             answer, expected))
-    return _finish(CheckResult(exercise, "wrong", f"❌ {exercise}: {shown} does not overlap "
-                               "any idle gap. Hint: look for the widest stretch with no bar.",
-                               answer, expected))
+    return _finish(_result(exercise, "wrong", f"not yet — {shown} does not overlap any idle "
+                           f"gap ({rule}). Hint: look for the widest stretch with no bar.",
+                           answer, expected))
 
 
 def idle_intervals(spans: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -547,7 +640,10 @@ def _overlap(a: tuple[float, float], b: tuple[float, float]) -> float:
 def best_batch_size(answer, rows, p95_target_ms: float, *, batch_key: str = "batch_size",
                     throughput_key: str = "throughput", p95_key: str = "p95_ms") -> CheckResult:
     """The batch size with the highest throughput among measured rows whose p95 meets the target.
-    `rows`: a list of mappings (or a pandas DataFrame) with batch size, throughput and p95."""
+    `rows`: a list of mappings (or a pandas DataFrame) with batch size, throughput and p95.
+    A choice among the measured batch sizes: ✅ only for that one; 🟡 for another that meets the
+    target with a throughput within CHOICE_CLOSE of the best (a near tie, e.g. in a rounded
+    table); ❌ for one over the target, or further below the best."""
     exercise = "best_batch_size"
     target = _positive("p95_target_ms", p95_target_ms)
     table = _rows(rows, (batch_key, throughput_key, p95_key))
@@ -560,24 +656,30 @@ def best_batch_size(answer, rows, p95_target_ms: float, *, batch_key: str = "bat
     value = _number(exercise, answer)
     if isinstance(value, CheckResult):
         return _finish(value)
-    unmeasured = _not_measured(exercise, value, [r[batch_key] for r in table], "batch sizes",
-                               answer, expected)
+    rule = (f"one of the measured batch sizes: ✅ for the best under the target, 🟡 for one "
+            f"under it within {_percent(CHOICE_CLOSE)} of its throughput")
+    unmeasured = _choice(exercise, value, [r[batch_key] for r in table], "batch sizes", rule,
+                         answer, expected)
     if unmeasured is not None:
         return _finish(unmeasured)
     chosen = next(r for r in table if r[batch_key] == value)
     if value == expected:
-        return _finish(CheckResult(
-            exercise, "correct", f"✅ {exercise}: correct — batch {value:g} gives "
+        return _finish(_result(
+            exercise, "correct", f"correct — batch {value:g} gives "
             f"{chosen[throughput_key]:.4g} throughput at p95 {chosen[p95_key]:.4g} ms "
             f"(target {target:g} ms).", answer, expected))
     if chosen[p95_key] > target:
-        message = (f"❌ {exercise}: batch {value:g} has p95 {chosen[p95_key]:.4g} ms, over the "
-                   f"{target:g} ms target. Hint: first drop the rows that miss the target.")
-    else:
-        message = (f"❌ {exercise}: batch {value:g} meets the target, but another batch size that "
-                   "meets it gives more throughput. Hint: among the rows under the target, "
-                   "take the highest throughput.")
-    return _finish(CheckResult(exercise, "wrong", message, answer, expected))
+        return _finish(_result(
+            exercise, "wrong", f"not yet — batch {value:g} has p95 {chosen[p95_key]:.4g} ms, "
+            f"over the {target:g} ms target ({rule}). Hint: first drop the rows that miss the "
+            "target.", answer, expected))
+    short = 1 - chosen[throughput_key] / best[throughput_key]
+    status = "close" if short <= CHOICE_CLOSE else "wrong"
+    return _finish(_result(
+        exercise, status, f"{'close' if status == 'close' else 'not yet'} — batch {value:g} "
+        f"meets the target, but its throughput is {short:.1%} below that of another batch "
+        f"size that meets it ({rule}). Hint: among the rows under the target, take the highest "
+        "throughput.", answer, expected))
 
 
 # --- 07 sharing one GPU ------------------------------------------------------------------------
@@ -613,7 +715,8 @@ def memory_per_server(answer, rows, memory_key: str = "gpu_memory_used_gb") -> C
 def servers_that_fit(answer, rows, capacity_gb: float,
                      memory_key: str = "gpu_memory_used_gb") -> CheckResult:
     """How many server processes fit in `capacity_gb`, each extra one adding the measured
-    memory per server to the smallest set-up's."""
+    memory per server to the smallest set-up's. A whole number: ✅ only when exact, 🟡 when only
+    the rounding is off."""
     exercise = "servers_that_fit"
     capacity = _positive("capacity_gb", capacity_gb)
     slope, fewest, _ = _memory_line(rows, memory_key)
@@ -621,27 +724,22 @@ def servers_that_fit(answer, rows, capacity_gb: float,
     if used > capacity:
         raise ValueError(f"the smallest set-up already uses {used:g} GB of {capacity:g} GB")
     expected = int(servers + math.floor((capacity - used) / slope + 1e-9))  # 1e-9: float noise
-    value = _number(exercise, answer)
-    if isinstance(value, CheckResult):
-        return _finish(value)
-    if value == expected:
-        return _finish(CheckResult(exercise, "correct", f"✅ {exercise}: correct — {expected} "
-                                   f"servers fit in {capacity:g} GB.", answer, expected))
-    if value == math.floor(capacity / slope + 1e-9):
-        hint = ("That ignores what the first set-up already holds beyond one server's share; "
-                "start from its measured memory and add servers until the capacity is reached.")
-    elif value == expected + 1:
-        hint = "One too many: round down, a server that does not fully fit cannot start."
-    else:
-        hint = ("start from the smallest set-up's memory and add one server's memory at a "
-                "time: servers + (capacity − memory) ÷ memory per server, rounded down.")
-    return _finish(CheckResult(exercise, "wrong", f"❌ {exercise}: not yet — {value:g} servers. "
-                               f"Hint: {hint}", answer, expected))
+    rounding = [(expected + 1, "one too many; round down, as a server that does not fully "
+                               "fit cannot start")]
+    mistakes = [(math.floor(capacity / slope + 1e-9), "That ignores what the first set-up "
+                 "already holds beyond one server's share; start from its measured memory and "
+                 "add servers until the capacity is reached.")]
+    return _finish(_whole(exercise, answer, expected, noun="servers", rounds="down",
+                          rounding=rounding, mistakes=mistakes,
+                          hint="start from the smallest set-up's memory and add one server's "
+                               "memory at a time: servers + (capacity − memory) ÷ memory per "
+                               "server, rounded down."))
 
 
 def servers_to_match(answer, rows) -> CheckResult:
     """Sequential servers needed to match the batched server's throughput, if each added one
-    lone server's throughput (the best case): ceil(batched req/s ÷ one server's req/s)."""
+    lone server's throughput (the best case): ceil(batched req/s ÷ one server's req/s).
+    A whole number: ✅ only when exact, 🟡 when only the rounding is off."""
     exercise = "servers_to_match"
     table = _rows(rows, ("servers", "requests_per_second"))
     single = [r for r in table if r.get("mode") == "sequential" and r["servers"] == 1]
@@ -650,18 +748,14 @@ def servers_to_match(answer, rows) -> CheckResult:
         raise ValueError("rows need a one-server sequential set-up and a batched one")
     ratio = batched[0]["requests_per_second"] / single[0]["requests_per_second"]
     expected = math.ceil(ratio - 1e-9)
-    value = _number(exercise, answer)
-    if isinstance(value, CheckResult):
-        return _finish(value)
-    if value == expected:
-        return _finish(CheckResult(exercise, "correct", f"✅ {exercise}: correct — {expected} "
-                                   f"servers (the batched server did {ratio:.3g}× one).",
-                                   answer, expected))
-    hint = ("round up: a fraction of a server cannot run." if value == math.floor(ratio)
-            else "divide the batched server's requests/s by one sequential server's, and round "
-                 "up.")
-    return _finish(CheckResult(exercise, "wrong", f"❌ {exercise}: not yet — {value:g} servers. "
-                               f"Hint: {hint}", answer, expected))
+    rounding = [(math.floor(ratio + 1e-9), "one too few; round up, as a fraction of a server "
+                                           "cannot run")]
+    mistakes = [(math.ceil(1 / ratio - 1e-9), "That is one server's requests/s over the "
+                 "batched server's: divide the other way round.")]
+    return _finish(_whole(exercise, answer, expected, noun="servers", rounds="up",
+                          rounding=rounding, mistakes=mistakes,
+                          hint="divide the batched server's requests/s by one sequential "
+                               "server's, and round up."))
 
 
 # --- 08 continuous batching ------------------------------------------------------------------
@@ -671,39 +765,26 @@ def _pages_per_request(prompt_tokens: int, output_tokens: int, page_tokens: int)
     return math.ceil(tokens / _count("page_tokens", page_tokens))
 
 
-def _whole(exercise: str, answer, expected: int, hint: str,
-           mistakes: Iterable[tuple[float, str]] = ()) -> CheckResult:
-    """A count: right only when exact; a known mistake explains itself."""
-    value = _number(exercise, answer)
-    if isinstance(value, CheckResult):
-        return value
-    if value == expected:
-        return CheckResult(exercise, "correct", f"✅ {exercise}: correct — {expected:g}.",
-                           answer, expected)
-    for wrong, why in mistakes:
-        if wrong != expected and value == wrong:
-            return CheckResult(exercise, "wrong", f"❌ {exercise}: not yet — {value:g}. {why}",
-                               answer, expected)
-    return CheckResult(exercise, "wrong", f"❌ {exercise}: not yet — {value:g} is "
-                       f"{_how_far(value, expected)}. Hint: {hint}", answer, expected)
-
-
 def kv_pages_needed(answer, requests: int, prompt_tokens: int, output_tokens: int,
                     page_tokens: int = 16) -> CheckResult:
     """KV cache pages `requests` requests of `prompt_tokens` + `output_tokens` tokens hold at
-    once, at `page_tokens` tokens per page: each request rounds up to whole pages of its own."""
+    once, at `page_tokens` tokens per page: each request rounds up to whole pages of its own.
+    A whole number: ✅ only when exact, 🟡 when only the rounding is off."""
     n = _count("requests", requests)
     per_request = _pages_per_request(prompt_tokens, output_tokens, page_tokens)
     tokens = prompt_tokens + output_tokens
-    mistakes = [
-        (math.ceil(n * tokens / page_tokens), "That rounds the tokens of all requests together; "
-         "each request has pages of its own, so round up per request, then multiply."),
-        (n * math.ceil(output_tokens / page_tokens), "The prompt's tokens are in the cache too: "
-         "count prompt + output tokens."),
-        (n * (tokens // page_tokens), "Round up: a request with a few tokens left over still "
-         "takes a whole page for them."),
+    rounding = [
+        (n * (tokens // page_tokens), "rounded down; round up, as a request with a few tokens "
+                                      "left over still takes a whole page for them"),
+        (math.ceil(n * tokens / page_tokens), "that rounds the tokens of all requests "
+         "together; each request has pages of its own, so round up per request, then multiply"),
+        (n * tokens / page_tokens, "pages come whole; round up the pages of each request, then "
+                                   "multiply"),
     ]
-    return _finish(_whole("kv_pages_needed", answer, n * per_request, mistakes=mistakes,
+    mistakes = [(n * math.ceil(output_tokens / page_tokens), "The prompt's tokens are in the "
+                 "cache too: count prompt + output tokens.")]
+    return _finish(_whole("kv_pages_needed", answer, n * per_request, noun="pages", rounds=None,
+                          rounding=rounding, mistakes=mistakes,
                           hint="pages per request = ceil((prompt + output tokens) ÷ tokens per "
                                "page); then × the number of requests."))
 
@@ -712,13 +793,13 @@ def kv_pages_in_memory(answer, cache_gb: float, shape: str, dtype="bfloat16",
                        page_tokens: int = 16) -> CheckResult:
     """Whole KV cache pages of `page_tokens` tokens that `cache_gb` GB (10^9 bytes) hold for the
     model `shape` in `dtype`: a page is page_tokens × `labkit.engine.kv_cache.bytes_per_token`
-    (what `labkit serve --mode continuous --kv-cache-gb` sizes its cache with)."""
+    (what `labkit serve --mode continuous --kv-cache-gb` sizes its cache with). A whole number:
+    ✅ only when exact, 🟡 when only the rounding is off."""
     import torch
 
     from labkit.engine.kv_cache import bytes_per_token
     from labkit.engine.model import resolve_dtype
 
-    exercise = "kv_pages_in_memory"
     config = _config(shape)
     memory = _positive("cache_gb", cache_gb) * 1e9
     tokens = _count("page_tokens", page_tokens)
@@ -727,6 +808,8 @@ def kv_pages_in_memory(answer, cache_gb: float, shape: str, dtype="bfloat16",
     expected = int(memory // page_bytes)
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    rounding = [(expected + 1, "one too many; round down, as a page that does not fully fit "
+                               "is not there")]
     mistakes = [
         (int(2 * memory // page_bytes), "Count both K and V: every token stores a key and a "
                                         "value in each layer."),
@@ -737,14 +820,9 @@ def kv_pages_in_memory(answer, cache_gb: float, shape: str, dtype="bfloat16",
         (int(tokens * memory // page_bytes), f"That counts tokens: a page holds {tokens} of "
                                              "them."),
         (int(2**30 * memory / 1e9 // page_bytes), "That reads GB as GiB: 1 GB = 10^9 bytes."),
-        (expected + 1, "Round down: a page that does not fully fit is not there."),
     ]
-    value = _number(exercise, answer)
-    if not isinstance(value, CheckResult) and value != expected \
-            and abs(value - memory / page_bytes) < 1:
-        return _finish(CheckResult(exercise, "wrong", f"❌ {exercise}: not yet — {value:g}: "
-                                   "pages come whole; round down.", answer, expected))
-    return _finish(_whole(exercise, answer, expected, mistakes=mistakes,
+    return _finish(_whole("kv_pages_in_memory", answer, expected, noun="pages", rounds="down",
+                          rounding=rounding, mistakes=mistakes,
                           hint="bytes per token = 2 (K and V) × layers × kv_heads × head_dim × "
                                "bytes per element; a page is that × tokens per page; the cache's "
                                "bytes ÷ a page's, rounded down."))
@@ -754,25 +832,35 @@ def requests_that_fit(answer, kv_pages_total: int, prompt_tokens: int, output_to
                       page_tokens: int = 16) -> CheckResult:
     """How many requests of `prompt_tokens` + `output_tokens` tokens a cache of `kv_pages_total`
     pages holds at once, each in whole pages of its own (after that, a request waits, or one
-    running is preempted)."""
+    running is preempted). A whole number: ✅ only when exact, 🟡 when only the rounding is
+    off."""
     total = _count("kv_pages_total", kv_pages_total)
     per_request = _pages_per_request(prompt_tokens, output_tokens, page_tokens)
     tokens = prompt_tokens + output_tokens
-    mistakes = [
-        (total * page_tokens // tokens, "That counts tokens, not pages: a request's last page "
-         "is whole even when it is partly empty. Divide by the pages of one request."),
-        (math.ceil(total / per_request), "Round down: a request that does not fully fit cannot "
-         "run."),
+    per_page = "a request's last page is whole even when it is partly empty, so round the " \
+               "pages of one request up, then divide, then round down"
+    rounding = [
+        (math.ceil(total / per_request), "one too many; round down, as a request that does "
+                                         "not fully fit cannot run"),
+        (total * page_tokens // tokens, f"that divides by a request's tokens, not its pages; "
+                                        f"{per_page}"),
+        (total * page_tokens / tokens, f"that divides by a request's tokens, not its pages; "
+                                       f"{per_page}"),
     ]
-    return _finish(_whole("requests_that_fit", answer, total // per_request, mistakes=mistakes,
+    return _finish(_whole("requests_that_fit", answer, total // per_request, noun="requests",
+                          rounds="down", rounding=rounding,
                           hint="pages of one request = ceil((prompt + output) ÷ tokens per page); "
                                "total pages ÷ that, rounded down."))
 
 
 def rate_where_ttft_passes(answer, rows, target_ms: float, *, rate_key: str = "rate",
-                           ttft_key: str = "ttft_p95_ms") -> CheckResult:
+                           ttft_key: str = "ttft_p95_ms",
+                           served_key: str = "requests_per_second") -> CheckResult:
     """The lowest measured arrival rate whose p95 TTFT is over `target_ms`. `rows`: a list of
-    mappings (or a DataFrame) with the rate and its measured p95 TTFT."""
+    mappings (or a DataFrame) with the rate and its measured p95 TTFT (and, if measured, the
+    served rate under `served_key`). A choice among the measured rates: ✅ only for that one,
+    exactly; 🟡 for a number within CHOICE_CLOSE of it that no other measured rate is nearer
+    (a rounded reading, or the served rate read instead of the arrival rate)."""
     exercise = "rate_where_ttft_passes"
     target = _positive("target_ms", target_ms)
     table = sorted(_rows(rows, (rate_key, ttft_key)), key=lambda r: r[rate_key])
@@ -784,14 +872,26 @@ def rate_where_ttft_passes(answer, rows, target_ms: float, *, rate_key: str = "r
     value = _number(exercise, answer)
     if isinstance(value, CheckResult):
         return _finish(value)
-    unmeasured = _not_measured(exercise, value, [r[rate_key] for r in table], "rates", answer,
-                               expected)
-    if unmeasured is not None:
-        return _finish(unmeasured)
     if value == expected:
-        return _finish(CheckResult(
-            exercise, "correct", f"✅ {exercise}: correct — at {value:g} req/s p95 TTFT was "
+        return _finish(_result(
+            exercise, "correct", f"correct — at {value:g} req/s p95 TTFT was "
             f"{over[0][ttft_key]:.4g} ms, over the {target:g} ms target.", answer, expected))
+    rates = [r[rate_key] for r in table]
+    rule = (f"one of the measured rates: ✅ for the right one exactly, 🟡 within "
+            f"±{_percent(CHOICE_CLOSE)} of it")
+    served = [_float_or_none(r.get(served_key)) for r in table]
+    why = (f" That is a served rate ({served_key}); the question asks for the arrival rate, "
+           f"the {rate_key!r} column." if any(
+               x is not None and math.isclose(value, x, rel_tol=1e-3) for x in served) else "")
+    if value not in rates:
+        nearest = min(rates, key=lambda r: abs(r - value))
+        if nearest == expected and abs(value - expected) <= CHOICE_CLOSE * expected:
+            return _finish(_result(
+                exercise, "close", f"close — {value:g} req/s is {_how_far(value, expected)}, "
+                f"not a measured rate ({rule}).{why} Hint: give the rate exactly as measured, "
+                f"from the {rate_key!r} column.", answer, expected))
+        wrong = _choice(exercise, value, rates, "rates", rule, answer, expected)
+        return _finish(dataclasses.replace(wrong, message=wrong.message + why))
     chosen = next(r for r in table if r[rate_key] == value)
     if chosen[ttft_key] <= target:
         hint = (f"at {value:g} req/s p95 TTFT was {chosen[ttft_key]:.4g} ms, within the target; "
@@ -799,8 +899,15 @@ def rate_where_ttft_passes(answer, rows, target_ms: float, *, rate_key: str = "r
     else:
         hint = ("that rate is over the target, but a lower measured rate already was: take the "
                 "lowest rate whose p95 TTFT is over the target.")
-    return _finish(CheckResult(exercise, "wrong", f"❌ {exercise}: not yet — {hint}",
-                               answer, expected))
+    return _finish(_result(exercise, "wrong", f"not yet — {value:g} req/s ({rule}): {hint}",
+                           answer, expected))
+
+
+def _float_or_none(value) -> float | None:
+    try:
+        return None if value is None or isinstance(value, (str, bool)) else float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _rows(rows, keys: Sequence[str]) -> list[dict]:
