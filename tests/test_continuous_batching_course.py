@@ -84,8 +84,13 @@ def test_findings_follow_the_numbers_on_both_sides():
     text = lab.findings(batched, continuous)
     assert "26,300 ms batched vs 200 ms continuous, 0.01x (target ≤ 0.5x: met)" in text
     assert "they gained too" in text
-    assert "batched 0.34 req/s" in text and "2.6x as slow as its first: it fell behind" in text
-    assert "1.0x as slow as its first: it kept up" in text
+    assert "batched 0.34 req/s" in text
+    assert "its last short requests took 2.6x as long as its first (over 2x): it fell behind" \
+        in text
+    assert "took 1.0x as long as its first (under 2x): it kept up" in text
+    faster = lab.findings(batched, {**continuous, "short_trend": 1 / 3})
+    assert "its last short requests were 3.0x faster than its first (under 2x): it kept up" \
+        in faster
     assert "at most 110 of 8178 pages in use (1.3%)" in text
     assert "a long request needs up to 33 pages of 16 tokens" in text  # ceil((12 + 512) / 16)
     assert "room for 247 of them" in text and "2 preemptions" in text
@@ -124,9 +129,22 @@ def test_step_trace_shows_requests_joining_as_others_leave(engine_for):
     text = lab.trace_findings(rows, results, 3)
     assert "after step 1, 3 ran (max_running 3) and 5 waited" in text
     assert "the first waiting one joined at step" in text
+    assert "No preemption: the running requests never needed more pages" in text
     table = lab.trace_table(rows, lines=6)
     assert table.splitlines()[0].split()[:3] == ["step", "ms", "running"]
-    assert len(table.splitlines()) <= 6 + 6
+    assert len(table.splitlines()) <= 6 + 7
+    assert "/39 " in table and "page 0, which belongs to no request" in table
+
+
+def test_a_small_cache_preempts_and_every_request_still_finishes(engine_for):
+    """Notebook 08's CPU demo: a cache of 9 pages (8 usable) is outgrown by its running
+    requests, so preemption happens, as the prose says it does."""
+    requests = lab.mixed_requests(10, 4, 64, 0.2)
+    rows, results = lab.step_trace(engine_for(9, 4), requests)
+    assert [r.tokens_generated for r in results] == [r.max_tokens for r in requests]
+    assert rows[-1]["preemptions"] >= 1 and rows[-1]["kv_pages_used"] == 0
+    text = lab.trace_findings(rows, results, 4)
+    assert "preemption" in text and "all 10 requests still finished" in text
 
 
 def test_ttft_at_rates_measures_each_rate(engine_for):

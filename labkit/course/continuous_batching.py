@@ -355,20 +355,27 @@ def _throughput(b: dict, c: dict) -> str:
     parts = []
     for r in (b, c):
         trend = r.get("short_trend", math.nan)
-        verdict = ("" if math.isnan(trend) else
-                   f", its last short requests {trend:.1f}x as slow as its first: "
-                   + ("it kept up" if trend < KEPT_UP_TREND else "it fell behind, its queue grew"))
+        verdict = "" if math.isnan(trend) else f", {_trend(trend)}"
         parts.append(f"{r['mode']} {r['requests_per_second']:.2f} req/s and "
                      f"{r['output_tokens_per_sec']:,.0f} output tok/s{verdict}")
     return (f"Served at {b['offered_rate']:g} req/s offered (an open-loop test's req/s also "
             "counts the last requests' own time): " + "; ".join(parts) + ".")
 
 
+def _trend(trend: float) -> str:
+    """The last third of the short requests' median latency against the first third's."""
+    change = (f"its last short requests took {trend:.1f}x as long as its first" if trend >= 1
+              else f"its last short requests were {1 / trend:.1f}x faster than its first")
+    if trend < KEPT_UP_TREND:
+        return change + " (under " f"{KEPT_UP_TREND:g}x): it kept up"
+    return change + f" (over {KEPT_UP_TREND:g}x): it fell behind, its queue grew"
+
+
 def _utilization(b: dict, c: dict) -> str:
     if b["utilization_source"] == "cpu-mode":
         return (f"Server busy share (CPU mode, not GPU utilization): {_f(b['mean_util'], 1)} % "
-                f"batched vs {_f(c['mean_util'], 1)} % continuous; without a GPU there is no SM "
-                "activity to read.")
+                f"batched vs {_f(c['mean_util'], 1)} % continuous, the share of time each had a "
+                "generation running; without a GPU there is no SM activity to read.")
     text = (f"Mean NVML utilization {_f(b['mean_util'], 1)} % batched vs "
             f"{_f(c['mean_util'], 1)} % continuous")
     if b.get("sm_activity_mean") is not None and c.get("sm_activity_mean") is not None:
@@ -425,6 +432,8 @@ def trace_table(rows: list[dict], lines: int = 14) -> str:
                    f"{r['finished']:>9}")
     out.append("running/waiting/KV pages: after the step; decoded: tokens generated in it (one "
                "per running request that has its first token)")
+    out.append("KV pages: in use / usable; the cache has one page more, page 0, which belongs to "
+               "no request: padded rows write there")
     return "\n".join(out)
 
 
@@ -443,9 +452,18 @@ def trace_findings(rows: list[dict], results: list, max_running: int) -> str:
                      "request was done.")
     elif not first["waiting"]:
         lines.append("Nothing waited: max_running and the KV cache held every request at once.")
-    lines.append(f"KV pages in use peaked at {max(r['kv_pages_used'] for r in rows)} of "
-                 f"{first['kv_pages_total']} and were back to {rows[-1]['kv_pages_used']} after "
-                 f"the last request; preemptions: {rows[-1]['preemptions']}.")
+    peak, total = max(r["kv_pages_used"] for r in rows), first["kv_pages_total"]
+    lines.append(f"KV pages in use peaked at {peak} of {total} and were back to "
+                 f"{rows[-1]['kv_pages_used']} after the last request.")
+    preempted = rows[-1]["preemptions"]
+    finished = sum(1 for r in results if r is not None)
+    lines.append(
+        f"{preempted} preemption{'s' if preempted != 1 else ''}: running requests outgrew the "
+        "cache, so the most recently admitted one gave its pages back and went to the front of "
+        f"the queue, to be prefilled again later; all {finished} requests still finished."
+        if preempted else
+        "No preemption: the running requests never needed more pages than the cache had (a "
+        "smaller DEMO_PAGES makes them run out).")
     return "\n".join(f"- {line}" for line in lines)
 
 

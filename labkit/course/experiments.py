@@ -239,16 +239,76 @@ def bad_generate_requests(context_tokens: int) -> dict[str, dict]:
     }
 
 
-def send_bad_requests(url: str, context_tokens: int) -> str:
-    """Send each of `bad_generate_requests` to a server; one line each: status and error."""
-    lines = []
-    for name, kwargs in bad_generate_requests(context_tokens).items():
-        reply = client.call("POST", url + "/generate", **kwargs)
+def send_bad_requests(url: str, context_tokens: int) -> list[dict]:
+    """Send each of `bad_generate_requests` to a server's /generate, then a GET to /generate and
+    a request to a path that does not exist: one row each, with the status and the whole error
+    message the server sent."""
+    sends = [("POST", "/generate", name, kwargs)
+             for name, kwargs in bad_generate_requests(context_tokens).items()]
+    sends += [("GET", "/generate", "GET /generate", {}), ("GET", "/nope", "unknown path", {})]
+    rows = []
+    for method, path, name, kwargs in sends:
+        reply = client.call(method, url + path, **kwargs)
         error = reply.body.get("error") if isinstance(reply.body, dict) else reply.body
-        lines.append(f"{name:<20} {reply.status}  {str(error)[:95]}")
-    lines.append(f"{'GET /generate':<20} {client.get(url + '/generate').status}")
-    lines.append(f"{'unknown path':<20} {client.get(url + '/nope').status}")
+        rows.append({"case": name, "method": method, "path": path, "status": reply.status,
+                     "error": str(error)})
+    return rows
+
+
+def bad_requests_table(rows: list[dict], width: int = 100) -> str:
+    """The rows of `send_bad_requests`: case, status, and the server's message in full, wrapped
+    at word boundaries."""
+    import textwrap
+
+    lines = [f"{'request':<20} {'status':>6}  message"]
+    for r in rows:
+        wrapped = textwrap.wrap(r["error"], width - 29) or [""]
+        lines.append(f"{r['case']:<20} {r['status']:>6}  {wrapped[0]}")
+        lines += [f"{'':<29}{line}" for line in wrapped[1:]]
     return "\n".join(lines)
+
+
+def stream_arrivals_table(arrivals_ms: list[float], texts: list[str], shown: int = 12) -> str:
+    """When each streamed chunk reached the client (ms after the request was sent) and its
+    text: the first ones, then evenly spaced, the last; and the gaps between them."""
+    import numpy as np
+
+    if not arrivals_ms:
+        return "no chunk arrived"
+    picked = sorted(set(range(min(4, len(arrivals_ms))))
+                    | {round(i) for i in np.linspace(0, len(arrivals_ms) - 1, shown - 4)})
+    lines = [f"{'chunk':>5} {'arrived ms':>11}  text"]
+    lines += [f"{i + 1:>5} {arrivals_ms[i]:>11.1f}  {texts[i]!r}" for i in picked]
+    gaps = np.diff(arrivals_ms)
+    if len(gaps):
+        lines.append(f"{len(arrivals_ms)} chunks from {arrivals_ms[0]:.1f} to "
+                     f"{arrivals_ms[-1]:.1f} ms after sending; gap between chunks: median "
+                     f"{np.median(gaps):.1f} ms, max {gaps.max():.1f} ms")
+    return "\n".join(lines)
+
+
+def serving_table(rows: list[dict]) -> str:
+    """Notebook 03's measured figures, one row per run (yours, or the GPU reference's)."""
+    lines = [f"{'device':<24} {'tokens':>6} {'generation ms':>13} {'ms/token':>9} "
+             f"{'stream: 1st chunk ms':>20} {'chunks':>6} {'health max ms':>13}"]
+    for r in rows:
+        lines.append(f"{r['device']:<24} {r['tokens_generated']:>6} "
+                     f"{r['inference_time_ms']:>13.0f} {r['ms_per_token']:>9.2f} "
+                     f"{r['stream_first_ms']:>20.1f} {r['stream_chunks']:>6} "
+                     f"{r['health_max_ms']:>13.1f}")
+    return "\n".join(lines)
+
+
+def serving_row(reply: dict, arrivals_ms: list[float], health_ms: list[float]) -> dict:
+    """Notebook 03's figures: the seed's request, the streamed one, the health checks."""
+    tokens = reply["tokens_generated"]
+    return {"device": reply.get("gpu_name") or reply["device"], "tokens_generated": tokens,
+            "inference_time_ms": reply["inference_time_ms"],
+            "ms_per_token": reply["inference_time_ms"] / max(tokens, 1),
+            "stream_first_ms": arrivals_ms[0] if arrivals_ms else math.nan,
+            "stream_last_ms": arrivals_ms[-1] if arrivals_ms else math.nan,
+            "stream_chunks": len(arrivals_ms), "health_max_ms": max(health_ms),
+            "health_median_ms": sorted(health_ms)[len(health_ms) // 2]}
 
 
 def gpu_memory_during(url: str, load, interval: float = 0.5) -> dict | None:
@@ -277,7 +337,8 @@ def concurrency_rows(results: dict) -> list[dict]:
     rows = []
     for c in sorted(results):
         s = results[c].summary()
-        rows.append({"concurrency": c, "requests_per_second": s["requests_per_sec"],
+        rows.append({"concurrency": c, "requests": s["successful"],
+                     "requests_per_second": s["requests_per_sec"],
                      "p50_ms": s["latency_ms"]["p50"], "p95_ms": s["latency_ms"]["p95"],
                      "mean_ms": s["latency_ms"]["mean"], "queue_ms": s["queue_time_ms"]["mean"],
                      "service_ms": s["latency_ms"]["mean"] - s["queue_time_ms"]["mean"],
@@ -295,22 +356,40 @@ def concurrency_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def closed_loop_mean_latency(concurrency: int, requests: int, service_ms: float) -> float:
+    """The mean latency Little's law gives a closed loop of `concurrency` clients sending
+    `requests` in all to a server that generates one at a time, `service_ms` each. Once the
+    loop runs, `concurrency` requests are always in the system, so L = λW gives
+    W = concurrency x service time. A finite run starts empty, though: its first requests
+    wait 0, 1, ..., concurrency - 1 services, which pulls the mean below c x S."""
+    c, n = concurrency, requests
+    if n <= c:  # all sent at once: they wait 0, 1, ..., n - 1 services
+        return service_ms * (n + 1) / 2
+    return service_ms * (c * (c + 1) / 2 + (n - c) * c) / n
+
+
 def littles_law(rows: list[dict]) -> list[dict]:
-    """Each level's mean latency predicted as concurrency x the service time measured at the
-    lowest level (a closed loop with one generation at a time), next to the measured one."""
-    service_ms = rows[0]["service_ms"]
-    return [{"concurrency": r["concurrency"], "predicted_ms": r["concurrency"] * service_ms,
-             "measured_ms": r["mean_ms"],
-             "error": r["mean_ms"] / (r["concurrency"] * service_ms) - 1} for r in rows]
+    """Each level's mean latency as Little's law predicts it from the service time measured at
+    that level (`closed_loop_mean_latency`), next to the one measured."""
+    out = []
+    for r in rows:
+        predicted = closed_loop_mean_latency(r["concurrency"], r["requests"], r["service_ms"])
+        out.append({"concurrency": r["concurrency"], "requests": r["requests"],
+                    "service_ms": r["service_ms"], "steady_ms": r["concurrency"] * r["service_ms"],
+                    "predicted_ms": predicted, "measured_ms": r["mean_ms"],
+                    "error": r["mean_ms"] / predicted - 1})
+    return out
 
 
 def littles_law_table(rows: list[dict]) -> str:
-    lines = [f"service time at concurrency {rows[0]['concurrency']}: "
-             f"{rows[0]['service_ms']:.0f} ms",
-             f"{'conc':>4} {'predicted mean latency':>23} {'measured mean':>14} {'error':>7}"]
+    lines = [f"{'conc':>4} {'requests':>8} {'service ms':>11} {'c x service':>12} "
+             f"{'predicted mean':>15} {'measured mean':>14} {'error':>7}"]
     for r in littles_law(rows):
-        lines.append(f"{r['concurrency']:>4} {r['predicted_ms']:>20.0f} ms "
+        lines.append(f"{r['concurrency']:>4} {r['requests']:>8} {r['service_ms']:>11.0f} "
+                     f"{r['steady_ms']:>9.0f} ms {r['predicted_ms']:>12.0f} ms "
                      f"{r['measured_ms']:>11.0f} ms {r['error']:>+7.0%}")
+    lines.append("predicted: Little's law for this run (its first requests find the queue "
+                 "empty); c x service: the same once the loop runs, for a run without end")
     return "\n".join(lines)
 
 

@@ -1,5 +1,7 @@
 """Execute notebooks top to bottom with nbclient and store their outputs: `make gpu-outputs`
-runs it on a GPU machine so the committed notebooks carry real GPU numbers.
+runs it on a GPU machine so the committed notebooks carry real GPU numbers, and the results
+each one saves become the GPU reference a CPU run prints beside its own
+(notebooks/reference/, see `labkit.course.notebook`).
 
     python -m labkit.course.nbrun notebooks/*.ipynb [--out DIR] [--timeout 900]
 """
@@ -7,6 +9,7 @@ runs it on a GPU machine so the committed notebooks carry real GPU numbers.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -14,6 +17,8 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
+
+from labkit.course import notebook
 
 
 def execute(path: Path, out_dir: Path | None, timeout: int) -> bool:
@@ -41,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="write here (default: in place)")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per cell")
     args = parser.parse_args(argv)
+    os.environ[notebook.SAVE_REFERENCE_ENV] = "1"  # the kernels inherit it
     results = [execute(path, args.out, args.timeout) for path in args.notebooks]
     return 0 if all(results) else 1
 

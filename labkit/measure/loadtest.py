@@ -708,8 +708,11 @@ class _progress_bar:
         if self.enabled:
             from tqdm.auto import tqdm
 
+            # smoothing=0: the rate shown is the mean since the first send, the report's
+            # req/s, not a moving average of the last updates (which ends on the burst of the
+            # last completions)
             self.bar = tqdm(total=self.total, desc=self.label, unit="req", mininterval=0.2,
-                            bar_format=self.FORMAT)
+                            smoothing=0, bar_format=self.FORMAT)
         return self.bar
 
     def __exit__(self, *exc) -> None:
