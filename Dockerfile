@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# The lab's GPU container: JupyterLab on the course notebooks (port 8888, token auth on) and
+# The lab's GPU container: JupyterLab on the learner's workspace (port 8888, token auth on) and
 # room for `labkit serve` (port 8000). Needs the NVIDIA Container Toolkit on the host:
 #   docker build -t gpu-inference-lab .
 #   docker run --rm --gpus all -p 8888:8888 -p 8000:8000 gpu-inference-lab
@@ -25,11 +25,12 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 # A non-root user with uid 1000 (the usual first user on a host, so bind mounts stay writable);
-# Ubuntu's image already has `ubuntu` there, which is removed. /lab/downloads exists in the image
-# so that a named volume mounted there (compose.yaml) starts out owned by, and writable for, lab.
+# Ubuntu's image already has `ubuntu` there, which is removed. /lab/downloads and /lab/workspace
+# exist in the image so that named volumes mounted there (compose.yaml) start out owned by, and
+# writable for, lab.
 RUN userdel --remove ubuntu \
     && useradd --create-home --uid 1000 --shell /bin/bash lab \
-    && install -d -o lab -g lab /lab /lab/downloads
+    && install -d -o lab -g lab /lab /lab/downloads /lab/workspace
 WORKDIR /lab
 USER 1000
 
@@ -53,4 +54,6 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
 
 # tini reaps the kernels' child processes and forwards `docker stop` to JupyterLab.
 ENTRYPOINT ["tini", "--"]
-CMD ["jupyter", "lab", "--ip", "0.0.0.0", "--port", "8888", "--no-browser", "--notebook-dir", "notebooks"]
+# As `make lab`: the learner's copies of notebooks/ and exercises/ in workspace/ (made once, then
+# kept; labkit/course/workspace.py), so the image's committed notebooks stay as shipped.
+CMD ["sh", "-c", "python -m labkit.course.workspace sync --into workspace && exec jupyter lab --ip 0.0.0.0 --port 8888 --no-browser --notebook-dir workspace"]

@@ -1,6 +1,10 @@
 # Two commands do all set-up on a fresh machine:
-#   make lab    environment + JupyterLab on notebooks/
+#   make lab    environment + JupyterLab on your workspace (LAB_DIR, git-ignored): your copies of
+#               notebooks/ and exercises/, made once and never overwritten, so your runs never
+#               modify the committed notebooks (labkit/course/workspace.py)
 #   make test   environment + every test (notebooks included)
+# make lab-reset NOTEBOOK=notebooks/04_load_test_concurrency.ipynb takes the course's new version
+# of one notebook (make lab says when one changed); your copy is moved aside, not deleted.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -11,11 +15,12 @@ BIN    := $(VENV)/bin
 TEST_JOBS ?= 2
 LAB_PORT ?= 8888
 LAB_IP   ?= 127.0.0.1
+LAB_DIR  ?= workspace
 STAMP  := $(VENV)/.installed
 # Jupyter refuses to start as root without --allow-root (CI and many containers run as root).
 LAB_ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
 
-.PHONY: venv lab test gpu-test gpu-outputs lint model clean
+.PHONY: venv lab lab-reset test gpu-test gpu-outputs lint model clean
 
 venv: $(STAMP)
 
@@ -28,7 +33,12 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 lab: venv
-	$(BIN)/jupyter lab --notebook-dir=notebooks --ip=$(LAB_IP) --port=$(LAB_PORT) --no-browser $(LAB_ROOT_FLAG)
+	@$(BIN)/python -m labkit.course.workspace sync --into $(LAB_DIR)
+	$(BIN)/jupyter lab --notebook-dir=$(LAB_DIR) --ip=$(LAB_IP) --port=$(LAB_PORT) --no-browser $(LAB_ROOT_FLAG)
+
+lab-reset: venv
+	@test -n "$(NOTEBOOK)" || { echo "Say which: make lab-reset NOTEBOOK=notebooks/NAME.ipynb"; exit 2; }
+	$(BIN)/python -m labkit.course.workspace reset --into $(LAB_DIR) $(NOTEBOOK)
 
 test: venv
 	$(BIN)/ruff check labkit tests benchmarks

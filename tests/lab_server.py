@@ -1,6 +1,7 @@
 """Start JupyterLab exactly as `make lab` starts it, in the background, for tests: the real
-Makefile target on a free port, with an explicit token (JUPYTER_TOKEN), stopped through the
-server's own shutdown API so kernels and the process exit cleanly."""
+Makefile target (the workspace sync, then JupyterLab on it) on a free port, with an explicit token
+(JUPYTER_TOKEN) and the workspace in the test's tmp dir (LAB_DIR), stopped through the server's
+own shutdown API so kernels and the process exit cleanly."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ class Lab:
     token: str
     process: subprocess.Popen
     log: Path
+    root: Path  # the workspace `make lab` laid out and serves (LAB_DIR)
 
     def get(self, path: str, token: bool = True, timeout: float = 10) -> tuple[int, str]:
         request = urllib.request.Request(self.url + path)
@@ -52,8 +54,12 @@ def free_port() -> int:
 
 @contextmanager
 def running_lab(tmp_path: Path, startup_timeout: float = 60,
-                extra_env: dict[str, str] | None = None) -> Iterator[Lab]:
+                extra_env: dict[str, str] | None = None,
+                lab_dir: Path | None = None) -> Iterator[Lab]:
+    """`make lab` on a free port; its workspace is `lab_dir`, by default in `tmp_path`: a test
+    never creates or touches the checkout's own workspace/."""
     port, token = free_port(), secrets.token_hex(16)
+    lab_dir = (lab_dir or tmp_path / "workspace").resolve()
     # Own runtime, workspace and settings folders: no layout saved by an earlier session reopens
     # tabs, and the test's settings below apply only to this server.
     env = {**os.environ, **(extra_env or {}), "JUPYTER_TOKEN": token,
@@ -63,11 +69,12 @@ def running_lab(tmp_path: Path, startup_timeout: float = 60,
     log = tmp_path / "lab.log"
     with log.open("w") as out:
         process = subprocess.Popen(
-            ["make", "--no-print-directory", "-o", STAMP, "lab", f"LAB_PORT={port}"],
+            ["make", "--no-print-directory", "-o", STAMP, "lab", f"LAB_PORT={port}",
+             f"LAB_DIR={lab_dir}"],
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,  # its own process group: we can stop make and jupyter together
         )
-    lab = Lab(f"http://127.0.0.1:{port}", token, process, log)
+    lab = Lab(f"http://127.0.0.1:{port}", token, process, log, lab_dir)
     try:
         _wait_until_up(lab, startup_timeout)
         yield lab
@@ -75,9 +82,10 @@ def running_lab(tmp_path: Path, startup_timeout: float = 60,
         stop(lab)
 
 
-# JupyterLab user settings for tests: no autosave (a test that runs a notebook must not write
-# its outputs into the committed file), every cell in the DOM (the default windowing leaves cells
-# outside the viewport unrendered, so a browser test could not see them), no news pop-up.
+# JupyterLab user settings for tests: no autosave (a test writes a notebook only when it saves it,
+# as the learner's test does, and then into the workspace, never the committed file), every cell
+# in the DOM (the default windowing leaves cells outside the viewport unrendered, so a browser
+# test could not see them), no news pop-up.
 TEST_SETTINGS = {
     "@jupyterlab/docmanager-extension/plugin.jupyterlab-settings": {"autosave": False},
     "@jupyterlab/notebook-extension/tracker.jupyterlab-settings": {"windowingMode": "none"},
@@ -135,8 +143,15 @@ def notebook_names() -> list[str]:
 
 
 def notebook_bytes() -> dict[Path, bytes]:
-    """The committed notebooks as they are now, to prove a test left them untouched."""
-    return {p: p.read_bytes() for p in sorted((ROOT / "notebooks").glob("*.ipynb"))}
+    """The committed notebooks and exercises as they are now, to prove a test left them
+    untouched."""
+    return {p: p.read_bytes()
+            for folder in ("notebooks", "exercises/learner", "exercises/solutions")
+            for p in sorted((ROOT / folder).glob("*.ipynb"))}
+
+
+def exercise_names() -> list[str]:
+    return sorted(p.name for p in (ROOT / "exercises" / "learner").glob("*.ipynb"))
 
 
 def contents(lab: Lab, name: str) -> dict:

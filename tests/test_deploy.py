@@ -457,11 +457,21 @@ def test_parser_check_can_fail(capsys):
         _parse_labkit(["labkit", "serve", "--drain-time", "300"])
 
 
-def test_dockerfile_cmd_is_jupyter_on_the_notebooks():
+def test_dockerfile_cmd_is_jupyter_on_the_learners_workspace():
+    """As `make lab`: the workspace synced from the committed notebooks, then JupyterLab on it
+    (exec: tini's SIGTERM reaches JupyterLab, not the shell)."""
     cmd = json.loads(re.search(r"^CMD (\[.*\])$", DOCKERFILE.read_text(), re.M)[1])
-    assert cmd[:2] == ["jupyter", "lab"]
-    notebook_dir = cmd[cmd.index("--notebook-dir") + 1]
-    assert (ROOT / notebook_dir).is_dir() and any((ROOT / notebook_dir).glob("*.ipynb"))
+    assert cmd[:2] == ["sh", "-c"]
+    sync, lab = cmd[2].split(" && ")
+    assert sync.split()[:4] == ["python", "-m", "labkit.course.workspace", "sync"]
+    folder = sync.split()[sync.split().index("--into") + 1]
+    lab = lab.split()
+    assert lab[:3] == ["exec", "jupyter", "lab"]
+    assert lab[lab.index("--notebook-dir") + 1] == folder
+    assert f"/lab/{folder}" in DOCKERFILE.read_text(), "the image must create the workspace"
+    compose = yaml.safe_load(COMPOSE.read_text())
+    assert f"workspace:/lab/{folder}" in compose["services"]["lab"]["volumes"]
+    assert any((ROOT / "notebooks").glob("*.ipynb"))
     assert re.search(r'^ENTRYPOINT \["tini", "--"\]$', DOCKERFILE.read_text(), re.M), \
         "the entry points above assume the image's ENTRYPOINT is tini"
     assert "/lab/downloads" in DOCKERFILE.read_text(), \

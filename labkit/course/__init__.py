@@ -4,7 +4,8 @@ Owns notebook parameters and results files (`notebook`), the set-up check (`setu
 `info`), the serving experiments of notebooks 06–07 (`experiments`), notebook 08's continuous
 batching experiment with its own table and findings (`continuous_batching`), the conclusions
 printed at the end of notebooks (`findings`), answer checkers (`answers`), the exercise builder
-(`exercises`) and the notebook runner (`nbrun`).
+(`exercises`), the notebook runner (`nbrun`) and the learner's workspace that `make lab`
+opens (`workspace`).
 
 May import: every other labkit package. Nothing imports it.
 """
