@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         one = [Chunk([1234], args.tokens - 1, tables[0])]
         for name, (fused_on, gemv_on, pdl_on) in PATHS.items():
             use(model, fused_on, gemv_on, pdl_on)
-            eager = ModelRunner(model, cache, max_rows=1, cuda_graphs=False)
+            eager = ModelRunner(model, cache, cuda_graphs=False)
             row[f"gpu_ops_per_step_{name}"] = gpu_ops_per_step(eager, one)
         for rows in args.rows:
             chunks = [Chunk([1234], args.tokens - 1, table) for table in tables[:rows]]
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             runners = {}
             for name, flags in paths.items():  # a runner's graph keeps the path it was captured on
                 use(model, *flags)
-                runners[name] = ModelRunner(model, cache, max_rows=rows)
+                runners[name] = ModelRunner(model, cache)
                 runners[name].decode(chunks)
             steps, best = (300 if rows == 1 else 100), dict.fromkeys(paths, float("inf"))
             for _ in range(2):  # in turns, so that a drift of the clocks touches both

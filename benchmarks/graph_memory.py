@@ -31,7 +31,7 @@ from labkit.serve.backend import WARMUP_GRAPH_PAGES
 
 def warmup_shapes(model: Llama, cache: PagedKVCache, rows: int) -> list[tuple[int, int, int]]:
     """The (rows, width, pages) shapes `capture_all` captures, recorded without capturing."""
-    steps = runner.ModelRunner(model, cache, rows)
+    steps = runner.ModelRunner(model, cache)
     shapes = []
     steps._graph = lambda *shape: shapes.append(shape)
     steps.capture_all(rows, WARMUP_GRAPH_PAGES)
@@ -45,7 +45,7 @@ def capture(model: Llama, cache: PagedKVCache, shapes: list, logits_rows: int,
     torch.cuda.empty_cache()
     reserved = torch.cuda.memory_reserved()
     began = time.perf_counter()
-    steps = runner.ModelRunner(model, cache, max(shape[0] for shape in shapes))
+    steps = runner.ModelRunner(model, cache)
     with torch.enable_grad() if autograd else torch.no_grad():
         graphs = [runner._StepGraph(steps, *shape) for shape in shapes]
     torch.cuda.synchronize()

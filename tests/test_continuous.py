@@ -54,7 +54,7 @@ def logits_by_chunks(model, config, ids: list[int], cuts: list[int]) -> torch.Te
     """Logits after each chunk of `ids` (split at `cuts`), prefilled into pages of 4 tokens."""
     cache = PagedKVCache(config, len(ids) // 4 + 2, torch.float32, torch.device("cpu"),
                          page_size=4)
-    runner = ModelRunner(model, cache, max_rows=1)
+    runner = ModelRunner(model, cache)
     pages = cache.free.take(cache.pages_for(len(ids)))
     bounds = [0, *cuts, len(ids)]
     with torch.inference_mode():
@@ -76,7 +76,7 @@ def test_a_forward_that_stops_at_the_hidden_state_ends_with_the_same_logits(lm):
     """Large CUDA graphs end at the hidden state (their logits are computed after the replay,
     so no graph holds its own): `logits()` must finish exactly what `forward` would have."""
     model = Llama.from_hf(lm.model)
-    runner = ModelRunner(model, PagedKVCache(lm.config, 8, lm.dtype, lm.device), max_rows=2)
+    runner = ModelRunner(model, PagedKVCache(lm.config, 8, lm.dtype, lm.device))
     pages = [runner.cache.free.take(2) for _ in range(2)]
     chunks = [Chunk([5, 17, 300, 42], 0, pages[0]), Chunk([9, 11], 0, pages[1])]
     inputs = unpack(runner._pack(chunks, 2, 4, 2), 4)
@@ -131,7 +131,7 @@ def test_warm_up_captures_every_padded_shape_a_step_can_take(lm, monkeypatch):
     row count and page count, short prefills of each width from 2 tokens within the prefill
     graphs' token budget (recorded here, not captured)."""
     runner = ModelRunner(Llama.from_hf(lm.model), PagedKVCache(lm.config, 8, lm.dtype, lm.device),
-                         max_rows=16, cuda_graphs=False)
+                         cuda_graphs=False)
     captured = []
     monkeypatch.setattr(runner, "_graph", lambda *shape: captured.append(shape))
     runner.capture_all(12, 64)

@@ -168,7 +168,7 @@ def _prefill_then_decode(lm, ops):
     cache = PagedKVCache(lm.config, 64, lm.dtype, lm.device)
     model = Llama.from_hf(lm.model)
     model.fused_kernels, model.gemv_kernels = ops is not EagerOps, ops is GemvOps
-    runner = ModelRunner(model, cache, max_rows=8, cuda_graphs=False)
+    runner = ModelRunner(model, cache, cuda_graphs=False)
     pages = [cache.free.take(3) for _ in range(3)]
     prompts = [[11 + i, 500, 700, 42, 9][:3 + i] for i in range(3)]
     with torch.inference_mode():

@@ -118,7 +118,7 @@ class ContinuousEngine:
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, cuda_graphs: bool = True):
         self.lm, self.cache = lm, cache
         self.max_running, self.prefill_chunk = max_running, prefill_chunk
-        self.runner = ModelRunner(model, cache, max_running, cuda_graphs)
+        self.runner = ModelRunner(model, cache, cuda_graphs)
         self.stop_ids = hf_generate.stop_token_ids(lm)
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.prefilling: list[Sequence] = []  # admitted, prompt not fully in the cache yet

@@ -51,11 +51,9 @@ class Chunk:
 
 
 class ModelRunner:
-    def __init__(self, model: Llama, cache: PagedKVCache, max_rows: int,
-                 cuda_graphs: bool = True):
+    def __init__(self, model: Llama, cache: PagedKVCache, cuda_graphs: bool = True):
         self.model, self.cache = model, cache
         self.device = cache.kv.device
-        self.max_rows = max_rows
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.graphs: dict[tuple[int, int], _StepGraph] = {}  # decode: (rows, pages)
         self.prefill_graphs: dict[tuple[int, int, int], _StepGraph] = {}  # (rows, width, pages)
@@ -125,13 +123,13 @@ class ModelRunner:
         """One tensor (rows, 3 × width + pages + 1): each row's tokens, positions, slots, block
         table and last column, padded with zeros (token 0 at position 0 in the padding page's
         slot 0). Built from Python lists in one go: one copy to the device per step."""
-        size = self.cache.page_size
+        slot = self.cache.slot
         packed = []
         for chunk in chunks:
             pad = [0] * (width - len(chunk.tokens))
             span = range(chunk.start, chunk.start + len(chunk.tokens))
             packed.append(chunk.tokens + pad + list(span) + pad
-                          + [chunk.pages[p // size] * size + p % size for p in span] + pad
+                          + [slot(chunk.pages, p) for p in span] + pad
                           + chunk.pages + [0] * (pages - len(chunk.pages))
                           + [len(chunk.tokens) - 1])
         packed += [[0] * (3 * width + pages + 1)] * (rows - len(chunks))
