@@ -82,26 +82,96 @@ def test_findings_follow_the_numbers_on_both_sides():
     continuous = lab.row(fake_run("continuous", 200.0, 2500.0))
     assert batched["short_p95_ms"] == pytest.approx(26300.0, rel=0.01)
     text = lab.findings(batched, continuous)
-    assert "26,300 ms batched vs 200 ms continuous, 0.01x (target ≤ 0.5x: met)" in text
-    assert "they gained too" in text
+    assert "26,300 ms batched vs 200 ms continuous, 0.01x (target ≤ 0.5x: met)." in text
+    assert "did not halve" not in text
+    assert "2,500 ms continuous (0.14x, under 1x is faster): they gained too." in text
+    assert "did not make them faster" not in text
     assert "batched 0.34 req/s" in text
     assert "its last short requests took 2.6x as long as its first (over 2x): it fell behind" \
         in text
+    assert "its queue grew (the arrivals outpaced what it served; that happens on any device, a " \
+        "CPU only at a lower rate)" in text
     assert "took 1.0x as long as its first (under 2x): it kept up" in text
     faster = lab.findings(batched, {**continuous, "short_trend": 1 / 3})
     assert "its last short requests were 3.0x faster than its first (under 2x): it kept up" \
         in faster
     assert "at most 110 of 8178 pages in use (1.3%)" in text
     assert "a long request needs up to 33 pages of 16 tokens" in text  # ceil((12 + 512) / 16)
-    assert "room for 247 of them" in text and "2 preemptions" in text
+    assert "room for 247 of them" in text
+    assert "2 preemptions: the running requests outgrew it" in text
     assert "SM activity 30.0 % vs 30.0 %" in text
     slow = lab.row(fake_run("continuous", 15000.0, 30000.0))
     worse = lab.findings(batched, slow)
-    assert "0.57x (target ≤ 0.5x: NOT met)" in worse
-    assert "did not make them faster here" in worse
+    assert "0.57x (target ≤ 0.5x: NOT met). Continuous batching did not halve the short " \
+        "requests' p95 here" in worse
+    assert "seldom made them wait behind a long batch" in worse
+    assert "as they do on a CPU, where each running request adds its own compute" in worse
+    assert "(1.67x, under 1x is faster): continuous batching did not make them faster here. A " \
+        "long request shares every step" in worse
+    assert "much more on a CPU, where each row adds its own compute" in worse
+    assert "they gained too" not in worse and ": met)" not in worse
     cpu = lab.findings(lab.row(fake_run("batched", 900.0, 1800.0, cpu=True, kv=False)),
                        lab.row(fake_run("continuous", 100.0, 1700.0, cpu=True)))
-    assert "CPU mode, not GPU utilization" in cpu and "SM activity 4" not in cpu
+    assert "Server busy share (CPU mode, not GPU utilization): 40.0 % batched" in cpu
+    assert "no SM activity to read" in cpu
+    assert "SM activity 4" not in cpu and "NVML" not in cpu and "CPU mode" not in text
+
+
+@pytest.mark.parametrize(("preempted", "ending"), [
+    (0, "; no preemption: the running requests never needed more pages than it had."),
+    (1, "; 1 preemption: the running requests outgrew it, and each preempted one gave its pages "
+        "back to be prefilled again later."),
+    (None, "room for 247 of them at once."),
+])
+def test_findings_preemption_or_not(preempted, ending):
+    batched = lab.row(fake_run("batched", 9000.0, 18000.0, kv=False))
+    continuous = {**lab.row(fake_run("continuous", 200.0, 2500.0)), "preemptions": preempted}
+    kv = next(line for line in lab.findings(batched, continuous).splitlines() if "KV" in line)
+    assert kv.endswith(ending)
+
+
+def test_findings_leave_out_what_was_not_measured():
+    """No trend (under 3 short requests), no /stats peaks, no paged cache, no GPM: no verdict
+    on them, rather than one from missing numbers."""
+    batched = {**lab.row(fake_run("batched", 9000.0, 18000.0, kv=False)),
+               "short_trend": math.nan, "peak_waiting": None, "sm_activity_mean": None}
+    continuous = {**lab.row(fake_run("continuous", 200.0, 2500.0)), "short_trend": math.nan,
+                  "kv_pages_used_max": None}
+    text = lab.findings(batched, continuous)
+    assert "kept up" not in text and "fell behind" not in text
+    assert "output tok/s; continuous 2.35 req/s and 301 output tok/s.\n" in text
+    assert "/stats showed" not in text and "KV cache" not in text
+    assert "Mean NVML utilization 90.0 % batched vs 90.0 % continuous." in text
+    assert "SM activity" not in text and "CPU mode" not in text
+
+
+def trace_row(step, running, waiting, used, finished, preemptions=0, total=39):
+    return {"step": step, "ms": 10.0 * step, "running": running, "waiting": waiting,
+            "kv_pages_used": used, "kv_pages_total": total, "decoded": running,
+            "finished": finished, "preemptions": preemptions}
+
+
+def test_trace_findings_waited_or_not_and_preempted_or_not():
+    """Hand-made traces, both sides of each verdict (the engine fixture's runs below check the
+    real ones)."""
+    queued = [trace_row(1, 3, 2, 6, 0), trace_row(2, 3, 1, 6, 1), trace_row(3, 2, 0, 4, 3),
+              trace_row(4, 0, 0, 0, 5, preemptions=1)]
+    text = lab.trace_findings(queued, [object()] * 5, 3)
+    assert "after step 1, 3 ran (max_running 3) and 2 waited" in text
+    assert "The first request finished at step 2 and the first waiting one joined at step 2; " \
+        "the last finished at step 4" in text
+    assert "KV pages in use peaked at 6 of 39 and were back to 0" in text
+    assert "1 preemption: running requests outgrew the cache" in text
+    assert "all 5 requests still finished" in text
+    assert "Nothing waited" not in text and "No preemption" not in text
+    at_once = [trace_row(1, 2, 0, 4, 0), trace_row(2, 0, 0, 0, 2)]
+    text = lab.trace_findings(at_once, [object()] * 2, 4)
+    assert "Nothing waited: max_running and the KV cache held every request at once." in text
+    assert "No preemption: the running requests never needed more pages" in text
+    assert "joined" not in text and "preemptions:" not in text
+    twice = lab.trace_findings([*queued[:-1], trace_row(4, 0, 0, 0, 5, preemptions=2)],
+                               [object()] * 5, 3)
+    assert "2 preemptions: running requests outgrew the cache" in twice
 
 
 def test_latency_trend_needs_three_requests():

@@ -26,13 +26,19 @@ def test_setup_names_the_mode_and_the_lines_to_fix():
     cpu = [Check("GPU", False, "none", "fix"), Check("NVML", False, "none", "fix")]
     text = findings.setup(cpu)
     assert "CPU." in text and "Lines to look at: GPU, NVML." in text
+    assert "Everything checked out" not in text
+    no_gpu_line = findings.setup([Check("driver", True, "580")])
+    assert "Mode for the rest of the lab: CPU." in no_gpu_line
 
 
 def test_load_says_which_dominates_memory():
     small = findings.load("m", "cuda:0", 0.5, 6_430_000_000, 114_688, 170)
-    assert "19.5 MB" in small and "dominated by the weights" in small
-    big = findings.load("m", "cuda:0", 0.5, 1_000_000, 114_688, 170)
-    assert "more than the weights" in big
+    assert "adds only 19.5 MB, 0.3% of the weights (under 100%)" in small
+    assert "dominated by the weights" in small and "more than the weights" not in small
+    big = findings.load("m", "cpu", 0.5, 10_000_000, 114_688, 170)
+    assert "adds 19.5 MB, more than the weights (1.9x)" in big
+    assert "the KV cache, not the model, fills the memory" in big
+    assert "A CPU does not change that" in big and "dominated" not in big
 
 
 def result(ttft, tpot, total, tokens=150):
@@ -73,6 +79,8 @@ def test_serving_says_when_a_bad_request_got_no_4xx_or_the_counts_differ():
     assert "2 of 3 bad requests got a 4xx; prompt > context (500) did not" in text
     assert "1 more were counted than sent here" in text
     assert "in one chunk: nothing shows it streamed" in text
+    fewer = findings.serving({**stats, "requests_rejected": 1}, reply, [1.0], BAD, [30.0])
+    assert "2 bad requests went to /generate, so 1 fewer were counted than sent here" in fewer
 
 
 def test_bad_requests_table_prints_whole_messages_wrapped_at_words():
@@ -105,14 +113,18 @@ def test_concurrency_flat_and_littles_law_holds():
     flat = findings.concurrency(concurrency_rows([0.33, 0.32, 0.34]))
     assert "flat (within the 25 % this notebook allows)" in flat.replace("25%", "25 %")
     assert "Little's law predicts it" in flat and "within 0%" in flat
-    assert "the same within 10%" in flat
+    assert "(tolerance 15%)" in flat and "NOT flat" not in flat
+    assert "the same within 10%" in flat and "apart" not in flat
 
 
 def test_concurrency_not_flat_explained_by_the_service_time():
     """The CPU run of issue 23: 1.42 -> 1.76 -> 1.82 req/s, the lone request 26 % slower."""
     cpu = findings.concurrency(concurrency_rows([1.42, 1.76, 1.82], (704, 568, 549)))
-    assert "NOT flat" in cpu and "The service time explains it" in cpu
+    assert "NOT flat (more than 25% apart)" in cpu and "The service time explains it" in cpu
     assert "ranged from 549 to 704 ms" in cpu
+    assert "throughput x service time stayed within 25% across the levels (highest/lowest " \
+        "1.00)" in cpu
+    assert "On a CPU the model shares the cores" in cpu
     assert "more than 10% apart" in cpu and "(1.26x)" in cpu
     assert "Little's law predicts it" in cpu
 
@@ -120,6 +132,9 @@ def test_concurrency_not_flat_explained_by_the_service_time():
 def test_concurrency_not_flat_and_not_explained():
     odd = findings.concurrency(concurrency_rows([0.33, 0.5, 0.6]))
     assert "NOT flat" in odd and "do not account for it" in odd
+    assert "varied by more than 25% across the levels (highest/lowest 1.82)" in odd
+    assert "A CPU's changing speed does not explain it" in odd
+    assert "explains it" not in odd.replace("does not explain it", "")
 
 
 def test_littles_law_missed_says_which_level():
@@ -127,6 +142,24 @@ def test_littles_law_missed_says_which_level():
     rows[2]["mean_ms"] *= 1.5
     text = findings.concurrency(rows)
     assert "Little's law missed at concurrency 10" in text and "+50%" in text
+    assert "over the 15% tolerance" in text and "A slow or busy CPU does not explain it" in text
+    assert "predicts it" not in text
+
+
+def ttft_row(concurrency, itl):
+    return {"concurrency": concurrency, "queue_ms": 10.0 * concurrency, "prefill_ms": 18.0,
+            "server_ttft_ms": 10.0 * concurrency + 18, "client_ttft_ms": 10.0 * concurrency + 22,
+            "client_ttft_p95_ms": 10.0 * concurrency + 30, "itl_ms": itl, "tpot_ms": itl}
+
+
+def test_client_ttft_token_gaps_the_same_or_apart_state_the_tolerance():
+    same = findings.client_ttft([ttft_row(1, 8.0), ttft_row(8, 9.5)])
+    assert "every 8.0-9.5 ms (ITL) at every level, within 25% of each other" in same
+    assert "the queue delays the first token, not the ones after it" in same
+    apart = findings.client_ttft([ttft_row(1, 8.0), ttft_row(8, 10.0)])  # 1.25: not within
+    assert "8.0-10.0 ms (ITL) depending on the level, more than 25% apart" in apart
+    assert "decode steps themselves changed speed" in apart and "On a CPU" in apart
+    assert "at every level, within" not in apart
 
 
 def test_littles_law_for_a_finite_closed_loop():
@@ -149,6 +182,32 @@ def test_utilization_wording_differs_in_cpu_mode():
     cpu = findings.utilization({"mean_util": 97.0, "idle_fraction": 0.0}, whole, load,
                                on_gpu=False)
     assert "CPU mode: not GPU utilization" in cpu and "SMs" not in cpu
+    assert "the GPU" not in cpu
+
+
+def test_utilization_sm_activity_against_the_busy_share():
+    whole = {"mean_util": 15.0, "idle_fraction": 0.4}
+    load = {"latency_ms": {"p50": 15000.0}, "requests_per_min": 15.6}
+    low = findings.utilization({"mean_util": 21.0, "idle_fraction": 0.1, "sm_activity_mean": 5.5},
+                               whole, load, on_gpu=True)
+    assert "only 5.5 % of the SMs were active, under 50% of the 21 % busy share" in low
+    assert "a kernel running is not the chip working" in low
+    high = findings.utilization({"mean_util": 21.0, "idle_fraction": 0.1,
+                                 "sm_activity_mean": 12.0}, whole, load, on_gpu=True)
+    assert "SM activity averaged 12.0 %, at least 50% of the 21 % busy share" in high
+    assert "kept most of the chip working" in high and "only" not in high
+
+
+def test_window_table_shows_gpm_rows_only_where_measured():
+    gpu = {"mean_util": 21.0, "idle_fraction": 0.1, "sm_activity_mean": 5.5,
+           "tensor_activity_mean": 0.3, "dram_bw_mean": 40.0}
+    table = findings.window_table(gpu, {**gpu, "mean_util": 15.0}, "GPU utilization (NVML)")
+    assert "utilization = GPU utilization (NVML)" in table
+    assert "SM activity" in table and "DRAM bandwidth" in table and "15.0 %" in table
+    cpu = findings.window_table({"mean_util": 97.0, "idle_fraction": 0.0},
+                                {"mean_util": float("nan"), "idle_fraction": 0.5},
+                                "inference worker busy (CPU mode)")
+    assert "CPU mode" in cpu and "SM activity" not in cpu and "n/a" in cpu
 
 
 def test_baseline_table_puts_values_beside_the_seeds_ranges():
@@ -161,15 +220,23 @@ def test_baseline_table_puts_values_beside_the_seeds_ranges():
     assert "Baseline on NVIDIA H200 with m" in table
     assert "latency_p50_ms" in table and "22711.0" in table and "700-1000 ms" in table
     assert "idle_pct" in table and "14.0" in table
+    cpu = findings.baseline(load, {**during, "mean_util": None}, whole,
+                            {**health, "device": "cpu", "gpu_name": None}, "worker busy")
+    cpu_table = findings.baseline_table(cpu)
+    assert "Baseline on CPU (no GPU) with m" in cpu_table and "H200" not in cpu_table
+    assert "utilization_mean_pct" in cpu_table and "n/a" in cpu_table
 
 
 def test_batching_above_or_not_above_the_seeds_promise():
     seq = [row(c=1, rps=0.3), row(c=4, rps=0.33)]
     fast = findings.batching(seq, [row("batched", 1, 1.0), row("batched", 32, 16.0,
                                                              mean_batch_size=32.0)])
-    assert "48.5x" in fast and "above that line" in fast and "not above" not in fast
+    assert "48.5x" in fast and "above that line." in fast and "not above" not in fast
+    assert "Batching gains about its batch size" not in fast
     slow = findings.batching(seq, [row("batched", 4, 0.8, mean_batch_size=4.0)])
-    assert "not above that line" in slow
+    assert "measured 2.4x, not above that line" in slow
+    assert "Batching gains about its batch size where a step costs the same" in slow
+    assert "On a CPU each request in a batch adds its own compute" in slow
 
 
 def test_batching_in_cpu_mode_says_what_it_cannot_show():
@@ -177,12 +244,19 @@ def test_batching_in_cpu_mode_says_what_it_cannot_show():
     text = findings.batching([row(c=1, rps=2.0, **cpu)],
                              [row("batched", 16, 9.0, mean_batch_size=16.0, **cpu)])
     assert "CPU mode" in text and "need a GPU" in text
-    assert "Mean NVML utilization" not in text
+    assert "Mean NVML utilization" not in text and "SM activity:" not in text
+    gpu = findings.batching([row(c=1, rps=2.0)], [row("batched", 16, 9.0, mean_batch_size=16.0)])
+    assert "Mean NVML utilization: 20.0 % sequential" in gpu and "SM activity: 5.0 %" in gpu
+    assert "CPU mode" not in gpu
 
 
 @pytest.mark.parametrize(("lone_ms", "verdict"), [
-    (3050.0, "pays no extra here"),
-    (5300.0, "ran at a different speed"),
+    (3050.0, "(1.00x): the same within 10%: the model ran as fast for it as for queued "
+             "requests, so a lone request pays no extra here"),
+    (3300.0, "(1.08x): the same within 10%"),
+    (3400.0, "(1.11x): more than 10% apart, so the model itself ran at a different speed"),
+    (5300.0, "more than 10% apart, so the model itself ran at a different speed at that level: "
+             "eager decoding is launch-bound, so its speed follows the CPU's"),
 ])
 def test_a_lone_request_is_judged_by_the_servers_generation_time(lone_ms, verdict):
     seq = [row(c=1, rps=0.19, generation_ms=lone_ms), row(c=4, rps=0.3, generation_ms=3000.0),
@@ -191,6 +265,14 @@ def test_a_lone_request_is_judged_by_the_servers_generation_time(lone_ms, verdic
     assert verdict in text
     assert f"took {lone_ms:.0f} ms of generation against 3050 ms" in text
     assert "nothing to batch" in text
+    other = "pays no extra" if "apart" in verdict else "apart"
+    assert other not in text
+
+
+def test_no_lone_request_verdict_without_a_concurrency_1_level():
+    seq = [row(c=4, rps=0.3), row(c=16, rps=0.3)]
+    text = findings.batching(seq, [row("batched", 16, 10.0)])
+    assert "A lone request" not in text and "nothing to batch" not in text
 
 
 def test_eager_vs_cuda_graphs_line():
@@ -199,7 +281,13 @@ def test_eager_vs_cuda_graphs_line():
     eager = [row("batched", 32, 3.34, mean_batch_size=32.0, mean_util=14.1)]
     text = findings.batching(seq, bat, eager)
     assert "batching alone gave 3.34 req/s (16.7x sequential" in text
-    assert "with CUDA graphs 16.60 req/s (5.0x more" in text
+    assert "with CUDA graphs 16.60 req/s (5.0x more, utilization 85.7 %)." in text
+    assert "no faster" not in text
+    slower = findings.batching(seq, [row("batched", 32, 3.0, mean_batch_size=32.0)], eager)
+    assert "with CUDA graphs 3.00 req/s (0.9x, no faster; utilization 20.0 %)" in slower
+    assert "launching the kernels was not what held this batch back" in slower
+    assert "CPU mode has no CUDA graphs" in slower and "x more" not in slower
+    assert "batching alone" not in findings.batching(seq, bat)  # no eager run: no line
 
 
 def shared(servers, rps, gb, mode="sequential"):
@@ -213,8 +301,29 @@ def test_sharing_finds_the_best_set_up_and_explains_memory_growth():
     text = findings.sharing(rows)
     assert "Best with 1, 2, 4 servers sharing the device: 0.47 req/s with 4 (2.14x" in text
     assert "23.5x the best sharing set-up" in text
-    assert "33.20 GB with 4 servers vs 9.10 GB with one (3.6x): every process loads its own" \
-        in text
+    assert "33.20 GB with 4 servers vs 9.10 GB with one (3.6x, over 75% of the one-server " \
+        "figure per server): every process loads its own weights and CUDA context." in text
+    assert "Utilization vs SM activity: 20 % / 5.0 % for 4 sequential servers" in text
+    assert "CPU cores" not in text
+
+
+@pytest.mark.parametrize(("gb", "rss", "verdict"), [
+    ((9.1, 17.1, 33.2), None, "(3.6x, over 75% of the one-server figure per server): every "
+                              "process loads its own weights and CUDA context."),
+    ((9.1, 12.0, 20.0), None, "(2.2x, under 75% of the one-server figure per server): less "
+                              "than a copy per server was counted. NVML counts the whole card"),
+    ((None,) * 3, (1.0, 2.0, 3.9), "(3.9x, over 75% of the one-server figure per server): every "
+                                   "process loads its own runtime and weights."),
+    ((None,) * 3, (1.0, 1.5, 2.0), "(2.0x, under 75% of the one-server figure per server): less "
+                                   "than a copy per server was counted. Resident memory leaves "
+                                   "out pages"),
+])
+def test_memory_growth_per_server_on_both_sides(gb, rss, verdict):
+    rows = [{**shared(n, 0.2 * n, g), "server_rss_gb": r}
+            for n, g, r in zip((1, 2, 4), gb, rss or (None,) * 3, strict=True)]
+    text = findings.sharing([*rows, shared(1, 11.0, 13.1, mode="batched")])
+    where = "GPU memory in use" if rss is None else "Resident memory of the servers"
+    assert f"{where}: " in text and verdict in text
 
 
 def test_sharing_on_a_cpu_names_the_cores():
@@ -223,6 +332,18 @@ def test_sharing_on_a_cpu_names_the_cores():
             {**shared(1, 9.0, None, mode="batched"), **cpu}]
     text = findings.sharing(rows, cpu_cores=2)
     assert "This machine has 2 CPU cores" in text and "Resident memory" in text
+    assert "Utilization vs SM activity" not in text and "GPU memory" not in text
+
+
+def test_sweep_tables_say_what_util_means_in_each_mode():
+    gpu = experiments.table([row(c=1), row("batched", 8, 4.0, mean_batch_size=8.0)])
+    assert "util % = NVML utilization.gpu" in gpu and "CPU mode" not in gpu
+    cpu_row = row(c=1, utilization_source="cpu-mode", sm_activity_mean=None)
+    for table in (experiments.table, experiments.shared_table, experiments.activity_table):
+        cpu = table([cpu_row])
+        assert "util % = CPU mode" in cpu and "no SM activity" in cpu and "NVML" not in cpu
+    assert experiments.table([]).endswith("(no rows)\ngen ms = the server's generation time "
+                                          "per request (inference_time_ms), queueing left out")
 
 
 def test_exercise_4_3_compares_only_like_with_like():

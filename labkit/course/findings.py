@@ -54,11 +54,14 @@ def load(name: str, device: str, load_time_s: float, weight_bytes: int,
         f"Loading {name} took {load_time_s:.1f} s on {device}.",
         f"Its weights need {weight_bytes / 1e9:.2f} GB; each token in flight adds "
         f"{kv_bytes_per_token / 1024:.1f} KiB of KV cache.",
-        f"One request of {sequence_tokens} tokens adds only {request_kv / 1e6:.1f} MB: memory is "
-        "dominated by the weights, which stay loaded whether requests come or not."
+        f"One request of {sequence_tokens} tokens adds only {request_kv / 1e6:.1f} MB, "
+        f"{request_kv / weight_bytes:.1%} of the weights (under 100%): memory is dominated by "
+        "the weights, which stay loaded whether requests come or not."
         if request_kv < weight_bytes else
         f"One request of {sequence_tokens} tokens adds {request_kv / 1e6:.1f} MB, more than the "
-        "weights: at this length the KV cache, not the model, fills the memory.",
+        f"weights ({request_kv / weight_bytes:.1f}x): at this length the KV cache, not the "
+        "model, fills the memory. A CPU does not change that: both sizes follow from the "
+        "model's shape and dtype alone.",
     ])
 
 
@@ -172,15 +175,19 @@ def _throughput_flat(rows: list[dict]) -> str:
     explained = max(served) / min(served)  # about 1 when throughput = 1 / service time
     return (text + f": NOT flat (more than {FLAT_SPREAD - 1:.0%} apart). "
             + (f"The service time explains it: it ranged from {min(services):.0f} to "
-               f"{max(services):.0f} ms, and a one-at-a-time server's throughput is 1 / service "
-               "time. The requests were not generated together; each generation ran at a "
-               "different speed. On a CPU the model shares the cores with the load tester and "
-               "the server's own work, so its speed moves with them."
+               f"{max(services):.0f} ms, and throughput x service time stayed within "
+               f"{FLAT_SPREAD - 1:.0%} across the levels (highest/lowest {explained:.2f}), as a "
+               "one-at-a-time server's throughput is 1 / service time. The requests were not "
+               "generated together; each generation ran at a different speed. On a CPU the "
+               "model shares the cores with the load tester and the server's own work, so its "
+               "speed moves with them."
                if explained < FLAT_SPREAD else
-               "The service times do not account for it: the server overlapped work between "
-               "requests (a response going out while the next generation runs), or the "
-               "levels ran too few requests to reach a steady state; raise REQUESTS and "
-               "compare."))
+               f"The service times do not account for it: throughput x service time varied by "
+               f"more than {FLAT_SPREAD - 1:.0%} across the levels (highest/lowest "
+               f"{explained:.2f}), so the server overlapped work between requests (a response "
+               "going out while the next generation runs), or the levels ran too few requests "
+               "to reach a steady state; raise REQUESTS and compare. A CPU's changing speed "
+               "does not explain it: that would show in the service time."))
 
 
 LONE_SAME = 0.10  # a lone request's service time within 10 % of the queued ones': the same
@@ -221,7 +228,8 @@ def _littles_law(rows: list[dict]) -> str:
             f"({worst['error']:+.0%}, over the {LITTLE_TOLERANCE:.0%} tolerance). The law holds "
             "for any stable system, so its premise failed: the server was not one queue in "
             "front of one generation at a time at that level, or requests were lost or retried "
-            "(compare the success counts).")
+            "(compare the success counts). A slow or busy CPU does not explain it: each level's "
+            "prediction uses that level's own service time.")
 
 
 def client_ttft(rows: list[dict]) -> str:
@@ -254,9 +262,12 @@ def client_ttft(rows: list[dict]) -> str:
         same = max(itls) / min(itls) < FLAT_SPREAD
         lines.append(
             f"Once streaming, tokens arrived every {_span(itls, 1)} ms (ITL) "
-            + ("at every level: the queue delays the first token, not the ones after it."
-               if same else "depending on the level: the decode steps themselves changed "
-               "speed (compare TPOT).")
+            + (f"at every level, within {FLAT_SPREAD - 1:.0%} of each other: the queue delays "
+               "the first token, not the ones after it."
+               if same else f"depending on the level, more than {FLAT_SPREAD - 1:.0%} apart: the "
+               "decode steps themselves changed speed (compare TPOT), which the queue does not "
+               "do. On a CPU the model shares the cores with the load tester and the server's "
+               "own work, so its speed moves with them.")
         )
     return bullets(lines)
 
@@ -346,12 +357,25 @@ def utilization(during: dict, whole: dict, load: dict, on_gpu: bool) -> str:
              f"and idle in {during['idle_fraction']:.0%} of samples; over the whole window "
              f"{whole['idle_fraction']:.0%}."]
     if during.get("sm_activity_mean") is not None:
-        lines.append(f"Even while 'busy', only {during['sm_activity_mean']:.1f} % of the SMs "
-                     "were active.")
+        lines.append(_sm_activity(during["sm_activity_mean"], during["mean_util"]))
     lines.append(f"Baseline: p50 {load['latency_ms']['p50']:.0f} ms, "
                  f"{load['requests_per_min']:.0f} req/min. Notebook 06 serves the same load "
                  "with batching.")
     return bullets(lines)
+
+
+SM_SHARE_LOW = 0.5  # SM activity under half the busy share: "busy" overstates the work
+
+
+def _sm_activity(sm: float, util: float) -> str:
+    """Utilization counts the time any kernel ran; SM activity, how much of the chip worked."""
+    if util and sm < SM_SHARE_LOW * util:
+        return (f"Even while 'busy', only {sm:.1f} % of the SMs were active, under "
+                f"{SM_SHARE_LOW:.0%} of the {util:.0f} % busy share: a kernel running is not the "
+                "chip working.")
+    return (f"SM activity averaged {sm:.1f} %, at least {SM_SHARE_LOW:.0%} of the {util:.0f} % "
+            "busy share: the kernels that ran kept most of the chip working, so the idle time, "
+            "not the busy time, is where the waste is.")
 
 
 # --- 06 -------------------------------------------------------------------------------------
@@ -372,7 +396,12 @@ def batching(sequential: list[dict], batched: list[dict], eager: Sequence[dict] 
         f" req/s at concurrency {best_bat['concurrency']} with "
         f"{best_bat['mean_batch_size']:.1f} requests per batch on average: {factor:.1f}x.",
         f"The seed's Phase 3 promise is 3x from sharing the GPU; batching on the same device "
-        f"measured {factor:.1f}x, {'above' if factor > 3 else 'not above'} that line.",
+        f"measured {factor:.1f}x, "
+        + ("above that line." if factor > 3 else
+           "not above that line. Batching gains about its batch size where a step costs the "
+           "same for more requests, as on a GPU, which reads the weights once for all of them: "
+           "there a higher concurrency (bigger batches) raises it. On a CPU each request in a "
+           "batch adds its own compute to the step, which caps the gain."),
     ]
     lines += _same_concurrency(sequential, batched)
     lines += _lone_request(sequential, batched)
@@ -419,11 +448,11 @@ def _lone_request(sequential: list[dict], batched: list[dict]) -> list[str]:
         return []
     others = statistics.fmean(r["generation_ms"] for r in queued)
     ratio = lone["generation_ms"] / others
-    verdict = ("the model ran as fast for it as for queued requests: a lone request pays no "
-               "extra here" if abs(ratio - 1) < 0.1 else
-               "the model itself ran at a different speed at that level: eager decoding is "
-               "launch-bound, so its speed follows the CPU's, which varies from run to run on a "
-               "shared machine; queueing plays no part")
+    verdict = (f"the same within {LONE_SAME:.0%}: the model ran as fast for it as for queued "
+               "requests, so a lone request pays no extra here" if abs(ratio - 1) <= LONE_SAME
+               else f"more than {LONE_SAME:.0%} apart, so the model itself ran at a different "
+               "speed at that level: eager decoding is launch-bound, so its speed follows the "
+               "CPU's, which varies from run to run on a shared machine; queueing plays no part")
     lines = [f"A lone request (concurrency 1) took {lone['generation_ms']:.0f} ms of generation "
              f"against {others:.0f} ms per queued request at higher concurrency ({ratio:.2f}x): "
              f"{verdict}."]
@@ -438,13 +467,16 @@ def _lone_request(sequential: list[dict], batched: list[dict]) -> list[str]:
 
 def _graphs_vs_eager(best_seq: dict, batched: list[dict], eager: dict) -> str:
     graphs = next(r for r in batched if r["concurrency"] == eager["concurrency"])
+    gain = graphs["requests_per_second"] / eager["requests_per_second"]
     return (f"At concurrency {eager['concurrency']}: batching alone gave "
             f"{eager['requests_per_second']:.2f} req/s "
             f"({eager['requests_per_second'] / best_seq['requests_per_second']:.1f}x sequential, "
             f"utilization {_pct(eager['mean_util'])}); with CUDA graphs "
             f"{graphs['requests_per_second']:.2f} req/s "
-            f"({graphs['requests_per_second'] / eager['requests_per_second']:.1f}x more, "
-            f"utilization {_pct(graphs['mean_util'])}).")
+            + (f"({gain:.1f}x more, utilization {_pct(graphs['mean_util'])})." if gain > 1 else
+               f"({gain:.1f}x, no faster; utilization {_pct(graphs['mean_util'])}): launching "
+               "the kernels was not what held this batch back; compare the two runs' batch "
+               "sizes (this comparison runs only on a GPU: CPU mode has no CUDA graphs)."))
 
 
 # --- 07 -------------------------------------------------------------------------------------
@@ -477,6 +509,9 @@ def sharing(rows: list[dict], cpu_cores: int | None = None) -> str:
     return bullets(lines)
 
 
+MEMORY_PER_SERVER = 0.75  # of one server's memory, per server: each loads its own copy
+
+
 def _memory_growth(sequential: list[dict]) -> list[str]:
     one, last = sequential[0], sequential[-1]
     on_gpu = last.get("gpu_memory_used_gb") is not None
@@ -485,8 +520,17 @@ def _memory_growth(sequential: list[dict]) -> list[str]:
     if len(sequential) < 2 or last.get(key) is None or not one.get(key):
         return []
     growth = last[key] / one[key]
-    what = "weights and CUDA context" if on_gpu else "runtime and weights"
-    reason = (f": every process loads its own {what}."
-              if growth > 0.75 * last["servers"] else ".")
-    return [f"{where}: {last[key]:.2f} GB with {last['servers']} servers vs {one[key]:.2f} GB "
-            f"with one ({growth:.1f}x){reason}"]
+    text = (f"{where}: {last[key]:.2f} GB with {last['servers']} servers vs {one[key]:.2f} GB "
+            f"with one ({growth:.1f}x, ")
+    if growth > MEMORY_PER_SERVER * last["servers"]:
+        what = "weights and CUDA context" if on_gpu else "runtime and weights"
+        return [text + f"over {MEMORY_PER_SERVER:.0%} of the one-server figure per server): "
+                f"every process loads its own {what}."]
+    # Each process still loads its own copy: what is missing was counted once, or not at all.
+    return [text + f"under {MEMORY_PER_SERVER:.0%} of the one-server figure per server): less "
+            "than a copy per server was counted. "
+            + ("NVML counts the whole card, so memory in use before the servers started (other "
+               "processes, the driver) is in the one-server figure once, not per process."
+               if on_gpu else
+               "Resident memory leaves out pages the system swapped out or reclaimed, or that a "
+               "server never touched; each process still holds its own runtime and weights.")]
