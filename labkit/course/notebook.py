@@ -80,22 +80,21 @@ def gpu_reference(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def print_gpu_reference(name: str, render: Callable[[list], str]) -> dict | None:
+def print_gpu_reference(name: str, render: Callable[[list], str]) -> None:
     """Without a GPU: print the committed GPU run's table beside the one just measured,
     `render` applied to its "rows", under the card, driver, date and model it came from.
-    On a GPU the notebook's own figures are the GPU's: nothing is printed. Returns the
-    reference (None on a GPU, or when none is committed)."""
+    On a GPU the notebook's own figures are the GPU's: nothing is printed. (Returns nothing: a
+    notebook cell ending with it displays no value.)"""
     if torch.cuda.is_available():
-        return None
+        return
     reference = gpu_reference(name)
     if reference is None:
         print(f"(No GPU reference is committed for this table: notebooks/reference/{name}.json "
               "is written by `make gpu-outputs` on a GPU machine.)")
-        return None
+        return
     print(f"\nGPU reference, for comparison: {describe_measured_on(reference['measured_on'])} "
           f"(notebooks/reference/{name}.json, committed; not measured here)")
     print(render(reference["rows"]))
-    return reference
 
 
 def measured_on(model: str | None = None) -> dict:
