@@ -68,7 +68,7 @@ from pathlib import Path
 
 import numpy as np
 
-from labkit.measure import loadtest
+from labkit.measure import loadtest, loadtest_cli
 from labkit.serve.launcher import launch
 
 TOLERANCE = 0.10
@@ -664,7 +664,7 @@ def main() -> int:
           f"{TOLERANCE:.0%}: {'PASS' if document['latency_ok'] else 'FAIL'} with both clients at "
           f"once, {'PASS' if document['latency_ok_in_turns'] else 'FAIL'} in turns")
     if args.json:
-        args.json.write_text(json.dumps(loadtest._finite(document), indent=2) + "\n")
+        args.json.write_text(json.dumps(loadtest_cli.finite(document), indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0 if document["counts_ok"] and document["latency_ok"] else 1
 

@@ -14,7 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("labkit.engine.generate_cli", "generate one completion and print its timings"),
     "download": ("labkit.engine.download", "download a Hugging Face model (needs internet)"),
     "serve": ("labkit.serve.cli", "run the HTTP inference server (the seed's API)"),
-    "loadtest": ("labkit.measure.loadtest",
+    "loadtest": ("labkit.measure.loadtest_cli",
                  "load-test a running server and print the seed's report"),
     "monitor": ("labkit.measure.monitor",
                 "sample GPU utilization like `nvidia-smi dmon`, at 10 Hz"),

@@ -102,7 +102,8 @@ def test_client_ttft_against_labkit_serve_sees_the_queue_the_server_counts():
         rows = experiments.client_ttft(srv.url, [1, 2], max_tokens=12)
     low, high = rows
     assert [r["successful"] for r in rows] == [2, 4] == [r["requests"] for r in rows]
-    assert low["queue_ms"] < 5 < high["queue_ms"]
+    # a lone request waits for nothing but the hand-off (a few ms, more on a busy machine)
+    assert 5 < high["queue_ms"] and low["queue_ms"] < high["queue_ms"] / 3
     assert high["client_ttft_ms"] > low["client_ttft_ms"]
     for r in rows:
         assert r["client_ttft_ms"] >= r["server_ttft_ms"] - 5  # send before the server sees it

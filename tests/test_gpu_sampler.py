@@ -14,18 +14,15 @@ import pytest
 from fake_nvml import FakeClock, FakeNvml, scripted_stats_server
 
 import labkit.measure.gpu
-from labkit.measure.utilization import (
+from labkit.measure.readers import (
     CPU_MODE_LABEL,
-    Mark,
     NoGpuError,
     NvmlReader,
     ServerStatsReader,
-    UtilizationSampler,
-    loadtest_t0,
     open_reader,
-    request_spans,
     stats_url,
 )
+from labkit.measure.utilization import Mark, UtilizationSampler, loadtest_t0, request_spans
 
 REPO = Path(__file__).resolve().parent.parent
 

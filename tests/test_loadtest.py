@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from labkit import cli
-from labkit.measure import loadtest
+from labkit.measure import load_client, loadtest
 from labkit.measure.loadstats import DEFINITIONS, LoadTestResult, RequestRecord, percentiles
 from labkit.serve.launcher import ServerProcess
 
@@ -295,7 +295,7 @@ def test_prompts_file_is_read_and_prompts_are_used_in_turn(slow_url, tmp_path, c
     prompts.write_text("first prompt\n\nsecond prompt\n")
     assert cli.main(["loadtest", "--url", slow_url, "--prompts-file", str(prompts),
                      "--requests", "2", "--concurrency", "1", "--no-progress"]) == 0
-    client = loadtest._Client(["http://x/generate"], ["first prompt", "second prompt"], 7, 0.0)
+    client = load_client.Client(["http://x/generate"], ["first prompt", "second prompt"], 7, 0.0)
     sent = [json.loads(client.body(i)) for i in range(3)]
     assert [b["prompt"] for b in sent] == ["first prompt", "second prompt", "first prompt"]
     assert sent[0] == {"prompt": "first prompt", "max_tokens": 7, "temperature": 0.0}
@@ -389,7 +389,7 @@ def test_mixed_lengths_in_the_closed_loop_and_both_apis(per_token_url):
                           max_tokens={2: 1, 30: 1}, progress=False)
     assert sorted(r.max_tokens for r in result.records) == [2] * 4 + [30] * 4
     assert result.summary()["successful"] == 8
-    client = loadtest._Client(["http://x/v1/completions"], ["a", "b"], [5, 9, 5], 0.0,
+    client = load_client.Client(["http://x/v1/completions"], ["a", "b"], [5, 9, 5], 0.0,
                               api="openai", model="m")
     sent = [json.loads(client.body(i)) for i in range(3)]
     assert [(b["prompt"], b["max_tokens"], b["stream"]) for b in sent] == [

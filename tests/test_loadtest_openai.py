@@ -15,7 +15,7 @@ import pytest
 from test_loadtest import delay_server, max_in_flight
 
 from labkit import cli
-from labkit.measure import loadtest
+from labkit.measure import load_client, loadtest
 from labkit.measure.loadstats import DEFINITIONS, LoadTestResult, RequestRecord
 
 FIRST_S, CHUNK_S, CHUNKS, USAGE_TOKENS = 0.1, 0.04, 5, 9
@@ -225,13 +225,13 @@ def test_the_api_key_comes_from_the_environment_and_is_never_printed(keyed_url, 
 # --- request bodies, the default API, the definitions ------------------------------------------
 
 def test_request_bodies():
-    client = loadtest._Client(["http://x/v1/completions"], ["p"], 16, 0.0, api="openai",
+    client = load_client.Client(["http://x/v1/completions"], ["p"], 16, 0.0, api="openai",
                               model="m", api_key="k")
     assert json.loads(client.body(0)) == {
         "model": "m", "prompt": "p", "max_tokens": 16, "temperature": 0.0, "stream": True,
         "stream_options": {"include_usage": True}}
     assert client.headers["Authorization"] == "Bearer k"
-    fixed = loadtest._Client(["http://x/v1/completions"], ["p"], 16, 0.0, api="openai",
+    fixed = load_client.Client(["http://x/v1/completions"], ["p"], 16, 0.0, api="openai",
                              model="m", ignore_eos=True)
     assert json.loads(fixed.body(0))["ignore_eos"] is True
     assert "Authorization" not in fixed.headers
@@ -252,7 +252,7 @@ def test_the_generate_api_stays_the_default_and_unchanged(stream_url, monkeypatc
     assert "Server side (from response fields):" in text
     assert "TTFT (ms, send -> first token, derived from the server's fields)" in text
     assert "OpenAI" not in text and "chunks" not in text
-    client = loadtest._Client([f"{stream_url}/generate"], ["p"], 7, 0.0)
+    client = load_client.Client([f"{stream_url}/generate"], ["p"], 7, 0.0)
     assert json.loads(client.body(0)) == {"prompt": "p", "max_tokens": 7, "temperature": 0.0}
     assert client.headers == {"Content-Type": "application/json"}  # no key given, none sent
     with pytest.raises(ValueError, match="api='openai'"):
@@ -301,7 +301,7 @@ def test_streamed_statistics_on_hand_made_records():
 ])
 def test_chunks_that_need_no_parsing(payload, plain):
     """The stream reader skips json.loads only for chunks that carry text and nothing else."""
-    assert loadtest._plain_text_chunk(payload) is plain
+    assert load_client._plain_text_chunk(payload) is plain
     event = json.loads(payload)
     if plain:
         assert event["choices"][0]["text"] and not event.get("usage") and "error" not in event

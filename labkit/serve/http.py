@@ -105,13 +105,13 @@ class ServerState:
         if self.backend is None or not self.backend.device.startswith("cuda"):
             return None
         if self._nvml_reader is None:
-            from labkit.measure import gpu, utilization
+            from labkit.measure import gpu, readers
 
             lib = gpu.nvml()
             if lib is None:
                 return None
             index = int(self.backend.device.split(":")[1]) if ":" in self.backend.device else 0
-            self._nvml_reader = utilization.NvmlReader(lib, index)
+            self._nvml_reader = readers.NvmlReader(lib, index)
         return self._nvml_reader.read()
 
     @property

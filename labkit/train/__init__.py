@@ -1,7 +1,8 @@
 """`labkit build-model`: rebuild the embedded model in one command.
 
-corpus (seeded) -> byte-level BPE tokenizer -> training -> Hugging Face export -> MODEL_CARD.md
-with sample outputs from the exported model, reloaded the way labkit loads it.
+corpus (`corpus`, seeded) -> byte-level BPE tokenizer (`tokenizer`) -> training and the Hugging
+Face export (`trainer`) -> MODEL_CARD.md with sample outputs from the exported model, reloaded
+the way labkit loads it (`card`).
 
 May import: labkit.engine (loading and generating with the model it has just built).
 """
