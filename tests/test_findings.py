@@ -372,3 +372,14 @@ def test_recorded_bandwidth_is_the_one_in_results_md():
 
     results = (Path(__file__).resolve().parent.parent / "benchmarks" / "RESULTS.md").read_text()
     assert "| device-to-device copy (notebook 02) | 3.00 TB/s |" in results
+
+
+def test_activity_says_only_when_the_chip_worked_less_than_half_the_busy_time():
+    low = findings.activity({"mean_util": 21.3, "sm_activity_mean": 5.5,
+                             "tensor_activity_mean": 0.2})
+    assert low == ("During the load test the GPU was 'utilized' 21 % of the time, but its SMs "
+                   "were active only 5.5 % and its tensor cores 0.2 %.")
+    high = findings.activity({"mean_util": 96.0, "sm_activity_mean": 74.0,
+                              "tensor_activity_mean": 30.0})
+    assert "were active 74.0 % (at least 50% of the busy share" in high and "only" not in high
+    assert "No GPM metrics here" in findings.activity({"mean_util": 40.0})

@@ -367,6 +367,22 @@ def utilization(during: dict, whole: dict, load: dict, on_gpu: bool) -> str:
 SM_SHARE_LOW = 0.5  # SM activity under half the busy share: "busy" overstates the work
 
 
+def activity(during: dict) -> str:
+    """Notebook 05, under the timeline: the load test's busy share beside how much of the chip
+    worked (GPM), both sides of SM_SHARE_LOW; or why there is nothing to compare."""
+    if "sm_activity_mean" not in during:
+        return ("No GPM metrics here (they need a Hopper-or-newer GPU and driver support): "
+                "only the coarse utilization is available.")
+    util, sm = during["mean_util"], during["sm_activity_mean"]
+    tensor = during.get("tensor_activity_mean", float("nan"))
+    if util and sm < SM_SHARE_LOW * util:
+        return (f"During the load test the GPU was 'utilized' {util:.0f} % of the time, but its "
+                f"SMs were active only {sm:.1f} % and its tensor cores {tensor:.1f} %.")
+    return (f"During the load test the GPU was 'utilized' {util:.0f} % of the time, and its SMs "
+            f"were active {sm:.1f} % (at least {SM_SHARE_LOW:.0%} of the busy share: the kernels "
+            f"kept most of the chip working) and its tensor cores {tensor:.1f} %.")
+
+
 def _sm_activity(sm: float, util: float) -> str:
     """Utilization counts the time any kernel ran; SM activity, how much of the chip worked."""
     if util and sm < SM_SHARE_LOW * util:
