@@ -165,7 +165,8 @@ def profile_decode(lm, engine: ContinuousEngine, sizes: list[int], args) -> list
     out = []
     cache = engine.cache
     for rows in sizes:
-        pages = [cache.free.take(cache.pages_for(args.prompt_tokens + 100)) for _ in range(rows)]
+        per_row = cache.pages_for(args.prompt_tokens + 100)
+        pages = [cache.allocator.take(per_row) for _ in range(rows)]
         chunks = [Chunk([1], args.prompt_tokens + 99, p) for p in pages]
         timings = {}
         for graphs in (True, False):
@@ -195,7 +196,7 @@ def profile_decode(lm, engine: ContinuousEngine, sizes: list[int], args) -> list
                     "gpu_ms_by_family": {k: round(v, 3) for k, v in
                                          sorted(families.items(), key=lambda kv: -kv[1])}})
         for p in pages:
-            cache.free.give_back(p)
+            cache.allocator.give_back(p)
         print(out[-1], flush=True)
     return out
 

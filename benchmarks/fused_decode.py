@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     model = Llama.from_hf(lm.model, free_source=True)
     per_row = -(-args.tokens // 16)
     cache = PagedKVCache(lm.config, max(args.rows) * per_row + 1, lm.dtype, lm.device)
-    tables = [cache.free.take(per_row) for _ in range(max(args.rows))]
+    tables = [cache.allocator.take(per_row) for _ in range(max(args.rows))]
     row = {"card": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
            "torch": torch.__version__, "model": args.model, "cached_tokens": args.tokens,
            "gemv_tiles": {f"{n}x{k}": tile for (n, k), tile in gemv.CONFIGS.items()}}

@@ -58,7 +58,7 @@ def test_a_wide_prefill_replays_a_graph_with_the_eager_logits(lm32):
     runner, cache = engine.runner, engine.cache
     generator = torch.Generator().manual_seed(0)
     chunks = [Chunk(torch.randint(10, 1000, (3 + i % 10,), generator=generator).tolist(), 0,
-                    cache.free.take(1)) for i in range(40)]
+                    cache.allocator.take(1)) for i in range(40)]
     step = [Chunk([7], len(chunk.tokens), chunk.pages) for chunk in chunks]
     with torch.inference_mode():
         replayed = runner.prefill(chunks).clone()
@@ -92,7 +92,7 @@ def test_graph_logits_match_eager_and_the_sdpa_path_in_bf16():
     lm = load_model("synthetic:llama-3.2-1b", device="cuda", dtype="bf16")
     engine = engine_for(lm, cuda_graphs=True, pages=64)
     cache, runner = engine.cache, engine.runner
-    pages = [cache.free.take(3) for _ in range(3)]
+    pages = [cache.allocator.take(3) for _ in range(3)]
     prompt = [[11 + i, 500, 7000, 42, 9] for i in range(3)]
     with torch.inference_mode():
         runner.prefill([Chunk(p, 0, pg) for p, pg in zip(prompt, pages, strict=True)])

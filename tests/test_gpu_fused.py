@@ -169,7 +169,7 @@ def _prefill_then_decode(lm, ops):
     model = Llama.from_hf(lm.model)
     model.fused_kernels, model.gemv_kernels = ops is not EagerOps, ops is GemvOps
     runner = ModelRunner(model, cache, cuda_graphs=False)
-    pages = [cache.free.take(3) for _ in range(3)]
+    pages = [cache.allocator.take(3) for _ in range(3)]
     prompts = [[11 + i, 500, 700, 42, 9][:3 + i] for i in range(3)]
     with torch.inference_mode():
         prefill = runner.prefill([Chunk(p, 0, pg) for p, pg in zip(prompts, pages, strict=True)])

@@ -34,13 +34,14 @@ from typing import Any
 
 import numpy as np
 
+from labkit.course import experiments
 from labkit.measure import loadtest, utilization
 from labkit.measure.loadstats import LoadTestResult, percentiles
 from labkit.serve import client
 from labkit.serve.launcher import ServerProcess
 
 SHORT_P95_TARGET = 0.5  # continuous ÷ batched p95 latency of the short requests (the issue's)
-BATCHED_MAX_WAIT_MS = 50.0  # as in notebooks 06-07 (labkit.course.experiments explains why)
+BATCHED_MAX_WAIT_MS = experiments.SWEEP_MAX_WAIT_MS  # as in notebooks 06-07 (see there why)
 PROMPT = loadtest.DEFAULT_PROMPT
 SERVER_START_TIMEOUT_S = 300.0
 
@@ -100,7 +101,7 @@ def server_options(mode: str, max_batch_size: int = 32,
     """`labkit serve` flags of each mode: batched with its batch size and wait; continuous with
     its defaults (or a given KV cache size)."""
     if mode == "batched":
-        return ["--max-batch-size", str(max_batch_size), "--max-wait-ms", f"{max_wait_ms:g}"]
+        return experiments.batched_flags(max_batch_size, max_wait_ms)
     if mode == "continuous":
         return [] if kv_cache_gb is None else ["--kv-cache-gb", f"{kv_cache_gb:g}"]
     raise ValueError(f"mode must be 'batched' or 'continuous', got {mode!r}")

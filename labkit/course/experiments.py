@@ -37,13 +37,20 @@ class Sweep:
     timeline: object | None = None  # the final live-timeline Figure, when run(live=True)
 
 
+def batched_flags(max_batch_size: int, max_wait_ms: float = SWEEP_MAX_WAIT_MS,
+                  cuda_graphs: bool | None = None) -> list[str]:
+    """`labkit serve --mode batched` flags for the course's batched servers (notebooks 06-08)."""
+    flags = ["--max-batch-size", str(max_batch_size), "--max-wait-ms", f"{max_wait_ms:g}"]
+    if cuda_graphs is not None:
+        flags.append("--cuda-graphs" if cuda_graphs else "--no-cuda-graphs")
+    return flags
+
+
 def _server_options(mode: str, max_batch_size: int, max_wait_ms: float,
                     cuda_graphs: bool = True) -> dict:
     if mode != "batched":
         return {"mode": mode}
-    return {"mode": mode, "extra_args": ["--max-batch-size", str(max_batch_size),
-                                         "--max-wait-ms", str(max_wait_ms),
-                                         "--cuda-graphs" if cuda_graphs else "--no-cuda-graphs"]}
+    return {"mode": mode, "extra_args": batched_flags(max_batch_size, max_wait_ms, cuda_graphs)}
 
 
 def _sampler(url: str) -> utilization.UtilizationSampler:

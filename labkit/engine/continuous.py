@@ -175,7 +175,7 @@ class ContinuousEngine:
             self._inbox.get()
         self._in_flight = []
         for seq in [*self.waiting, *self.prefilling, *self.decoding]:
-            self.cache.free.give_back(seq.pages)
+            self.cache.allocator.give_back(seq.pages)
         self.waiting.clear()
         self.prefilling.clear()
         self.decoding.clear()
@@ -184,8 +184,8 @@ class ContinuousEngine:
         return {
             "running": len(self.prefilling) + len(self.decoding),
             "waiting": len(self.waiting) + self._inbox.qsize(),
-            "kv_pages_used": self.cache.free.used,
-            "kv_pages_total": self.cache.free.total,
+            "kv_pages_used": self.cache.allocator.used,
+            "kv_pages_total": self.cache.allocator.total,
             "kv_page_tokens": self.cache.page_size,
             "preemptions": self.preemptions,
             "decode_steps": self.decode_steps,
@@ -227,10 +227,10 @@ class ContinuousEngine:
         while self.waiting and len(self.prefilling) + len(self.decoding) < self.max_running:
             seq = self.waiting[0]
             needed = self.cache.pages_for(len(seq.ids)) - len(seq.pages)
-            if needed > self.cache.free.available:
+            if needed > self.cache.allocator.available:
                 return  # first come, first served: nobody overtakes the oldest
             self.waiting.popleft()
-            seq.pages += self.cache.free.take(needed)
+            seq.pages += self.cache.allocator.take(needed)
             if seq.admitted_at is None:
                 seq.admitted_at = time.perf_counter()
             self.prefilling.append(seq)
@@ -318,15 +318,15 @@ class ContinuousEngine:
             while len(seq.pages) < self.cache.pages_for(seq.length):
                 if squeezed and seq not in self.decoding:
                     break  # it finished, or was preempted: it must not be handed pages
-                if self.cache.free.available:
-                    seq.pages += self.cache.free.take(1)
+                if self.cache.allocator.available:
+                    seq.pages += self.cache.allocator.take(1)
                     continue
                 squeezed = True
                 if self._in_flight:
                     self._flush()  # may finish some requests, and free their pages
                 else:
                     victim = self.decoding.pop()  # the latest admitted (may be seq itself)
-                    self.cache.free.give_back(victim.pages)
+                    self.cache.allocator.give_back(victim.pages)
                     victim.cached = 0
                     self.waiting.appendleft(victim)
                     self.preemptions += 1
@@ -358,7 +358,7 @@ class ContinuousEngine:
 
     def _finish(self, seq: Sequence, now: float) -> None:
         seq.finished = True
-        self.cache.free.give_back(seq.pages)
+        self.cache.allocator.give_back(seq.pages)
         if seq.on_finish is None:
             return
         started = seq.admitted_at or now

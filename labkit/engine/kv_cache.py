@@ -42,7 +42,7 @@ class PagedKVCache:
                          or config.hidden_size // config.num_attention_heads)
         self.kv = torch.zeros(config.num_hidden_layers, 2, num_pages, page_size, self.kv_heads,
                               self.head_dim, dtype=dtype, device=device)
-        self.free = PageAllocator(num_pages)
+        self.allocator = PageAllocator(num_pages)
 
     @classmethod
     def sized(cls, config, memory_gb: float, dtype: torch.dtype, device: torch.device,

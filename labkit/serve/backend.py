@@ -251,7 +251,7 @@ def build_continuous_backend(lm: LoadedModel, kv_cache_gb: float | None = None,
                               prefill_chunk=prefill_chunk, cuda_graphs=cuda_graphs)
     log.info("Continuous batching: KV cache of %.2f GB = %d pages of %d tokens (%d tokens), "
              "up to %d requests at once, prefill chunks of %d tokens", memory_gb,
-             cache.free.total, cache.page_size, cache.tokens, max_running, prefill_chunk)
+             cache.allocator.total, cache.page_size, cache.tokens, max_running, prefill_chunk)
     return ContinuousBackend(lm, engine, warmup_runs=warmup_runs)
 
 
