@@ -269,6 +269,8 @@ def test_continuous_server_answers_reports_its_cache_and_refuses_what_cannot_fit
     assert server["mode"] == "continuous" and server["requests_served"] == len(PROMPTS)
     assert server["kv_pages_total"] == 31 and server["kv_pages_used"] == 0
     assert {"running", "waiting", "preemptions", "tokens_per_step"} <= set(server)
+    assert server["decode_steps"] > 0  # no batches in continuous mode: its own counters instead
+    assert server["batches"] is None and server["mean_batch_size"] is None
 
 
 @pytest.mark.parametrize("args, words", [

@@ -541,10 +541,10 @@ class ContinuousScheduler(QueueScheduler):
         engine = self.backend.engine.stats() if self.backend is not None else {}
         if self.failure() is not None:  # the engine's last figures are not its state now
             engine = {**engine, "running": 0, "waiting": 0, "kv_pages_used": 0}
+        # No batches here: the batch is re-formed every step (decode_steps, tokens_per_step).
         return {**super().stats(), **engine,
                 "queue_depth": engine.get("waiting", 0), "in_flight": engine.get("running", 0),
-                "batches": engine.get("decode_steps", 0),
-                "mean_batch_size": engine.get("tokens_per_step"), "max_wait_ms": None}
+                "batches": None, "mean_batch_size": None, "max_wait_ms": None}
 
 
 SCHEDULERS: dict[str, type] = {"sequential": SequentialScheduler, "batched": BatchedScheduler,
