@@ -26,6 +26,7 @@ class StubDetokenizer:
 
 class StubBackend:
     name = "stub (test backend)"
+    source = "stub"
     synthetic = False
     device = "cpu"
     gpu_name = None

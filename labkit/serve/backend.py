@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -42,6 +42,7 @@ class Backend(Protocol):
     """A loaded model, as the server uses it. `generate` blocks; it runs off the event loop."""
 
     name: str  # shown in every response ("... (synthetic: ...)" for synthetic models)
+    source: str  # what it was loaded from (`--model`): the id OpenAI clients name it by
     synthetic: bool
     device: str  # "cpu" or "cuda"/"cuda:N": where generation runs
     gpu_name: str | None  # the card generation runs on; None on the CPU
@@ -86,6 +87,18 @@ class Backend(Protocol):
         None where this process holds the model (the server reads torch's figures itself)."""
 
 
+class EngineBackend(Backend, Protocol):
+    """A backend the continuous engine serves (continuous mode): the scheduler adds requests to
+    `engine` and reads its stats; the engine runs in a process of its own when
+    `engine_process`, and then `close` stops that process."""
+
+    engine_process: bool
+    engine: Any  # ContinuousEngine here, EngineProcess over the pipe: add, cancel, stats
+
+    def close(self) -> None:
+        """Stop what the backend started (the engine process); a no-op otherwise."""
+
+
 class TextSide:
     """The text work a server does around `lm`: prompts are checked and tokenized on the event
     loop (short ones) or the server's check thread (long ones), streamed text is detokenized on
@@ -125,7 +138,7 @@ class ModelBackend(TextSide):
         self.static = static
         self.warmup_runs, self.max_batch_size = warmup_runs, max_batch_size
         self.cuda_graphs = static is not None and static.capture
-        self.name = lm.name
+        self.name, self.source = lm.name, lm.source
         self.synthetic = lm.synthetic
         self.device = str(lm.device)
         self.gpu_name = (torch.cuda.get_device_name(lm.device)
@@ -197,6 +210,9 @@ class ContinuousBackend(ModelBackend):
     def tokenize(self, request: Request) -> None:
         super().tokenize(request)
         self.engine.check_fits(request)  # 413 before it queues, if the cache is too small
+
+    def close(self) -> None:
+        """Nothing to stop: the engine runs on the server's own generation thread."""
 
     def generate(self, request: Request) -> Result:
         return self.engine.generate([request])[0]

@@ -209,7 +209,7 @@ class EngineProcessBackend(TextSide):
             context_length=info["context_length"], memory_after_load=None))
         self.engine = engine
         engine.detokenize = lambda ids: hf_generate.decode(self.lm, ids)
-        for name in ("name", "synthetic", "device", "gpu_name", "context_length",
+        for name in ("name", "source", "synthetic", "device", "gpu_name", "context_length",
                      "load_time_s", "cuda_graphs"):
             setattr(self, name, info[name])
         self.cache_tokens = info["cache_tokens"]

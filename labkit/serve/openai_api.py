@@ -322,11 +322,8 @@ def sse(body: dict) -> bytes:
 
 def model_id(backend: Backend) -> str:
     """The id clients name the served model by: the source it was loaded from (`labkit serve
-    --model`: "model", "synthetic:llama-3.2-3b", a Hub id or a directory). A backend without
-    one (the test stub) gets its display name up to " (".
-    """
-    source = getattr(getattr(backend, "lm", None), "source", None)
-    return source if isinstance(source, str) and source else backend.name.split(" (")[0]
+    --model`: "model", "synthetic:llama-3.2-3b", a Hub id or a directory)."""
+    return backend.source
 
 
 def models_list(backend: Backend) -> dict:

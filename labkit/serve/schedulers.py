@@ -23,7 +23,7 @@ from labkit.engine.request import EngineGone, OutOfMemory, Request, Result
 from labkit.serve.relay import Relay
 
 if TYPE_CHECKING:
-    from labkit.serve.backend import Backend
+    from labkit.serve.backend import Backend, EngineBackend
 
 log = logging.getLogger(__name__)
 
@@ -448,7 +448,7 @@ class ContinuousScheduler(QueueScheduler):
         self._step_began: float | None = None  # the engine thread's step in progress
         self._abandoned: str | None = None
 
-    def set_backend(self, backend: Backend) -> None:
+    def set_backend(self, backend: EngineBackend) -> None:
         super().set_backend(backend)
         if backend.engine_process:  # the engine's own clock: when it had work
             backend.engine.on_busy, backend.engine.on_idle = self.busy.start, self.busy.stop
