@@ -2,11 +2,9 @@
 
 Eager PyTorch launches one kernel per operation, and each kernel reads and writes the whole
 activation. In a decode step the activations are tiny (one token per row), so what each of those
-kernels costs is its fixed 2-3 µs, even replayed from a CUDA graph: on an H200 they took 0.79 ms
-of a 3.2 ms batch-1 step of the 3B shape, and 4.0 of 9.35 ms at 512 rows. Here each stretch
-between two matrix products is one kernel that reads its inputs once, which took that step from
-3.17 to 2.49 ms, and from 9.74 to 7.81 ms at 512 rows (benchmarks/RESULTS.md, "Continuous
-batching engine"):
+kernels costs is its fixed launch cost, even replayed from a CUDA graph, and together they were a
+quarter to over 40 % of a decode step. Here each stretch between two matrix products is one kernel
+that reads its inputs once (what it saved: benchmarks/RESULTS.md, "Fused elementwise kernels"):
 
     add_rms_norm   residual + x, then RMSNorm of that sum    (before attention and before the MLP;
                                                               the sum is the next residual)

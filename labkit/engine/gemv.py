@@ -2,11 +2,10 @@
 overlap one another.
 
 At batch 1 a decode step is a chain of matrix-vector products (GEMV): each reads one weight
-matrix once, and its time should be the matrix's bytes over memory bandwidth. The 3B shape's
-matrices are small (the o projection is 19 MB: 4.5 µs at 4.2 TB/s), so what a kernel costs
-besides its bytes (its launch, the first reads' latency, the last programs' tail) is a large
-share of it; cuBLAS read the o projection at 1.9 TB/s, and with the small kernels between the
-products (norm, SiLU) the 3B step took 2.46 ms against a 1.52 ms floor. Three changes:
+matrix once, and its time should be the matrix's bytes over memory bandwidth. A 3B model's
+matrices take microseconds to read, so what a kernel costs besides its bytes (its launch, the
+first reads' latency, the last programs' tail) is a large share of it, and cuBLAS plus the small
+kernels between the products (norm, SiLU) left the step well above its floor. Three changes:
 
 - The elementwise work runs inside the product that follows it, as a prologue on its input:
   `norm_linear` is RMSNorm(x + residual) @ W.T (the sum is the next residual), `silu_linear`
@@ -14,8 +13,8 @@ products (norm, SiLU) the 3B step took 2.46 ms against a 1.52 ms floor. Three ch
   then 6 kernels (qkv, RoPE + cache write, attention, o, gate/up, down) instead of 9.
 - Narrow, long tiles: each program computes BLOCK_N (4 or 8) outputs, streaming its BLOCK_N
   weight rows 1,024 columns at a time and multiplying them with the input in float32; it sums
-  once at the end. Thousands of small programs keep enough reads in flight: 3.8-4.6 TB/s for
-  the 3B's products against cuBLAS's 1.9-4.2 (benchmarks/decode_gemv.py).
+  once at the end. Thousands of small programs keep enough reads in flight
+  (benchmarks/decode_gemv.py measures them against cuBLAS).
 - Programmatic dependent launch (PDL, Hopper and later): each kernel lets the next one launch
   as soon as all its programs run (`gdc_launch_dependents`); the next one reads its first
   weight tile (weights do not depend on the kernel before), then waits for the kernel before
@@ -24,8 +23,8 @@ products (norm, SiLU) the 3B step took 2.46 ms against a 1.52 ms floor. Three ch
   kernel that ends has seen every earlier one end. The RoPE and attention kernels of the step
   take part too (`fused`, `paged_attention`).
 
-Together: the 3B step from 2.46 to 1.99 ms on an H200 (1.30× the floor); without PDL, 2.18
-(benchmarks/fused_decode.py). The prologues round where the eager ops round
+What they bring, with and without PDL: benchmarks/RESULTS.md ("Batch-1 products as overlapping
+GEMV kernels"). The prologues round where the eager ops round
 (`labkit.engine.llama.EagerOps`), so results agree with `fused` + cuBLAS within the products'
 own rounding (tests/test_gpu_fused.py). Steps of more tokens are matrix-matrix products, which
 cuBLAS does well on tensor cores. Timings: benchmarks/RESULTS.md ("Continuous batching engine").

@@ -1,8 +1,8 @@
 """Decode attention straight from the paged KV cache: one Triton kernel, no gather.
 
 In a decode step every row has one new query token. The plain-PyTorch way (`kv_cache.read`)
-first copies each row's pages side by side, then runs attention over the copy: at 512 rows that
-copy was 19 of a 31 ms step on an H200 (benchmarks/RESULTS.md, "Continuous batching engine").
+first copies each row's pages side by side, then runs attention over the copy: at hundreds of
+rows that copy was most of the step (benchmarks/RESULTS.md, "Continuous batching engine").
 This kernel instead walks each row's block table and reads its keys and values where they lie,
 only as far as the row's own length, with the running (online) softmax of FlashAttention:
 

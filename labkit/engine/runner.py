@@ -12,7 +12,7 @@ serving) are mostly Python launching ~20 kernels per layer, during which the GPU
 are padded to powers of two too (widths up to PREFILL_GRAPH_WIDTH, PREFILL_GRAPH_TOKENS in all)
 and replayed from graphs. That holds for many rows at once as well: when a wave of requests
 returns to a busy server, dozens are admitted in the same step, and an eager prefill of them
-cost ~10 ms of host time on an H200 while the decoding requests waited for it.
+held the decoding requests up for milliseconds of host time.
 """
 
 from __future__ import annotations
