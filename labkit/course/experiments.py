@@ -294,16 +294,18 @@ def stream_arrivals_table(arrivals_ms: list[float], texts: list[str], shown: int
     return "\n".join(lines)
 
 
+SERVING_COLUMNS = [
+    ("device", 24, lambda r: r["device"]), ("tokens", 7, lambda r: r["tokens_generated"]),
+    ("generation ms", 14, lambda r: f"{r['inference_time_ms']:.0f}"),
+    ("ms/token", 10, lambda r: f"{r['ms_per_token']:.2f}"),
+    ("stream: 1st chunk ms", 21, lambda r: f"{r['stream_first_ms']:.1f}"),
+    ("chunks", 7, lambda r: r["stream_chunks"]),
+    ("health max ms", 14, lambda r: f"{r['health_max_ms']:.1f}")]
+
+
 def serving_table(rows: list[dict]) -> str:
     """Notebook 03's measured figures, one row per run (yours, or the GPU reference's)."""
-    lines = [f"{'device':<24} {'tokens':>6} {'generation ms':>13} {'ms/token':>9} "
-             f"{'stream: 1st chunk ms':>20} {'chunks':>6} {'health max ms':>13}"]
-    for r in rows:
-        lines.append(f"{r['device']:<24} {r['tokens_generated']:>6} "
-                     f"{r['inference_time_ms']:>13.0f} {r['ms_per_token']:>9.2f} "
-                     f"{r['stream_first_ms']:>20.1f} {r['stream_chunks']:>6} "
-                     f"{r['health_max_ms']:>13.1f}")
-    return "\n".join(lines)
+    return "\n".join(_columns(rows, SERVING_COLUMNS))
 
 
 def serving_row(reply: dict, arrivals_ms: list[float], health_ms: list[float]) -> dict:
