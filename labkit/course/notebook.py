@@ -82,7 +82,8 @@ def gpu_reference(name: str) -> dict | None:
 
 def print_gpu_reference(name: str, render: Callable[[list], str]) -> None:
     """Without a GPU: print the committed GPU run's table beside the one just measured,
-    `render` applied to its "rows", under the card, driver, date and model it came from.
+    `render` applied to its "rows" (or to the whole record, for one without rows), under the
+    card, driver, date and model it came from.
     On a GPU the notebook's own figures are the GPU's: nothing is printed. (Returns nothing: a
     notebook cell ending with it displays no value.)"""
     if torch.cuda.is_available():
@@ -94,7 +95,7 @@ def print_gpu_reference(name: str, render: Callable[[list], str]) -> None:
         return
     print(f"\nGPU reference, for comparison: {describe_measured_on(reference['measured_on'])} "
           f"(notebooks/reference/{name}.json, committed; not measured here)")
-    print(render(reference["rows"]))
+    print(render(reference["rows"] if "rows" in reference else reference))
 
 
 def measured_on(model: str | None = None) -> dict:
