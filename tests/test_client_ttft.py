@@ -36,6 +36,18 @@ def test_server_histograms_reads_the_sums_and_counts_of_the_servers_own_metrics(
     assert totals["ttft"] == pytest.approx((0.130 + 0.025, 2))
 
 
+def test_a_streams_ttft_is_when_its_first_chunk_went_out_not_derived_from_its_end():
+    """A reader that drains the tail of a stream late stretches the time in the server, not
+    the time to the first token: the stream hands over when its first chunk went out."""
+    stats = {"queue_depth": 0, "in_flight": 0, "requests_served": 1, "busy_seconds": 0.0}
+    metrics = ServerMetrics(lambda: stats)
+    result = Result("text", "prompt", 10, 3, 20.0, 500.0, 20.0, 5.0, "cpu", "model", False,
+                    "length", queue_time_ms=0.0)
+    metrics.observe(result, 5000.0, ttft_ms=30.0)  # 4.5 s of a slow tail after generation
+    totals = experiments.server_histograms(metrics.render().decode())
+    assert totals["ttft"] == pytest.approx((0.030, 1))
+
+
 def summary(ttft_mean=700.0, ttft_p95=900.0, itl=8.8, tpot=8.9, requests=10) -> dict:
     """The parts of a LoadTestResult.summary() that a row reads."""
     return {"total_requests": requests, "successful": requests,

@@ -313,9 +313,10 @@ async def handle_openai_completion(request: web.Request) -> web.StreamResponse:
     params = await _off_loop_if_long(state, len(body), call.prepare, backend,
                                      state.max_tokens_limit)
 
-    def observe(result) -> None:
+    def observe(result, first_sent: float | None = None) -> None:
         total_ms = (time.perf_counter() - received) * 1000
-        state.metrics.observe(result, total_ms)
+        ttft_ms = (first_sent - received) * 1000 if first_sent is not None else None
+        state.metrics.observe(result, total_ms, ttft_ms)
         log.info("POST %s 200 %s%s: %d prompt + %d generated tokens, queue %.0f ms, inference "
                  "%.0f ms", request.path, call.id, " (stream)" if call.stream else "",
                  result.prompt_tokens, result.tokens_generated, result.queue_time_ms,

@@ -60,10 +60,12 @@ class ServerMetrics:
                                LATENCY_BUCKETS)
         self.registry.register(_StateCollector(self))
 
-    def observe(self, result: Result, total_ms: float) -> None:
-        """Record one answered request; `total_ms` is its time in the server."""
-        generation_after_first = result.inference_time_ms - result.time_to_first_token_ms
-        self.ttft.observe(max(0.0, total_ms - generation_after_first) / 1000)
+    def observe(self, result: Result, total_ms: float, ttft_ms: float | None = None) -> None:
+        """Record one answered request; `total_ms` is its time in the server, `ttft_ms` when
+        its first token went out (a stream's), else derived from the result's own times."""
+        if ttft_ms is None:
+            ttft_ms = total_ms - (result.inference_time_ms - result.time_to_first_token_ms)
+        self.ttft.observe(max(0.0, ttft_ms) / 1000)
         self.e2e.observe(total_ms / 1000)
         self.queue.observe((result.queue_time_ms or 0.0) / 1000)
         if result.time_per_output_token_ms is not None:

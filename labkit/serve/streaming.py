@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -171,10 +172,13 @@ class FrameQueue:
 
 async def stream(http_request: web.Request, call: Call, request: Request, backend: Backend,
                  submit: Callable[[Request], Awaitable[Result]],
-                 observe: Callable[[Result], None], relay: Relay) -> web.StreamResponse:
+                 observe: Callable[[Result, float | None], None],
+                 relay: Relay) -> web.StreamResponse:
     """The streaming answer: each piece of text as a chunk as soon as it exists, then the
-    closing chunks. A disconnect (the handler cancelled, a write to a closed connection, or a
-    reader too slow for `STREAM_BUFFER_BYTES`) cancels the request, so the engine stops it."""
+    closing chunks; `observe` gets the result and when the first chunk went out (the server's
+    TTFT, which a slow reader's tail must not stretch). A disconnect (the handler cancelled, a
+    write to a closed connection, or a reader too slow for `STREAM_BUFFER_BYTES`) cancels the
+    request, so the engine stops it."""
     prompt_tokens = len(request.prompt_ids)
 
     def too_slow() -> None:
@@ -197,9 +201,12 @@ async def stream(http_request: web.Request, call: Call, request: Request, backen
 
     work.add_done_callback(finished)
     response = web.StreamResponse(headers=SSE_HEADERS)
+    first_sent: float | None = None
 
     async def send(data: bytes) -> None:
+        nonlocal first_sent
         if not response.prepared:  # starts with the first piece of text, or the result
+            first_sent = time.perf_counter()
             await response.prepare(http_request)
             if call.chat:
                 data = call.chunk(first=True, usage=usage_counts(prompt_tokens, 0)) + data
@@ -209,7 +216,7 @@ async def stream(http_request: web.Request, call: Call, request: Request, backen
         while batch := await frames.take():
             await send(b"".join(batch))
         result = work.result()  # before the first byte, an error gets its own status code
-        observe(result)
+        observe(result, first_sent)
         await send(b"".join(call.closing_frames(result, sink)))
         await response.write_eof()
     except ConnectionResetError:  # the client went away between two chunks, or lagged
