@@ -8,6 +8,9 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-results}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+# labkit's request schemas need pydantic; a GPU image without it takes it from a carried .wheelhouse
+python3 -c "import pydantic" 2>/dev/null \
+  || python3 -m pip install -q --no-index --find-links .wheelhouse pydantic
 step() { echo; echo "=== $* ($(date +%T))"; }
 step card; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 step "sampling kernel tests"

@@ -9,6 +9,6 @@ Llama (`llama`) with its Triton kernels (`fused`, `gemv`, `paged_attention`) ove
 cache (`kv_cache`), run step by step by `runner`; host values to the device without a sync
 (`device`).
 
-May import: torch, transformers, huggingface_hub. Nothing else from labkit: the engine knows
-no HTTP, no scheduler and no instrument.
+May import: torch, transformers, huggingface_hub, pydantic (the request's field types). Nothing
+else from labkit: the engine knows no HTTP, no scheduler and no instrument.
 """

@@ -47,13 +47,15 @@ DEFAULT_PREFILL_CHUNK = 2048  # prompt tokens prefilled per step, across request
 
 
 def check_fits(request: Request, cache_tokens: int) -> None:
-    """PromptTooLong (413) when prompt + max_tokens could never fit in the whole cache."""
+    """PromptTooLong (413) when prompt + max_tokens could never fit in the whole cache; a request
+    that fits is marked so (`fits_cache`), and an engine with that cache takes it unchecked."""
     needed = len(request.prompt_ids) + request.max_tokens
     if needed > cache_tokens:
         raise PromptTooLong(
             f"prompt ({len(request.prompt_ids)} tokens) + max_tokens ({request.max_tokens}) "
             f"needs {needed} tokens of KV cache, more than the whole cache holds "
             f"({cache_tokens}); shorten it, or give the cache more memory")
+    request.fits_cache = cache_tokens
 
 
 @dataclass(eq=False)
@@ -136,14 +138,18 @@ class ContinuousEngine:
     # -- what callers use ------------------------------------------------------------------
 
     def check_fits(self, request: Request) -> None:
+        """Tokenize `request` if it is not yet (the model's context checked) and check that it
+        fits the whole cache: PromptTooLong if it never could."""
+        hf_generate.tokenize(self.lm, request)
         check_fits(request, self.cache.tokens)
 
     def add(self, request: Request, on_finish: Callable[[Result], None] | None = None) -> None:
         """Queue `request` (from any thread); `on_finish(result)` is called on the engine's
-        thread when it is done. Raises PromptTooLong if it could never fit."""
-        if request.prompt_ids is None:
-            hf_generate.tokenize(self.lm, request)
-        self.check_fits(request)
+        thread when it is done. A request from Python is checked here (PromptTooLong if it could
+        never fit); one that a server checked for this cache where it entered is not checked
+        again."""
+        if request.fits_cache != self.cache.tokens:
+            self.check_fits(request)
         rng = None if request.greedy else random.Random(request.seed)
         self._inbox.put(Sequence(request, on_finish, time.perf_counter(),
                                  list(request.prompt_ids), len(request.prompt_ids), rng))

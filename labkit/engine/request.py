@@ -1,9 +1,14 @@
 """One request and its result, from where it enters (HTTP or Python) to the model and back.
 
-A `Request` is validated once, when it is made: the sampling parameters are checked here and
-nowhere else. Before it is generated, `hf_generate.tokenize` checks that its prompt fits the
-model's context and stores the prompt's token ids on it, so the prompt is tokenized once. Every
-way of generating (one at a time, batched) returns the same `Result`.
+A `Request` is checked once, where it enters. Made in Python, its fields are checked when it is
+made: `Fields` declares each one's type and bounds (a pydantic schema), and a value outside them
+is an `InvalidRequest` in the words of `FIELD_WORDS`. Made by the server, from a body that the
+body's own schema (`labkit.serve.schemas`, built on the same field types) has checked, it is made
+with `checked=True`, and nothing checks it again: not the engine, not the engine process.
+Before it is generated, its prompt is tokenized and checked to fit, once
+(`hf_generate.tokenize`: the model's context; `continuous.check_fits`: the whole KV cache), and
+its token ids are stored on it. Every way of generating (one at a time, batched) returns the
+same `Result`.
 
 The errors a server turns into status codes live here too: `InvalidRequest` (400),
 `PromptTooLong` (413), `OutOfMemory` and `EngineGone` (503). No torch here: a server imports
@@ -14,7 +19,20 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import KW_ONLY, InitVar, asdict, dataclass, field
+from typing import Annotated
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+)
 
 DEFAULT_MAX_TOKENS = 150
 DEFAULT_TEMPERATURE = 0.7
@@ -67,16 +85,17 @@ class Request:
     # text may be left empty, sparing a second decode of the same tokens.
     wants_text: bool = field(default=True, repr=False)
     cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
+    # The KV cache (in tokens) it was checked to fit once tokenized (`continuous.check_fits`):
+    # an engine with that cache takes it without checking again.
+    fits_cache: int | None = field(default=None, repr=False)
+    _: KW_ONLY
+    # True: its fields were checked where it entered (the server's body schema), so they are
+    # not checked again; for the server's edge and the engine process only.
+    checked: InitVar[bool] = False
 
-    def __post_init__(self) -> None:
-        _check_prompt(self.prompt)
-        _check_max_tokens(self.max_tokens)
-        self.temperature = _check_temperature(self.temperature)
-        self.top_p = _check_top_p(self.top_p)
-        _check_seed(self.seed)
-        _check_min_tokens(self.min_tokens, self.max_tokens)
-        if not isinstance(self.ignore_eos, bool):
-            raise InvalidRequest(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+    def __post_init__(self, checked: bool) -> None:
+        if not checked:
+            check_fields(self)
 
     def may_stop(self, tokens_so_far: int) -> bool:
         """Whether a stop token may end the generation after `tokens_so_far` tokens."""
@@ -120,55 +139,84 @@ class Result:
         return fields
 
 
-def is_number(value) -> bool:
-    """An int or a float, not a bool (which Python counts as an int)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+# --- the fields' rules ----------------------------------------------------------------------------
 
-
-def _check_prompt(prompt) -> None:
-    if not isinstance(prompt, str):
-        raise InvalidRequest(f"prompt must be a string, got {type(prompt).__name__}")
+def _not_blank(prompt: str) -> str:
     if not prompt.strip():
-        raise InvalidRequest("prompt is empty; send some text to continue")
+        raise ValueError("blank")
+    return prompt
 
 
-def _check_max_tokens(max_tokens) -> None:
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
-        raise InvalidRequest(f"max_tokens must be an integer, at least 1, got {max_tokens!r}")
-    if max_tokens < 1:
-        raise InvalidRequest(f"max_tokens must be at least 1, got {max_tokens}")
+# Each field's type and bounds; the server's body schemas are built on the same types. Strict:
+# no coercion ("10" is not 10, true is not 1), but an integer is a valid float.
+Prompt = Annotated[StrictStr, AfterValidator(_not_blank)]
+MaxTokens = Annotated[StrictInt, Field(ge=1)]
+Temperature = Annotated[StrictFloat, Field(ge=0, le=MAX_TEMPERATURE)]  # NaN fails it too
+TopP = Annotated[StrictFloat, Field(gt=0, le=1)]
+Seed = Annotated[StrictInt, Field(ge=0, le=MAX_SEED)]
+MinTokens = Annotated[StrictInt, Field(ge=0)]
 
 
-def _check_temperature(temperature) -> float:
-    if not is_number(temperature):
-        raise InvalidRequest(f"temperature must be a number from 0 to {MAX_TEMPERATURE:g}, got "
-                             f"{temperature!r}")
-    if not 0 <= temperature <= MAX_TEMPERATURE:  # NaN and infinities fail it too
-        raise InvalidRequest(f"temperature must be from 0 to {MAX_TEMPERATURE:g} (0 = greedy), "
-                             f"got {temperature}")
-    return float(temperature)
+class Fields(BaseModel):
+    """A Request's checked fields, in the order they are checked."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: Prompt
+    max_tokens: MaxTokens
+    temperature: Temperature
+    top_p: TopP | None
+    seed: Seed | None
+    min_tokens: MinTokens
+    ignore_eos: StrictBool
 
 
-def _check_top_p(top_p) -> float | None:
-    if top_p is None:
+# The words of a field's InvalidRequest (and of the server's 400): (a value of the wrong type,
+# a value out of its bounds). `{field}` is the name the caller gave the field, `{value!r}` what
+# it sent.
+FIELD_WORDS = {
+    "prompt": ("{field} must be a string, got {type}",
+               "{field} is empty; send some text to continue"),
+    "max_tokens": ("{field} must be an integer, at least 1, got {value!r}",
+                   "{field} must be at least 1, got {value}"),
+    "temperature": (f"{{field}} must be a number from 0 to {MAX_TEMPERATURE:g}, got {{value!r}}",
+                    f"{{field}} must be from 0 to {MAX_TEMPERATURE:g} (0 = greedy), got "
+                    "{value}"),
+    "top_p": ("{field} must be a number in (0, 1], got {value!r}",
+              "{field} must be in (0, 1], got {value}"),
+    "seed": (f"{{field}} must be an integer from 0 to {MAX_SEED} (64 bits) or null, got "
+             "{value!r}",) * 2,
+    "min_tokens": ("{field} must be a whole number, 0 or more, got {value!r}",) * 2,
+    "ignore_eos": ("{field} must be true or false, got {value!r}",) * 2,
+}
+
+
+def field_error(error: dict, field_name: str | None = None, called: str | None = None) -> str:
+    """The words for a pydantic error about one of a Request's fields: `field_name` (else the
+    field the error is at), called `called` where the caller names it otherwise."""
+    field_name = field_name or error["loc"][0]
+    wrong_type, out_of_bounds = FIELD_WORDS[field_name]
+    words = wrong_type if error["type"].endswith("_type") else out_of_bounds
+    value = error["input"]
+    return words.format(field=called or field_name, value=value, type=type(value).__name__)
+
+
+def min_tokens_error(min_tokens: int, max_tokens: int) -> str | None:
+    """The words for min_tokens over max_tokens; None when it is not."""
+    if min_tokens <= max_tokens:
         return None
-    if not is_number(top_p):
-        raise InvalidRequest(f"top_p must be a number in (0, 1], got {top_p!r}")
-    if not 0 < top_p <= 1:  # NaN fails it too
-        raise InvalidRequest(f"top_p must be in (0, 1], got {top_p}")
-    return float(top_p)
+    return f"min_tokens ({min_tokens}) must not exceed max_tokens ({max_tokens})"
 
 
-def _check_min_tokens(min_tokens, max_tokens: int) -> None:
-    if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 0:
-        raise InvalidRequest(f"min_tokens must be a whole number, 0 or more, got {min_tokens!r}")
-    if min_tokens > max_tokens:
-        raise InvalidRequest(f"min_tokens ({min_tokens}) must not exceed max_tokens "
-                             f"({max_tokens})")
-
-
-def _check_seed(seed) -> None:
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
-                             or not 0 <= seed <= MAX_SEED):
-        raise InvalidRequest(f"seed must be an integer from 0 to {MAX_SEED} (64 bits) or null, "
-                             f"got {seed!r}")
+def check_fields(request: Request) -> None:
+    """The one check of a request made in Python: InvalidRequest naming the first field at
+    fault. Numbers come out as the floats the engine uses."""
+    try:
+        fields = Fields.model_validate({name: getattr(request, name)
+                                        for name in Fields.model_fields})
+    except ValidationError as err:
+        raise InvalidRequest(field_error(err.errors()[0])) from None
+    request.temperature, request.top_p = fields.temperature, fields.top_p
+    relation = min_tokens_error(fields.min_tokens, fields.max_tokens)
+    if relation:
+        raise InvalidRequest(relation)

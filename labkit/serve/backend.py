@@ -52,9 +52,10 @@ class Backend(Protocol):
     cuda_graphs: bool  # batched decode steps replayed from CUDA graphs
 
     def tokenize(self, request: Request) -> None:
-        """Store the prompt's token ids on the request; raises PromptTooLong when it cannot
-        fit the context. Runs on the event loop or the server's check thread, never the
-        generation thread."""
+        """Store the prompt's token ids on the request and check, once, that it fits: the
+        model's context, and in continuous mode the whole KV cache (PromptTooLong if not); the
+        engine takes it without checking again. Runs on the event loop or the server's check
+        thread, never the generation thread."""
 
     def generate(self, request: Request) -> Result:
         """Run one generation."""
@@ -209,7 +210,8 @@ class ContinuousBackend(ModelBackend):
 
     def tokenize(self, request: Request) -> None:
         super().tokenize(request)
-        self.engine.check_fits(request)  # 413 before it queues, if the cache is too small
+        # 413 before it queues, if the cache is too small; marked as fitting, `add` takes it
+        self.engine.check_fits(request)
 
     def close(self) -> None:
         """Nothing to stop: the engine runs on the server's own generation thread."""

@@ -17,7 +17,9 @@ engine core runs apart from its API server for the same reason.
 One pipe each way, one message per engine step: the new tokens of the requests that stream,
 the finished ones' results, and the engine's /stats counters. Requests cross as their fields,
 token ids included, and results come back as token ids: the server tokenizes and detokenizes,
-so the engine's loop spends its time on the GPU's next step, not on text. The
+so the engine's loop spends its time on the GPU's next step, not on text. A request is checked
+once, on the server's side (its fields where it entered, its fit to the context and to this
+engine's KV cache in `tokenize`): the engine process takes it as checked. The
 engine process ignores SIGINT and SIGTERM: the server drains its requests first, then tells the
 engine to stop. When the server dies, the pipe closes and the engine exits at its next step.
 """
@@ -35,8 +37,7 @@ from collections.abc import Callable
 
 import torch
 
-from labkit.engine import hf_generate
-from labkit.engine.continuous import check_fits
+from labkit.engine import continuous, hf_generate
 from labkit.engine.model import LoadedModel, load_tokenizer, tokenizer_dir
 from labkit.engine.request import EngineGone, OutOfMemory, PromptTooLong, Request, Result
 from labkit.serve.backend import TextSide, load_model_backend
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 
 # Request fields that cross the pipe (the hooks, a callback and a threading.Event, stay here).
 FIELDS = ("prompt", "max_tokens", "temperature", "top_p", "seed", "min_tokens", "ignore_eos",
-          "templated", "prompt_ids")
+          "templated", "prompt_ids", "fits_cache")
 STOP_TIMEOUT_S = 30.0
 # Device memory readings in the step messages, at most this often: a reading asks the driver
 # (cudaMemGetInfo), which costs host time in every step that carries one, while the GPU waits.
@@ -224,8 +225,10 @@ class EngineProcessBackend(TextSide):
         return cls(engine, engine.start())
 
     def tokenize(self, request: Request) -> None:
+        """The prompt's ids and its fit, checked once: the model's context, then the engine's
+        KV cache (`continuous.check_fits`), so the engine process need not check it again."""
         super().tokenize(request)
-        check_fits(request, self.cache_tokens)  # the engine's own check, before the pipe
+        continuous.check_fits(request, self.cache_tokens)
 
     def warm_up(self) -> None:
         """Done in the engine process before it reported ready."""
@@ -258,6 +261,12 @@ def _engine_main(conn, load_options: dict) -> None:
     except BaseException as err:  # the server reports it and exits with 1
         conn.send(("failed", _portable(err)))
         return
+    run_engine(conn, backend)
+
+
+def run_engine(conn, backend) -> None:
+    """Report `backend` (loaded and warm) ready over `conn`, then serve the pipe until told to
+    stop or the server is gone (in the engine process; a test runs it on a thread)."""
     lm, cache = backend.lm, backend.engine.cache
     backend.engine.detokenize = False  # the server decodes results' token ids
     conn.send(("ready", {
@@ -316,13 +325,13 @@ class _EngineLoop:
         kind = message[0]
         if kind == "add":
             _, rid, fields, streams = message
-            request = Request(**fields)
+            request = Request(**fields, checked=True)  # checked on the server's side
             if streams:
                 request.on_token = lambda token, rid=rid: self.tokens.append((rid, token))
             self.requests[rid] = request
-            try:
+            try:  # checked to fit on the server's side; `add` checks only what was not
                 self.engine.add(request, lambda result, rid=rid: self._finished(rid, result))
-            except Exception as err:  # PromptTooLong: the server checks first, but to be sure
+            except Exception as err:  # PromptTooLong, for a request sent unchecked
                 self._finished(rid, _portable(err))
         elif kind == "cancel":
             request = self.requests.get(message[1])

@@ -308,10 +308,10 @@ async def handle_openai_completion(request: web.Request) -> web.StreamResponse:
     backend = state.require_ready()
     check_content_type(request.content_type)
     body = await access.read_body(request, state.body_timeout_s)  # over 1 MiB: 413
-    call = openai_api.parse(request.path, body, openai_api.model_id(backend))
+    call = openai_api.parse(request.path, body, openai_api.model_id(backend),
+                            state.max_tokens_limit)
     request[REQUEST_ID] = call.id
-    params = await _off_loop_if_long(state, len(body), call.prepare, backend,
-                                     state.max_tokens_limit)
+    params = await _off_loop_if_long(state, len(body), call.prepare, backend)
 
     def observe(result, first_sent: float | None = None) -> None:
         total_ms = (time.perf_counter() - received) * 1000

@@ -9,8 +9,8 @@ Server-Sent Events framing, and OpenAI's error shape `{"error": {"message", "typ
 A field the server cannot honour is refused, not ignored: an unknown field, or a supported
 one at a value other than its no-op default (`n: 2`, `logprobs: true`, `echo: true`, ...) is a
 400 naming it, so a client never gets silently different behaviour from what it asked for.
-Sampling values are checked once, by `Request`; its `InvalidRequest` becomes a 400 whose `param`
-is the field it names.
+Which fields a body may carry, and at which values, is its schema's (`labkit.serve.schemas`,
+checked once); what the 400 says, with the field in `param`, is this module's.
 
 How an answer is produced and sent, whole or streamed, is `labkit.serve.streaming`'s.
 """
@@ -22,18 +22,14 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from labkit.engine.request import (
-    InvalidRequest,
-    PromptTooLong,
-    Request,
-    Result,
-    is_number,
-)
+from pydantic import ValidationError
+
+from labkit.engine.request import PromptTooLong, Request, Result, field_error, min_tokens_error
 from labkit.serve import body as json_body
+from labkit.serve import schemas
 from labkit.serve.errors import ApiError, json_type
 
 if TYPE_CHECKING:
@@ -46,93 +42,11 @@ COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
 ENDPOINTS = "GET /v1/models, POST /v1/completions, POST /v1/chat/completions"
 OWNED_BY = "labkit"
 STARTED = int(time.time())  # a model's "created": when this server process started
-COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-DEFAULT_TEMPERATURE = 1.0  # OpenAI's defaults
-DEFAULT_TOP_P = 1.0
-MAX_STOP_STRINGS = 4
-ROLES = ("system", "developer", "user", "assistant")
 DONE = b"data: [DONE]\n\n"
+SCHEMAS = {COMPLETIONS: schemas.CompletionBody, CHAT: schemas.ChatBody}
 
 
-# --- which fields a body may carry -------------------------------------------------------------
-
-def _same(value, default) -> bool:
-    """`value` is `default` in JSON terms: 0 and 0.0 alike, but false is not 0."""
-    if default is None or isinstance(default, bool):
-        return value is default
-    if is_number(default):
-        return is_number(value) and value == default
-    return value == default
-
-
-def _no_op(*defaults) -> Callable[[object], bool]:
-    return lambda value: value is None or any(_same(value, d) for d in defaults)
-
-
-def _string_or_null(value) -> bool:
-    return value is None or isinstance(value, str)
-
-
-def _bool_or_null(value) -> bool:
-    return value is None or isinstance(value, bool)
-
-
-def _object_or_null(value) -> bool:
-    return value is None or isinstance(value, dict)
-
-
-# Fields accepted only at a value that changes nothing here; anything else is a 400 naming them.
-# (Identifiers and metadata change no output, so any value of the right type is fine.)
-_NO_OP_COMMON: dict[str, Callable[[object], bool]] = {
-    "n": _no_op(1),
-    "frequency_penalty": _no_op(0),
-    "presence_penalty": _no_op(0),
-    "logit_bias": _no_op({}),
-    "user": _string_or_null,
-    # vLLM's sampling extensions, at their no-op values
-    "top_k": _no_op(-1, 0),
-    "min_p": _no_op(0),
-    "repetition_penalty": _no_op(1),
-}
-_NO_OP_COMPLETIONS = {
-    **_NO_OP_COMMON,
-    "best_of": _no_op(1),
-    "echo": _no_op(False),
-    "logprobs": _no_op(),  # an integer asks for that many alternatives per token
-    "suffix": _no_op(""),
-}
-_NO_OP_CHAT = {
-    **_NO_OP_COMMON,
-    "logprobs": _no_op(False),
-    "top_logprobs": _no_op(0),
-    "tools": _no_op([]),
-    "tool_choice": _no_op("none", "auto"),
-    "functions": _no_op([]),
-    "function_call": _no_op("none", "auto"),
-    "parallel_tool_calls": _bool_or_null,  # no tools: nothing to call in parallel
-    "response_format": _no_op({"type": "text"}),
-    "modalities": _no_op(["text"]),
-    "audio": _no_op(),
-    "prediction": _no_op(),
-    "reasoning_effort": _no_op(),
-    "verbosity": _no_op(),
-    "web_search_options": _no_op(),
-    "store": _no_op(False),
-    "metadata": _object_or_null,
-    "service_tier": _no_op("auto", "default"),
-    "prompt_cache_key": _string_or_null,
-    "safety_identifier": _string_or_null,
-}
-_SUPPORTED_COMMON = ("model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream",
-                     "stream_options", "ignore_eos", "min_tokens")
-REQUEST_FIELDS = ("temperature", "top_p", "seed", "min_tokens", "ignore_eos")  # as Request names
-FIELDS = {
-    COMPLETIONS: (("prompt", *_SUPPORTED_COMMON), _NO_OP_COMPLETIONS),
-    CHAT: (("messages", "max_completion_tokens", *_SUPPORTED_COMMON), _NO_OP_CHAT),
-}
-
-
-def _bad(param: str, message: str) -> ApiError:
+def _bad(param: str | None, message: str) -> ApiError:
     return ApiError(400, message, param)
 
 
@@ -149,26 +63,34 @@ class Text(Protocol):
 
 @dataclass
 class Call:
-    """One /v1 completion request, parsed: what to generate and how to answer it."""
+    """One /v1 completion request: its body as its schema checked it (what to generate), and
+    how to answer it."""
 
-    chat: bool
+    body: schemas.CompletionBody | schemas.ChatBody
     model: str  # the served model's id, echoed in every response
-    prompt: str | None  # completions
-    messages: list[dict] | None  # chat
-    sampling: dict  # Request's keyword arguments, max_tokens excepted
-    max_tokens: int | None  # None: the endpoint's default
-    max_tokens_field: str  # the field that set it (chat: max_completion_tokens or max_tokens)
-    stop: list[str]
-    stream: bool
-    include_usage: bool
-    continuous_usage: bool = False  # vLLM's stream_options.continuous_usage_stats
+    max_tokens_limit: int  # the server's
     id: str = field(default="")
     created: int = field(default_factory=lambda: int(time.time()))
+    include_usage: bool = field(init=False)
+    continuous_usage: bool = field(init=False)  # vLLM's stream_options.continuous_usage_stats
     _text_template: tuple[bytes, bytes] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.id:
             self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.include_usage, self.continuous_usage = self.body.usage_options
+
+    @property
+    def chat(self) -> bool:
+        return isinstance(self.body, schemas.ChatBody)
+
+    @property
+    def stream(self) -> bool:
+        return bool(self.body.stream)
+
+    @property
+    def stop(self) -> list[str]:
+        return self.body.stop or []
 
     @property
     def prompt_field(self) -> str:
@@ -176,31 +98,18 @@ class Call:
 
     # --- the Request it becomes (templating and tokenizing: on the check thread when long) ---
 
-    def prepare(self, backend: Backend, max_tokens_limit: int) -> Request:
-        """The Request for this call, validated and tokenized. A long body's runs off the event
-        loop (a chat template and the tokenizer both work on up to 1 MiB of text). Without
-        max_tokens, a completion gets OpenAI's 16 and a chat answer as much as the server
-        allows and the context has room for."""
-        prompt = backend.chat_prompt(self.messages) if self.chat else self.prompt
-        if self.max_tokens is not None:
-            max_tokens = self.max_tokens
-        elif self.chat:
-            max_tokens = max_tokens_limit
-        else:
-            max_tokens = min(COMPLETIONS_DEFAULT_MAX_TOKENS, max_tokens_limit)
+    def prepare(self, backend: Backend) -> Request:
+        """The Request for this call (its fields checked by the schema already), tokenized and
+        checked to fit. A long body's runs off the event loop (a chat template and the
+        tokenizer both work on up to 1 MiB of text)."""
+        body = self.body
+        prompt = backend.chat_prompt([m.as_chat() for m in body.messages]) if self.chat \
+            else body.prompt
+        request = Request(prompt, max_tokens=body.max_tokens_within(self.max_tokens_limit),
+                          templated=self.chat, **body.sampling, checked=True)
         try:
-            request = Request(prompt, max_tokens=max_tokens, templated=self.chat,
-                              **self.sampling)
-        except InvalidRequest as err:
-            raise self._invalid(err) from None
-        if request.max_tokens > max_tokens_limit:
-            raise _bad(self.max_tokens_field,
-                       f"{self.max_tokens_field} {request.max_tokens} is over this server's "
-                       f"limit: it accepts 1 to {max_tokens_limit} (labkit serve "
-                       "--max-tokens-limit).")
-        try:
-            if self.max_tokens is None and self.chat:
-                self._fit_default_max_tokens(request, backend)
+            if self.chat and body.asked_max_tokens is None:
+                self._fit_max_tokens(request, backend)
             else:
                 backend.tokenize(request)
         except PromptTooLong as err:
@@ -208,31 +117,18 @@ class Call:
                 from None
         return request
 
-    def _fit_default_max_tokens(self, request: Request, backend: Backend) -> None:
+    def _fit_max_tokens(self, request: Request, backend: Backend) -> None:
         """No max_tokens asked for: as many as the request can hold after the prompt (the
         model's context, and in continuous mode the whole KV cache), up to the server's limit
         (what vLLM does), rather than a 413 for a long conversation."""
         wanted, request.max_tokens = request.max_tokens, 1
         backend.tokenize(request)  # stores the prompt ids; PromptTooLong if nothing fits
         room = backend.token_budget - len(request.prompt_ids)
-        request.max_tokens = max(1, min(wanted, room))
+        request.max_tokens = max(1, min(wanted, room))  # fits still: within the token budget
         if request.min_tokens > request.max_tokens:
             raise _bad("min_tokens", f"min_tokens ({request.min_tokens}) is more than the "
                                      f"{request.max_tokens} tokens the context has room for "
                                      "after these messages")
-
-    def _invalid(self, err: InvalidRequest) -> ApiError:
-        """A 400 naming the field: Request's message starts with the one it is about."""
-        message = str(err)
-        param = message.split(maxsplit=1)[0] if message else ""
-        if param == "max_tokens":
-            param = self.max_tokens_field
-            message = param + message[len("max_tokens"):]
-        elif param == "prompt":
-            param = self.prompt_field
-        elif param not in REQUEST_FIELDS:
-            param = None
-        return _bad(param, message)
 
     # --- answers ----------------------------------------------------------------------------
 
@@ -331,72 +227,64 @@ def models_list(backend: Backend) -> dict:
                                         "created": STARTED, "owned_by": OWNED_BY}]}
 
 
-def parse(path: str, body: bytes, served: str) -> Call:
-    """A /v1/completions or /v1/chat/completions body (already size-checked) as a Call; each
-    problem is an ApiError naming its field. Sampling values are left to `Request`."""
-    chat = path == CHAT
+def parse(path: str, body: bytes, served: str, max_tokens_limit: int) -> Call:
+    """A /v1/completions or /v1/chat/completions body (already size-checked) as a Call, checked
+    against its schema once (the server's limits included); each problem is an ApiError naming
+    its field."""
     try:
         data = json_body.load(body)
     except json_body.BodyError as err:
         raise _bad(err.param, str(err)) from None
-    if not isinstance(data, dict):
-        raise _bad(None, f"The body must be a JSON object, got a JSON {json_type(data)}.")
-    supported, no_ops = FIELDS[path]
-    unknown = sorted(set(data) - set(supported) - set(no_ops))
+    schema = SCHEMAS[path]
+    try:
+        checked = schemas.check(schema, data, served=served, max_tokens_limit=max_tokens_limit)
+    except ValidationError as err:
+        raise refusal(schema, err.errors(include_url=False), data) from None
+    return Call(checked, served, max_tokens_limit)
+
+
+# --- what a 400 says -----------------------------------------------------------------------------
+
+# A body with several problems gets a 400 for one: every unknown field, else a no-op field at
+# another value, else the first of these fields with a problem (then a check across fields).
+REPORTED_FIRST = ("model", "stream", "stream_options", "prompt", "messages", "stop",
+                  "max_completion_tokens", "max_tokens", "temperature", "top_p", "seed",
+                  "min_tokens", "ignore_eos")
+
+
+def refusal(schema, errors: list[dict], data) -> ApiError:
+    """The answer to a body its schema refused: every unknown field (each with the field it
+    may be a typo of), else the first problem (`REPORTED_FIRST`)."""
+    unknown = sorted(e["loc"][0] for e in errors if e["type"] == "extra_forbidden"
+                     and len(e["loc"]) == 1)
     if unknown:
-        named = ", ".join(_with_hint(name, (*supported, *no_ops)) for name in unknown)
+        named = ", ".join(_with_hint(name, schema.model_fields) for name in unknown)
         plural = "s" if len(unknown) > 1 else ""
-        raise _bad(unknown[0], f"Unrecognized request argument{plural} supplied: {named}.")
-    for name, accepts in no_ops.items():
-        if name in data and not accepts(data[name]):
-            raise _bad(name, f"{name}={json.dumps(data[name])} is not supported by this server; "
-                             "leave it out (or at its default).")
+        return _bad(unknown[0], f"Unrecognized request argument{plural} supplied: {named}.")
+    no_ops = schemas.no_op_fields(schema)
 
-    model = data.get("model")
-    if model is not None and not isinstance(model, str):
-        raise _bad("model", f"model must be a string, got a JSON {json_type(model)}.")
-    if model is not None and model != served:
-        raise ApiError(404, f"The model {model!r} does not exist: this server serves "
-                               f"{served!r} (GET /v1/models).", "model", "model_not_found")
+    def rank(error: dict) -> int:
+        name = error["loc"][0] if error["loc"] else None
+        if name in no_ops:
+            return 0
+        return 1 + (REPORTED_FIRST.index(name) if name in REPORTED_FIRST
+                    else len(REPORTED_FIRST))
 
-    stream = data.get("stream")
-    if not _bool_or_null(stream):
-        raise _bad("stream", f"stream must be true or false, got {json.dumps(stream)}.")
-    include_usage, continuous_usage = _stream_options(data.get("stream_options"), bool(stream))
-
-    prompt = messages = None
-    if chat:
-        messages = _messages(data.get("messages"))
-        max_tokens_field = _chat_max_tokens_field(data)
-    else:
-        if "prompt" not in data:
-            raise _bad("prompt", "Missing required argument: prompt.")
-        prompt = _prompt(data["prompt"])
-        max_tokens_field = "max_tokens"
-    max_tokens = data.get(max_tokens_field)
-
-    sampling = {"temperature": DEFAULT_TEMPERATURE, "top_p": DEFAULT_TOP_P}
-    for name in REQUEST_FIELDS:
-        if data.get(name) is not None:  # null: the default, as OpenAI reads it
-            sampling[name] = data[name]
-    return Call(chat=chat, model=served, prompt=prompt, messages=messages, sampling=sampling,
-                max_tokens=max_tokens, max_tokens_field=max_tokens_field,
-                stop=_stop(data.get("stop")), stream=bool(stream), include_usage=include_usage,
-                continuous_usage=continuous_usage)
-
-
-def _chat_max_tokens_field(data: dict) -> str:
-    """Which of chat's two names for the limit sets it: max_completion_tokens (OpenAI's
-    current name) or max_tokens (the older one). Both at different values is a 400, so neither
-    is silently ignored."""
-    new, old = data.get("max_completion_tokens"), data.get("max_tokens")
-    if new is None:
-        return "max_tokens"
-    if old is not None and not (type(old) is type(new) and old == new):
-        raise _bad("max_tokens", f"max_tokens ({json.dumps(old)}) and max_completion_tokens "
-                                 f"({json.dumps(new)}) disagree; send one of them "
-                                 "(max_tokens is the older name).")
-    return "max_completion_tokens"
+    error = min(errors, key=rank)
+    if error["type"] in _SERVER_CHECK_WORDS:
+        return _SERVER_CHECK_WORDS[error["type"]](**error["ctx"])
+    if not error["loc"]:
+        return _bad(None, f"The body must be a JSON object, got a JSON {json_type(data)}.")
+    name = error["loc"][0]
+    if name in no_ops:
+        return _bad(name, f"{name}={json.dumps(data[name])} is not supported by this server; "
+                          "leave it out (or at its default).")
+    field_errors = [e for e in errors if e["loc"][:1] == (name,)]
+    if name in _FIELD_WORDS:
+        return _FIELD_WORDS[name](field_errors, data)
+    # a Request's field: the words a Request uses (chat's max_completion_tokens is max_tokens)
+    return _bad(name, field_error(error, "max_tokens" if name == "max_completion_tokens"
+                                  else name, name))
 
 
 def _with_hint(name: str, known) -> str:
@@ -404,95 +292,117 @@ def _with_hint(name: str, known) -> str:
     return f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name)
 
 
-def _prompt(prompt) -> str:
+def _over_limit(field: str, value: int, limit: int) -> ApiError:
+    return _bad(field, f"{field} {value} is over this server's limit: it accepts 1 to {limit} "
+                       "(labkit serve --max-tokens-limit).")
+
+
+def _model_not_found(model: str, served: str) -> ApiError:
+    return ApiError(404, f"The model {model!r} does not exist: this server serves {served!r} "
+                         "(GET /v1/models).", "model", "model_not_found")
+
+
+def _disagree(max_tokens, max_completion_tokens) -> ApiError:
+    return _bad("max_tokens", f"max_tokens ({json.dumps(max_tokens)}) and max_completion_tokens "
+                              f"({json.dumps(max_completion_tokens)}) disagree; send one of "
+                              "them (max_tokens is the older name).")
+
+
+_SERVER_CHECK_WORDS = {
+    "over_limit": _over_limit,
+    "model_not_found": _model_not_found,
+    "max_tokens_disagree": _disagree,
+    "stream_options_without_stream": lambda: _bad(
+        "stream_options", "stream_options is only allowed when stream is true."),
+    "min_tokens_over": lambda min_tokens, max_tokens: _bad(
+        "min_tokens", min_tokens_error(min_tokens, max_tokens)),
+}
+
+
+def _model_words(errors: list[dict], data: dict) -> ApiError:
+    return _bad("model", f"model must be a string, got a JSON {json_type(data['model'])}.")
+
+
+def _stream_words(errors: list[dict], data: dict) -> ApiError:
+    return _bad("stream", f"stream must be true or false, got {json.dumps(data['stream'])}.")
+
+
+def _stream_options_words(errors: list[dict], data: dict) -> ApiError:
+    error = _unknown_first(errors, depth=2)
+    loc = error["loc"]
+    if len(loc) == 1:
+        return _bad("stream_options", "stream_options must be an object like "
+                                      '{"include_usage": true}.')
+    where = f"stream_options.{loc[1]}"
+    if error["type"] == "extra_forbidden":
+        options = ", ".join(schemas.StreamOptions.model_fields)
+        return _bad(where, f"{where} is not supported (these are: {options}).")
+    return _bad(where, f"{where} must be true or false.")
+
+
+def _prompt_words(errors: list[dict], data: dict) -> ApiError:
+    error, prompt = errors[0], schemas.one_prompt(data.get("prompt"))
+    if error["type"] == "missing":
+        return _bad("prompt", "Missing required argument: prompt.")
     if isinstance(prompt, list):
-        if len(prompt) != 1 or not isinstance(prompt[0], str):
-            raise _bad("prompt", f"prompt must be a string or a list of exactly one string "
-                                 f"(one completion per request), got a list of {len(prompt)} "
-                                 f"{json_type(prompt[0]) if prompt else 'item'}s.")
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise _bad("prompt", f"prompt must be a string, got a JSON {json_type(prompt)}.")
-    return prompt
+        return _bad("prompt", f"prompt must be a string or a list of exactly one string (one "
+                              f"completion per request), got a list of {len(prompt)} "
+                              f"{json_type(prompt[0]) if prompt else 'item'}s.")
+    if isinstance(prompt, str):
+        return _bad("prompt", field_error(error))  # empty
+    return _bad("prompt", f"prompt must be a string, got a JSON {json_type(prompt)}.")
 
 
-def _messages(messages) -> list[dict]:
-    if not isinstance(messages, list) or not messages:
+def _messages_words(errors: list[dict], data: dict) -> ApiError:
+    error, messages = errors[0], data.get("messages")
+    if len(error["loc"]) == 1:
         got = "none" if messages is None else f"a JSON {json_type(messages)}"
         if isinstance(messages, list):
             got = "an empty list"
-        raise _bad("messages", f"messages must be a non-empty list of {{role, content}} "
-                               f"objects, got {got}.")
-    out = []
-    for i, message in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise _bad(where, f"{where} must be an object with role and content, got a JSON "
-                              f"{json_type(message)}.")
-        extra = sorted(set(message) - {"role", "content", "name"})
-        if extra:
-            raise _bad(f"{where}.{extra[0]}", f"{where}.{extra[0]} is not supported (messages "
-                                              "carry role, content and optionally name).")
-        role = message.get("role")
-        if role not in ROLES:
-            raise _bad(f"{where}.role", f"{where}.role must be one of {', '.join(ROLES)}, got "
-                                        f"{json.dumps(role)}.")
-        name = message.get("name")
-        if not _string_or_null(name):
-            raise _bad(f"{where}.name", f"{where}.name must be a string.")
-        out.append({"role": "system" if role == "developer" else role,
-                    "content": _content(message.get("content"), f"{where}.content")})
-    return out
+        return _bad("messages", f"messages must be a non-empty list of {{role, content}} "
+                                f"objects, got {got}.")
+    index = error["loc"][1]
+    where, message = f"messages[{index}]", messages[index]
+    error = _unknown_first([e for e in errors if e["loc"][1] == index], depth=3)
+    if len(error["loc"]) == 2:
+        return _bad(where, f"{where} must be an object with role and content, got a JSON "
+                           f"{json_type(message)}.")
+    key = error["loc"][2]
+    if error["type"] == "extra_forbidden":
+        return _bad(f"{where}.{key}", f"{where}.{key} is not supported (messages carry role, "
+                                      "content and optionally name).")
+    if key == "role":
+        return _bad(f"{where}.role", f"{where}.role must be one of {', '.join(schemas.ROLES)}, "
+                                     f"got {json.dumps(message.get('role'))}.")
+    if key == "name":
+        return _bad(f"{where}.name", f"{where}.name must be a string.")
+    return _bad(f"{where}.content", f"{where}.content must be a string (or a list of text "
+                                    f"parts), got a JSON {json_type(message.get('content'))}; "
+                                    "this server reads text only.")
 
 
-def _content(content, where: str) -> str:
-    """A string, or a list of text parts ({"type": "text", "text": ...}), joined."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(
-            isinstance(part, dict) and part.get("type") == "text" and set(part) == {"type", "text"}
-            and isinstance(part.get("text"), str) for part in content):
-        return "".join(part["text"] for part in content)
-    raise _bad(where, f"{where} must be a string (or a list of text parts), got a JSON "
-                      f"{json_type(content)}; this server reads text only.")
+def _stop_words(errors: list[dict], data: dict) -> ApiError:
+    kinds = {e["type"] for e in errors}
+    if any(kind.endswith("_type") for kind in kinds):
+        return _bad("stop", "stop must be a string or a list of strings.")
+    if "too_long" in kinds:
+        return _bad("stop", f"stop takes at most {schemas.MAX_STOP_STRINGS} strings, got "
+                            f"{len(data['stop'])}.")
+    return _bad("stop", "stop strings must not be empty.")
 
 
-def _stop(stop) -> list[str]:
-    if stop is None:
-        return []
-    stops = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-        raise _bad("stop", "stop must be a string or a list of strings.")
-    if len(stops) > MAX_STOP_STRINGS:
-        raise _bad("stop", f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(stops)}.")
-    if any(not s for s in stops):
-        raise _bad("stop", "stop strings must not be empty.")
-    return stops
+def _unknown_first(errors: list[dict], depth: int) -> dict:
+    """Within one object (a message, stream_options: its keys' paths are `depth` long), an
+    unknown key before the rest."""
+    unknown = sorted((e for e in errors if e["type"] == "extra_forbidden"
+                      and len(e["loc"]) == depth), key=lambda e: e["loc"][-1])
+    return unknown[0] if unknown else errors[0]
 
 
-STREAM_OPTIONS = ("include_usage", "include_obfuscation",  # no obfuscation padding is sent
-                  "continuous_usage_stats")  # vLLM's: usage in every chunk (benchmark clients)
-
-
-def _stream_options(options, stream: bool) -> tuple[bool, bool]:
-    """(include_usage, continuous usage stats); stream_options is valid only with stream: true.
-    As in vLLM, usage goes in every chunk only when both are true."""
-    if options is None:
-        return False, False
-    if not stream:
-        raise _bad("stream_options", "stream_options is only allowed when stream is true.")
-    if not isinstance(options, dict):
-        raise _bad("stream_options", "stream_options must be an object like "
-                                     '{"include_usage": true}.')
-    extra = sorted(set(options) - set(STREAM_OPTIONS))
-    if extra:
-        raise _bad(f"stream_options.{extra[0]}", f"stream_options.{extra[0]} is not supported "
-                                                 f"(these are: {', '.join(STREAM_OPTIONS)}).")
-    for name in STREAM_OPTIONS:
-        if not _bool_or_null(options.get(name)):
-            raise _bad(f"stream_options.{name}", f"stream_options.{name} must be true or false.")
-    usage = bool(options.get("include_usage"))
-    return usage, usage and bool(options.get("continuous_usage_stats"))
+# The words of a 400 about one of the body's own fields (a Request's fields use Request's).
+_FIELD_WORDS = {"model": _model_words, "stream": _stream_words,
+                "stream_options": _stream_options_words, "prompt": _prompt_words,
+                "messages": _messages_words, "stop": _stop_words}
 
 
 def is_openai_path(path: str) -> bool:
