@@ -14,6 +14,9 @@ from collections.abc import Sequence
 
 SEED_PHASE3_UTILIZATION = "60-80 %"  # the seed's Phase 3 promise for GPU sharing
 FLAT_SPREAD = 1.25  # highest/lowest throughput under this counts as flat
+# Why a model's speed moves between the levels of one run on a CPU (notebook 04's verdicts).
+CPU_SPEED = ("On a CPU the model shares the cores with the load tester and the server's own "
+             "work, so its speed moves with them.")
 SEED_RANGES = {  # the seed's baseline table: A100, a real 3B model
     "model_load_time_s": "30-60 sec", "gpu_memory_used_gb": "6-8 GB",
     "latency_p50_ms": "700-1000 ms", "latency_p95_ms": "1000-1500 ms",
@@ -178,9 +181,7 @@ def _throughput_flat(rows: list[dict]) -> str:
                f"{max(services):.0f} ms, and throughput x service time stayed within "
                f"{FLAT_SPREAD - 1:.0%} across the levels (highest/lowest {explained:.2f}), as a "
                "one-at-a-time server's throughput is 1 / service time. The requests were not "
-               "generated together; each generation ran at a different speed. On a CPU the "
-               "model shares the cores with the load tester and the server's own work, so its "
-               "speed moves with them."
+               "generated together; each generation ran at a different speed. " + CPU_SPEED
                if explained < FLAT_SPREAD else
                f"The service times do not account for it: throughput x service time varied by "
                f"more than {FLAT_SPREAD - 1:.0%} across the levels (highest/lowest "
@@ -266,8 +267,7 @@ def client_ttft(rows: list[dict]) -> str:
                "the first token, not the ones after it."
                if same else f"depending on the level, more than {FLAT_SPREAD - 1:.0%} apart: the "
                "decode steps themselves changed speed (compare TPOT), which the queue does not "
-               "do. On a CPU the model shares the cores with the load tester and the server's "
-               "own work, so its speed moves with them.")
+               "do. " + CPU_SPEED)
         )
     return bullets(lines)
 
@@ -367,6 +367,11 @@ def utilization(during: dict, whole: dict, load: dict, on_gpu: bool) -> str:
 SM_SHARE_LOW = 0.5  # SM activity under half the busy share: "busy" overstates the work
 
 
+def _chip_underused(sm: float, util: float) -> bool:
+    """SM activity under SM_SHARE_LOW of the busy share: "busy" overstates the work."""
+    return bool(util) and sm < SM_SHARE_LOW * util
+
+
 def activity(during: dict) -> str:
     """Notebook 05, under the timeline: the load test's busy share beside how much of the chip
     worked (GPM), both sides of SM_SHARE_LOW; or why there is nothing to compare."""
@@ -375,7 +380,7 @@ def activity(during: dict) -> str:
                 "only the coarse utilization is available.")
     util, sm = during["mean_util"], during["sm_activity_mean"]
     tensor = during.get("tensor_activity_mean", float("nan"))
-    if util and sm < SM_SHARE_LOW * util:
+    if _chip_underused(sm, util):
         return (f"During the load test the GPU was 'utilized' {util:.0f} % of the time, but its "
                 f"SMs were active only {sm:.1f} % and its tensor cores {tensor:.1f} %.")
     return (f"During the load test the GPU was 'utilized' {util:.0f} % of the time, and its SMs "
@@ -385,7 +390,7 @@ def activity(during: dict) -> str:
 
 def _sm_activity(sm: float, util: float) -> str:
     """Utilization counts the time any kernel ran; SM activity, how much of the chip worked."""
-    if util and sm < SM_SHARE_LOW * util:
+    if _chip_underused(sm, util):
         return (f"Even while 'busy', only {sm:.1f} % of the SMs were active, under "
                 f"{SM_SHARE_LOW:.0%} of the {util:.0f} % busy share: a kernel running is not the "
                 "chip working.")
