@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     cache = PagedKVCache.sized(lm.config, 2.0, lm.dtype, lm.device)
     engine = ContinuousEngine(lm, Llama.from_hf(lm.model, free_source=True), cache, max_running=1)
     runner = engine.runner
-    pages = cache.allocator.take(cache.pages_for(args.tokens))
+    pages = engine.block_manager.allocator.allocate(engine.block_manager.blocks_for(args.tokens))
     chunks = [Chunk([1234], args.tokens - 1, pages)]
     with torch.inference_mode():
         runner.prefill([Chunk(list(range(100, 100 + args.tokens - 1)), 0, pages)])

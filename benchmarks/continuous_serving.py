@@ -26,19 +26,21 @@ import argparse
 import datetime
 import gc
 import json
+import shutil
+import subprocess
+import threading
 import time
 
 import torch
 
-from labkit.engine import hf_generate
-from labkit.engine.continuous import ContinuousEngine
+from labkit.engine import text
+from labkit.engine.continuous import WARMUP_GRAPH_PAGES, ContinuousEngine
 from labkit.engine.kv_cache import PagedKVCache
 from labkit.engine.llama import Llama
 from labkit.engine.model import load_model, synchronize
 from labkit.engine.request import Request
 from labkit.measure import loadtest, utilization
 from labkit.serve import client
-from labkit.serve.backend import WARMUP_GRAPH_PAGES
 from labkit.serve.launcher import launch
 
 
@@ -49,7 +51,7 @@ def closed_loop(engine: ContinuousEngine, concurrency: int, total: int, max_toke
     The prompt is tokenized once, here, as the server tokenizes outside the engine process.
     Each result's TPOT goes to `tpots`."""
     done, sent, tokens = [0], [0], [0]
-    prompt_ids = hf_generate.tokenize(engine.lm, Request(prompt, max_tokens))
+    prompt_ids = text.tokenize(engine.lm, Request(prompt, max_tokens))
 
     def send() -> None:
         sent[0] += 1
@@ -118,9 +120,15 @@ def over_http(args, sampler, engine_process: bool) -> list[dict]:
                          temperature=0.0, **options)  # warm: connections, workers
             for temperature in args.temperature:
                 before = client.get(srv.url + "/stats").body["server"]
+                histograms_before = server_histograms(srv.url)
+                trace = StatsTrace(srv.url).start()
+                spy = py_spy(args.py_spy, srv.pid, f"{api}_{temperature:g}")
                 result = loadtest.run(url, args.concurrency, args.requests,
                                       max_tokens=args.max_tokens, temperature=temperature,
                                       **options)
+                trace.stop()
+                if spy is not None:
+                    spy.wait(timeout=60)
                 # The load's own window, first send to last answer: with --workers, run()
                 # also spends seconds starting its processes, while the GPU waits.
                 spans = utilization.request_spans(result)
@@ -140,9 +148,93 @@ def over_http(args, sampler, engine_process: bool) -> list[dict]:
                     "client_saturated": s["client_saturated"],
                     "nvml_util": util.get("mean_util"),
                     "sm_activity": util.get("sm_activity_mean"),
-                    **engine_window(before, server, seconds)})
+                    **engine_window(before, server, seconds),
+                    **where_requests_were(trace, spans, started, ended),
+                    **where_time_went(result, histograms_before, server_histograms(srv.url))})
                 print(rows[-1], flush=True)
     return rows
+
+
+class StatsTrace:
+    """/stats read every 10 ms during a load: how many requests the engine ran and held
+    waiting at each reading (the rest of the client's in-flight requests were in transit:
+    in the client, the server or the pipe)."""
+
+    def __init__(self, url: str, every_s: float = 0.01):
+        self.url, self.every_s, self.readings = url, every_s, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def start(self) -> StatsTrace:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.every_s):
+            server = client.get(self.url + "/stats").body["server"]
+            self.readings.append((time.perf_counter(), server["running"], server["waiting"]))
+
+
+def where_requests_were(trace: StatsTrace, spans, started: float, ended: float) -> dict:
+    """Mean requests in flight at the client (from its own send and answer times), running in
+    the engine and waiting for it, over the load's window (perf_counter on one machine)."""
+    inside = [r for r in trace.readings if started <= r[0] <= ended]
+    if not inside:
+        return {}
+    client_mean = sum(min(e, ended) - max(s, started) for s, e in spans) / (ended - started)
+    running = sum(r[1] for r in inside) / len(inside)
+    waiting = sum(r[2] for r in inside) / len(inside)
+    return {"client_in_flight_mean": round(client_mean, 1),
+            "engine_running_mean": round(running, 1), "engine_waiting_mean": round(waiting, 1),
+            "in_transit_mean": round(client_mean - running - waiting, 1)}
+
+
+def server_histograms(url: str) -> dict:
+    """(sum, count) of each of the server's latency histograms, from GET /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = client.get(url + "/metrics").body
+    found = {}
+    for family in text_string_to_metric_families(text):
+        if family.type == "histogram" and family.name.startswith("labkit_"):
+            values = {s.name.rsplit("_", 1)[-1]: s.value for s in family.samples
+                      if s.name.endswith(("_sum", "_count"))}
+            found[family.name] = (values.get("sum", 0.0), values.get("count", 0.0))
+    return found
+
+
+def where_time_went(result, before: dict, after: dict) -> dict:
+    """Mean ms per request over the load: as the client saw it (send to last byte, and to the
+    first token) and as the server did (received to answered, queued, to first token)."""
+    means = {}
+    for name, (total, count) in after.items():
+        old_total, old_count = before.get(name, (0.0, 0.0))
+        if count > old_count:
+            short = name.removeprefix("labkit_").removesuffix("_seconds")
+            means[f"server_{short}_ms_mean"] = round(1000 * (total - old_total)
+                                                     / (count - old_count), 2)
+    records = [r for r in result.records if r.error is None]
+    means["client_latency_ms_mean"] = round(sum(r.latency_ms for r in records)
+                                            / max(len(records), 1), 2)
+    ttfts = [r.ttft_ms for r in records if r.ttft_ms is not None]
+    if ttfts:
+        means["client_ttft_ms_mean"] = round(sum(ttfts) / len(ttfts), 2)
+    return means
+
+
+def py_spy(directory: str | None, pid: int, name: str) -> subprocess.Popen | None:
+    """Sample the server and its engine process for 10 s with py-spy (raw stacks per thread),
+    if asked and installed; without blocking them (--nonblocking)."""
+    if not directory or not shutil.which("py-spy"):
+        return None
+    return subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--subprocesses",
+                             "--nonblocking", "--threads", "-r", "200", "-d", "8", "-f", "raw",
+                             "-o", f"{directory}/{name}.txt"],
+                            stdout=open(f"{directory}/{name}.log", "w"), stderr=subprocess.STDOUT)
 
 
 def engine_window(before: dict, after: dict, seconds: float) -> dict:
@@ -178,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine", nargs="+", choices=["process", "thread"],
                         default=["process"], help="the HTTP servers to run")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--py-spy", default=None, metavar="DIR",
+                        help="sample the server with py-spy during each HTTP load (raw stacks)")
     args = parser.parse_args(argv)
 
     card = torch.cuda.get_device_name(0)
@@ -211,6 +305,16 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['sm_activity'] or 0:>7.1f}{_num(row.get('itl_ms_p50')):>9}"
               f"{_num(row.get('itl_over_step')):>9}{row['device_wait_share']:>9.2f}"
               f"{_num(lag):>8}")
+    print(f"\n{'where':<22}{'api':>9}{'T':>5}{'client':>8}{'running':>8}{'waiting':>8}"
+          f"{'transit':>8}   (mean requests in flight over the load's window)")
+    for row in http_rows:
+        if "client_in_flight_mean" in row:
+            print(f"{row['where']:<22}{row['api']:>9}{row['temperature']:>5g}"
+                  f"{row['client_in_flight_mean']:>8.1f}{row['engine_running_mean']:>8.1f}"
+                  f"{row['engine_waiting_mean']:>8.1f}{row['in_transit_mean']:>8.1f}")
+    for row in http_rows:
+        print(row["api"], row["temperature"], {k: v for k, v in row.items()
+                                               if k.endswith("_ms_mean") and k != "tpot_ms_mean"})
     print("targets: HTTP >= 0.85x in-process at the same temperature, util >= 90 %, "
           "SM >= 70 %, ITL p50 <= 1.15x the engine's step")
     return 0

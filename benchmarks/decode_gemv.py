@@ -7,7 +7,12 @@ step before), inside a CUDA graph, as in a decode step; the time per product is 
 replay time over the number of products. GB/s counts the weight bytes read. The best tile of
 each shape is what `gemv.CONFIGS` holds.
 
+With --quantization fp8 the weights are FP8 (`labkit.engine.quant`): the kernel reads one byte
+per weight and its tiles go to `gemv.FP8_CONFIGS`; the baseline is then the dequantize + cuBLAS
+product that steps of more tokens may fall back to.
+
     python benchmarks/decode_gemv.py [--model synthetic:llama-3.2-3b] [--json FILE]
+        [--quantization fp8]
 """
 
 from __future__ import annotations
@@ -20,12 +25,13 @@ import time
 
 import torch
 
-from labkit.engine import fused, gemv
+from labkit.engine import fused, gemv, quant
 from labkit.engine.llama import Llama
 from labkit.engine.model import load_model
 from labkit.measure import roofline
 
 TILES = list(itertools.product((2, 4, 8), (1024, 2048), (4, 8), (1, 2)))  # N, K, warps, stages
+FP8_TILES = list(itertools.product((4, 8, 16), (1024, 2048), (4, 8), (1, 2)))
 
 
 def graph_ms(fn, replays: int = 20) -> float:
@@ -60,32 +66,39 @@ def shapes(model: Llama) -> dict[str, list[torch.Tensor]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="synthetic:llama-3.2-3b")
+    parser.add_argument("--quantization", choices=["bf16", "fp8"], default="bf16")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
 
     lm = load_model(args.model, device="cuda", dtype="bf16")
-    model = Llama.from_hf(lm.model, free_source=True)
+    model = Llama.from_hf(lm.model, free_source=True,
+                          quantization=None if args.quantization == "bf16" else "fp8")
+    configs = gemv.FP8_CONFIGS if model.quantization else gemv.CONFIGS
     bandwidth = roofline.measure_copy_bandwidth("cuda")
     report = {"card": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
               "torch": torch.__version__, "model": args.model, "pdl": fused.pdl(lm.device),
+              "quantization": args.quantization,
               "copy_bandwidth_tb_s": round(bandwidth / 1e12, 3), "shapes": []}
     with torch.inference_mode():
         for name, weights in shapes(model).items():
             n, k = weights[0].shape
             x = torch.randn(1, k, device="cuda", dtype=lm.dtype)
-            gigabytes = weights[0].numel() * weights[0].element_size() / 1e9
-            cublas = graph_ms(lambda x=x, weights=weights: [x @ w.T for w in weights]) \
-                / len(weights)
+            gigabytes = quant.nbytes(weights[0]) / 1e9
+            cublas = graph_ms(lambda x=x, weights=weights: [quant.dequant_matmul(x, w)
+                                                            if model.quantization else x @ w.T
+                                                            for w in weights]) / len(weights)
+            parts = [quant.parts(w) for w in weights]
             tiles = {}
-            for tile in TILES:
-                gemv.CONFIGS[(n, k)] = tile
+            for tile in FP8_TILES if model.quantization else TILES:
+                configs[(n, k)] = tile
                 tiles[tile] = graph_ms(
-                    lambda x=x, weights=weights: [gemv.linear(x, w) for w in weights]
+                    lambda x=x, parts=parts: [gemv.linear(x, w, s) for w, s in parts]
                 ) / len(weights)
             best = min(tiles, key=tiles.get)
-            del gemv.CONFIGS[(n, k)]
-            default = gemv.tile(n, k)  # what the engine runs without this benchmark's table
-            gemv.CONFIGS[(n, k)] = best
+            del configs[(n, k)]
+            # what the engine runs without this benchmark's table
+            default = gemv.tile(n, k, parts[0][0].element_size())
+            configs[(n, k)] = best
             row = {"name": name, "n": n, "k": k,
                    "floor_us": round(gigabytes * 1e9 / bandwidth * 1e6, 2),
                    "cublas_us": round(cublas * 1000, 2),

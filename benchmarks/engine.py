@@ -11,12 +11,21 @@ own continuous batching (`model.generate_batch`, a paged cache too), on this mac
 3. --profile: torch.profiler over a few eager decode steps at batch 1 and at the largest N:
    GPU time by kernel family, and the step's wall time with and without CUDA graphs.
 
+--quantization bf16 fp8 runs 1 and 2 for each, in the same run (`labkit.engine.quant`): FP8
+weights at batch 1 against their own floor, the bytes a step reads (FP8 products and lm_head,
+bf16 norms) over the same copy bandwidth; at N concurrent, each --fp8-matmul recipe for the
+products of many tokens (`torch._scaled_mm` with per-token activation scales, or dequantize to
+bf16 then a bf16 matmul), so the run shows which is faster. A batch-1 floor counts the bytes a
+step reads: for an untied lm_head (8B) the embedding table is not one of them (a step reads one
+row of it); `weight_floor_ms` keeps the older all-weights floor.
+
 Synthetic shapes never stop early, so every request decodes exactly --max-tokens. HF's tok/s is
 over its generation span, from its own per-request timestamps (its setup and warm-up left out;
 the whole call's rate is recorded too); its batch-1 ms/token is its mean time between tokens.
 
     python benchmarks/engine.py [--shapes llama-3.2-1b llama-3.2-3b llama-3.1-8b]
         [--model synthetic:llama-3.2-3b] [--concurrency 64 256 512] [--json FILE] [--profile]
+        [--quantization bf16 fp8] [--fp8-matmul scaled_mm dequant] [--no-sampled]
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ import time
 import torch
 import transformers
 
-from labkit.engine import memory
+from labkit.engine import memory, quant
 from labkit.engine.continuous import ContinuousEngine
 from labkit.engine.kv_cache import PagedKVCache
 from labkit.engine.llama import Llama
@@ -39,6 +48,8 @@ from labkit.engine.model import load_model, synchronize
 from labkit.engine.request import Request
 from labkit.engine.runner import Chunk
 from labkit.measure import roofline, utilization
+
+QUANTIZATIONS = ["bf16", "fp8"]  # bf16: the weights as loaded (--dtype)
 
 
 def fixed_requests(n: int, prompt_tokens: int, max_tokens: int, vocab: int,
@@ -55,9 +66,13 @@ def fixed_requests(n: int, prompt_tokens: int, max_tokens: int, vocab: int,
     return requests
 
 
-def build_engine(lm, max_running: int, kv_gb: float, cuda_graphs: bool = True):
+def build_engine(lm, max_running: int, kv_gb: float, cuda_graphs: bool = True,
+                 quantization: str = "bf16", matmul: str | None = None):
     cache = PagedKVCache.sized(lm.config, kv_gb, lm.dtype, lm.device)
-    model = Llama.from_hf(lm.model)  # HF's weights kept: its generate_batch runs too
+    # HF's weights kept: its generate_batch runs too, and each quantization starts from them
+    model = Llama.from_hf(lm.model, quantization=None if quantization == "bf16" else quantization)
+    if matmul is not None:
+        quant.set_matmul(model, matmul)
     return ContinuousEngine(lm, model, cache, max_running=max_running, cuda_graphs=cuda_graphs)
 
 
@@ -99,62 +114,107 @@ def run_hf(lm, requests: list[Request], warmup: bool) -> dict:
             "tpot_ms_mean": round(sum(tpots) / len(tpots), 3) if tpots else None}
 
 
-def batch1(source: str, args, bandwidth: float) -> dict:
+def batch1(source: str, args, bandwidth: float) -> list[dict]:
+    """One row per --quantization: ms per token at batch 1 against that dtype's floor."""
     lm = load_model(source, device=args.device, dtype=args.dtype)
     weights = memory.weight_bytes(lm.model)
-    engine = build_engine(lm, 1, kv_gb=2.0)
     vocab = lm.config.vocab_size
-    engine.generate(fixed_requests(1, args.prompt_tokens, 8, vocab))  # captures the graph
-    ours = [run_engine(engine, fixed_requests(1, args.prompt_tokens, args.max_tokens, vocab))
-            for _ in range(3)]
-    best = min(ours, key=lambda row: row["tpot_ms_mean"])
-    floor = roofline.decode_floor_ms(weights, bandwidth)
-    row = {"model": source, "weight_gb": round(weights / 1e9, 3), "floor_ms": round(floor, 3),
-           "ms_per_token": best["tpot_ms_mean"],
-           "ms_per_token_runs": [r["tpot_ms_mean"] for r in ours],
-           "x_floor": round(best["tpot_ms_mean"] / floor, 3)}
+    rows = []
+    for quantization in args.quantization:
+        engine = build_engine(lm, 1, kv_gb=2.0, quantization=quantization)
+        engine.generate(fixed_requests(1, args.prompt_tokens, 8, vocab))  # captures the graph
+        ours = [run_engine(engine, fixed_requests(1, args.prompt_tokens, args.max_tokens, vocab))
+                for _ in range(3)]
+        best = min(ours, key=lambda row: row["tpot_ms_mean"])
+        read = quant.step_read_bytes(engine.runner.model)
+        floor = roofline.decode_floor_ms(read, bandwidth)
+        rows.append({"model": source, "quantization": quantization,
+                     "weight_gb": round(weights / 1e9, 3), "read_gb": round(read / 1e9, 3),
+                     "floor_ms": round(floor, 3),
+                     "weight_floor_ms": round(roofline.decode_floor_ms(weights, bandwidth), 3),
+                     "ms_per_token": best["tpot_ms_mean"],
+                     "ms_per_token_runs": [r["tpot_ms_mean"] for r in ours],
+                     "x_floor": round(best["tpot_ms_mean"] / floor, 3)})
+        del engine
+        release()
+    _speedups(rows, "ms_per_token", lower_is_better=True)
     if not args.no_hf:
         hf = run_hf(lm, fixed_requests(1, args.prompt_tokens, args.max_tokens, vocab),
                     args.hf_warmup)
-        row["hf_generate_batch_ms_per_token"] = hf["tpot_ms_mean"]
-    del engine, lm
+        rows[0]["hf_generate_batch_ms_per_token"] = hf["tpot_ms_mean"]
+    del lm
+    release()
+    return rows
+
+
+def release() -> None:
     gc.collect()
     torch.cuda.empty_cache()
-    return row
+
+
+def _speedups(rows: list[dict], key: str, lower_is_better: bool) -> None:
+    """Each quantized row's speed-up over the bf16 row of the same run (`x_bf16`)."""
+    base = next((row[key] for row in rows if row["quantization"] == "bf16"), None)
+    for row in rows:
+        if base and row["quantization"] != "bf16":
+            ratio = base / row[key] if lower_is_better else row[key] / base
+            row["x_bf16"] = round(ratio, 3)
+
+
+def throughput_variants(args) -> list[tuple[str, str | None]]:
+    """(quantization, FP8 matmul) pairs to run at each concurrency: bf16, then each recipe."""
+    variants = [("bf16", None)] if "bf16" in args.quantization else []
+    if "fp8" in args.quantization:
+        variants += [("fp8", matmul) for matmul in args.fp8_matmul]
+    return variants
 
 
 def throughput(args, sampler) -> list[dict]:
     lm = load_model(args.model, device=args.device, dtype=args.dtype)
     top = max(args.concurrency)
-    engine = build_engine(lm, top, kv_gb=args.kv_cache_gb)
     vocab = lm.config.vocab_size
-    rows = []
+    rows, profiles = [], []
+    for quantization, matmul in throughput_variants(args):
+        engine = build_engine(lm, top, kv_gb=args.kv_cache_gb, quantization=quantization,
+                              matmul=matmul)
+        for n in args.concurrency:
+            rows.append({"quantization": quantization, "matmul": matmul,
+                         **throughput_row(lm, engine, n, vocab, args, sampler)})
+            print(rows[-1], flush=True)
+        if args.profile:
+            profiles.append({"quantization": quantization, "matmul": matmul,
+                             "profile": profile_decode(lm, engine, [1, top], args)})
+        del engine
+        release()
     for n in args.concurrency:
-        # Warm-up, untimed: this size's CUDA graphs, and greedy and sampled steps (the
-        # sampling kernel's first call at a size compiles it, which must not fall inside the
-        # first sampled run's time).
-        for temperature, top_p in ((0.0, None), (args.temperature, None),
-                                   (args.temperature, args.top_p)):
-            engine.generate(fixed_requests(n, args.prompt_tokens, 4, vocab, temperature, top_p))
-        row = {"concurrency": n, **run_engine(
-            engine, fixed_requests(n, args.prompt_tokens, args.max_tokens, vocab), sampler)}
-        # The same requests sampled: at --temperature (top_p 1), then with --top-p as well.
-        for name, top_p in (("sampled", None), ("nucleus", args.top_p)):
-            sampled = run_engine(engine, fixed_requests(n, args.prompt_tokens, args.max_tokens,
-                                                        vocab, args.temperature, top_p))
-            row[name] = {"temperature": args.temperature, "top_p": top_p or 1.0, **sampled,
-                         "x_greedy_step": round(sampled["tpot_ms_mean"] / row["tpot_ms_mean"],
-                                                3)}
-        if not args.no_hf:
-            hf = run_hf(lm, fixed_requests(n, args.prompt_tokens, args.max_tokens, vocab),
-                        args.hf_warmup)
-            row["hf_tok_s"], row["hf_tok_s_whole_call"] = hf["tok_s"], hf["tok_s_whole_call"]
-            row["x_hf"] = round(row["tok_s"] / hf["tok_s"], 2)
-        rows.append(row)
-        print(row, flush=True)
-    if args.profile:
-        rows.append({"profile": profile_decode(lm, engine, [1, top], args)})
-    return rows
+        _speedups([row for row in rows if row["concurrency"] == n], "tok_s",
+                  lower_is_better=False)
+    return rows + profiles
+
+
+def throughput_row(lm, engine: ContinuousEngine, n: int, vocab: int, args, sampler) -> dict:
+    """N concurrent requests, greedy (and, with --sampled, at --temperature, then with
+    --top-p too); HF's generate_batch on the same requests for bf16."""
+    # Warm-up, untimed: this size's CUDA graphs, and greedy and sampled steps (the sampling
+    # kernel's first call at a size compiles it, which must not fall inside the first sampled
+    # run's time).
+    sampled_warmups = ((args.temperature, None), (args.temperature, args.top_p))
+    for temperature, top_p in ((0.0, None), *(sampled_warmups if args.sampled else ())):
+        engine.generate(fixed_requests(n, args.prompt_tokens, 4, vocab, temperature, top_p))
+    row = {"concurrency": n, **run_engine(
+        engine, fixed_requests(n, args.prompt_tokens, args.max_tokens, vocab), sampler)}
+    # The same requests sampled: at --temperature (top_p 1), then with --top-p as well.
+    for name, top_p in (("sampled", None), ("nucleus", args.top_p)) if args.sampled else ():
+        sampled = run_engine(engine, fixed_requests(n, args.prompt_tokens, args.max_tokens,
+                                                    vocab, args.temperature, top_p))
+        row[name] = {"temperature": args.temperature, "top_p": top_p or 1.0, **sampled,
+                     "x_greedy_step": round(sampled["tpot_ms_mean"] / row["tpot_ms_mean"], 3)}
+    if not args.no_hf and engine.runner.model.quantization is None:
+        hf = run_hf(lm, fixed_requests(n, args.prompt_tokens, args.max_tokens, vocab),
+                    args.hf_warmup)
+        row["hf_tok_s"], row["hf_tok_s_whole_call"] = hf["tok_s"], hf["tok_s_whole_call"]
+        row["x_hf"] = round(row["tok_s"] / hf["tok_s"], 2)
+    return row
 
 
 def profile_decode(lm, engine: ContinuousEngine, sizes: list[int], args) -> list[dict]:
@@ -163,10 +223,10 @@ def profile_decode(lm, engine: ContinuousEngine, sizes: list[int], args) -> list
     from torch.profiler import ProfilerActivity, profile
 
     out = []
-    cache = engine.cache
+    allocator = engine.block_manager.allocator
     for rows in sizes:
-        per_row = cache.pages_for(args.prompt_tokens + 100)
-        pages = [cache.allocator.take(per_row) for _ in range(rows)]
+        per_row = engine.block_manager.blocks_for(args.prompt_tokens + 100)
+        pages = [allocator.allocate(per_row) for _ in range(rows)]
         chunks = [Chunk([1], args.prompt_tokens + 99, p) for p in pages]
         timings = {}
         for graphs in (True, False):
@@ -196,7 +256,7 @@ def profile_decode(lm, engine: ContinuousEngine, sizes: list[int], args) -> list
                     "gpu_ms_by_family": {k: round(v, 3) for k, v in
                                          sorted(families.items(), key=lambda kv: -kv[1])}})
         for p in pages:
-            cache.allocator.give_back(p)
+            allocator.free(p)
         print(out[-1], flush=True)
     return out
 
@@ -231,10 +291,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-hf", action="store_true", help="skip transformers' generate_batch")
     parser.add_argument("--hf-warmup", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--quantization", nargs="+", choices=QUANTIZATIONS, default=["bf16"],
+                        help="weights to run each shape and concurrency with, in the same run: "
+                             "bf16 (--dtype as loaded) and/or fp8 (labkit.engine.quant)")
+    parser.add_argument("--fp8-matmul", nargs="+", choices=quant.MATMULS,
+                        default=list(quant.MATMULS),
+                        help="FP8 products of many tokens to time at each concurrency "
+                             "(default both: torch._scaled_mm, and dequantize + bf16 matmul)")
+    parser.add_argument("--sampled", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run each concurrency sampled (--temperature, then --top-p)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    args.quantization = sorted(set(args.quantization), key=QUANTIZATIONS.index)  # bf16 first
 
     device = torch.device(args.device)
+    if "fp8" in args.quantization:
+        quant.check_supported(device)  # before any run: a card without FP8 tensor cores
     bandwidth = roofline.measure_copy_bandwidth(device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"{card}: device copy {bandwidth / 1e12:.2f} TB/s", flush=True)
@@ -242,8 +314,9 @@ def main(argv: list[str] | None = None) -> int:
               "torch": torch.__version__, "transformers": transformers.__version__,
               "copy_bandwidth_tb_s": round(bandwidth / 1e12, 3), "batch1": [], "throughput": []}
     for shape in args.shapes:
-        report["batch1"].append(batch1(f"synthetic:{shape}", args, bandwidth))
-        print(report["batch1"][-1], flush=True)
+        for row in batch1(f"synthetic:{shape}", args, bandwidth):
+            report["batch1"].append(row)
+            print(row, flush=True)
     if args.concurrency:
         sampler = (utilization.UtilizationSampler(interval=0.05).start()
                    if device.type == "cuda" else None)
@@ -254,24 +327,36 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
 
-    print(f"\n{card}, device copy {report['copy_bandwidth_tb_s']} TB/s, bf16, "
-          f"{args.prompt_tokens} prompt + {args.max_tokens} output tokens")
-    print(f"{'model':<28}{'floor ms':>10}{'ms/token':>10}{'x floor':>9}{'HF ms/tok':>11}")
+    print_tables(report, args)
+    return 0
+
+
+def print_tables(report: dict, args) -> None:
+    print(f"\n{report['card']}, device copy {report['copy_bandwidth_tb_s']} TB/s, "
+          f"{args.dtype}, {args.prompt_tokens} prompt + {args.max_tokens} output tokens; floor: "
+          "the bytes a step reads over the copy bandwidth")
+    print(f"{'model':<28}{'weights':>8}{'floor ms':>10}{'ms/token':>10}{'x floor':>9}"
+          f"{'x bf16':>8}{'HF ms/tok':>11}")
     for row in report["batch1"]:
-        print(f"{row['model']:<28}{row['floor_ms']:>10}{row['ms_per_token']:>10}"
-              f"{row['x_floor']:>9}{str(row.get('hf_generate_batch_ms_per_token')):>11}")
-    print(f"{'concurrency':>11}{'tok/s':>10}{'HF tok/s':>10}{'x HF':>7}{'util':>7}{'SM':>7}"
-          f"{'T tok/s':>9}{'x step':>7}{'T,p tok/s':>10}{'x step':>7}")
+        print(f"{row['model']:<28}{row['quantization']:>8}{row['floor_ms']:>10}"
+              f"{row['ms_per_token']:>10}{row['x_floor']:>9}{str(row.get('x_bf16', '-')):>8}"
+              f"{str(row.get('hf_generate_batch_ms_per_token', '-')):>11}")
+    print(f"{'weights':<16}{'concurrency':>11}{'tok/s':>10}{'x bf16':>8}{'HF tok/s':>10}"
+          f"{'x HF':>7}{'util':>7}{'SM':>7}{'T tok/s':>9}{'x step':>7}{'T,p tok/s':>10}"
+          f"{'x step':>7}")
     for row in report["throughput"]:
-        if "concurrency" in row:
-            t, tp = row["sampled"], row["nucleus"]
-            print(f"{row['concurrency']:>11}{row['tok_s']:>10}{str(row.get('hf_tok_s')):>10}"
-                  f"{str(row.get('x_hf')):>7}{_pct(row.get('nvml_util')):>7}"
-                  f"{_pct(row.get('sm_activity')):>7}{t['tok_s']:>9}{t['x_greedy_step']:>7}"
-                  f"{tp['tok_s']:>10}{tp['x_greedy_step']:>7}")
+        if "concurrency" not in row:
+            continue
+        weights = "/".join(filter(None, (row["quantization"], row["matmul"])))
+        t, tp = row.get("sampled", {}), row.get("nucleus", {})
+        print(f"{weights:<16}{row['concurrency']:>11}{row['tok_s']:>10}"
+              f"{str(row.get('x_bf16', '-')):>8}{str(row.get('hf_tok_s', '-')):>10}"
+              f"{str(row.get('x_hf', '-')):>7}{_pct(row.get('nvml_util')):>7}"
+              f"{_pct(row.get('sm_activity')):>7}{t.get('tok_s', '-'):>9}"
+              f"{t.get('x_greedy_step', '-'):>7}{tp.get('tok_s', '-'):>10}"
+              f"{tp.get('x_greedy_step', '-'):>7}")
     print(f"T = temperature {args.temperature}, p = top_p {args.top_p}; x step: the sampled "
           "decode step's time over the greedy one's (TPOT)")
-    return 0
 
 
 def _pct(value: float | None) -> str:

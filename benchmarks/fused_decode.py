@@ -28,6 +28,7 @@ import time
 import torch
 
 from labkit.engine import fused, gemv
+from labkit.engine.block_manager import BlockAllocator
 from labkit.engine.kv_cache import PagedKVCache
 from labkit.engine.llama import Llama
 from labkit.engine.model import load_model
@@ -83,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     model = Llama.from_hf(lm.model, free_source=True)
     per_row = -(-args.tokens // 16)
     cache = PagedKVCache(lm.config, max(args.rows) * per_row + 1, lm.dtype, lm.device)
-    tables = [cache.allocator.take(per_row) for _ in range(max(args.rows))]
+    allocator = BlockAllocator(cache.num_pages)
+    tables = [allocator.allocate(per_row) for _ in range(max(args.rows))]
     row = {"card": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
            "torch": torch.__version__, "model": args.model, "cached_tokens": args.tokens,
            "gemv_tiles": {f"{n}x{k}": tile for (n, k), tile in gemv.CONFIGS.items()}}

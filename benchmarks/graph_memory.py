@@ -23,10 +23,10 @@ import time
 import torch
 
 from labkit.engine import runner
+from labkit.engine.continuous import WARMUP_GRAPH_PAGES
 from labkit.engine.kv_cache import PagedKVCache
 from labkit.engine.llama import Llama
 from labkit.engine.model import load_model
-from labkit.serve.backend import WARMUP_GRAPH_PAGES
 
 
 def warmup_shapes(model: Llama, cache: PagedKVCache, rows: int) -> list[tuple[int, int, int]]:

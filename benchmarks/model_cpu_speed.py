@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from labkit.engine import hf_generate
+from labkit.engine import hf_generate, text
 from labkit.engine.model import load_model
 from labkit.engine.request import Request
 from labkit.train.trainer import cpu_model
@@ -27,7 +27,7 @@ PROMPT = "Suggest a skincare routine for dry skin"
 
 
 def time_forced(lm, tokens: int) -> float:
-    ids = torch.tensor([hf_generate.tokenize(lm, Request(PROMPT, tokens))])
+    ids = torch.tensor([text.tokenize(lm, Request(PROMPT, tokens))])
     started = time.perf_counter()
     with torch.inference_mode():
         out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from labkit.engine import hf_generate
+from labkit.engine import hf_generate, text
 from labkit.engine.batched import generate_batch
 from labkit.engine.request import InvalidRequest, PromptTooLong, Request
 from labkit.engine.sampling import next_tokens
@@ -30,7 +30,7 @@ def batch(request):
 
 def greedy_ids(lm, prompt: str, max_tokens: int) -> list[int]:
     request = Request(prompt, max_tokens, temperature=0)
-    ids = torch.tensor([hf_generate.tokenize(lm, request)])
+    ids = torch.tensor([text.tokenize(lm, request)])
     with torch.inference_mode():
         out = lm.model.generate(ids, attention_mask=torch.ones_like(ids),
                                 pad_token_id=lm.tokenizer.pad_token_id,

@@ -20,6 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from labkit import cli
 from labkit.engine import hf_generate
+from labkit.engine.block_manager import BlockAllocator
 from labkit.engine.continuous import ContinuousEngine
 from labkit.engine.kv_cache import PagedKVCache, bytes_per_token
 from labkit.engine.llama import Llama
@@ -55,7 +56,7 @@ def logits_by_chunks(model, config, ids: list[int], cuts: list[int]) -> torch.Te
     cache = PagedKVCache(config, len(ids) // 4 + 2, torch.float32, torch.device("cpu"),
                          page_size=4)
     runner = ModelRunner(model, cache)
-    pages = cache.allocator.take(cache.pages_for(len(ids)))
+    pages = BlockAllocator(cache.num_pages).allocate(-(-len(ids) // 4))
     bounds = [0, *cuts, len(ids)]
     with torch.inference_mode():
         return torch.cat([runner.prefill([Chunk(ids[a:b], a, pages)])
@@ -77,7 +78,8 @@ def test_a_forward_that_stops_at_the_hidden_state_ends_with_the_same_logits(lm):
     so no graph holds its own): `logits()` must finish exactly what `forward` would have."""
     model = Llama.from_hf(lm.model)
     runner = ModelRunner(model, PagedKVCache(lm.config, 8, lm.dtype, lm.device))
-    pages = [runner.cache.allocator.take(2) for _ in range(2)]
+    allocator = BlockAllocator(runner.cache.num_pages)
+    pages = [allocator.allocate(2) for _ in range(2)]
     chunks = [Chunk([5, 17, 300, 42], 0, pages[0]), Chunk([9, 11], 0, pages[1])]
     inputs = unpack(runner._pack(chunks, 2, 4, 2), 4)
     with torch.inference_mode():
@@ -171,11 +173,11 @@ def test_a_burst_beyond_the_cache_queues_preempts_and_resumes_exactly(lm):
     while eng.has_work():
         eng.step()
         seen_waiting.append(eng.stats()["waiting"])
-        assert eng.cache.allocator.used <= eng.cache.allocator.total
+        assert eng.block_manager.used <= eng.block_manager.total
     assert max(seen_waiting) > 0 and eng.stats()["preemptions"] > 0
     results = eng.generate(greedy())
     assert [r.generated_text for r in results] == sequential_texts(lm, requests)
-    assert eng.cache.allocator.used == 0
+    assert eng.block_manager.used == 0
 
 
 def test_under_page_pressure_only_live_requests_hold_pages_and_none_leak(lm):
@@ -189,11 +191,12 @@ def test_under_page_pressure_only_live_requests_hold_pages_and_none_leak(lm):
         eng.add(request)
     while eng.has_work():
         eng.step()
-        live = [*eng.waiting, *eng.prefilling, *eng.decoding]
-        assert eng.cache.allocator.used == sum(len(seq.pages) for seq in live)
-        assert not any(seq.pages for seq in eng.waiting)  # new, or preempted: no pages
+        scheduler = eng.scheduler
+        live = [*scheduler.waiting, *scheduler.prefilling, *scheduler.decoding]
+        assert eng.block_manager.used == sum(len(seq.block_table) for seq in live)
+        assert not any(seq.block_table for seq in scheduler.waiting)  # new, or preempted
     assert eng.stats()["preemptions"] > 0
-    assert eng.cache.allocator.used == 0
+    assert eng.block_manager.used == 0
 
 
 def test_a_request_that_could_never_fit_the_cache_is_refused_with_413(lm):
@@ -222,14 +225,14 @@ def test_a_cancelled_request_leaves_at_the_next_step_and_frees_its_pages(lm):
     eng.add(other, lambda r: finished.__setitem__("other", r))
     for _ in range(5):
         eng.step()
-    held = eng.cache.allocator.used
+    held = eng.block_manager.used
     victim.cancelled.set()
     eng.step()
     assert finished["victim"].finish_reason == "cancelled"
-    assert eng.cache.allocator.used < held and eng.stats()["running"] == 1
+    assert eng.block_manager.used < held and eng.stats()["running"] == 1
     while eng.has_work():
         eng.step()
-    assert finished["other"].tokens_generated == 30 and eng.cache.allocator.used == 0
+    assert finished["other"].tokens_generated == 30 and eng.block_manager.used == 0
 
 
 def test_kv_bytes_per_token_follow_the_config(lm):

@@ -12,7 +12,7 @@ import time
 import pytest
 from test_continuous import PROMPTS, greedy, sequential_texts
 
-from labkit.engine import hf_generate
+from labkit.engine import text
 from labkit.engine.request import EngineGone, PromptTooLong, Request
 from labkit.serve.engine_process import EngineProcessBackend
 
@@ -64,7 +64,7 @@ def test_the_engine_process_answers_as_the_engine_does_and_streams_its_tokens(ba
     results = outcomes.wait(len(requests))
     assert [results[i].generated_text for i in range(len(requests))] == \
         sequential_texts(lm, requests)
-    assert hf_generate.decode(lm, streamed) == results[2].generated_text
+    assert text.decode(lm, streamed) == results[2].generated_text
     assert backend.engine.stats()["kv_pages_used"] == 0  # sent with the outcomes
     assert backend.engine.stats()["kv_pages_total"] < 40  # so requests had to queue
     wait_for(lambda: busy and busy[-1][0] == "idle")

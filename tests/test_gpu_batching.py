@@ -6,7 +6,7 @@ import threading
 import pytest
 import torch
 
-from labkit.engine import hf_generate
+from labkit.engine import hf_generate, text
 from labkit.engine.batched import generate_batch
 from labkit.engine.model import load_model
 from labkit.engine.request import Request
@@ -120,5 +120,5 @@ def test_graph_replay_streams_every_token_and_cancels_at_the_next_step(lm32):
     victim.on_token = cancel_after_three
     kept, cancelled = generate_batch(lm32, [keep, victim], static=decoders)
     assert decoders.capture and kept.tokens_generated == 40 == len(streamed[0])
-    assert kept.generated_text == hf_generate.decode(lm32, streamed[0])
+    assert kept.generated_text == text.decode(lm32, streamed[0])
     assert cancelled.finish_reason == "cancelled" and cancelled.tokens_generated <= 4

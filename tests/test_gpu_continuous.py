@@ -55,10 +55,10 @@ def test_a_wide_prefill_replays_a_graph_with_the_eager_logits(lm32):
     """A wave of returning requests admitted in one step: 40 short prompts, one graph; then
     their first decode step, one graph too."""
     engine = engine_for(lm32, cuda_graphs=True, pages=128)
-    runner, cache = engine.runner, engine.cache
+    runner, allocator = engine.runner, engine.block_manager.allocator
     generator = torch.Generator().manual_seed(0)
     chunks = [Chunk(torch.randint(10, 1000, (3 + i % 10,), generator=generator).tolist(), 0,
-                    cache.allocator.take(1)) for i in range(40)]
+                    allocator.allocate(1)) for i in range(40)]
     step = [Chunk([7], len(chunk.tokens), chunk.pages) for chunk in chunks]
     with torch.inference_mode():
         replayed = runner.prefill(chunks).clone()
@@ -91,8 +91,8 @@ def test_warm_up_graphs_hold_no_autograd_state(lm32):
 def test_graph_logits_match_eager_and_the_sdpa_path_in_bf16():
     lm = load_model("synthetic:llama-3.2-1b", device="cuda", dtype="bf16")
     engine = engine_for(lm, cuda_graphs=True, pages=64)
-    cache, runner = engine.cache, engine.runner
-    pages = [cache.allocator.take(3) for _ in range(3)]
+    runner, allocator = engine.runner, engine.block_manager.allocator
+    pages = [allocator.allocate(3) for _ in range(3)]
     prompt = [[11 + i, 500, 7000, 42, 9] for i in range(3)]
     with torch.inference_mode():
         runner.prefill([Chunk(p, 0, pg) for p, pg in zip(prompt, pages, strict=True)])

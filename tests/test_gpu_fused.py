@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from labkit.engine import fused, gemv
+from labkit.engine.block_manager import BlockAllocator
 from labkit.engine.kv_cache import PagedKVCache
 from labkit.engine.llama import EagerOps, FusedOps, GemvOps, Llama
 from labkit.engine.model import load_model
@@ -169,7 +170,13 @@ def _prefill_then_decode(lm, ops):
     model = Llama.from_hf(lm.model)
     model.fused_kernels, model.gemv_kernels = ops is not EagerOps, ops is GemvOps
     runner = ModelRunner(model, cache, cuda_graphs=False)
-    pages = [cache.allocator.take(3) for _ in range(3)]
+    allocator = BlockAllocator(cache.num_pages)
+    return three_steps(runner, [allocator.allocate(3) for _ in range(3)])
+
+
+def three_steps(runner: ModelRunner, pages: list[list[int]]):
+    """Logits of a prefill of rows of 3, 4 and 5 tokens, a decode step of the 3 rows, then one
+    of row 0 alone (3 pages a row)."""
     prompts = [[11 + i, 500, 700, 42, 9][:3 + i] for i in range(3)]
     with torch.inference_mode():
         prefill = runner.prefill([Chunk(p, 0, pg) for p, pg in zip(prompts, pages, strict=True)])

@@ -2,7 +2,7 @@
 each kind of check exactly once on the way from HTTP to the engine and back.
 
 The kinds: the fields (the body's schema, `schemas.check`, for HTTP; `request.check_fields`
-for a Request made in Python), the fit to the model's context (`hf_generate.tokenize`, when it
+for a Request made in Python), the fit to the model's context (`text.tokenize`, when it
 tokenizes) and the fit to the whole KV cache (`continuous.check_fits`, continuous mode). The
 engine process is run on a thread of this process, over a real pipe, so that the counters see
 its side too."""
@@ -20,7 +20,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from test_continuous import continuous_app
 from test_server import wait_loaded
 
-from labkit.engine import continuous, hf_generate
+from labkit.engine import continuous, text
 from labkit.engine import request as request_module
 from labkit.engine.continuous import ContinuousEngine
 from labkit.engine.kv_cache import PagedKVCache
@@ -55,8 +55,8 @@ def checks(monkeypatch) -> collections.Counter:
     monkeypatch.setattr(schemas, "check", counted("fields", schemas.check))
     monkeypatch.setattr(request_module, "check_fields",
                         counted("fields", request_module.check_fields))
-    monkeypatch.setattr(hf_generate, "tokenize", counted(
-        "context", hf_generate.tokenize, lambda lm, request: request.prompt_ids is None))
+    monkeypatch.setattr(text, "tokenize", counted(
+        "context", text.tokenize, lambda lm, request: request.prompt_ids is None))
     monkeypatch.setattr(continuous, "check_fits", counted("cache", continuous.check_fits))
     return seen
 

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from labkit.engine import hf_generate
+from labkit.engine import hf_generate, text
 from labkit.engine.batched import generate_batch
 from labkit.engine.continuous import ContinuousEngine
 from labkit.engine.kv_cache import PagedKVCache
@@ -38,7 +38,7 @@ WAYS = ["alone", "batched", "static", "continuous"]
 @pytest.mark.parametrize("way", WAYS)
 def test_every_token_is_streamed_and_the_pieces_add_up_to_the_text(lm, way):
     streamed: list[list[int]] = [[], []]
-    pieces = [hf_generate.Detokenizer(lm), hf_generate.Detokenizer(lm)]
+    pieces = [text.Detokenizer(lm), text.Detokenizer(lm)]
     texts = ["", ""]
     requests = [Request(PROMPT, 40, temperature=0), Request("What does niacinamide do?", 25,
                                                             temperature=0.8, seed=3)]
@@ -50,14 +50,14 @@ def test_every_token_is_streamed_and_the_pieces_add_up_to_the_text(lm, way):
     results = run(lm, requests, way)
     for k, result in enumerate(results):
         assert len(streamed[k]) in (result.tokens_generated, result.tokens_generated + 1)  # EOS
-        assert texts[k] == result.generated_text == hf_generate.decode(lm, streamed[k])
+        assert texts[k] == result.generated_text == text.decode(lm, streamed[k])
 
 
 def test_detokenizer_holds_back_a_split_character(lm):
     ids = lm.tokenizer("Crème hydratante 🌿 ok", add_special_tokens=False).input_ids
-    detok = hf_generate.Detokenizer(lm)
+    detok = text.Detokenizer(lm)
     pieces = [detok.push(i) for i in ids]
-    assert "".join(pieces) == hf_generate.decode(lm, ids)
+    assert "".join(pieces) == text.decode(lm, ids)
     assert all("\ufffd" not in p for p in pieces)
 
 
@@ -101,18 +101,18 @@ def test_min_tokens_is_checked_when_the_request_is_made():
 
 def test_a_templated_prompt_is_tokenized_as_is(lm):
     messages = [{"role": "user", "content": "Suggest a skincare routine"}]
-    text = hf_generate.chat_prompt(lm, messages)
-    assert text == hf_generate.format_prompt(lm, "Suggest a skincare routine")
-    chat = Request(text, 5, templated=True)
+    prompt = text.chat_prompt(lm, messages)
+    assert prompt == text.format_prompt(lm, "Suggest a skincare routine")
+    chat = Request(prompt, 5, templated=True)
     plain = Request("Suggest a skincare routine", 5)
-    assert hf_generate.tokenize(lm, chat) == hf_generate.tokenize(lm, plain)
+    assert text.tokenize(lm, chat) == text.tokenize(lm, plain)
 
 
 @pytest.mark.parametrize("way", WAYS)
 def test_a_result_carries_the_token_ids_its_text_is_decoded_from(lm, way):
     result, = run(lm, [Request(PROMPT, 12, temperature=0.0)], way)
     assert len(result.token_ids) >= result.tokens_generated == 12
-    assert hf_generate.decode(lm, result.token_ids) == result.generated_text
+    assert text.decode(lm, result.token_ids) == result.generated_text
     assert "token_ids" not in result.as_dict()  # the seed's response fields only
 
 
@@ -133,7 +133,7 @@ def test_every_thread_tokenizes_with_a_tokenizer_of_its_own(lm):
     a fast tokenizer used by two threads at once raises "Already borrowed"."""
     side = TextSide(lm)
     prompts = [f"{PROMPT} {i} " * (1 + i % 50) for i in range(200)]
-    expected = [hf_generate.tokenize(lm, Request(p, 5)) for p in prompts]
+    expected = [text.tokenize(lm, Request(p, 5)) for p in prompts]
     start = threading.Barrier(4)
 
     def tokenize_all(_):

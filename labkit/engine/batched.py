@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 from transformers import DynamicCache
 
-from labkit.engine import hf_generate
+from labkit.engine import text
 from labkit.engine.model import LoadedModel, synchronize
 from labkit.engine.request import Request, Result
 from labkit.engine.sampling import hold_stop_tokens, next_tokens, step_seeds
@@ -45,61 +45,84 @@ def generate_batch(lm: LoadedModel, requests: list[Request],
     prompts = [torch.tensor(_tokenize(lm, i, r)) for i, r in enumerate(requests)]
     if not prompts:
         return []
-    device = lm.device
-    input_ids, attention_mask = _left_pad(prompts, lm.tokenizer.pad_token_id or 0, device)
+    input_ids, attention_mask = _left_pad(prompts, lm.tokenizer.pad_token_id or 0, lm.device)
     # Position of each token in its own prompt; padding gets 0 (masked anyway).
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    temperature = torch.tensor([float(r.temperature) for r in requests], device=device)
-    top_p = torch.tensor([float(r.top_p or 1.0) for r in requests], device=device)
-    rngs = [None if r.greedy else random.Random(r.seed) for r in requests]
-    stop_ids = hf_generate.stop_token_ids(lm)
     if static is None:
         decoder = _DynamicDecoder(lm.model)
     else:
         decoder = static.decoder(len(requests), input_ids.shape[1]
                                  + max(r.max_tokens for r in requests))
-
-    rows = list(range(len(requests)))  # request index of each row still in the batch
-    new_ids: list[list[int]] = [[] for _ in requests]
-    results: list[Result | None] = [None] * len(requests)
-    first_at = [0.0] * len(requests)
-
-    synchronize(device)
-    started = time.perf_counter()
+    batch = _Rows(lm, requests, on_finish)
+    synchronize(lm.device)
+    batch.started = time.perf_counter()
     with torch.inference_mode():
         logits = decoder.prefill(input_ids, attention_mask, position_ids)
         while True:
-            seeds = step_seeds([rngs[i] for i in rows], device)
-            held = [row for row, i in enumerate(rows) if not requests[i].may_stop(len(new_ids[i]))]
-            hold_stop_tokens(logits, held, stop_ids)  # min_tokens / ignore_eos
-            tokens = next_tokens(logits, temperature, top_p, seeds)
+            tokens = batch.sample(logits)
             host_tokens = tokens.tolist()  # waits for the device, so the clock reads after it
-            now = time.perf_counter()
-            keep = []
-            for row, (i, token) in enumerate(zip(rows, host_tokens, strict=True)):
-                request = requests[i]
-                if not new_ids[i]:
-                    first_at[i] = now
-                new_ids[i].append(token)
-                request.emit(token)
-                if not (token in stop_ids or request.cancelled.is_set()
-                        or len(new_ids[i]) >= request.max_tokens):
-                    keep.append(row)
-                    continue
-                results[i] = hf_generate.build_result(lm, requests[i], new_ids[i], started,
-                                                      first_at[i], now)
-                if on_finish is not None:
-                    on_finish(i, results[i])
+            keep = batch.take(host_tokens, time.perf_counter())
             if not keep:
                 break
-            if len(keep) < len(rows):
-                index = torch.tensor(keep, device=device)
+            if len(keep) < len(batch.rows):
+                index = torch.tensor(keep, device=lm.device)
                 decoder.keep(index)
-                tokens, temperature, top_p = tokens[index], temperature[index], top_p[index]
-                rows = [rows[row] for row in keep]
+                batch.keep(keep, index)
+                tokens = tokens[index]
             logits = decoder.step(tokens)
+    return batch.results
 
-    return results
+
+class _Rows:
+    """The batch's rows on the host: the requests still in it, their sampling parameters, their
+    tokens so far, and the results of those that finished."""
+
+    def __init__(self, lm: LoadedModel, requests: list[Request],
+                 on_finish: Callable[[int, Result], None] | None):
+        self.lm, self.requests, self.on_finish = lm, requests, on_finish
+        device = lm.device
+        self.temperature = torch.tensor([float(r.temperature) for r in requests], device=device)
+        self.top_p = torch.tensor([float(r.top_p or 1.0) for r in requests], device=device)
+        self.rngs = [None if r.greedy else random.Random(r.seed) for r in requests]
+        self.stop_ids = text.stop_token_ids(lm)
+        self.rows = list(range(len(requests)))  # request index of each row still in the batch
+        self.new_ids: list[list[int]] = [[] for _ in requests]
+        self.results: list[Result | None] = [None] * len(requests)
+        self.first_at = [0.0] * len(requests)
+        self.started = 0.0
+
+    def sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """Each row's next token, on the device, by its own request's sampling."""
+        seeds = step_seeds([self.rngs[i] for i in self.rows], self.lm.device)
+        held = [row for row, i in enumerate(self.rows)
+                if not self.requests[i].may_stop(len(self.new_ids[i]))]
+        hold_stop_tokens(logits, held, self.stop_ids)  # min_tokens / ignore_eos
+        return next_tokens(logits, self.temperature, self.top_p, seeds)
+
+    def take(self, tokens: list[int], now: float) -> list[int]:
+        """Each row's new token on the host: streamed, and its request answered if it ends
+        there. Returns the rows that go on."""
+        keep = []
+        for row, (i, token) in enumerate(zip(self.rows, tokens, strict=True)):
+            request = self.requests[i]
+            if not self.new_ids[i]:
+                self.first_at[i] = now
+            self.new_ids[i].append(token)
+            request.emit(token)
+            if not (token in self.stop_ids or request.cancelled.is_set()
+                    or len(self.new_ids[i]) >= request.max_tokens):
+                keep.append(row)
+                continue
+            self.results[i] = text.build_result(self.lm, request, self.new_ids[i], self.started,
+                                                self.first_at[i], now)
+            if self.on_finish is not None:
+                self.on_finish(i, self.results[i])
+        return keep
+
+    def keep(self, keep: list[int], index: torch.Tensor) -> None:
+        """Only the rows `keep` (`index` on the device) go on."""
+        self.temperature, self.top_p = self.temperature[index], self.top_p[index]
+        self.rows = [self.rows[row] for row in keep]
 
 
 class _DynamicDecoder:
@@ -135,9 +158,9 @@ class _DynamicDecoder:
 
 
 def _tokenize(lm: LoadedModel, index: int, request: Request) -> list[int]:
-    """Prompt ids of one request (`hf_generate.tokenize`); an error names the request."""
+    """Prompt ids of one request (`text.tokenize`); an error names the request."""
     try:
-        return hf_generate.tokenize(lm, request)
+        return text.tokenize(lm, request)
     except ValueError as err:  # PromptTooLong: keep the type, name the request
         raise type(err)(f"request {index}: {err}") from None
 

@@ -1,39 +1,38 @@
-"""Continuous batching: the batch is re-formed at every decode step.
+"""Continuous batching: the batch is re-formed at every step.
 
 Static batching (`labkit.engine.batched`) starts a batch and runs it until its longest row ends;
 a request that arrives meanwhile waits for all of it. Here, every `step()`:
 
-1. takes in new requests, and drops those whose client went away (their pages are freed);
-2. admits waiting requests, oldest first, while the KV cache has pages for their prompts;
+1. takes in new requests, and drops those whose client went away (their blocks are freed);
+2. admits waiting requests, oldest first, while the KV cache has blocks for their prompts;
 3. prefills up to `prefill_chunk` prompt tokens of the admitted ones (a long prompt is split
    over several steps, so the requests already decoding are never held up for long);
 4. runs one decode step for every request that has its first token: each gets its next token,
-   and those that finish leave at once, handing their pages to whoever comes next.
+   and those that finish leave at once, handing their blocks to whoever comes next.
 
-When a decoding request needs a new page and none is free, the most recently admitted request is
-preempted: its pages are freed and it goes back to the front of the queue, to be prefilled again
-(prompt and the tokens it had so far) when pages free up. Admission checks only the prompt, so
-the cache is never over-committed yet never reserves pages a request may not use.
-
-The model is `labkit.engine.llama` over `labkit.engine.kv_cache`, run by `labkit.engine.runner`;
-sampling is `labkit.engine.sampling`'s, per request. `generate(requests)` runs a list to the end
-(notebooks, benchmarks); a server calls `add` from its event loop and `step` in a loop on its
-generation thread (`labkit.serve.schedulers.ContinuousScheduler`).
+Who runs, and who is preempted when the cache runs out, is `labkit.engine.scheduler`'s policy
+over the block tables of `labkit.engine.block_manager`; a request in here is a
+`labkit.engine.sequence.Sequence`. The model is `labkit.engine.llama` over
+`labkit.engine.kv_cache`, run by `labkit.engine.runner`; sampling is `labkit.engine.sampling`'s,
+per request; prompts and results are `labkit.engine.text`'s. `ContinuousEngine.build` makes an
+engine for a loaded model, `warm_up` captures its CUDA graphs. `generate(requests)` runs a list
+to the end (notebooks, benchmarks); a server calls `add` from any thread and `step` in a loop on
+its generation thread (`labkit.serve.schedulers.ContinuousScheduler`).
 """
 
 from __future__ import annotations
 
-import collections
+import logging
 import queue
 import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
-from labkit.engine import hf_generate
+from labkit.engine import text
+from labkit.engine.block_manager import BlockManager
 from labkit.engine.device import to_device
 from labkit.engine.kv_cache import PagedKVCache
 from labkit.engine.llama import Llama
@@ -41,9 +40,16 @@ from labkit.engine.model import LoadedModel
 from labkit.engine.request import PromptTooLong, Request, Result
 from labkit.engine.runner import Chunk, ModelRunner
 from labkit.engine.sampling import hold_stop_tokens, next_tokens, step_seeds
+from labkit.engine.scheduler import Scheduler
+from labkit.engine.sequence import Sequence
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_RUNNING = 256
 DEFAULT_PREFILL_CHUNK = 2048  # prompt tokens prefilled per step, across requests
+# Decode graphs captured at warm-up: rows' contexts of up to 64 pages (1,024 tokens); longer
+# ones capture theirs on first use. What they hold: benchmarks/graph_memory.py.
+WARMUP_GRAPH_PAGES = 64
 
 
 def check_fits(request: Request, cache_tokens: int) -> None:
@@ -58,38 +64,12 @@ def check_fits(request: Request, cache_tokens: int) -> None:
     request.fits_cache = cache_tokens
 
 
-@dataclass(eq=False)
-class Sequence:
-    """A request inside the engine: its tokens so far and the pages that hold their keys and
-    values. `ids` is the prompt followed by the generated tokens; the first `cached` of them
-    are in the cache."""
-
-    request: Request
-    on_finish: Callable[[Result], None] | None
-    added_at: float
-    ids: list[int]
-    prompt_len: int
-    rng: random.Random | None
-    pages: list[int] = field(default_factory=list)
-    cached: int = 0
-    pending: int = 0  # tokens sampled on the device, not yet on the host (0 to 2)
-    finished: bool = False
-    admitted_at: float | None = None
-    first_token_at: float | None = None
-
-    @property
-    def generated(self) -> list[int]:
-        return self.ids[self.prompt_len:]
-
-    @property
-    def produced(self) -> int:
-        """Tokens generated so far, those still on the device included."""
-        return len(self.ids) - self.prompt_len + self.pending
-
-    @property
-    def length(self) -> int:
-        """Tokens so far, those still on the device included."""
-        return len(self.ids) + self.pending
+def default_kv_cache_gb(device: torch.device) -> float:
+    """KV cache memory when the user grants none: a tenth of the card (room for several
+    servers on one GPU, as in notebook 07), or 0.25 GB on the CPU."""
+    if device.type != "cuda":
+        return 0.25
+    return round(torch.cuda.get_device_properties(device).total_memory / 1e9 * 0.10, 2)
 
 
 class InFlight:
@@ -119,28 +99,59 @@ class ContinuousEngine:
                  max_running: int = DEFAULT_MAX_RUNNING,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, cuda_graphs: bool = True):
         self.lm, self.cache = lm, cache
-        self.max_running, self.prefill_chunk = max_running, prefill_chunk
         self.runner = ModelRunner(model, cache, cuda_graphs)
-        self.stop_ids = hf_generate.stop_token_ids(lm)
-        self.waiting: collections.deque[Sequence] = collections.deque()
-        self.prefilling: list[Sequence] = []  # admitted, prompt not fully in the cache yet
-        self.decoding: list[Sequence] = []  # in admission order: the last is preempted first
+        self.block_manager = BlockManager(cache.num_pages, cache.page_size)
+        self.scheduler = Scheduler(self.block_manager, max_running, prefill_chunk)
+        self.stop_ids = text.stop_token_ids(lm)
         self._inbox: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._in_flight: list[InFlight] = []  # steps whose tokens the host has not seen yet
-        self.preemptions = self.decode_steps = self.decode_tokens = self.prefill_tokens = 0
+        self.decode_steps = self.decode_tokens = self.prefill_tokens = 0
         self.last_step_tokens = 0
         self.device_wait_s = 0.0  # host time spent waiting for a step's tokens
         # False: results come with token ids and empty text, for the caller to decode (the
         # engine process leaves it to the server, off the loop that keeps the GPU fed).
         self.detokenize = True
 
+    @classmethod
+    def build(cls, lm: LoadedModel, kv_cache_gb: float | None = None,
+              max_running: int = DEFAULT_MAX_RUNNING, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+              cuda_graphs: bool = True, quantization: str | None = None) -> ContinuousEngine:
+        """The engine for `lm`: a KV cache of `kv_cache_gb` (default: `default_kv_cache_gb`)
+        and the compact Llama, its linear weights in FP8 with `quantization="fp8"`
+        (`labkit.engine.quant`). On a GPU the Hugging Face model's fused-away weights are
+        freed, so the weights are held once."""
+        memory_gb = kv_cache_gb if kv_cache_gb is not None else default_kv_cache_gb(lm.device)
+        cache = PagedKVCache.sized(lm.config, memory_gb, lm.dtype, lm.device)
+        model = Llama.from_hf(lm.model, free_source=lm.device.type == "cuda",
+                              quantization=quantization)
+        engine = cls(lm, model, cache, max_running=max_running, prefill_chunk=prefill_chunk,
+                     cuda_graphs=cuda_graphs)
+        log.info("Continuous batching: KV cache of %.2f GB = %d pages of %d tokens (%d tokens), "
+                 "up to %d requests at once, prefill chunks of %d tokens", memory_gb,
+                 engine.block_manager.total, cache.page_size, cache.tokens, max_running,
+                 prefill_chunk)
+        return engine
+
+    def warm_up(self, runs: int, max_tokens: int) -> None:
+        """Capture the CUDA graphs of decode steps of every padded row count up to max_running
+        and page count up to WARMUP_GRAPH_PAGES, and of small prefills of short prompts, then
+        run `runs` throwaway generations: no request waits for a capture of those (a capture in
+        a busy server's step stalls every request: benchmarks/RESULTS.md)."""
+        began = time.perf_counter()
+        self.runner.capture_all(self.scheduler.max_running, WARMUP_GRAPH_PAGES)
+        for _ in range(runs):
+            self.generate([Request("warm-up", max_tokens, 0)])
+        log.info("Warm-up: %d run(s) through the continuous engine; CUDA graphs for (rows, "
+                 "pages) %s and %d small prefills; in %.1f s", runs, sorted(self.runner.graphs),
+                 len(self.runner.prefill_graphs), time.perf_counter() - began)
+
     # -- what callers use ------------------------------------------------------------------
 
     def check_fits(self, request: Request) -> None:
         """Tokenize `request` if it is not yet (the model's context checked) and check that it
         fits the whole cache: PromptTooLong if it never could."""
-        hf_generate.tokenize(self.lm, request)
+        text.tokenize(self.lm, request)
         check_fits(request, self.cache.tokens)
 
     def add(self, request: Request, on_finish: Callable[[Result], None] | None = None) -> None:
@@ -156,8 +167,7 @@ class ContinuousEngine:
         self._wake.set()
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.prefilling or self.decoding or self._in_flight
-                    or not self._inbox.empty())
+        return bool(self.scheduler.has_work() or self._in_flight or not self._inbox.empty())
 
     def wait_for_work(self, timeout: float | None = None) -> bool:
         """Block until a request is added (or timeout); True if there is work."""
@@ -176,24 +186,20 @@ class ContinuousEngine:
         return [results[index] for index in range(len(requests))]
 
     def reset(self) -> None:
-        """Drop every request and free its pages (after a failed step: nothing is half-done)."""
+        """Drop every request and free its blocks (after a failed step: nothing is half-done)."""
         while not self._inbox.empty():
             self._inbox.get()
         self._in_flight = []
-        for seq in [*self.waiting, *self.prefilling, *self.decoding]:
-            self.cache.allocator.give_back(seq.pages)
-        self.waiting.clear()
-        self.prefilling.clear()
-        self.decoding.clear()
+        self.scheduler.reset()
 
     def stats(self) -> dict:
         return {
-            "running": len(self.prefilling) + len(self.decoding),
-            "waiting": len(self.waiting) + self._inbox.qsize(),
-            "kv_pages_used": self.cache.allocator.used,
-            "kv_pages_total": self.cache.allocator.total,
+            "running": self.scheduler.running,
+            "waiting": len(self.scheduler.waiting) + self._inbox.qsize(),
+            "kv_pages_used": self.block_manager.used,
+            "kv_pages_total": self.block_manager.total,
             "kv_page_tokens": self.cache.page_size,
-            "preemptions": self.preemptions,
+            "preemptions": self.scheduler.preemptions,
             "decode_steps": self.decode_steps,
             "tokens_per_step": (round(self.decode_tokens / self.decode_steps, 2)
                                 if self.decode_steps else None),
@@ -213,66 +219,42 @@ class ContinuousEngine:
     @torch.inference_mode()
     def step(self) -> None:
         while not self._inbox.empty():
-            self.waiting.append(self._inbox.get())
-        self._drop_cancelled()
-        self._admit()
-        if self.prefilling:
+            self.scheduler.add(self._inbox.get())
+        for seq in self.scheduler.drop_cancelled():
+            self._finish(seq, time.perf_counter())
+        self.scheduler.admit()
+        if self.scheduler.prefilling:
             self._prefill()
-        if self.decoding:
+        if self.scheduler.decoding:
             self._decode()
         else:
             self._flush()
 
-    def _drop_cancelled(self) -> None:
-        for group in (self.waiting, self.prefilling):
-            for seq in [s for s in group if s.request.cancelled.is_set()]:
-                group.remove(seq)
-                self._finish(seq, time.perf_counter())
-
-    def _admit(self) -> None:
-        while self.waiting and len(self.prefilling) + len(self.decoding) < self.max_running:
-            seq = self.waiting[0]
-            needed = self.cache.pages_for(len(seq.ids)) - len(seq.pages)
-            if needed > self.cache.allocator.available:
-                return  # first come, first served: nobody overtakes the oldest
-            self.waiting.popleft()
-            seq.pages += self.cache.allocator.take(needed)
-            if seq.admitted_at is None:
-                seq.admitted_at = time.perf_counter()
-            self.prefilling.append(seq)
-
     def _prefill(self) -> None:
-        chunks, budget = [], self.prefill_chunk
-        for seq in self.prefilling:
-            if budget == 0:
-                break
-            n = min(len(seq.ids) - seq.cached, budget)
-            chunks.append((seq, Chunk(seq.ids[seq.cached:seq.cached + n], seq.cached, seq.pages)))
-            budget -= n
-        logits = self.runner.prefill([chunk for _, chunk in chunks])
+        batch = self.scheduler.prefill_batch()
+        logits = self.runner.prefill([Chunk(seq.ids[seq.cached:seq.cached + n], seq.cached,
+                                            seq.block_table) for seq, n in batch])
         done = []
-        for row, (seq, chunk) in enumerate(chunks):
-            seq.cached += len(chunk.tokens)
+        for row, (seq, n) in enumerate(batch):
+            seq.cached += n
             if seq.cached == len(seq.ids):  # whole prompt in the cache: its next token
                 done.append(row)
-        self.prefill_tokens += self.prefill_chunk - budget
-        finished = [chunks[row][0] for row in done]
-        for seq in finished:
-            self.prefilling.remove(seq)
-            self.decoding.append(seq)
+        self.prefill_tokens += sum(n for _, n in batch)
+        ready = [batch[row][0] for row in done]
+        self.scheduler.prefilled(ready)
         if done:  # their first tokens reach the host with the next decode step's intake
-            tokens = self._choose(finished, logits[to_device(done, logits.device)])
-            for seq in finished:
+            tokens = self._choose(ready, logits[to_device(done, logits.device)])
+            for seq in ready:
                 seq.pending += 1
-            self._in_flight.append(InFlight(finished, tokens))
+            self._in_flight.append(InFlight(ready, tokens))
 
     def _decode(self) -> None:
         """Launch this step's decode, then take in the tokens of the steps before it while the
         GPU computes this one: the host's bookkeeping (streaming, stop checks, results)
         overlaps the device's work instead of leaving it idle between steps. A row's input
         token may still be on the device (sampled by an earlier step): it is read there."""
-        self._make_room_for_all()
-        rows = [seq for seq in self.decoding
+        self.scheduler.make_room(self._flush)
+        rows = [seq for seq in self.scheduler.decoding
                 if seq.produced < seq.request.max_tokens]
         previous, self._in_flight = self._in_flight, []
         if rows:
@@ -290,7 +272,7 @@ class ContinuousEngine:
             tokens = torch.cat([step.tokens for step in previous])
             pick = [where[id(seq)] if seq.pending else -1 for seq in rows]
             carried = (to_device(pick, tokens.device), tokens)
-        chunks = [Chunk([0 if seq.pending else seq.ids[-1]], seq.length - 1, seq.pages)
+        chunks = [Chunk([0 if seq.pending else seq.ids[-1]], seq.length - 1, seq.block_table)
                   for seq in rows]
         tokens = self._choose(rows, self.runner.decode(chunks, carried))
         for seq in rows:
@@ -309,33 +291,13 @@ class ContinuousEngine:
             if not seq.finished:  # a row that stopped one step ago ran once more: dropped
                 self._accept(seq, token, now)
 
-    def _flush(self) -> None:
+    def _flush(self) -> bool:
         """Take in every step in flight now (before preempting: a victim must have no token
-        on the way)."""
+        on the way); False if there was none."""
         previous, self._in_flight = self._in_flight, []
         for step in previous:
             self._take_tokens(step)
-
-    def _make_room_for_all(self) -> None:
-        """A page for each decoding request's next token; when none is free, the latest
-        admitted requests are preempted: pages freed, back to the front of the queue."""
-        squeezed = False  # once a flush or a preemption ran, rows may have left `decoding`
-        for seq in list(self.decoding):
-            while len(seq.pages) < self.cache.pages_for(seq.length):
-                if squeezed and seq not in self.decoding:
-                    break  # it finished, or was preempted: it must not be handed pages
-                if self.cache.allocator.available:
-                    seq.pages += self.cache.allocator.take(1)
-                    continue
-                squeezed = True
-                if self._in_flight:
-                    self._flush()  # may finish some requests, and free their pages
-                else:
-                    victim = self.decoding.pop()  # the latest admitted (may be seq itself)
-                    self.cache.allocator.give_back(victim.pages)
-                    victim.cached = 0
-                    self.waiting.appendleft(victim)
-                    self.preemptions += 1
+        return bool(previous)
 
     def _choose(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
         """Each row's next token on the device, by its own request's sampling (no sync)."""
@@ -359,16 +321,16 @@ class ContinuousEngine:
         seq.request.emit(token)
         if token in self.stop_ids or len(seq.ids) - seq.prompt_len >= seq.request.max_tokens \
                 or seq.request.cancelled.is_set():
-            self.decoding.remove(seq)
+            self.scheduler.retire(seq)
             self._finish(seq, now)
 
     def _finish(self, seq: Sequence, now: float) -> None:
+        """`seq` is out of the scheduler, its blocks freed: its result to whoever waits."""
         seq.finished = True
-        self.cache.allocator.give_back(seq.pages)
         if seq.on_finish is None:
             return
         started = seq.admitted_at or now
-        result = hf_generate.build_result(self.lm, seq.request, seq.generated, started,
-                                          seq.first_token_at or now, now, self.detokenize)
+        result = text.build_result(self.lm, seq.request, seq.generated, started,
+                                   seq.first_token_at or now, now, self.detokenize)
         result.queue_time_ms = round((started - seq.added_at) * 1000, 3)
         seq.on_finish(result)

@@ -1,8 +1,13 @@
-"""Host values on the device without waiting for it: what every step's small inputs need."""
+"""Where the engine runs: host values on the device without waiting for it (what every step's
+small inputs need), and the CPU threads torch may use."""
 
 from __future__ import annotations
 
+import logging
+
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def to_device(values: list, device: torch.device, dtype: torch.dtype | None = None
@@ -14,3 +19,16 @@ def to_device(values: list, device: torch.device, dtype: torch.dtype | None = No
     if device.type != "cuda":
         return torch.tensor(values, dtype=dtype, device=device)
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
+def set_cpu_threads(device_type: str, threads: int | None) -> None:
+    """CPU generation: leave one core to the event loop and to a load tester on the same
+    machine. torch's default (one thread per core) spin-waits against them: on a loaded 2-core
+    machine, 2 threads ran many times slower than 1 (benchmarks/RESULTS.md, "Embedded model on
+    the CPU"). An explicit `threads` always wins; on a GPU the default is left alone."""
+    if threads is None and device_type != "cpu":
+        return
+    available = torch.get_num_threads()
+    chosen = threads or max(1, available - 1)
+    torch.set_num_threads(chosen)
+    log.info("CPU threads for generation: %d (of %d; --threads to change)", chosen, available)

@@ -28,6 +28,11 @@ GEMV kernels"). The prologues round where the eager ops round
 (`labkit.engine.llama.EagerOps`), so results agree with `fused` + cuBLAS within the products'
 own rounding (tests/test_gpu_fused.py). Steps of more tokens are matrix-matrix products, which
 cuBLAS does well on tensor cores. Timings: benchmarks/RESULTS.md ("Continuous batching engine").
+
+FP8 weights (`labkit.engine.quant`): the same kernels take e4m3 weights and their per-row
+scales (`scale`), convert each weight to float32 in registers and multiply each output's sum by
+its row's scale once, so a step reads one byte per weight (tests/test_quant.py runs them under
+Triton's interpreter, tests/test_gpu_quant.py on the GPU).
 """
 
 from __future__ import annotations
@@ -73,10 +78,11 @@ if triton is not None:
         return x
 
     @triton.jit
-    def _gemv_kernel(x_ptr, residual_ptr, norm_ptr, sum_ptr, eps, w_ptr, out_ptr, N,
-                     K: tl.constexpr, EVEN_K: tl.constexpr, K_PAD: tl.constexpr,
+    def _gemv_kernel(x_ptr, residual_ptr, norm_ptr, sum_ptr, eps, w_ptr, scale_ptr, out_ptr,
+                     N, K: tl.constexpr, EVEN_K: tl.constexpr, K_PAD: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PROLOGUE: tl.constexpr,
-                     HAS_RESIDUAL: tl.constexpr, WRITE_SUM: tl.constexpr, PDL: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, WRITE_SUM: tl.constexpr, HAS_SCALE: tl.constexpr,
+                     PDL: tl.constexpr):
         dtype = out_ptr.dtype.element_ty
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_live = n < N
@@ -108,37 +114,47 @@ if triton is not None:
             chunk = _input_chunk(x_ptr, residual_ptr, norm_ptr, rstd, start + cols, K, EVEN_K,
                                  PROLOGUE, HAS_RESIDUAL, dtype)
             acc += w.to(tl.float32) * chunk[None, :]
-        tl.store(out_ptr + n, tl.sum(acc, 1).to(dtype), mask=n_live)
+        out = tl.sum(acc, 1)
+        if HAS_SCALE:  # FP8 weights: each row's scale, once on its sum
+            out *= tl.load(scale_ptr + n, mask=n_live, other=0.0)
+        tl.store(out_ptr + n, out.to(dtype), mask=n_live)
 
 
 # Tiles by weight shape (N, K) that benchmarks/decode_gemv.py tries; else `tile`'s choice.
+# FP8 weights (one byte each) have their own table.
 CONFIGS: dict[tuple[int, int], tuple[int, int, int, int]] = {}
+FP8_CONFIGS: dict[tuple[int, int], tuple[int, int, int, int]] = {}
 
 
-def tile(n: int, k: int) -> tuple[int, int, int, int]:
+def tile(n: int, k: int, itemsize: int = 2) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, warps, stages) for a weight of N rows and K columns. Measured on an
     H200 over every product of the 3B shape (benchmarks/decode_gemv.py): narrow, long tiles,
     many programs (768 to 32k) with few warps each, win; twice as many rows and warps for the
-    long rows of the down projection."""
-    if (n, k) in CONFIGS:
-        return CONFIGS[n, k]
-    return (8, 1024, 8, 2) if k >= 8192 else (4, 1024, 4, 2)
+    long rows of the down projection. FP8 weights (itemsize 1): twice the rows, so that each
+    load moves the bytes the bf16 tiles were measured with (not yet measured for FP8)."""
+    table = FP8_CONFIGS if itemsize == 1 else CONFIGS
+    if (n, k) in table:
+        return table[n, k]
+    block_n, block_k, warps, stages = (8, 1024, 8, 2) if k >= 8192 else (4, 1024, 4, 2)
+    return (block_n * 2 if itemsize == 1 else block_n), block_k, warps, stages
 
 
-def _launch(x, weight, prologue: int, residual=None, norm=None, eps=0.0, write_sum=False):
-    """x: (1, K) for NONE and NORM, (1, 2K) for SILU; contiguous."""
+def _launch(x, weight, prologue: int, residual=None, norm=None, eps=0.0, write_sum=False,
+            scale=None):
+    """x: (1, K) for NONE and NORM, (1, 2K) for SILU; contiguous. `scale`: (N,) float32 for an
+    FP8 weight (`labkit.engine.quant`), applied to each output's sum."""
     n, k = weight.shape
-    block_n, block_k, warps, stages = tile(n, k)
+    block_n, block_k, warps, stages = tile(n, k, weight.element_size())
     assert x.shape[0] == 1 and x.is_contiguous()
     out = x.new_empty(1, n)
     summed = x.new_empty(1, k) if write_sum else out
-    use_pdl = fused.pdl(x.device)
+    use_pdl = x.is_cuda and fused.pdl(x.device)  # the CPU: tests under TRITON_INTERPRET=1
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, x if residual is None else residual, x if norm is None else norm, summed, eps,
-        weight, out, n, K=k, EVEN_K=k % block_k == 0, K_PAD=triton.next_power_of_2(k),
-        BLOCK_N=block_n, BLOCK_K=block_k, PROLOGUE=prologue, HAS_RESIDUAL=residual is not None,
-        WRITE_SUM=write_sum, PDL=use_pdl, num_warps=warps, num_stages=stages,
-        launch_pdl=use_pdl)
+        weight, weight if scale is None else scale, out, n, K=k, EVEN_K=k % block_k == 0,
+        K_PAD=triton.next_power_of_2(k), BLOCK_N=block_n, BLOCK_K=block_k, PROLOGUE=prologue,
+        HAS_RESIDUAL=residual is not None, WRITE_SUM=write_sum, HAS_SCALE=scale is not None,
+        PDL=use_pdl, num_warps=warps, num_stages=stages, launch_pdl=use_pdl)
     return out, summed
 
 
@@ -149,54 +165,57 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("labkit::norm_linear", mutates_args=())
 def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: torch.Tensor, eps: float,
-                weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                weight: torch.Tensor, scale: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """(RMSNorm(x + residual) · norm @ weight.T, x + residual); with no residual, x is the
-    sum."""
+    sum. With `scale`, weight is FP8 and W = weight · scale[:, None] (so for every op here)."""
     shape = x.shape[:-1]
     out, summed = _launch(_flat(x), weight, NORM, None if residual is None else _flat(residual),
-                          norm, eps, write_sum=True)
+                          norm, eps, write_sum=True, scale=scale)
     return out.view(*shape, -1), summed.view(*shape, -1)
 
 
 @norm_linear.register_fake
-def _(x, residual, norm, eps, weight):
+def _(x, residual, norm, eps, weight, scale=None):
     return x.new_empty(*x.shape[:-1], weight.shape[0]), x.new_empty(x.shape)
 
 
 @torch.library.custom_op("labkit::final_norm_linear", mutates_args=())
 def final_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm: torch.Tensor, eps: float,
-                      weight: torch.Tensor) -> torch.Tensor:
+                      weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
     """RMSNorm(x + residual) · norm @ weight.T, the sum not kept (the last norm, then lm_head)."""
     shape = x.shape[:-1]
-    out, _ = _launch(_flat(x), weight, NORM, _flat(residual), norm, eps)
+    out, _ = _launch(_flat(x), weight, NORM, _flat(residual), norm, eps, scale=scale)
     return out.view(*shape, -1)
 
 
 @final_norm_linear.register_fake
-def _(x, residual, norm, eps, weight):
+def _(x, residual, norm, eps, weight, scale=None):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 @torch.library.custom_op("labkit::linear", mutates_args=())
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None
+           ) -> torch.Tensor:
     """x @ weight.T."""
-    out, _ = _launch(_flat(x), weight, NONE)
+    out, _ = _launch(_flat(x), weight, NONE, scale=scale)
     return out.view(*x.shape[:-1], -1)
 
 
 @linear.register_fake
-def _(x, weight):
+def _(x, weight, scale=None):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 @torch.library.custom_op("labkit::silu_linear", mutates_args=())
-def silu_linear(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def silu_linear(gate_up: torch.Tensor, weight: torch.Tensor,
+                scale: torch.Tensor | None = None) -> torch.Tensor:
     """(SiLU(gate) · up) @ weight.T, where gate and up are the halves of gate_up's last
     dimension."""
-    out, _ = _launch(_flat(gate_up), weight, SILU)
+    out, _ = _launch(_flat(gate_up), weight, SILU, scale=scale)
     return out.view(*gate_up.shape[:-1], -1)
 
 
 @silu_linear.register_fake
-def _(gate_up, weight):
+def _(gate_up, weight, scale=None):
     return gate_up.new_empty(*gate_up.shape[:-1], weight.shape[0])

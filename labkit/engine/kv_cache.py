@@ -1,19 +1,15 @@
-"""The paged KV cache: every layer's keys and values in fixed-size pages, handed out to requests
-a page at a time.
+"""The paged KV cache: every layer's keys and values in fixed-size pages, one tensor.
 
-A request owns a list of pages (its block table); token t of a request lives in page
-`pages[t // page_size]`, at offset `t % page_size`. Pages need not be contiguous, so a request
-grows a page at a time and a finished request's pages go straight to the next one: no memory is
-reserved for tokens a request has not generated yet, and none is lost between requests
-(vLLM's PagedAttention idea, here with a gather in PyTorch instead of a custom kernel).
+Token t of a sequence lives in page `block_table[t // page_size]`, at offset `t % page_size`;
+which pages a sequence holds is `labkit.engine.block_manager`'s business. A CUDA decode step
+attends over the pages in place (`labkit.engine.paged_attention`), other steps gather them
+(`read`); each new token's key and value go to its slot (`slot`, `write_kv`).
 
 Page 0 belongs to nobody: padding tokens write there and padded block-table entries point there,
 so padded rows need no special case (their results are discarded).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -42,7 +38,6 @@ class PagedKVCache:
                          or config.hidden_size // config.num_attention_heads)
         self.kv = torch.zeros(config.num_hidden_layers, 2, num_pages, page_size, self.kv_heads,
                               self.head_dim, dtype=dtype, device=device)
-        self.allocator = PageAllocator(num_pages)
 
     @classmethod
     def sized(cls, config, memory_gb: float, dtype: torch.dtype, device: torch.device,
@@ -56,9 +51,6 @@ class PagedKVCache:
         """Tokens the cache holds when full (the padding page not counted)."""
         return (self.num_pages - 1) * self.page_size
 
-    def pages_for(self, tokens: int) -> int:
-        return math.ceil(tokens / self.page_size)
-
     def slot(self, pages: list[int], position: int) -> int:
         """Flat index (page × page_size + offset) where the token at `position` is stored."""
         return pages[position // self.page_size] * self.page_size + position % self.page_size
@@ -70,31 +62,6 @@ class PagedKVCache:
         k, v = self.kv[layer, :, block_table].unbind(0)  # (rows, pages, page_size, kv, dim)
         shape = (rows, pages * self.page_size, self.kv_heads, self.head_dim)
         return k.reshape(shape).transpose(1, 2), v.reshape(shape).transpose(1, 2)
-
-
-class PageAllocator:
-    """Which pages are free. Page 0 is never handed out."""
-
-    def __init__(self, num_pages: int):
-        self.total = num_pages - 1
-        self._free = list(range(num_pages - 1, 0, -1))  # pop() hands out low pages first
-
-    @property
-    def available(self) -> int:
-        return len(self._free)
-
-    @property
-    def used(self) -> int:
-        return self.total - len(self._free)
-
-    def take(self, count: int) -> list[int]:
-        if count > len(self._free):
-            raise RuntimeError(f"{count} pages asked, {len(self._free)} free")
-        return [self._free.pop() for _ in range(count)]
-
-    def give_back(self, pages: list[int]) -> None:
-        self._free.extend(reversed(pages))
-        pages.clear()
 
 
 # A custom op that writes in place, so torch.compile neither traces nor copies the cache: traced,

@@ -29,6 +29,9 @@ write between qkv and attention), and three implementations run them:
 - `GemvOps` (CUDA, steps of one token: batch-1 decode): each product one Triton kernel that does
   the elementwise step before it too, the kernels overlapping (`labkit.engine.gemv`).
 
+Every product goes through `quant.linear`, so the same ops run a model whose linear weights are
+FP8 (`Llama.from_hf(..., quantization="fp8")`, `labkit.engine.quant`).
+
 The timings are in benchmarks/RESULTS.md ("Continuous batching engine").
 """
 
@@ -38,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from labkit.engine import fused, gemv, paged_attention
+from labkit.engine import fused, gemv, paged_attention, quant
 from labkit.engine.kv_cache import PagedKVCache, write_kv
 
 
@@ -93,26 +96,31 @@ class Llama(nn.Module):
         scale = float(inner.rotary_emb.attention_scaling)
         for name, table in (("rope_cos", angles.cos()), ("rope_sin", angles.sin())):
             self.register_buffer(name, (table * scale).to(self.embed.dtype), persistent=False)
+        self.quantization: str | None = None  # "fp8": the products' weights (`quant`)
         self.decode_kernel = True  # decode attention by `paged_attention` where it can run
         self.fused_kernels = True  # elementwise work by `fused`'s kernels where they can run
         self.gemv_kernels = True  # steps of a few tokens by `gemv`'s kernels where they can run
 
     @classmethod
     @torch.no_grad()
-    def from_hf(cls, hf_model: nn.Module, free_source: bool = False) -> Llama:
+    def from_hf(cls, hf_model: nn.Module, free_source: bool = False,
+                quantization: str | None = None, fp8_lm_head: bool = True) -> Llama:
         """The same weights as `hf_model` (a LlamaForCausalLM): shared, except q/k/v and
         gate/up, which are concatenated. `free_source` then empties the Hugging Face copies of
         those, so the two models together hold the weights once (the HF model can no longer
-        run a forward pass; its config and generation config stay)."""
+        run a forward pass; its config and generation config stay). `quantization="fp8"`:
+        the products' weights (and lm_head's, unless `fp8_lm_head` is false) become FP8 copies
+        (`quant.quantize_model`), and `free_source` empties every HF matrix they replace."""
         if hf_model.config.model_type != "llama":
             raise ValueError(f"continuous batching runs the Llama architecture; this model is "
                              f"{hf_model.config.model_type!r}")
         model = cls(hf_model).eval()
+        model.quantization = quant.check_method(quantization)
+        if model.quantization:
+            quant.quantize_model(model, lm_head=fp8_lm_head)
         if free_source:
-            for layer in hf_model.model.layers:
-                for linear in (layer.self_attn.q_proj, layer.self_attn.k_proj,
-                               layer.self_attn.v_proj, layer.mlp.gate_proj, layer.mlp.up_proj):
-                    linear.weight.data = linear.weight.data.new_empty(0)
+            for linear in _replaced_linears(hf_model, model):
+                linear.weight.data = linear.weight.data.new_empty(0)
         return model
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
@@ -122,7 +130,8 @@ class Llama(nn.Module):
         column's hidden state as (x, residual), for `logits()` to finish.
 
         tokens, positions, slots: (rows, tokens per row); block_table: (rows, pages per row).
-        A padding token has slot 0 (a page nobody owns) and position 0."""
+        A padding token has slot 0 (a page nobody owns) and position 0. `last` None: every
+        column, (rows, tokens, vocab), to score a text (benchmarks/fp8_accuracy.py)."""
         x, residual = F.embedding(tokens, self.embed), None
         cos, sin = self._rope_tables(positions)
         ops = self._ops(x.device, tokens.numel())
@@ -134,7 +143,7 @@ class Llama(nn.Module):
             x, residual = layer(x, residual, index, ops, cos, sin, attend, cache, slots)
         if tokens.shape[1] == 1:  # a decode step: each row's one token, as views
             x, residual = x[:, 0], residual[:, 0]
-        else:
+        elif last is not None:
             picked = (torch.arange(len(x), device=x.device), last)
             x, residual = x[picked], residual[picked]
         if not logits:
@@ -156,6 +165,22 @@ class Llama(nn.Module):
         """cos and sin at each token's position: (rows, tokens, 1, head_dim)."""
         return (F.embedding(positions, self.rope_cos)[:, :, None],
                 F.embedding(positions, self.rope_sin)[:, :, None])
+
+
+def _replaced_linears(hf_model: nn.Module, model: Llama) -> list[nn.Module]:
+    """The HF linear layers whose weights `model` does not use as they are: q/k/v and gate/up
+    (concatenated), and with FP8 weights o, down and an untied lm_head too."""
+    replaced = []
+    for layer in hf_model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        replaced += [attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj]
+        if model.quantization:
+            replaced += [attn.o_proj, mlp.down_proj]
+    head = hf_model.lm_head
+    if isinstance(model.lm_head, quant.Fp8Weight) \
+            and head.weight.data_ptr() != model.embed.data_ptr():
+        replaced.append(head)
+    return replaced
 
 
 class Attend:
@@ -234,22 +259,21 @@ class EagerOps:
 
     @classmethod
     def norm_linear(cls, x, residual, norm, eps, weight):
-        """(RMSNorm(x + residual) @ weight.T, x + residual)."""
+        """(RMSNorm(x + residual) @ weight.T, x + residual). Every product here is
+        `quant.linear`: `x @ weight.T`, or the FP8 recipes for an FP8 weight."""
         h, residual = cls.add_rms_norm(x, residual, norm, eps)
-        return h @ weight.T, residual
+        return quant.linear(h, weight), residual
 
     @classmethod
     def final_norm_linear(cls, x, residual, norm, eps, weight):
         return cls.norm_linear(x, residual, norm, eps, weight)[0]
 
-    @staticmethod
-    def linear(x, weight):
-        return x @ weight.T
+    linear = staticmethod(quant.linear)
 
     @classmethod
     def silu_linear(cls, gate_up, weight):
         """(SiLU(gate) · up) @ weight.T."""
-        return cls.silu_mul(gate_up) @ weight.T
+        return quant.linear(cls.silu_mul(gate_up), weight)
 
 
 class FusedOps(EagerOps):
@@ -260,14 +284,19 @@ class FusedOps(EagerOps):
     silu_mul = staticmethod(fused.silu_mul)
 
 
+def _weight_parts(op):
+    """`op` (a `gemv` op, its weight last) taking an FP8 weight as its values and scales."""
+    return staticmethod(lambda *args: op(*args[:-1], *quant.parts(args[-1])))
+
+
 class GemvOps(FusedOps):
     """Steps of a few tokens: each product a `gemv` kernel that does the elementwise step
     before it too, the kernels overlapping one another."""
 
-    norm_linear = staticmethod(gemv.norm_linear)
-    final_norm_linear = staticmethod(gemv.final_norm_linear)
-    linear = staticmethod(gemv.linear)
-    silu_linear = staticmethod(gemv.silu_linear)
+    norm_linear = _weight_parts(gemv.norm_linear)
+    final_norm_linear = _weight_parts(gemv.final_norm_linear)
+    linear = _weight_parts(gemv.linear)
+    silu_linear = _weight_parts(gemv.silu_linear)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -6,7 +6,7 @@ is an `InvalidRequest` in the words of `FIELD_WORDS`. Made by the server, from a
 body's own schema (`labkit.serve.schemas`, built on the same field types) has checked, it is made
 with `checked=True`, and nothing checks it again: not the engine, not the engine process.
 Before it is generated, its prompt is tokenized and checked to fit, once
-(`hf_generate.tokenize`: the model's context; `continuous.check_fits`: the whole KV cache), and
+(`text.tokenize`: the model's context; `continuous.check_fits`: the whole KV cache), and
 its token ids are stored on it. Every way of generating (one at a time, batched) returns the
 same `Result`.
 

@@ -21,6 +21,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from labkit.engine.kv_cache import PagedKVCache
@@ -123,17 +124,24 @@ class ModelRunner:
         """One tensor (rows, 3 × width + pages + 1): each row's tokens, positions, slots, block
         table and last column, padded with zeros (token 0 at position 0 in the padding page's
         slot 0). Built from Python lists in one go: one copy to the device per step."""
-        slot = self.cache.slot
-        packed = []
-        for chunk in chunks:
+        slot, flat = self.cache.slot, []
+        for chunk in chunks:  # one flat list, then numpy: much faster than nested lists
             pad = [0] * (width - len(chunk.tokens))
             span = range(chunk.start, chunk.start + len(chunk.tokens))
-            packed.append(chunk.tokens + pad + list(span) + pad
-                          + [slot(chunk.pages, p) for p in span] + pad
-                          + chunk.pages + [0] * (pages - len(chunk.pages))
-                          + [len(chunk.tokens) - 1])
-        packed += [[0] * (3 * width + pages + 1)] * (rows - len(chunks))
-        packed = torch.tensor(packed, dtype=torch.long, pin_memory=self.device.type == "cuda")
+            flat += chunk.tokens
+            flat += pad
+            flat += span
+            flat += pad
+            flat += [slot(chunk.pages, p) for p in span]
+            flat += pad
+            flat += chunk.pages
+            flat += [0] * (pages - len(chunk.pages))
+            flat.append(len(chunk.tokens) - 1)
+        packed = np.zeros((rows, 3 * width + pages + 1), dtype=np.int64)
+        packed[:len(chunks)] = np.array(flat, dtype=np.int64).reshape(len(chunks), -1)
+        packed = torch.from_numpy(packed)
+        if self.device.type == "cuda":
+            packed = packed.pin_memory()
         return packed if host else packed.to(self.device, non_blocking=True)
 
 

@@ -20,22 +20,16 @@ from typing import Any, Protocol
 
 import torch
 
-from labkit.engine import hf_generate, synthetic
+from labkit.engine import hf_generate, synthetic, text
 from labkit.engine.batched import generate_batch
 from labkit.engine.continuous import DEFAULT_MAX_RUNNING, DEFAULT_PREFILL_CHUNK, ContinuousEngine
-from labkit.engine.kv_cache import PagedKVCache
-from labkit.engine.llama import Llama
+from labkit.engine.device import set_cpu_threads
 from labkit.engine.model import LoadedModel, load_model, resolve_local_path
 from labkit.engine.request import Request, Result
 from labkit.engine.static_decode import StaticDecoders
 from labkit.measure import gpu
 
 log = logging.getLogger(__name__)
-
-# Decode graphs captured at warm-up: rows' contexts of up to 64 pages (1,024 tokens); longer
-# ones capture theirs on first use. The whole warm-up set (84 graphs up to 256 rows) holds
-# 0.47 GB for the 3B shape on an H200 (benchmarks/graph_memory.py).
-WARMUP_GRAPH_PAGES = 64
 
 
 class Backend(Protocol):
@@ -112,13 +106,13 @@ class TextSide:
         self._local = threading.local()
 
     def tokenize(self, request: Request) -> None:
-        hf_generate.tokenize(self._own_lm(), request)
+        text.tokenize(self._own_lm(), request)
 
-    def detokenizer(self) -> hf_generate.Detokenizer:
-        return hf_generate.Detokenizer(self.lm)
+    def detokenizer(self) -> text.Detokenizer:
+        return text.Detokenizer(self.lm)
 
     def chat_prompt(self, messages: list[dict]) -> str:
-        return hf_generate.chat_prompt(self._own_lm(), messages)
+        return text.chat_prompt(self._own_lm(), messages)
 
     def _own_lm(self) -> LoadedModel:
         """`lm` with this thread's own copy of the tokenizer (made on the thread's first call)."""
@@ -195,15 +189,14 @@ class ModelBackend(TextSide):
 
 class ContinuousBackend(ModelBackend):
     """A loaded model served by the continuous-batching engine (`labkit.engine.continuous`),
-    which runs its own compact copy of the model over a paged KV cache. The Hugging Face
-    model's fused-away weights are freed, so the weights are held once; every generation,
+    which runs its own compact copy of the model over a paged KV cache; every generation,
     single or batched, goes through the engine."""
 
     engine_process = False  # the engine steps on the server's generation thread
 
     def __init__(self, lm: LoadedModel, engine: ContinuousEngine, warmup_runs: int = 0):
         super().__init__(lm, None, warmup_runs=warmup_runs,
-                         max_batch_size=engine.max_running)
+                         max_batch_size=engine.scheduler.max_running)
         self.engine = engine
         self.cuda_graphs = engine.runner.cuda_graphs
         self.token_budget = min(self.context_length, engine.cache.tokens)
@@ -228,21 +221,9 @@ class ContinuousBackend(ModelBackend):
         return results
 
     def warm_up(self) -> None:
-        """Throwaway generations through the engine; on a GPU, the CUDA graphs of decode steps
-        of every padded batch size up to max_batch_size and every page count up to
-        WARMUP_GRAPH_PAGES, and of small prefills of short prompts, are captured first, so no
-        request waits for a capture of those (a capture in a busy server's step stalls every
-        request: 0.1-0.4 s of a 10 s benchmark window, benchmarks/RESULTS.md)."""
-        if not self.warmup_runs:
-            return
-        began = time.perf_counter()
-        self.engine.runner.capture_all(self.engine.max_running, WARMUP_GRAPH_PAGES)
-        for _ in range(self.warmup_runs):
-            self.engine.generate([Request("warm-up", hf_generate.WARMUP_TOKENS, 0)])
-        log.info("Warm-up: %d run(s) through the continuous engine; CUDA graphs for (rows, "
-                 "pages) %s and %d small prefills; in %.1f s", self.warmup_runs,
-                 sorted(self.engine.runner.graphs), len(self.engine.runner.prefill_graphs),
-                 time.perf_counter() - began)
+        """The engine's CUDA graphs, then throwaway generations (`ContinuousEngine.warm_up`)."""
+        if self.warmup_runs:
+            self.engine.warm_up(self.warmup_runs, hf_generate.WARMUP_TOKENS)
 
     def free_memory(self) -> None:
         gc.collect()  # the KV cache and the graphs stay: they are the engine's fixed memory
@@ -250,26 +231,14 @@ class ContinuousBackend(ModelBackend):
             torch.cuda.empty_cache()
 
 
-def default_kv_cache_gb(device: torch.device) -> float:
-    """KV cache memory when the user grants none: a tenth of the card (room for several
-    servers on one GPU, as in notebook 07), or 0.25 GB on the CPU."""
-    if device.type != "cuda":
-        return 0.25
-    return round(torch.cuda.get_device_properties(device).total_memory / 1e9 * 0.10, 2)
-
-
 def build_continuous_backend(lm: LoadedModel, kv_cache_gb: float | None = None,
                              max_running: int = DEFAULT_MAX_RUNNING,
                              prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                             cuda_graphs: bool = True, warmup_runs: int = 1) -> ContinuousBackend:
-    memory_gb = kv_cache_gb if kv_cache_gb is not None else default_kv_cache_gb(lm.device)
-    cache = PagedKVCache.sized(lm.config, memory_gb, lm.dtype, lm.device)
-    model = Llama.from_hf(lm.model, free_source=lm.device.type == "cuda")
-    engine = ContinuousEngine(lm, model, cache, max_running=max_running,
-                              prefill_chunk=prefill_chunk, cuda_graphs=cuda_graphs)
-    log.info("Continuous batching: KV cache of %.2f GB = %d pages of %d tokens (%d tokens), "
-             "up to %d requests at once, prefill chunks of %d tokens", memory_gb,
-             cache.allocator.total, cache.page_size, cache.tokens, max_running, prefill_chunk)
+                             cuda_graphs: bool = True, warmup_runs: int = 1,
+                             quantization: str | None = None) -> ContinuousBackend:
+    engine = ContinuousEngine.build(lm, kv_cache_gb=kv_cache_gb, max_running=max_running,
+                                    prefill_chunk=prefill_chunk, cuda_graphs=cuda_graphs,
+                                    quantization=quantization)
     return ContinuousBackend(lm, engine, warmup_runs=warmup_runs)
 
 
@@ -302,15 +271,3 @@ def load_model_backend(source: str = "model", device: str = "auto", dtype: str =
     return ModelBackend(lm, StaticDecoders(lm) if graphs else None,
                         warmup_runs=warmup_runs, max_batch_size=max_batch_size)
 
-
-def set_cpu_threads(device_type: str, threads: int | None) -> None:
-    """CPU generation: leave one core to the event loop and to a load tester on the same
-    machine. torch's default (one thread per core) spin-waits against them: on a loaded 2-core
-    machine 2 threads ran 15x slower than 1 (benchmarks/RESULTS.md, "Embedded model on the
-    CPU"). An explicit `threads` always wins; on a GPU the default is left alone."""
-    if threads is None and device_type != "cpu":
-        return
-    available = torch.get_num_threads()
-    chosen = threads or max(1, available - 1)
-    torch.set_num_threads(chosen)
-    log.info("CPU threads for generation: %d (of %d; --threads to change)", chosen, available)

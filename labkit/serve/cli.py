@@ -27,6 +27,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# `labkit.engine.quant.METHODS`, named here so that `labkit serve --help` needs no torch
+# (tests/test_quant.py checks that the two agree).
+QUANTIZATIONS = ("none", "fp8")
+
 
 def configure_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="model",
@@ -57,6 +61,11 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill-chunk", type=int, default=None, metavar="TOKENS",
                         help="continuous mode: most prompt tokens prefilled per step (default "
                              "2048); a longer prompt is prefilled over several steps")
+    parser.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
+                        help="continuous mode: fp8 = the linear layers' weights in FP8 e4m3 "
+                             "with per-channel scales, quantized at load (needs FP8 tensor "
+                             "cores, compute capability 8.9+; on the CPU an eager dequantize "
+                             "path, for tests); none = the model's dtype (default)")
     parser.add_argument("--engine-process", action=argparse.BooleanOptionalAction,
                         default=None,
                         help="continuous mode: run the engine in a process of its own (default "
@@ -160,7 +169,7 @@ MODE_FLAGS = {
     "sequential": (),
     "batched": ("--max-batch-size", "--max-wait-ms", "--cuda-graphs"),
     "continuous": ("--max-batch-size", "--kv-cache-gb", "--prefill-chunk", "--cuda-graphs",
-                   "--engine-process", "--engine-step-timeout"),
+                   "--engine-process", "--engine-step-timeout", "--quantization"),
 }
 
 
@@ -172,7 +181,8 @@ def _scheduler_options(args) -> dict:
              "--prefill-chunk": getattr(args, "prefill_chunk", None),
              "--cuda-graphs": args.cuda_graphs,
              "--engine-process": getattr(args, "engine_process", None),
-             "--engine-step-timeout": getattr(args, "engine_step_timeout", None)}
+             "--engine-step-timeout": getattr(args, "engine_step_timeout", None),
+             "--quantization": _quantization(args)}
     wrong = [flag for flag, value in given.items()
              if value is not None and flag not in MODE_FLAGS[args.mode]]
     if wrong:
@@ -234,4 +244,15 @@ def _engine_options(args) -> dict | None:
             raise ValueError(f"--prefill-chunk must be at least 1 token, got "
                              f"{args.prefill_chunk}")
         options["prefill_chunk"] = args.prefill_chunk
+    if _quantization(args) is not None:
+        from labkit.engine import quant  # torch, only when asked for
+
+        quant.check_supported(args.device)  # a GPU without FP8 tensor cores: refused now
+        options["quantization"] = args.quantization
     return options
+
+
+def _quantization(args) -> str | None:
+    """--quantization's method, None for the model's own dtype."""
+    value = getattr(args, "quantization", None)
+    return None if value in (None, "none") else value

@@ -37,7 +37,7 @@ from collections.abc import Callable
 
 import torch
 
-from labkit.engine import continuous, hf_generate
+from labkit.engine import continuous, text
 from labkit.engine.model import LoadedModel, load_tokenizer, tokenizer_dir
 from labkit.engine.request import EngineGone, OutOfMemory, PromptTooLong, Request, Result
 from labkit.serve.backend import TextSide, load_model_backend
@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 FIELDS = ("prompt", "max_tokens", "temperature", "top_p", "seed", "min_tokens", "ignore_eos",
           "templated", "prompt_ids", "fits_cache")
 STOP_TIMEOUT_S = 30.0
+# benchmarks/RESULTS.md ("Issue 22, third pass"): streamed TTFT -30 % at 0.5 ms against 5 ms.
+READER_SWITCH_INTERVAL_S = 0.0005
 # Device memory readings in the step messages, at most this often: a reading asks the driver
 # (cudaMemGetInfo), which costs host time in every step that carries one, while the GPU waits.
 MEMORY_EVERY_S = 0.5
@@ -96,6 +98,9 @@ class EngineProcess:
             self._process.join(5)
             raise _rebuild(payload)
         self._stats, self.memory = payload["stats"], payload["memory"]
+        # The reader thread and the event loop share this process's GIL: a thread that wants
+        # it waits up to the switch interval (5 ms by default, an engine step) for the other.
+        sys.setswitchinterval(READER_SWITCH_INTERVAL_S)
         threading.Thread(target=self._read, name="labkit-engine-reader", daemon=True).start()
         return payload
 
@@ -209,7 +214,7 @@ class EngineProcessBackend(TextSide):
             num_parameters=info["num_parameters"], load_time_s=info["load_time_s"],
             context_length=info["context_length"], memory_after_load=None))
         self.engine = engine
-        engine.detokenize = lambda ids: hf_generate.decode(self.lm, ids)
+        engine.detokenize = lambda ids: text.decode(self.lm, ids)
         for name in ("name", "source", "synthetic", "device", "gpu_name", "context_length",
                      "load_time_s", "cuda_graphs"):
             setattr(self, name, info[name])

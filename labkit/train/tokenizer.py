@@ -15,7 +15,7 @@ VOCAB_SIZE = 4096
 PROMPT_PREFIX = "User: {}\nAssistant:"
 
 # Renders exactly PROMPT_PREFIX for one user turn with add_generation_prompt=True, so
-# labkit.engine.hf_generate.format_prompt gives the model the same prefix it was trained on.
+# labkit.engine.text.format_prompt gives the model the same prefix it was trained on.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'user' %}User: {{ message['content'] }}\n"

@@ -1,0 +1,115 @@
+"""Which sequences the continuous engine runs at each step: its policy, apart from the step
+loop that launches prefills and decodes and takes their tokens in (`labkit.engine.continuous`).
+
+- Admission: waiting sequences, oldest first, while fewer than `max_running` run and free blocks
+  hold the tokens they have. Only that is checked, not `max_tokens`: the cache is never
+  over-committed, yet holds no block a request may never use.
+- Prefill: up to `prefill_chunk` prompt tokens a step across the admitted sequences, oldest
+  first; a long prompt is split over steps, so the requests decoding are never held up long.
+- Room: a block for each decoding sequence's next token. When none is free, the tokens still on
+  the way are taken in first (they may end requests); then the latest admitted sequence is
+  preempted: its blocks freed, back to the front of the queue, to be prefilled again (prompt and
+  the tokens it had so far) when blocks free up.
+- Cancelled requests leave before they decode; a decoding one ends at its next token.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Callable
+
+from labkit.engine.block_manager import BlockManager
+from labkit.engine.sequence import Sequence
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_running: int, prefill_chunk: int):
+        self.block_manager = block_manager
+        self.max_running, self.prefill_chunk = max_running, prefill_chunk
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.prefilling: list[Sequence] = []  # admitted, prompt not fully in the cache yet
+        self.decoding: list[Sequence] = []  # in admission order: the last is preempted first
+        self.preemptions = 0
+
+    @property
+    def running(self) -> int:
+        return len(self.prefilling) + len(self.decoding)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.decoding)
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def drop_cancelled(self) -> list[Sequence]:
+        """Waiting and prefilling sequences whose client went away: out, blocks freed."""
+        dropped = []
+        for queue in (self.waiting, self.prefilling):
+            for seq in [s for s in queue if s.request.cancelled.is_set()]:
+                queue.remove(seq)
+                self.block_manager.free(seq)
+                dropped.append(seq)
+        return dropped
+
+    def admit(self) -> None:
+        while self.waiting and self.running < self.max_running:
+            seq = self.waiting[0]
+            if not self.block_manager.can_allocate(seq):
+                return  # first come, first served: nobody overtakes the oldest
+            self.waiting.popleft()
+            self.block_manager.allocate(seq)
+            if seq.admitted_at is None:
+                seq.admitted_at = time.perf_counter()
+            self.prefilling.append(seq)
+
+    def prefill_batch(self) -> list[tuple[Sequence, int]]:
+        """The admitted sequences that prefill this step, oldest first, each with how many of
+        its uncached tokens: `prefill_chunk` in all at most."""
+        batch, budget = [], self.prefill_chunk
+        for seq in self.prefilling:
+            if budget == 0:
+                break
+            n = min(len(seq.ids) - seq.cached, budget)
+            batch.append((seq, n))
+            budget -= n
+        return batch
+
+    def prefilled(self, seqs: list[Sequence]) -> None:
+        """`seqs` have every token in the cache: they decode from now on."""
+        for seq in seqs:
+            self.prefilling.remove(seq)
+            self.decoding.append(seq)
+
+    def make_room(self, flush: Callable[[], bool]) -> None:
+        """A block for each decoding sequence's next token. When none is free, `flush()` takes
+        in the steps in flight (False if there were none), which may finish requests; failing
+        that, the latest admitted sequence is preempted (a victim has no token on the way)."""
+        squeezed = False  # once a flush or a preemption ran, sequences may have left `decoding`
+        for seq in list(self.decoding):
+            while self.block_manager.needs_block(seq):
+                if squeezed and seq not in self.decoding:
+                    break  # it finished, or was preempted: it must not be handed blocks
+                if self.block_manager.append_block(seq):
+                    continue
+                squeezed = True
+                if not flush():
+                    self._preempt(self.decoding.pop())  # may be seq itself
+
+    def retire(self, seq: Sequence) -> None:
+        """A decoding sequence is done: out, blocks freed."""
+        self.decoding.remove(seq)
+        self.block_manager.free(seq)
+
+    def reset(self) -> None:
+        """Every sequence out, every block freed."""
+        for seq in [*self.waiting, *self.prefilling, *self.decoding]:
+            self.block_manager.free(seq)
+        self.waiting.clear()
+        self.prefilling.clear()
+        self.decoding.clear()
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        self.waiting.appendleft(seq)
+        self.preemptions += 1

@@ -1,0 +1,44 @@
+"""A request inside the continuous engine: plain data that the scheduler, the block manager and
+the step loop read and update."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from labkit.engine.request import Request, Result
+
+
+@dataclass(eq=False)
+class Sequence:
+    """A request's tokens so far and the blocks that hold their keys and values. `ids` is the
+    prompt followed by the generated tokens; the first `cached` of them are in the cache, in
+    the blocks of `block_table` (token t in block `block_table[t // block_size]`)."""
+
+    request: Request
+    on_finish: Callable[[Result], None] | None
+    added_at: float
+    ids: list[int]
+    prompt_len: int
+    rng: random.Random | None  # None: greedy
+    block_table: list[int] = field(default_factory=list)
+    cached: int = 0
+    pending: int = 0  # tokens sampled on the device, not yet on the host (0 to 2)
+    finished: bool = False
+    admitted_at: float | None = None
+    first_token_at: float | None = None
+
+    @property
+    def generated(self) -> list[int]:
+        return self.ids[self.prompt_len:]
+
+    @property
+    def produced(self) -> int:
+        """Tokens generated so far, those still on the device included."""
+        return len(self.ids) - self.prompt_len + self.pending
+
+    @property
+    def length(self) -> int:
+        """Tokens so far, those still on the device included."""
+        return len(self.ids) + self.pending
