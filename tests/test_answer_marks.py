@@ -37,6 +37,11 @@ RATES = [  # the rate where p95 TTFT first goes over 141 ms: 32
     {"rate": 32.0, "ttft_p95_ms": 250.0, "requests_per_second": 31.5},
     {"rate": 64.0, "ttft_p95_ms": 400.0, "requests_per_second": 25.0},
 ]
+FRONTIER = [  # the knee at 8 (560 x 70); 16 is 3.6 % below it; 16 the highest under 1 s, 40
+    {"concurrency": c, "output_tokens_per_sec": tok, "tokens_per_user": user, "ttft_p95_ms": ttft}
+    for c, tok, user, ttft in [(1, 100.0, 100.0, 50.0), (2, 190.0, 95.0, 60.0),
+                               (4, 360.0, 90.0, 80.0), (8, 560.0, 70.0, 150.0),
+                               (16, 700.0, 54.0, 400.0), (32, 760.0, 24.0, 1200.0)]]
 BATCHES = [  # under a 250 ms target, batch 4 is best; 2 is 4.75 % below it, 1 is 5.5 % below
     {"batch_size": 1, "throughput": 18.9, "p95_ms": 100.0},
     {"batch_size": 2, "throughput": 19.05, "p95_ms": 150.0},
@@ -71,6 +76,9 @@ NUMBERS = {
                      "abs", 0.5),
     "effective_cost": (checker("effective_cost", hourly_price=3.0, utilization=0.18), "rel", 0.01),
     "memory_per_server": (checker("memory_per_server", rows=SHARED), "rel", 0.02),
+    "cost_per_million_tokens": (checker("cost_per_million_tokens", hourly_price=3.0,
+                                        tokens_per_second=560), "rel", 0.01),
+    "monthly_gpu_cost": (checker("monthly_gpu_cost", gpus=21, hourly_price=3.0), "rel", 0.02),
 }
 
 # Whole numbers: checker -> (the call, the answer, [off-by-rounding answers: 🟡], [❌ answers]).
@@ -92,6 +100,9 @@ WHOLE = {
         [50, 50.27, 50.9], [49, 52, 51.5, 51 * 1.009]),
     "timeline_request_count": (checker("timeline_request_count", request_spans=SPANS), 4,
                                [3, 5], [2, 6, 40]),
+    "gpus_for_traffic": (  # 1e9 tokens a day = 11,574 tok/s; 560 a GPU: 20.67, so 21
+        checker("gpus_for_traffic", daily_tokens=1e9, tokens_per_second_per_gpu=560), 21,
+        [20, 20.67, 20.9], [19, 22, 21.5, 21 * 1.009]),
 }
 
 # Choices among measured rows and the timeline's interval: checker -> (the call, {answer: mark}).
@@ -102,6 +113,12 @@ OTHERS = {
         32.0: "correct", 32 * 1.009: "close", 32 * 0.991: "close", 32 * 1.049: "close",
         32 * 0.951: "close", 31.5: "close", 32 * 1.06: "wrong", 32 * 0.94: "wrong",
         16.0: "wrong", 64.0: "wrong", 25.0: "wrong"}),
+    "knee_concurrency": (checker("knee_concurrency", rows=FRONTIER), {
+        8: "correct", 16: "close", 4: "wrong", 32: "wrong", 1: "wrong", 3: "wrong"}),
+    "highest_concurrency_meeting_slo": (checker("highest_concurrency_meeting_slo",
+                                                rows=FRONTIER, ttft_p95_ms=1000,
+                                                tokens_per_user=40), {
+        16: "correct", 8: "close", 1: "close", 32: "wrong", 5: "wrong"}),
     "timeline_idle_gap": (checker("timeline_idle_gap", request_spans=SPANS), {
         (2.0, 4.0): "correct", (2.1, 3.9): "correct", (2.0, 3.25): "correct",  # overlap 62.5 %
         (2.0, 3.15): "close", (2.5, 3.5): "close", (3.9, 4.5): "close",

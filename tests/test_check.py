@@ -3,6 +3,8 @@ crash it."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -27,6 +29,13 @@ LATENCIES = [720.0, 800.0, 831.0, 850.0, 900.0, 1000.0, 1100.0, 1543.0]
 RATES = [{"rate": 4.0, "ttft_p95_ms": 50.0}, {"rate": 16.0, "ttft_p95_ms": 90.0},
          {"rate": 64.0, "ttft_p95_ms": 400.0}, {"rate": 32.0, "ttft_p95_ms": 250.0}]
 LONG = {"prompt_tokens": 12, "output_tokens": 512}  # 524 tokens: 33 pages of 16
+# A measured frontier (notebook 09): the knee at 8 (560 x 70 = 39,200; 16 gives 37,800, 3.6 %
+# below); under p95 TTFT <= 1,000 ms and >= 40 tok/s per user, the highest is 16.
+FRONTIER = [
+    {"concurrency": c, "output_tokens_per_sec": tok, "tokens_per_user": user, "ttft_p95_ms": ttft}
+    for c, tok, user, ttft in [(1, 100.0, 100.0, 50.0), (2, 190.0, 95.0, 60.0),
+                               (4, 360.0, 90.0, 80.0), (8, 560.0, 70.0, 150.0),
+                               (16, 700.0, 54.0, 400.0), (32, 760.0, 24.0, 1200.0)]]
 
 # checker -> (inputs the exercise supplies, a correct answer)
 CASES: dict[str, tuple[dict, object]] = {
@@ -52,6 +61,13 @@ CASES: dict[str, tuple[dict, object]] = {
     "kv_pages_in_memory": ({"cache_gb": 14.0, "shape": "llama-3.2-3b"}, 7629),
     "requests_that_fit": ({"kv_pages_total": 8178, **LONG}, 247),
     "rate_where_ttft_passes": ({"rows": RATES, "target_ms": 141.0}, 32.0),
+    "knee_concurrency": ({"rows": FRONTIER}, 8),
+    "highest_concurrency_meeting_slo": ({"rows": FRONTIER, "ttft_p95_ms": 1000,
+                                         "tokens_per_user": 40}, 16),
+    "cost_per_million_tokens": ({"hourly_price": 3.0, "tokens_per_second": 560},
+                                3.0 / (560 * 3600) * 1e6),
+    "gpus_for_traffic": ({"daily_tokens": 1e9, "tokens_per_second_per_gpu": 560}, 21),
+    "monthly_gpu_cost": ({"gpus": 21, "hourly_price": 3.0}, 45_990),
 }
 
 
@@ -135,6 +151,20 @@ def test_close_answer_says_how_far_off():
     (lambda a: answers.rate_where_ttft_passes(a, RATES, 141.0), 64.0, "lower measured rate",
      "wrong"),
     (lambda a: answers.rate_where_ttft_passes(a, RATES, 141.0), 20.0, "not one of", "wrong"),
+    (lambda a: answers.knee_concurrency(a, FRONTIER), 32, "highest throughput", "wrong"),
+    (lambda a: answers.knee_concurrency(a, FRONTIER), 1, "fastest per user", "wrong"),
+    (lambda a: answers.highest_concurrency_meeting_slo(a, FRONTIER, 1000, 40), 32,
+     "both conditions", "wrong"),
+    (lambda a: answers.highest_concurrency_meeting_slo(a, FRONTIER, 1000, 40), 8,
+     "a higher measured one", "close"),
+    (lambda a: answers.cost_per_million_tokens(a, 3.0, 560), 3.0 / (560 * 3600) * 1e3,
+     "per thousand", "wrong"),
+    (lambda a: answers.cost_per_million_tokens(a, 3.0, 560), 3.0 / 560 * 1e6, "3,600 first",
+     "wrong"),
+    (lambda a: answers.gpus_for_traffic(a, 1e9, 560), math.ceil(1e9 / 560), "86,400", "wrong"),
+    (lambda a: answers.gpus_for_traffic(a, 1e9, 560), 20, "round up", "close"),
+    (lambda a: answers.monthly_gpu_cost(a, 21, 3.0), 3.0 * 730, "one GPU's month", "wrong"),
+    (lambda a: answers.monthly_gpu_cost(a, 21, 3.0), 21 * 3.0 * 24, "one day", "wrong"),
 ])
 def test_known_mistakes_get_a_specific_explanation(checker, answer, phrase, status):
     """A known mistake is explained; its mark is set by the checker's bands like any answer's

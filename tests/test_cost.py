@@ -45,3 +45,24 @@ def test_cost_per_1000_requests():
     assert cost_per_1000_requests(3.6, 1.0) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="requests_per_second"):
         cost_per_1000_requests(3.0, 0)
+
+
+def test_a_million_tokens_gpus_for_a_traffic_and_their_month():
+    from labkit.measure.cost import (
+        HOURS_PER_MONTH,
+        cost_per_million_tokens,
+        gpus_needed,
+        monthly_cost,
+    )
+
+    # $3/h at 560 tok/s: 2.016M tokens an hour, $1.49 per million
+    assert cost_per_million_tokens(3.0, 560) == pytest.approx(3.0 / (560 * 3600) * 1e6)
+    assert cost_per_million_tokens(3.0, 560) == pytest.approx(1.488, abs=0.001)
+    assert gpus_needed(11_574, 560) == 21 and gpus_needed(1120, 560) == 2  # exact: no extra GPU
+    assert monthly_cost(21, 3.0) == 21 * 3.0 * HOURS_PER_MONTH == 45_990
+    with pytest.raises(ValueError, match="tokens_per_second must be > 0"):
+        cost_per_million_tokens(3.0, 0)
+    with pytest.raises(ValueError, match="tokens_per_second_per_gpu"):
+        gpus_needed(100, math.nan)
+    with pytest.raises(ValueError, match="hourly_price"):
+        monthly_cost(2, -1)

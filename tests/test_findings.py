@@ -383,3 +383,94 @@ def test_activity_says_only_when_the_chip_worked_less_than_half_the_busy_time():
                               "tensor_activity_mean": 30.0})
     assert "were active 74.0 % (at least 50% of the busy share" in high and "only" not in high
     assert "No GPM metrics here" in findings.activity({"mean_util": 40.0})
+
+
+# --- 09: the cost frontier (labkit.course.cost_frontier) -------------------------------------
+
+def frontier_setup(name: str, points: list[tuple], slo, cpu: bool = False):
+    """A set-up whose sweep measured `points`: (concurrency, tok/s, tok/s per user, TTFT p95)."""
+    from labkit.course import cost_frontier
+    from labkit.measure import sweep
+
+    rows = [{"kind": "concurrency", "level": c, "output_tokens_per_sec": tok,
+             "output_tokens_per_sec_per_gpu": tok, "tokens_per_user": user, "ttft_p95_ms": ttft,
+             "latency_p95_ms": ttft + 150_000 / user, "goodput_rps": tok / 150,
+             "goodput_share": 1.0, "mean_util": min(95.0, 20.0 + c),
+             "sm_activity_mean": None if cpu else min(80.0, 5.0 + c),
+             "utilization_source": "cpu-mode" if cpu else "nvml"}
+            for c, tok, user, ttft in points]
+    for r in rows:
+        r["meets_slo"] = slo.point_ok(r)
+    doc = sweep.document(rows, kind="concurrency", slo=slo, gpus=1, server=None, config={},
+                         label=name, url="u")
+    return cost_frontier.Setup(name, doc, "m", "CPU" if cpu else "NVIDIA H100")
+
+
+def frontier_lab(sequential, continuous, slo=None, cpu=False):
+    from labkit.course import cost_frontier
+    from labkit.measure import sweep
+
+    slo = slo or sweep.SLO(1000, 20)
+    setups = {"sequential": frontier_setup("sequential", sequential, slo, cpu),
+              "continuous": frontier_setup("continuous", continuous, slo, cpu)}
+    rows = cost_frontier.summary_rows(setups, slo, 3.0)
+    return setups, rows, cost_frontier.findings(setups, rows, slo)
+
+
+SEQ = [(1, 47.0, 47.0, 30.0), (2, 47.5, 46.5, 3200.0), (4, 47.2, 46.8, 9600.0)]
+CONT = [(1, 450.0, 450.0, 20.0), (16, 6000.0, 375.0, 60.0), (256, 40000.0, 156.0, 900.0)]
+
+
+def test_frontier_findings_when_continuous_dominates_and_pays():
+    _, rows, text = frontier_lab(SEQ, CONT)
+    assert ("The continuous server's frontier dominates the sequential one at every measured "
+            "point: for each of the baseline's 3 points") in text and "NOT" not in text
+    assert ("sequential: from c=1 to c=4, p95 TTFT went from 30 to 9,600 ms and tok/s per user "
+            "from 47.0 to 46.8, within 25% of each other: the load added waiting") in text
+    # the knee: 40,000 x 156 = 6.2M beats 6,000 x 375 = 2.25M, and it is the top throughput
+    assert "continuous: knee at c=256 (40,000 tok/s at 156.0 tok/s per user); it is also" in text
+    best = {r["setup"]: r for r in rows}
+    assert best["sequential"]["concurrency"] == 1 and best["continuous"]["concurrency"] == 256
+    assert best["continuous"]["cheaper"] == pytest.approx(40000 / 47)
+    assert "sequential $17.73, continuous $0.021; cheaper than the baseline: continuous 851.1x" \
+        in text
+    assert ("GPU utilization: sequential 21.0 % (SM 6.0 %), continuous 95.0 % (SM 80.0 %)."
+            in text)
+
+
+def test_frontier_findings_when_continuous_does_not_dominate_and_why():
+    faster_alone = [(1, 130.0, 139.0, 25.0), (2, 96.0, 97.0, 199.0)]
+    slower = [(1, 119.0, 128.0, 28.0), (4, 288.0, 96.0, 93.0)]
+    _, _, text = frontier_lab(faster_alone, slower, cpu=True)
+    assert ("The continuous server's frontier does NOT dominate the sequential one at c=1: at "
+            "c=1 the baseline gave 130 tok/s at 139.0 tok/s per user") in text
+    assert "decoded faster per user there than the continuous server did at any level" in text
+    assert "more than 25% apart: the decode itself ran at another speed" in text
+    assert findings.CPU_SPEED in text
+    assert "server busy share (CPU mode, not GPU utilization)" in text and "SM" not in text
+    # as fast per user, but less in total there
+    _, _, text = frontier_lab([(1, 130.0, 100.0, 25.0)], [(1, 50.0, 120.0, 20.0),
+                                                          (4, 300.0, 90.0, 40.0)])
+    assert "served fewer tok/s in total than the baseline did there" in text
+
+
+def test_frontier_findings_when_a_set_up_misses_the_slo():
+    from labkit.course import cost_frontier
+    from labkit.measure import sweep
+
+    strict = sweep.SLO(100, 20)
+    setups, rows, text = frontier_lab(SEQ, CONT, slo=strict)
+    assert "sequential at best c=1" in text and "continuous at best c=16" in text
+    _, rows, text = frontier_lab([(1, 47.0, 47.0, 300.0)], CONT, slo=strict)
+    base = rows[0]
+    assert not base["meets_slo"] and base["cheaper"] is None and rows[1]["cheaper"] is None
+    assert "sequential met it at no measured level" in text
+    assert "The baseline met the SLO at no measured level, so nothing serves its users" in text
+    assert "conc" in cost_frontier.best_table(rows, strict).splitlines()[1]
+    table = cost_frontier.summary_table(rows)
+    assert "baseline" in table and "missed" in table and "met at c=16" in table
+    # a knee below the highest throughput says what the rest cost per user
+    _, _, text = frontier_lab(SEQ, [(1, 450.0, 450.0, 20.0), (8, 3000.0, 400.0, 40.0),
+                                    (64, 3300.0, 60.0, 80.0)])
+    assert ("continuous: knee at c=8 (3,000 tok/s at 400.0 tok/s per user); the highest "
+            "throughput, 3,300 tok/s at c=64, cost 85% of the per-user speed.") in text

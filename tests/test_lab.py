@@ -27,15 +27,15 @@ def test_make_lab_serves_the_workspace_and_stops_cleanly(tmp_path):
     before, had_workspace = notebook_bytes(), (ROOT / "workspace").exists()
     with running_lab(tmp_path) as lab:
         # the lab's root mirrors the repository, so the paths the notebooks cite are valid there:
-        # notebooks/ with 00 to 08, exercises/learner/ with every exercise
+        # notebooks/ with 00 to 09, exercises/learner/ with every exercise
         status, body = lab.get("/api/contents/")
         assert status == 200
         assert {"notebooks", "exercises"} <= {i["name"] for i in json.loads(body)["content"]}
         served = _notebooks_in(lab, "notebooks")
         assert served == names
-        assert [n[:2] for n in served] == [f"{i:02d}" for i in range(9)]
+        assert [n[:2] for n in served] == [f"{i:02d}" for i in range(10)]
         assert _notebooks_in(lab, "exercises/learner") == exercise_names() != []
-        assert "08_continuous_batching.ipynb" in exercise_names()
+        assert {"08_continuous_batching.ipynb", "09_cost_frontier.ipynb"} <= set(exercise_names())
         status, page = lab.get(f"/lab/tree/notebooks/{names[0]}")
         assert status == 200
         assert "<title>JupyterLab</title>" in page and '"appName": "JupyterLab"' in page

@@ -10,13 +10,14 @@ import json
 import pytest
 import torch
 
-from labkit.course import continuous_batching, experiments, notebook
+from labkit.course import continuous_batching, cost_frontier, experiments, notebook
 
 # The table each committed reference is printed with, in notebooks 03, 04 and 08.
 COMMITTED = {"serving": experiments.serving_table,
              "concurrency": experiments.concurrency_table,
              "concurrency_ttft": experiments.client_ttft_table,
-             "continuous_batching": continuous_batching.table}
+             "continuous_batching": continuous_batching.table,
+             "cost_frontier": cost_frontier.summary_table}
 
 
 @pytest.fixture

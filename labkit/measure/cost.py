@@ -1,4 +1,5 @@
-"""What idle time costs: the price of useful GPU compute, and the price of 1,000 requests.
+"""What idle time costs: the price of useful GPU compute, of 1,000 requests and of a million
+output tokens; the GPUs a traffic needs and what they cost a month.
 
 Utilization is a **fraction** in (0, 1] (0.18 for 18 %), e.g. ``summary["mean_util"] / 100`` from
 `labkit.measure.utilization.UtilizationSampler`. A value above 1 is rejected rather than guessed
@@ -21,6 +22,13 @@ def _check_price(hourly_price: float) -> float:
         raise ValueError(f"hourly_price must be a positive number of dollars per hour, "
                          f"got {hourly_price!r}")
     return price
+
+
+def _check_rate(name: str, value: float) -> float:
+    rate = float(value)
+    if not (math.isfinite(rate) and rate > 0):
+        raise ValueError(f"{name} must be > 0 (a measured throughput), got {value!r}")
+    return rate
 
 
 def _check_utilization(utilization: float) -> float:
@@ -67,8 +75,26 @@ def effective_cost(hourly_price: float, utilization: float) -> EffectiveCost:
 def cost_per_1000_requests(hourly_price: float, requests_per_second: float) -> float:
     """Dollars per 1,000 requests at a measured throughput (successful requests / s)."""
     price = _check_price(hourly_price)
-    rps = float(requests_per_second)
-    if not (math.isfinite(rps) and rps > 0):
-        raise ValueError(f"requests_per_second must be > 0 (a measured throughput), "
-                         f"got {requests_per_second!r}")
-    return price / (rps * 3600) * 1000
+    return price / (_check_rate("requests_per_second", requests_per_second) * 3600) * 1000
+
+
+HOURS_PER_MONTH = 730  # a year's 8,760 hours ÷ 12
+
+
+def cost_per_million_tokens(hourly_price: float, tokens_per_second: float) -> float:
+    """Dollars per million output tokens from one GPU at `hourly_price` that generates
+    `tokens_per_second` (a measured point's output tok/s per GPU)."""
+    price = _check_price(hourly_price)
+    return price / (_check_rate("tokens_per_second", tokens_per_second) * 3600) * 1e6
+
+
+def gpus_needed(demand_tokens_per_second: float, tokens_per_second_per_gpu: float) -> int:
+    """Whole GPUs that generate `demand_tokens_per_second` at a measured per-GPU throughput."""
+    demand = _check_rate("demand_tokens_per_second", demand_tokens_per_second)
+    return math.ceil(demand / _check_rate("tokens_per_second_per_gpu", tokens_per_second_per_gpu)
+                     - 1e-9)
+
+
+def monthly_cost(gpus: int, hourly_price: float, hours: float = HOURS_PER_MONTH) -> float:
+    """Dollars a month for `gpus` GPUs rented around the clock at `hourly_price` each."""
+    return gpus * _check_price(hourly_price) * hours

@@ -135,6 +135,17 @@ def percentiles(values, qs=(50, 95, 99)) -> dict[str, float]:
     return {f"p{q}": float(v) for q, v in zip(qs, found, strict=True)}
 
 
+def finite(value):
+    """NaN/inf -> None, so a JSON file of figures is standard JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
 def _mean(values) -> float:
     return float(np.mean(values)) if len(values) else math.nan
 

@@ -1,16 +1,17 @@
 """`labkit loadtest` on the command line: its flags, and the run that prints the seed's report
-(and writes --json / --csv)."""
+(and writes --json / --csv); with `--sweep` or `--sweep-rates`, one load test per level
+(`labkit.measure.sweep`), one JSON with every point and the frontier PNG
+(`labkit.measure.frontier_plot`), other servers' sweeps overlaid with `--compare`."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 from labkit.measure.auth import API_KEY_ENVS
-from labkit.measure.loadstats import DEFINITIONS
+from labkit.measure.loadstats import DEFINITIONS, finite
 from labkit.measure.loadtest import (
     APIS,
     DEFAULT_PROMPT,
@@ -66,6 +67,36 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--explain", action="store_true",
                         help="print the metric definitions (alone, or after the report)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _configure_sweep(parser)
+
+
+def _configure_sweep(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "sweep", "one load test per level, one JSON with every point (--json, default "
+        "sweep.json) and the frontier PNG beside it (--png): output tok/s per GPU against tok/s "
+        "per user. Each level sends max(--requests, 2 x the level) requests, after one "
+        "unmeasured round of 8-token requests")
+    levels = group.add_mutually_exclusive_group()
+    levels.add_argument("--sweep", type=_levels(int), default=None, metavar="C1,C2,...",
+                        help="closed loop at each of these concurrencies, e.g. 1,2,4,8,16")
+    levels.add_argument("--sweep-rates", type=_levels(float), default=None, metavar="R1,R2,...",
+                        help="open loop at each of these Poisson arrival rates (requests/s)")
+    group.add_argument("--slo-ttft-ms", type=float, default=None,
+                       help="SLO: p95 TTFT at most this (a request: its own TTFT)")
+    per_user = group.add_mutually_exclusive_group()
+    per_user.add_argument("--slo-tpot-ms", type=float, default=None,
+                          help="SLO: median TPOT at most this (a request: its own TPOT)")
+    per_user.add_argument("--slo-tokens-per-user", type=float, default=None,
+                          help="SLO: at least this many tok/s per user (= 1000 / TPOT ms)")
+    group.add_argument("--compare", type=Path, action="append", default=[], metavar="JSON",
+                       help="another sweep's JSON (another server's, vLLM's) drawn on the same "
+                            "plot; repeat for more")
+    group.add_argument("--label", default=None,
+                       help="this server's name on the plot (default: its model and device)")
+    group.add_argument("--png", type=Path, default=None,
+                       help="the frontier plot (default: the JSON's path with .png)")
+    group.add_argument("--gpus", type=int, default=1,
+                       help="GPUs the server runs on: throughput is plotted per GPU (1)")
 
 
 def run_cli(args) -> int:
@@ -79,6 +110,8 @@ def run_cli(args) -> int:
                    else "http://localhost:8000/generate")
         print(f"error: --url is required, e.g. --url {example}", file=sys.stderr)
         return 2
+    if args.sweep or args.sweep_rates:
+        return _run_sweep(args)
     try:
         prompts = _read_prompts(args)
         result = run(args.url, args.concurrency, args.requests, max_tokens=args.max_tokens,
@@ -101,6 +134,50 @@ def run_cli(args) -> int:
     return 0 if result.summary()["failed"] == 0 else 1
 
 
+def _run_sweep(args) -> int:
+    """The sweep: its table, its JSON and the frontier PNG. Exit status as for one load test
+    (1 when a request failed at any level), 2 on bad arguments or an unreachable server."""
+    from labkit.measure import frontier_plot, sweep
+
+    kind, levels = ("concurrency", args.sweep) if args.sweep else ("rate", args.sweep_rates)
+    json_path = args.json or Path("sweep.json")
+    if args.concurrency is not None or args.rate is not None:
+        print("error: a sweep sets the load of each level: drop --concurrency and --rate",
+              file=sys.stderr)
+        return 2
+    try:
+        slo = sweep.SLO(args.slo_ttft_ms, args.slo_tokens_per_user)
+        if args.slo_tpot_ms is not None:
+            slo = sweep.SLO.from_tpot(args.slo_ttft_ms, args.slo_tpot_ms)
+        others = [sweep.load(path) for path in args.compare]
+        doc = sweep.run(args.url, levels, kind=kind, slo=slo, gpus=args.gpus, label=args.label,
+                        min_requests=args.requests, workers=args.workers,
+                        max_tokens=args.max_tokens, prompt=_read_prompts(args),
+                        temperature=args.temperature, timeout=args.timeout, warmup=args.warmup,
+                        seed=args.seed, progress=not args.no_progress, api=args.api,
+                        model=args.model, ignore_eos=args.ignore_eos)
+    except (ValueError, OSError, ServerNotReady) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(sweep.table(doc))
+    print(f"wrote {sweep.save(doc, json_path)}")
+    png = frontier_plot.save_png([doc, *others], args.png or json_path.with_suffix(".png"), slo)
+    print(f"wrote {png}")
+    return 0 if all(p["successful"] == p["requests"] for p in doc["points"]) else 1
+
+
+def _levels(cast):
+    def parse(text: str) -> list:
+        from labkit.measure.sweep import check_levels
+
+        try:
+            return check_levels([cast(x) for x in text.split(",") if x.strip()],
+                                "concurrency" if cast is int else "rate")
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    return parse
+
+
 def _max_tokens_arg(text: str) -> int | dict[int, float]:
     try:
         mix = parse_max_tokens(text)
@@ -118,15 +195,5 @@ def _read_prompts(args) -> list[str]:
         raise ValueError(f"{args.prompts_file} has no prompts (one per line)")
     return prompts
 
-
-def finite(value):
-    """NaN/inf -> None, so the JSON file is standard JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite(v) for v in value]
-    return value
 
 

@@ -166,7 +166,8 @@ def _plot_server_panel(ax, frame: Any, x: np.ndarray) -> None:
             ax.step(x, values, style, where="post", label=COLUMN_LABELS[col])
     ax.set_ylabel("requests")
     ax.set_ylim(bottom=0)
-    lines = list(ax.get_lines())
+    lines = [ln for ln in ax.get_lines()
+             if not ln.get_label().startswith("_")]  # skip unlabelled mark lines
     used = _column(frame, "kv_pages_used")
     if used is not None:
         twin = ax.twinx()

@@ -17,9 +17,9 @@ band is stated by its checker. An answer that matches a known mistake gets that 
 explanation instead of the general hint, 🟡 or ❌ by the same bands.
 
 The checkers live in one module per exercise set (`model_memory` 01, `timing` 02, `queueing` 04,
-`utilization_cost` 05, `batching` 06, `sharing` 07, `continuous_batching` 08), over the marks,
-bands and input checks they share (`verdict`); every checker is importable from here, as the
-exercise notebooks call it: `answers.kv_pages_needed(...)`.
+`utilization_cost` 05, `batching` 06, `sharing` 07, `continuous_batching` 08, `cost_frontier`
+09), over the marks, bands and input checks they share (`verdict`); every checker is importable
+from here, as the exercise notebooks call it: `answers.kv_pages_needed(...)`.
 
 Checkers never raise on the learner's answer. Inputs that the exercise itself supplies (a shape,
 measured numbers) are validated and raise ValueError when they cannot give a reference.
@@ -37,6 +37,13 @@ from labkit.course.answers.continuous_batching import (
     kv_pages_needed,
     rate_where_ttft_passes,
     requests_that_fit,
+)
+from labkit.course.answers.cost_frontier import (
+    cost_per_million_tokens,
+    gpus_for_traffic,
+    highest_concurrency_meeting_slo,
+    knee_concurrency,
+    monthly_gpu_cost,
 )
 from labkit.course.answers.model_memory import (
     kv_cache_size,
@@ -76,9 +83,11 @@ from labkit.course.answers.verdict import (
 )
 
 __all__ = ["CLOSE_FACTOR", "CheckResult", "EXERCISES", "ExerciseNotPassed", "MARKS", "MARKS_KEY",
-           "STRICT_ENV", "bandwidth_floor", "best_batch_size", "effective_cost", "idle_intervals",
-           "idle_percent", "kv_cache_size", "kv_pages_in_memory", "kv_pages_needed",
-           "littles_law_latency", "littles_law_throughput", "memory_per_server", "ms_per_token",
+           "STRICT_ENV", "bandwidth_floor", "best_batch_size", "cost_per_million_tokens",
+           "effective_cost", "gpus_for_traffic", "highest_concurrency_meeting_slo",
+           "idle_intervals", "idle_percent", "knee_concurrency", "kv_cache_size",
+           "kv_pages_in_memory", "kv_pages_needed", "littles_law_latency",
+           "littles_law_throughput", "memory_per_server", "monthly_gpu_cost", "ms_per_token",
            "p95_latency", "parameter_count", "rate_where_ttft_passes", "requests_that_fit",
            "servers_that_fit", "servers_to_match", "time_per_output_token", "timeline_idle_gap",
            "timeline_request_count", "weight_memory"]

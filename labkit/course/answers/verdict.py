@@ -51,6 +51,11 @@ EXERCISES: dict[str, str] = {
     "kv_pages_in_memory": "08_continuous_batching",
     "requests_that_fit": "08_continuous_batching",
     "rate_where_ttft_passes": "08_continuous_batching",
+    "knee_concurrency": "09_cost_frontier",
+    "highest_concurrency_meeting_slo": "09_cost_frontier",
+    "cost_per_million_tokens": "09_cost_frontier",
+    "gpus_for_traffic": "09_cost_frontier",
+    "monthly_gpu_cost": "09_cost_frontier",
 }
 
 
