@@ -5,7 +5,7 @@ errors can say about a bad body. CPU only; no server.
 Both libraries get the same schema of the body (its fields, their types and bounds, unknown
 fields refused, the no-op fields accepted only at a value that changes nothing), written here
 so that either can be timed whichever the server uses. Beside them, labkit's own path as it
-stands (`openai_api.parse`: `body.load`, then the check, then the `Call`; run the script with
+stands (`openai_api.parse`: `schemas.load`, then the check, then the `Call`; run the script with
 an earlier checkout on PYTHONPATH for the hand-written checks) and its schema
 (`labkit.serve.schemas`, pydantic, with the validators of the server's limits).
 
@@ -17,6 +17,7 @@ msgspec is not a labkit dependency: `pip install msgspec` to time it (skipped ot
 from __future__ import annotations
 
 import argparse
+import importlib
 import inspect
 import json
 import os
@@ -31,7 +32,6 @@ import pydantic_core
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
 from labkit.engine.request import Request
-from labkit.serve import body as json_body
 from labkit.serve import openai_api
 from labkit.serve.errors import ApiError
 
@@ -43,6 +43,9 @@ try:  # labkit's own schemas (issue 24 on): absent in an earlier checkout
     from labkit.serve import schemas
 except ImportError:
     schemas = None
+# labkit's JSON decode with its guards ("body.load" in the rows): schemas.load since it moved
+# there, serve/body.py's load in an earlier checkout
+json_body = schemas if hasattr(schemas, "load") else importlib.import_module("labkit.serve.body")
 
 BODY = json.dumps({
     "model": "model", "prompt": "Suggest a skincare routine for dry skin", "max_tokens": 150,

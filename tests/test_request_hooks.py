@@ -17,7 +17,6 @@ from labkit.engine.kv_cache import PagedKVCache
 from labkit.engine.llama import Llama
 from labkit.engine.request import InvalidRequest, Request
 from labkit.engine.static_decode import StaticDecoders
-from labkit.serve.backend import TextSide
 
 PROMPT = "Suggest a skincare routine for dry skin"
 
@@ -131,7 +130,7 @@ def test_an_engine_that_leaves_text_to_its_caller_sends_the_same_ids(lm):
 def test_every_thread_tokenizes_with_a_tokenizer_of_its_own(lm):
     """Short prompts are tokenized on the server's event loop, long ones on its check thread:
     a fast tokenizer used by two threads at once raises "Already borrowed"."""
-    side = TextSide(lm)
+    side = text.TextSide(lm)
     prompts = [f"{PROMPT} {i} " * (1 + i % 50) for i in range(200)]
     expected = [text.tokenize(lm, Request(p, 5)) for p in prompts]
     start = threading.Barrier(4)

@@ -3,10 +3,15 @@ context checked once), the ids that end a generation, generated ids as text (who
 piece as they stream), and a request's `Result` from its ids and host times.
 
 The HF baseline (`hf_generate`), batched decoding (`batched`) and the continuous engine
-(`continuous`) all use these, so a request reads and ends the same way on every path.
+(`continuous`) all use these, so a request reads and ends the same way on every path; a server,
+which tokenizes and detokenizes on several threads, uses them through `TextSide`.
 """
 
 from __future__ import annotations
+
+import copy
+import dataclasses
+import threading
 
 from tokenizers.decoders import DecodeStream
 
@@ -92,6 +97,35 @@ class Detokenizer:
             new = new.lstrip()
             self.started = bool(new)
         return new
+
+
+class TextSide:
+    """The text work around `lm` on several threads (a server's): prompts are checked and
+    tokenized on one thread (or another, for long ones), streamed text is detokenized on the
+    thread that delivers tokens. A fast tokenizer is a Rust object that raises "Already
+    borrowed" when two threads use it at once, so `lm`'s own tokenizer is left to the thread
+    that generates (or delivers tokens), and every other thread gets a copy of its own."""
+
+    def __init__(self, lm: LoadedModel):
+        self.lm = lm
+        self._local = threading.local()
+
+    def tokenize(self, request: Request) -> None:
+        tokenize(self._own_lm(), request)
+
+    def detokenizer(self) -> Detokenizer:
+        return Detokenizer(self.lm)
+
+    def chat_prompt(self, messages: list[dict]) -> str:
+        return chat_prompt(self._own_lm(), messages)
+
+    def _own_lm(self) -> LoadedModel:
+        """`lm` with this thread's own copy of the tokenizer (made on the thread's first call)."""
+        lm = getattr(self._local, "lm", None)
+        if lm is None:
+            lm = self._local.lm = dataclasses.replace(
+                self.lm, tokenizer=copy.deepcopy(self.lm.tokenizer))
+        return lm
 
 
 def build_result(lm: LoadedModel, request: Request, new_ids: list[int], started: float,

@@ -8,7 +8,8 @@
   resolves to 127.0.0.1 sends its own name as Host).
 - Limits on connections: how long a client may take to send its headers or stay idle between
   requests (aiohttp's keep-alive timer runs from the connection's start and is not reset by
-  partial headers), how long it may take to send its body, and how many connections are open.
+  partial headers), how long it may take to send its body (declared as JSON: `read_body`), and
+  how many connections are open.
 """
 
 from __future__ import annotations
@@ -85,9 +86,15 @@ def _has_key(request: web.Request, api_key: str) -> bool:
                                                                 api_key.encode())
 
 
-async def read_body(request: web.Request, timeout_s: float) -> bytes:
-    """The request's body, or 408 when the client takes longer than `timeout_s` to send it
+async def read_body(request: web.Request, timeout_s: float, hint: str = "") -> bytes:
+    """The request's body: 415 unless it is declared as JSON (`hint`, what a valid body looks
+    like, ends the message), 408 when the client takes longer than `timeout_s` to send it
     (aiohttp's 1 MiB limit answers 413 on its own)."""
+    content_type = request.content_type
+    if content_type != "application/json":
+        raise ApiError(415, f"Content-Type must be application/json, got "
+                            f"{content_type or 'none'!r}. With curl add "
+                            f"-H 'Content-Type: application/json'.{' ' + hint if hint else ''}")
     try:
         return await asyncio.wait_for(request.read(), timeout_s)
     except asyncio.TimeoutError:

@@ -9,11 +9,8 @@ module imports torch: the server imports it only when it starts loading the mode
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import gc
 import logging
-import threading
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -94,36 +91,7 @@ class EngineBackend(Backend, Protocol):
         """Stop what the backend started (the engine process); a no-op otherwise."""
 
 
-class TextSide:
-    """The text work a server does around `lm`: prompts are checked and tokenized on the event
-    loop (short ones) or the server's check thread (long ones), streamed text is detokenized on
-    the thread that delivers tokens. A fast tokenizer is a Rust object that raises "Already
-    borrowed" when two threads use it at once, so `lm`'s own tokenizer is left to the thread
-    that generates (or delivers tokens), and every other thread gets a copy of its own."""
-
-    def __init__(self, lm: LoadedModel):
-        self.lm = lm
-        self._local = threading.local()
-
-    def tokenize(self, request: Request) -> None:
-        text.tokenize(self._own_lm(), request)
-
-    def detokenizer(self) -> text.Detokenizer:
-        return text.Detokenizer(self.lm)
-
-    def chat_prompt(self, messages: list[dict]) -> str:
-        return text.chat_prompt(self._own_lm(), messages)
-
-    def _own_lm(self) -> LoadedModel:
-        """`lm` with this thread's own copy of the tokenizer (made on the thread's first call)."""
-        lm = getattr(self._local, "lm", None)
-        if lm is None:
-            lm = self._local.lm = dataclasses.replace(
-                self.lm, tokenizer=copy.deepcopy(self.lm.tokenizer))
-        return lm
-
-
-class ModelBackend(TextSide):
+class ModelBackend(text.TextSide):
     """A loaded model served with `hf_generate.generate`, and in batches with
     `batched.generate_batch` (over `static` decoders when given: CUDA graphs)."""
 

@@ -40,7 +40,7 @@ import torch
 from labkit.engine import continuous, text
 from labkit.engine.model import LoadedModel, load_tokenizer, tokenizer_dir
 from labkit.engine.request import EngineGone, OutOfMemory, PromptTooLong, Request, Result
-from labkit.serve.backend import TextSide, load_model_backend
+from labkit.serve.backend import load_model_backend
 from labkit.serve.schedulers import out_of_memory
 
 log = logging.getLogger(__name__)
@@ -199,7 +199,7 @@ class EngineProcess:
         self.on_idle(time.perf_counter())
 
 
-class EngineProcessBackend(TextSide):
+class EngineProcessBackend(text.TextSide):
     """A model served by the continuous engine in its own process. This side keeps only the
     tokenizer (prompts are checked and tokenized here, streamed text is detokenized here);
     the weights, the KV cache and the CUDA graphs live in the engine process."""

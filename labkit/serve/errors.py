@@ -32,13 +32,6 @@ def json_type(value) -> str:
             type(None): "null"}.get(type(value), type(value).__name__)
 
 
-def check_content_type(content_type: str, hint: str = "") -> None:
-    if content_type != "application/json":
-        raise ApiError(415, f"Content-Type must be application/json, got "
-                            f"{content_type or 'none'!r}. With curl add "
-                            f"-H 'Content-Type: application/json'.{' ' + hint if hint else ''}")
-
-
 def internal_error_message(request_id: str) -> str:
     """A 500's whole message: the details (a traceback) go to the server's log only."""
     return (f"Internal error (request {request_id}); the server's log has the details under "

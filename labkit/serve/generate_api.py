@@ -13,7 +13,6 @@ from __future__ import annotations
 from pydantic import ValidationError
 
 from labkit.engine.request import Request, field_error
-from labkit.serve import body as json_body
 from labkit.serve import schemas
 from labkit.serve.errors import ApiError, json_type
 
@@ -30,8 +29,8 @@ def parse_generate_body(body: bytes, max_tokens_limit: int) -> Request:
     """A /generate body (already size-checked) as a Request, checked once against its schema
     (the server's max_tokens limit included)."""
     try:
-        data = json_body.load(body)
-    except json_body.BodyError as err:
+        data = schemas.load(body)
+    except schemas.BodyError as err:
         raise ApiError(400, f"{err} {VALID_FORM}", err.param) from None
     try:
         checked = schemas.check(schemas.GenerateBody, data, max_tokens_limit=max_tokens_limit)

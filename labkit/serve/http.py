@@ -38,7 +38,7 @@ from aiohttp import web
 
 from labkit.engine.request import EngineGone, InvalidRequest, OutOfMemory, PromptTooLong, Request
 from labkit.serve import access, generate_api, openai_api, streaming
-from labkit.serve.errors import ApiError, check_content_type, internal_error_message, openai_error
+from labkit.serve.errors import ApiError, internal_error_message, openai_error
 from labkit.serve.metrics import CONTENT_TYPE, ServerMetrics
 from labkit.serve.schedulers import Scheduler, make_scheduler
 
@@ -264,8 +264,7 @@ async def handle_generate(request: web.Request) -> web.Response:
     received = time.perf_counter()
     state = request.app[STATE]
     backend = state.require_ready()
-    check_content_type(request.content_type, generate_api.VALID_FORM)
-    body = await access.read_body(request, state.body_timeout_s)  # over 1 MiB: 413
+    body = await access.read_body(request, state.body_timeout_s, generate_api.VALID_FORM)
     params = generate_api.parse_generate_body(body, state.max_tokens_limit)
     await _tokenize(state, backend, params)
     request_id = request[REQUEST_ID]
@@ -306,7 +305,6 @@ async def handle_openai_completion(request: web.Request) -> web.StreamResponse:
     received = time.perf_counter()
     state = request.app[STATE]
     backend = state.require_ready()
-    check_content_type(request.content_type)
     body = await access.read_body(request, state.body_timeout_s)  # over 1 MiB: 413
     call = openai_api.parse(request.path, body, openai_api.model_id(backend),
                             state.max_tokens_limit)

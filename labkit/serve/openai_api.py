@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Protocol
 from pydantic import ValidationError
 
 from labkit.engine.request import PromptTooLong, Request, Result, field_error, min_tokens_error
-from labkit.serve import body as json_body
 from labkit.serve import schemas
 from labkit.serve.errors import ApiError, json_type
 
@@ -232,8 +231,8 @@ def parse(path: str, body: bytes, served: str, max_tokens_limit: int) -> Call:
     against its schema once (the server's limits included); each problem is an ApiError naming
     its field."""
     try:
-        data = json_body.load(body)
-    except json_body.BodyError as err:
+        data = schemas.load(body)
+    except schemas.BodyError as err:
         raise _bad(err.param, str(err)) from None
     schema = SCHEMAS[path]
     try:
