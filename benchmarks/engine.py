@@ -19,6 +19,13 @@ bf16 then a bf16 matmul), so the run shows which is faster. A batch-1 floor coun
 step reads: for an untied lm_head (8B) the embedding table is not one of them (a step reads one
 row of it); `weight_floor_ms` keeps the older all-weights floor.
 
+4. --shared-prefix TOKENS (default 1000; 0 skips it): --shared-requests requests (512) of a
+   common TOKENS-token prefix and --shared-own-tokens (20) of their own, --max-tokens out, all
+   submitted at once, on --model with the prefix cache off, then on (`labkit.engine.
+   block_manager`), same run: TTFT from submission (p50) and output tok/s of each, the
+   prefix-cache hits. Each is run once untimed first (every CUDA graph shape it takes), and
+   timed from an empty cache. The other sections run with the prefix cache off.
+
 Synthetic shapes never stop early, so every request decodes exactly --max-tokens. HF's tok/s is
 over its generation span, from its own per-request timestamps (its setup and warm-up left out;
 the whole call's rate is recorded too); its batch-1 ms/token is its mean time between tokens.
@@ -26,6 +33,7 @@ the whole call's rate is recorded too); its batch-1 ms/token is its mean time be
     python benchmarks/engine.py [--shapes llama-3.2-1b llama-3.2-3b llama-3.1-8b]
         [--model synthetic:llama-3.2-3b] [--concurrency 64 256 512] [--json FILE] [--profile]
         [--quantization bf16 fp8] [--fp8-matmul scaled_mm dequant] [--no-sampled]
+        [--shared-prefix 1000] [--shared-requests 512] [--shared-own-tokens 20]
 """
 
 from __future__ import annotations
@@ -67,13 +75,15 @@ def fixed_requests(n: int, prompt_tokens: int, max_tokens: int, vocab: int,
 
 
 def build_engine(lm, max_running: int, kv_gb: float, cuda_graphs: bool = True,
-                 quantization: str = "bf16", matmul: str | None = None):
+                 quantization: str = "bf16", matmul: str | None = None,
+                 prefix_cache: bool = False):
     cache = PagedKVCache.sized(lm.config, kv_gb, lm.dtype, lm.device)
     # HF's weights kept: its generate_batch runs too, and each quantization starts from them
     model = Llama.from_hf(lm.model, quantization=None if quantization == "bf16" else quantization)
     if matmul is not None:
         quant.set_matmul(model, matmul)
-    return ContinuousEngine(lm, model, cache, max_running=max_running, cuda_graphs=cuda_graphs)
+    return ContinuousEngine(lm, model, cache, max_running=max_running, cuda_graphs=cuda_graphs,
+                            prefix_cache=prefix_cache)
 
 
 def run_engine(engine: ContinuousEngine, requests: list[Request], sampler=None) -> dict:
@@ -217,6 +227,62 @@ def throughput_row(lm, engine: ContinuousEngine, n: int, vocab: int, args, sampl
     return row
 
 
+def shared_prefix_requests(args, vocab: int) -> list[Request]:
+    """--shared-requests requests: one --shared-prefix prefix (seeded ids), then their own."""
+    rng = random.Random(1)
+    prefix = [rng.randrange(100, vocab) for _ in range(args.shared_prefix)]
+    requests = fixed_requests(args.shared_requests, args.shared_own_tokens, args.max_tokens,
+                              vocab)
+    for request in requests:
+        request.prompt_ids = prefix + request.prompt_ids
+    return requests
+
+
+def shared_prefix(args) -> list[dict]:
+    """The shared-prefix workload with the prefix cache off, then on; the on row's speed-ups."""
+    lm = load_model(args.model, device=args.device, dtype=args.dtype)
+    rows, outputs = [], []
+    for cache in (False, True):
+        engine = build_engine(lm, args.shared_requests, kv_gb=args.kv_cache_gb,
+                              prefix_cache=cache)
+        engine.generate(shared_prefix_requests(args, lm.config.vocab_size))  # untimed
+        engine.block_manager.reset_prefix_cache()  # timed from an empty cache
+        row, results = shared_prefix_run(engine, shared_prefix_requests(args,
+                                                                        lm.config.vocab_size))
+        rows.append({"prefix_cache": cache, **row})
+        outputs.append([r.token_ids for r in results])
+        print(rows[-1], flush=True)
+        del engine
+        release()
+    off, on = rows
+    on["x_ttft_p50"] = round(off["ttft_ms_p50"] / on["ttft_ms_p50"], 2)
+    on["x_tok_s"] = round(on["tok_s"] / off["tok_s"], 3)
+    on["same_greedy_output"] = sum(a == b for a, b in zip(*outputs, strict=True)) / len(
+        outputs[0])
+    del lm
+    release()
+    return rows
+
+
+def shared_prefix_run(engine: ContinuousEngine, requests: list[Request]) -> tuple[dict, list]:
+    """One timed run: output tok/s over the wall time, TTFT from submission (the queue
+    included: all are submitted at once), the prefix cache's hits in prompt tokens."""
+    synchronize(engine.lm.device)
+    started = time.perf_counter()
+    results = engine.generate(requests)
+    wall = time.perf_counter() - started
+    ttft = sorted((r.queue_time_ms or 0.0) + r.time_to_first_token_ms for r in results)
+    stats = engine.stats()
+    tokens = sum(r.tokens_generated for r in results)
+    return {"requests": len(requests), "prompt_tokens": len(requests[0].prompt_ids),
+            "output_tokens": tokens, "wall_s": round(wall, 3), "tok_s": round(tokens / wall, 1),
+            "ttft_ms_p50": round(ttft[len(ttft) // 2], 1),
+            "ttft_ms_p90": round(ttft[int(len(ttft) * 0.9)], 1),
+            "prefill_tokens": stats["prefill_tokens"], "preemptions": stats["preemptions"],
+            "prefix_cache_queries": stats["prefix_cache_queries"],
+            "prefix_cache_hits": stats["prefix_cache_hits"]}, results
+
+
 def profile_decode(lm, engine: ContinuousEngine, sizes: list[int], args) -> list[dict]:
     """Decode steps of `rows` requests at ~100 cached tokens: wall ms per step from the CUDA
     graph and eagerly, and the eager step's GPU time by kernel family (torch.profiler)."""
@@ -300,6 +366,11 @@ def main(argv: list[str] | None = None) -> int:
                              "(default both: torch._scaled_mm, and dequantize + bf16 matmul)")
     parser.add_argument("--sampled", action=argparse.BooleanOptionalAction, default=True,
                         help="also run each concurrency sampled (--temperature, then --top-p)")
+    parser.add_argument("--shared-prefix", type=int, default=1000, metavar="TOKENS",
+                        help="the shared-prefix workload's common prefix (default 1000; 0 "
+                             "skips it), run with the prefix cache off and on")
+    parser.add_argument("--shared-requests", type=int, default=512)
+    parser.add_argument("--shared-own-tokens", type=int, default=20)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     args.quantization = sorted(set(args.quantization), key=QUANTIZATIONS.index)  # bf16 first
@@ -323,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
         report["throughput"] = throughput(args, sampler)
         if sampler is not None:
             sampler.stop()
+    if args.shared_prefix:
+        report["shared_prefix"] = shared_prefix(args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
@@ -357,6 +430,23 @@ def print_tables(report: dict, args) -> None:
               f"{tp.get('x_greedy_step', '-'):>7}")
     print(f"T = temperature {args.temperature}, p = top_p {args.top_p}; x step: the sampled "
           "decode step's time over the greedy one's (TPOT)")
+    print_shared_prefix(report.get("shared_prefix", []), args)
+
+
+def print_shared_prefix(rows: list[dict], args) -> None:
+    if not rows:
+        return
+    print(f"\nshared prefix, {args.model}: {args.shared_requests} requests of "
+          f"{args.shared_prefix} common + {args.shared_own_tokens} own tokens, "
+          f"{args.max_tokens} out, all at once; TTFT from submission")
+    print(f"{'prefix cache':<14}{'TTFT p50 ms':>12}{'x':>7}{'tok/s':>10}{'x':>7}"
+          f"{'hit %':>7}{'preempted':>10}")
+    for row in rows:
+        hits = (100 * row["prefix_cache_hits"] / row["prefix_cache_queries"]
+                if row["prefix_cache_queries"] else 0.0)
+        print(f"{'on' if row['prefix_cache'] else 'off':<14}{row['ttft_ms_p50']:>12}"
+              f"{str(row.get('x_ttft_p50', '-')):>7}{row['tok_s']:>10}"
+              f"{str(row.get('x_tok_s', '-')):>7}{hits:>7.1f}{row['preemptions']:>10}")
 
 
 def _pct(value: float | None) -> str:

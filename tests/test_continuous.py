@@ -9,6 +9,7 @@ tests/test_request_hooks.py (the "continuous" way)."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 
 import pytest
@@ -182,21 +183,29 @@ def test_a_burst_beyond_the_cache_queues_preempts_and_resumes_exactly(lm):
 
 def test_under_page_pressure_only_live_requests_hold_pages_and_none_leak(lm):
     """Many short and long requests through a cache that fits two or three: at every step the
-    pages in use are exactly those the waiting, prefilling and decoding requests hold (a request
-    that finished or was preempted while another made room must not be handed pages)."""
+    pages in use are exactly those the waiting, prefilling and decoding requests hold, each
+    counted once per holder (the same prompts share their cached pages; a request that finished
+    or was preempted while another made room must not be handed pages). At the end every page
+    is blank or cached-but-free, and nobody holds any."""
     eng = engine(lm, pages=17, page_size=4, max_running=6)  # 64 tokens for everyone
     requests = [Request(PROMPTS[i % 5], [1, 2, 30, 3, 20, 1, 2, 12][i % 8], 0, ignore_eos=True)
                 for i in range(24)]
     for request in requests:
         eng.add(request)
+    allocator = eng.block_manager.allocator
     while eng.has_work():
         eng.step()
         scheduler = eng.scheduler
         live = [*scheduler.waiting, *scheduler.prefilling, *scheduler.decoding]
-        assert eng.block_manager.used == sum(len(seq.block_table) for seq in live)
+        holders = collections.Counter(b for seq in live for b in seq.block_table)
+        assert {b.block_id: b.ref_count for b in allocator.blocks if b.ref_count} == holders
+        assert eng.block_manager.used == len(holders)
         assert not any(seq.block_table for seq in scheduler.waiting)  # new, or preempted
-    assert eng.stats()["preemptions"] > 0
-    assert eng.block_manager.used == 0
+    stats = eng.stats()
+    assert stats["preemptions"] > 0 and stats["prefix_cache_hits"] > 0
+    assert eng.block_manager.used == 0 and {b.ref_count for b in allocator.blocks} == {0}
+    assert allocator.used + allocator.evictable + len(allocator._free) == allocator.total
+    assert stats["kv_pages_evictable"] == stats["kv_pages_cached"] > 0
 
 
 def test_a_request_that_could_never_fit_the_cache_is_refused_with_413(lm):
@@ -271,7 +280,9 @@ def test_continuous_server_answers_reports_its_cache_and_refuses_what_cannot_fit
     assert too_long[0] == 413 and "KV cache" in too_long[1]["error"]
     assert server["mode"] == "continuous" and server["requests_served"] == len(PROMPTS)
     assert server["kv_pages_total"] == 31 and server["kv_pages_used"] == 0
-    assert {"running", "waiting", "preemptions", "tokens_per_step"} <= set(server)
+    assert {"running", "waiting", "preemptions", "tokens_per_step", "prefix_cache_queries",
+            "prefix_cache_hits", "kv_pages_cached"} <= set(server)
+    assert server["prefix_cache"] is True and server["prefix_cache_queries"] > 0
     assert server["decode_steps"] > 0  # no batches in continuous mode: its own counters instead
     assert server["batches"] is None and server["mean_batch_size"] is None
 

@@ -4,7 +4,8 @@ Static batching (`labkit.engine.batched`) starts a batch and runs it until its l
 a request that arrives meanwhile waits for all of it. Here, every `step()`:
 
 1. takes in new requests, and drops those whose client went away (their blocks are freed);
-2. admits waiting requests, oldest first, while the KV cache has blocks for their prompts;
+2. admits waiting requests, oldest first, while the KV cache has blocks for their prompts
+   (a prompt's longest prefix already in the cache is shared, not computed again);
 3. prefills up to `prefill_chunk` prompt tokens of the admitted ones (a long prompt is split
    over several steps, so the requests already decoding are never held up for long);
 4. runs one decode step for every request that has its first token: each gets its next token,
@@ -97,10 +98,12 @@ class InFlight:
 class ContinuousEngine:
     def __init__(self, lm: LoadedModel, model: Llama, cache: PagedKVCache,
                  max_running: int = DEFAULT_MAX_RUNNING,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, cuda_graphs: bool = True):
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, cuda_graphs: bool = True,
+                 prefix_cache: bool = True):
         self.lm, self.cache = lm, cache
         self.runner = ModelRunner(model, cache, cuda_graphs)
-        self.block_manager = BlockManager(cache.num_pages, cache.page_size)
+        self.block_manager = BlockManager(cache.num_pages, cache.page_size,
+                                          enable_caching=prefix_cache)
         self.scheduler = Scheduler(self.block_manager, max_running, prefill_chunk)
         self.stop_ids = text.stop_token_ids(lm)
         self._inbox: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
@@ -116,21 +119,23 @@ class ContinuousEngine:
     @classmethod
     def build(cls, lm: LoadedModel, kv_cache_gb: float | None = None,
               max_running: int = DEFAULT_MAX_RUNNING, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-              cuda_graphs: bool = True, quantization: str | None = None) -> ContinuousEngine:
-        """The engine for `lm`: a KV cache of `kv_cache_gb` (default: `default_kv_cache_gb`)
-        and the compact Llama, its linear weights in FP8 with `quantization="fp8"`
-        (`labkit.engine.quant`). On a GPU the Hugging Face model's fused-away weights are
-        freed, so the weights are held once."""
+              cuda_graphs: bool = True, quantization: str | None = None,
+              prefix_cache: bool = True) -> ContinuousEngine:
+        """The engine for `lm`: a KV cache of `kv_cache_gb` (default: `default_kv_cache_gb`),
+        its full pages shared between requests with the same prefix unless `prefix_cache` is
+        False (`labkit.engine.block_manager`), and the compact Llama, its linear weights in FP8
+        with `quantization="fp8"` (`labkit.engine.quant`). On a GPU the Hugging Face model's
+        fused-away weights are freed, so the weights are held once."""
         memory_gb = kv_cache_gb if kv_cache_gb is not None else default_kv_cache_gb(lm.device)
         cache = PagedKVCache.sized(lm.config, memory_gb, lm.dtype, lm.device)
         model = Llama.from_hf(lm.model, free_source=lm.device.type == "cuda",
                               quantization=quantization)
         engine = cls(lm, model, cache, max_running=max_running, prefill_chunk=prefill_chunk,
-                     cuda_graphs=cuda_graphs)
+                     cuda_graphs=cuda_graphs, prefix_cache=prefix_cache)
         log.info("Continuous batching: KV cache of %.2f GB = %d pages of %d tokens (%d tokens), "
-                 "up to %d requests at once, prefill chunks of %d tokens", memory_gb,
-                 engine.block_manager.total, cache.page_size, cache.tokens, max_running,
-                 prefill_chunk)
+                 "up to %d requests at once, prefill chunks of %d tokens, prefix cache %s",
+                 memory_gb, engine.block_manager.total, cache.page_size, cache.tokens,
+                 max_running, prefill_chunk, "on" if prefix_cache else "off")
         return engine
 
     def warm_up(self, runs: int, max_tokens: int) -> None:
@@ -193,12 +198,19 @@ class ContinuousEngine:
         self.scheduler.reset()
 
     def stats(self) -> dict:
+        blocks = self.block_manager
         return {
             "running": self.scheduler.running,
             "waiting": len(self.scheduler.waiting) + self._inbox.qsize(),
-            "kv_pages_used": self.block_manager.used,
-            "kv_pages_total": self.block_manager.total,
+            "kv_pages_used": blocks.used,  # held by a request (evictable cached pages are free)
+            "kv_pages_total": blocks.total,
             "kv_page_tokens": self.cache.page_size,
+            "prefix_cache": blocks.enable_caching,
+            # vLLM's counters, in prompt tokens: looked up at admission, and found cached
+            "prefix_cache_queries": blocks.prefix_cache_queries,
+            "prefix_cache_hits": blocks.prefix_cache_hits,
+            "kv_pages_cached": len(blocks.allocator.cached),  # held or evictable
+            "kv_pages_evictable": blocks.allocator.evictable,
             "preemptions": self.scheduler.preemptions,
             "decode_steps": self.decode_steps,
             "tokens_per_step": (round(self.decode_tokens / self.decode_steps, 2)
@@ -237,6 +249,7 @@ class ContinuousEngine:
         done = []
         for row, (seq, n) in enumerate(batch):
             seq.cached += n
+            self.block_manager.cache_blocks(seq, seq.cached)
             if seq.cached == len(seq.ids):  # whole prompt in the cache: its next token
                 done.append(row)
         self.prefill_tokens += sum(n for _, n in batch)
@@ -316,6 +329,8 @@ class ContinuousEngine:
     def _accept(self, seq: Sequence, token: int, now: float) -> None:
         """A new token of `seq` reaches the host: streamed, and the request ends if it should."""
         seq.ids.append(token)
+        if (len(seq.ids) - 1) % self.cache.page_size == 0:  # the tokens before it fill a page
+            self.block_manager.cache_blocks(seq, len(seq.ids) - 1)  # (all in the KV cache)
         if seq.first_token_at is None:
             seq.first_token_at = now
         seq.request.emit(token)

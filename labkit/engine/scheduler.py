@@ -1,15 +1,19 @@
 """Which sequences the continuous engine runs at each step: its policy, apart from the step
 loop that launches prefills and decodes and takes their tokens in (`labkit.engine.continuous`).
 
-- Admission: waiting sequences, oldest first, while fewer than `max_running` run and free blocks
-  hold the tokens they have. Only that is checked, not `max_tokens`: the cache is never
-  over-committed, yet holds no block a request may never use.
+- Admission: waiting sequences, oldest first, while fewer than `max_running` run, this step's
+  prefill budget is not spent, and free blocks hold the tokens they have that are not in the
+  prefix cache (`labkit.engine.block_manager`). Only that is checked, not `max_tokens`: the
+  cache is never over-committed, yet holds no block a request may never use. Admitting no more
+  than can start prefilling (vLLM's token budget) lets a request admitted one step later find
+  the prefix that an earlier one has just computed.
 - Prefill: up to `prefill_chunk` prompt tokens a step across the admitted sequences, oldest
   first; a long prompt is split over steps, so the requests decoding are never held up long.
-- Room: a block for each decoding sequence's next token. When none is free, the tokens still on
-  the way are taken in first (they may end requests); then the latest admitted sequence is
-  preempted: its blocks freed, back to the front of the queue, to be prefilled again (prompt and
-  the tokens it had so far) when blocks free up.
+- Room: a block for each decoding sequence's next token (a free block, else a cached block
+  nobody holds, evicted). When none is left, the tokens still on the way are taken in first
+  (they may end requests); then the latest admitted sequence is preempted: its blocks let go,
+  back to the front of the queue, to be prefilled again (prompt and the tokens it had so far,
+  less what the prefix cache still holds) when blocks free up.
 - Cancelled requests leave before they decode; a decoding one ends at its next token.
 """
 
@@ -53,12 +57,14 @@ class Scheduler:
         return dropped
 
     def admit(self) -> None:
-        while self.waiting and self.running < self.max_running:
+        budget = self.prefill_chunk - sum(len(s.ids) - s.cached for s in self.prefilling)
+        while self.waiting and self.running < self.max_running and budget > 0:
             seq = self.waiting[0]
             if not self.block_manager.can_allocate(seq):
                 return  # first come, first served: nobody overtakes the oldest
             self.waiting.popleft()
-            self.block_manager.allocate(seq)
+            self.block_manager.allocate(seq)  # its cached prefix included: `cached` past it
+            budget -= len(seq.ids) - seq.cached
             if seq.admitted_at is None:
                 seq.admitted_at = time.perf_counter()
             self.prefilling.append(seq)
@@ -102,14 +108,19 @@ class Scheduler:
         self.block_manager.free(seq)
 
     def reset(self) -> None:
-        """Every sequence out, every block freed."""
+        """Every sequence out, every block freed, the prefix cache emptied (a failed step may
+        have left blocks half-written)."""
         for seq in [*self.waiting, *self.prefilling, *self.decoding]:
             self.block_manager.free(seq)
+        self.block_manager.reset_prefix_cache()
         self.waiting.clear()
         self.prefilling.clear()
         self.decoding.clear()
 
     def _preempt(self, seq: Sequence) -> None:
+        """Its blocks let go (shared ones stay with their other holders; its own full ones stay
+        cached, so its resumption may find them again)."""
         self.block_manager.free(seq)
+        seq.num_preemptions += 1
         self.waiting.appendleft(seq)
         self.preemptions += 1

@@ -14,7 +14,8 @@ from labkit.engine.request import Request, Result
 class Sequence:
     """A request's tokens so far and the blocks that hold their keys and values. `ids` is the
     prompt followed by the generated tokens; the first `cached` of them are in the cache, in
-    the blocks of `block_table` (token t in block `block_table[t // block_size]`)."""
+    the blocks of `block_table` (token t in block `block_table[t // block_size]`), the first
+    `num_cached_blocks` of those keyed in the prefix cache by `block_hashes` (vLLM's names)."""
 
     request: Request
     on_finish: Callable[[Result], None] | None
@@ -24,6 +25,9 @@ class Sequence:
     rng: random.Random | None  # None: greedy
     block_table: list[int] = field(default_factory=list)
     cached: int = 0
+    block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks, computed once
+    num_cached_blocks: int = 0
+    num_preemptions: int = 0
     pending: int = 0  # tokens sampled on the device, not yet on the host (0 to 2)
     finished: bool = False
     admitted_at: float | None = None

@@ -28,6 +28,26 @@ SERVER_FIELDS = {  # record attribute <- response field
 
 
 
+# Words that are one token each to the embedded model's tokenizer and to GPT- and Llama-style
+# BPE vocabularies (with their leading space): a shared prefix of N of them is about N tokens.
+PREFIX_WORDS = ("the skin care routine for dry oily and sensitive types should start with a "
+                "gentle cleanser then apply serum moisturizer sunscreen every morning night "
+                "water oil acid vitamin barrier daily use light cream face").split()
+
+
+def shared_prefix(tokens: int) -> str:
+    """A system prompt of about `tokens` tokens, the same text every time (`labkit loadtest
+    --shared-prefix`): sentences of 11 words (and a full stop) drawn from PREFIX_WORDS by a
+    fixed seed, so that a prefix cache has something to share between requests."""
+    rng = np.random.default_rng(tokens)
+    words, count = [], 0
+    while count < tokens:
+        sentence = list(rng.choice(PREFIX_WORDS, size=min(11, max(1, tokens - count - 1))))
+        words.append(" ".join(sentence) + ".")
+        count += len(sentence) + 1
+    return " ".join(words)
+
+
 class ServerNotReady(RuntimeError):
     """A target URL cannot be reached, or its server is still loading the model."""
 

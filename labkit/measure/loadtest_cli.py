@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from labkit.measure.auth import API_KEY_ENVS
+from labkit.measure.load_client import shared_prefix
 from labkit.measure.loadstats import DEFINITIONS, finite
 from labkit.measure.loadtest import (
     APIS,
@@ -53,6 +54,10 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--prompt", default=None, help=f"prompt text (default {DEFAULT_PROMPT!r})")
     source.add_argument("--prompts-file", type=Path, default=None,
                         help="a text file with one prompt per line, used in turn")
+    parser.add_argument("--shared-prefix", type=_positive_int, default=None, metavar="TOKENS",
+                        help="send a common system prompt of about TOKENS tokens (the same "
+                             "text every run) before each request's own prompt, as a chat "
+                             "application does: what a server's prefix cache shares")
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--timeout", type=float, default=300.0,
                         help="seconds per request before it counts as a timeout (300)")
@@ -186,13 +191,25 @@ def _max_tokens_arg(text: str) -> int | dict[int, float]:
     return mix if len(mix) > 1 else next(iter(mix))
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _read_prompts(args) -> list[str]:
+    """The prompts, each after the --shared-prefix system prompt if one is asked for."""
     if args.prompts_file is None:
-        return [args.prompt or DEFAULT_PROMPT]
-    lines = [line.strip() for line in args.prompts_file.read_text().splitlines()]
-    prompts = [line for line in lines if line]
-    if not prompts:
-        raise ValueError(f"{args.prompts_file} has no prompts (one per line)")
+        prompts = [args.prompt or DEFAULT_PROMPT]
+    else:
+        lines = [line.strip() for line in args.prompts_file.read_text().splitlines()]
+        prompts = [line for line in lines if line]
+        if not prompts:
+            raise ValueError(f"{args.prompts_file} has no prompts (one per line)")
+    if getattr(args, "shared_prefix", None):
+        prefix = shared_prefix(args.shared_prefix)
+        prompts = [f"{prefix}\n\n{prompt}" for prompt in prompts]
     return prompts
 
 

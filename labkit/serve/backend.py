@@ -203,10 +203,11 @@ def build_continuous_backend(lm: LoadedModel, kv_cache_gb: float | None = None,
                              max_running: int = DEFAULT_MAX_RUNNING,
                              prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
                              cuda_graphs: bool = True, warmup_runs: int = 1,
-                             quantization: str | None = None) -> ContinuousBackend:
+                             quantization: str | None = None,
+                             prefix_cache: bool = True) -> ContinuousBackend:
     engine = ContinuousEngine.build(lm, kv_cache_gb=kv_cache_gb, max_running=max_running,
                                     prefill_chunk=prefill_chunk, cuda_graphs=cuda_graphs,
-                                    quantization=quantization)
+                                    quantization=quantization, prefix_cache=prefix_cache)
     return ContinuousBackend(lm, engine, warmup_runs=warmup_runs)
 
 

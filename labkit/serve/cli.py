@@ -66,6 +66,11 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
                              "with per-channel scales, quantized at load (needs FP8 tensor "
                              "cores, compute capability 8.9+; on the CPU an eager dequantize "
                              "path, for tests); none = the model's dtype (default)")
+    parser.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=None,
+                        help="continuous mode: share the KV cache pages of prompts that start "
+                             "with the same tokens, and keep them after their requests end until "
+                             "the memory is needed (default on, as in vLLM); --no-prefix-cache "
+                             "computes every prompt whole")
     parser.add_argument("--engine-process", action=argparse.BooleanOptionalAction,
                         default=None,
                         help="continuous mode: run the engine in a process of its own (default "
@@ -169,7 +174,8 @@ MODE_FLAGS = {
     "sequential": (),
     "batched": ("--max-batch-size", "--max-wait-ms", "--cuda-graphs"),
     "continuous": ("--max-batch-size", "--kv-cache-gb", "--prefill-chunk", "--cuda-graphs",
-                   "--engine-process", "--engine-step-timeout", "--quantization"),
+                   "--engine-process", "--engine-step-timeout", "--quantization",
+                   "--prefix-cache"),
 }
 
 
@@ -182,12 +188,14 @@ def _scheduler_options(args) -> dict:
              "--cuda-graphs": args.cuda_graphs,
              "--engine-process": getattr(args, "engine_process", None),
              "--engine-step-timeout": getattr(args, "engine_step_timeout", None),
-             "--quantization": _quantization(args)}
+             "--quantization": _quantization(args),
+             "--prefix-cache": getattr(args, "prefix_cache", None)}
     wrong = [flag for flag, value in given.items()
              if value is not None and flag not in MODE_FLAGS[args.mode]]
     if wrong:
         negated = {"--cuda-graphs": args.cuda_graphs is False,
-                   "--engine-process": getattr(args, "engine_process", None) is False}
+                   "--engine-process": getattr(args, "engine_process", None) is False,
+                   "--prefix-cache": getattr(args, "prefix_cache", None) is False}
         names = [f.replace("--", "--no-", 1) if negated.get(f) else f for f in wrong]
         modes = [mode for mode, flags in MODE_FLAGS.items() if set(wrong) <= set(flags)]
         verb, pronoun = ("apply", "them") if len(wrong) > 1 else ("applies", "it")
@@ -230,7 +238,8 @@ def _check_limits(args) -> None:
 
 
 def _engine_options(args) -> dict | None:
-    """Continuous mode's engine options (KV cache memory, prefill chunk), checked; else None."""
+    """Continuous mode's engine options (KV cache memory, prefill chunk, quantization, prefix
+    cache), checked; else None."""
     if args.mode != "continuous":
         return None
     options = {}
@@ -249,6 +258,8 @@ def _engine_options(args) -> dict | None:
 
         quant.check_supported(args.device)  # a GPU without FP8 tensor cores: refused now
         options["quantization"] = args.quantization
+    if args.prefix_cache is not None:
+        options["prefix_cache"] = args.prefix_cache
     return options
 
 

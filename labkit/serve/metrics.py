@@ -8,6 +8,8 @@ Two kinds of series:
 - histograms observed as each request is answered: time to first token, time per output token
   (inter-token latency), end-to-end latency and queue time, all measured in the server.
 
+The prefix cache's counters are exported as vLLM's `vllm:prefix_cache_queries_total` and
+`vllm:prefix_cache_hits_total` (prompt tokens looked up, and found cached) beside labkit's.
 The gauges an autoscaler reads are also exported under vLLM's names (`vllm:num_requests_waiting`,
 `vllm:num_requests_running`, `vllm:gpu_cache_usage_perc`), so KEDA, KServe or a Prometheus
 Adapter rule written for vLLM read labkit unchanged. labkit's sequential and batched modes keep
@@ -118,8 +120,23 @@ class _StateCollector:
                                   value=s["busy_seconds"])
         yield CounterMetricFamily("labkit_preemptions", "Requests preempted to free KV cache "
                                   "pages (continuous mode)", value=s.get("preemptions", 0))
+        yield from _prefix_cache(s)
         gpu = self.metrics._gpu_reading()
         for column, name in [("gpu_util", "labkit_gpu_utilization_percent"),
                              ("sm_activity", "labkit_gpu_sm_activity_percent")]:
             if gpu and gpu.get(column) is not None:
                 yield GaugeMetricFamily(name, f"NVML {column}, percent", value=gpu[column])
+
+
+def _prefix_cache(s: dict):
+    """The prefix cache's counters in prompt tokens (looked up at admission, found cached),
+    under vLLM's names too, and the pages it keeps; 0 outside continuous mode."""
+    for name, text in [("queries", "Prompt tokens looked up in the prefix cache"),
+                       ("hits", "Prompt tokens found in the prefix cache")]:
+        value = s.get(f"prefix_cache_{name}", 0)
+        yield CounterMetricFamily(f"labkit_prefix_cache_{name}", text, value=value)
+        yield CounterMetricFamily(f"vllm:prefix_cache_{name}", f"vLLM name: {text.lower()}",
+                                  value=value)
+    yield GaugeMetricFamily("labkit_kv_cache_cached_pages", "KV cache pages the prefix cache "
+                            "keeps, held by a request or evictable",
+                            value=s.get("kv_pages_cached", 0))
