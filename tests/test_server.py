@@ -283,8 +283,8 @@ def test_stats_and_health_answer_fast_while_generating():
             tasks = [asyncio.create_task(client.post("/generate", json=VALID)) for _ in range(3)]
             # busy_fraction_recent is rounded to 4 places: the first reading after a start
             # may still say 0.0 on a loaded machine, so wait for the clock to show it.
-            server = await wait_for(client, lambda s: s["in_flight"] == 1
-                                    and s["queue_depth"] == 2 and s["busy_fraction_recent"] > 0)
+            await wait_for(client, lambda s: s["in_flight"] == 1
+                           and s["queue_depth"] == 2 and s["busy_fraction_recent"] > 0)
             timings = []
             for path in ("/stats", "/health", "/", "/stats"):
                 started = time.perf_counter()
