@@ -201,16 +201,12 @@ class Client:
         first = last = None  # perf_counter of the first and the latest chunk carrying text
         gaps: list[float] = []
         chunks = 0
-        usage = problem = error = None
+        usage = problem = error = broken = None
         finished = seen_data = False
-        head = b""  # the start of the body, to show when it is not an event stream
-        pending = b""
+        head = pending = b""  # head: the start of the body, to show when it is not an event stream
         content = response.content
         try:
-            while True:
-                data = await content.readany()
-                if not data:
-                    break
+            while data := await content.readany():
                 now = time.perf_counter()
                 if not seen_data and len(head) < 300:
                     head += data
@@ -232,8 +228,7 @@ class Client:
                         except (TypeError, AttributeError, LookupError):
                             problem = problem or f"not a completion chunk: {payload[:100]!r}"
                             continue
-                        if event.get("usage"):
-                            usage = event["usage"]
+                        usage = event.get("usage") or usage
                         if record.model is None:
                             record.model = event.get("model")
                         if error is None and ("error" in event or event.get("object") == "error"):
@@ -246,37 +241,48 @@ class Client:
                             gaps.append((now - last) * 1000)
                         last = now
         except aiohttp.ClientPayloadError as err:  # the connection broke off mid-stream
-            record.error_type = "incomplete stream"
-            record.error = (f"the stream broke off after {_chunks(chunks)}, before data: "
-                            f"[DONE] ({type(err).__name__}: {err})")
-        record.chunks = chunks
-        record.itl_ms = gaps
-        if first is not None:
-            record.client_ttft_ms = (first - scheduled) * 1000
-        if record.error_type is not None:
-            return
-        if error is not None:  # vLLM: an error after the headers went out is an event
-            kind = error.get("type") or error.get("code")
-            record.error_type = "error in stream" + (f": {kind}" if kind else "")
-            record.error = str(error.get("message") or json.dumps(error)[:200])
-        elif not seen_data:
-            record.error_type = "invalid response"
-            record.error = (_openai_error(_json_or_none(head)) or
-                            f"not an event stream (is this an OpenAI-compatible /v1/completions?)"
-                            f": {head[:100]!r}")
-        elif problem:
-            record.error_type, record.error = "invalid response", problem
-        elif not finished:
-            record.error_type = "incomplete stream"
-            record.error = f"the stream ended after {_chunks(chunks)} without data: [DONE]"
-        else:
-            record.ok = True
-            tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
-            record.tokens_from_usage = isinstance(tokens, int)
-            record.tokens_generated = tokens if record.tokens_from_usage else chunks
-            if record.tokens_from_usage:
-                record.prompt_tokens = usage.get("prompt_tokens")
+            broken = err
+        _stream_outcome(record, scheduled, first, gaps, chunks, broken, error, seen_data, head,
+                        problem, finished, usage)
 
+
+def _stream_outcome(record: RequestRecord, scheduled: float, first: float | None,
+                    gaps: list[float], chunks: int, broken: Exception | None, error: dict | None,
+                    seen_data: bool, head: bytes, problem: str | None, finished: bool,
+                    usage) -> None:
+    """A read stream's record: its client-side timings, then its outcome (the first problem
+    seen, else ok with its tokens)."""
+    if broken is not None:
+        record.error_type = "incomplete stream"
+        record.error = (f"the stream broke off after {_chunks(chunks)}, before data: "
+                        f"[DONE] ({type(broken).__name__}: {broken})")
+    record.chunks = chunks
+    record.itl_ms = gaps
+    if first is not None:
+        record.client_ttft_ms = (first - scheduled) * 1000
+    if record.error_type is not None:
+        return
+    if error is not None:  # vLLM: an error after the headers went out is an event
+        kind = error.get("type") or error.get("code")
+        record.error_type = "error in stream" + (f": {kind}" if kind else "")
+        record.error = str(error.get("message") or json.dumps(error)[:200])
+    elif not seen_data:
+        record.error_type = "invalid response"
+        record.error = (_openai_error(_json_or_none(head)) or
+                        f"not an event stream (is this an OpenAI-compatible /v1/completions?)"
+                        f": {head[:100]!r}")
+    elif problem:
+        record.error_type, record.error = "invalid response", problem
+    elif not finished:
+        record.error_type = "incomplete stream"
+        record.error = f"the stream ended after {_chunks(chunks)} without data: [DONE]"
+    else:
+        record.ok = True
+        tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
+        record.tokens_from_usage = isinstance(tokens, int)
+        record.tokens_generated = tokens if record.tokens_from_usage else chunks
+        if record.tokens_from_usage:
+            record.prompt_tokens = usage.get("prompt_tokens")
 
 def _plain_text_chunk(payload: bytes) -> bool:
     """Whether an event is a chunk carrying text and nothing else to read (no usage, no error),

@@ -33,6 +33,7 @@ import math
 import time
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
 
 import aiohttp
 import numpy as np
@@ -243,6 +244,29 @@ async def arun(url: str | Sequence[str], concurrency: int | None = None, request
     The client's own event-loop lag is watched throughout (`client_loop_lag_ms` in the
     summary): a loop that lags delays every send and every chunk it times.
     """
+    setup = _setup(url, concurrency, requests, max_tokens, prompt, temperature, timeout, warmup,
+                   rate, seed, api, model, ignore_eos)
+    async with _client_session(timeout) as session:
+        client = await _connect(session, setup, temperature, api, model, ignore_eos,
+                                check_ready)
+        await _warm_up(client, warmup, setup.concurrency, on_ready)
+        records, lag = await _measure(client, setup.concurrency, warmup, requests, rate, seed,
+                                      arrivals, progress)
+    return _result(records, warmup, client, lag, setup.config)
+
+
+class _Setup(NamedTuple):
+    urls: list[str]
+    prompts: list[str]
+    lengths: list[int]  # each request's max_tokens, the warmup's first
+    concurrency: int | None
+    api_key: str | None
+    config: dict  # the run's settings, in the result
+
+
+def _setup(url, concurrency, requests, max_tokens, prompt, temperature, timeout, warmup, rate,
+           seed, api, model, ignore_eos) -> _Setup:
+    """`arun`'s arguments checked, each request's length drawn, and the result's config."""
     urls = normalize_urls(url, api)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     _check_args(concurrency, requests, warmup, rate, timeout, prompts)
@@ -259,38 +283,68 @@ async def arun(url: str | Sequence[str], concurrency: int | None = None, request
               "max_tokens": mix if len(mix) > 1 else next(iter(mix)),
               "temperature": temperature, "timeout": timeout,
               "warmup": warmup, "prompts": len(prompts), "seed": seed, "api": api}
+    return _Setup(urls, prompts, lengths, concurrency, api_key, config)
+
+
+def _client_session(timeout: float) -> aiohttp.ClientSession:
+    """A session with no connection limit, marking when each request's headers went out."""
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
     trace = aiohttp.TraceConfig()
     trace.on_request_headers_sent.append(mark_sent)
-    async with aiohttp.ClientSession(connector=connector, trace_configs=[trace],
-                                     timeout=aiohttp.ClientTimeout(total=timeout)) as session:
-        if api == "openai":
-            model = await openai_model(session, urls, model, api_key, check_ready)
-            config.update(model=model, ignore_eos=ignore_eos, api_key_from_env=bool(api_key))
-        elif check_ready:
-            await ensure_ready(session, urls)
-        client = Client(urls, prompts, lengths, temperature, api=api, model=model,
-                         ignore_eos=ignore_eos, api_key=api_key)
-        client.session = session
-        if warmup:
-            await client.closed_loop(range(warmup), min(concurrency or warmup, warmup), None)
-        if on_ready is not None:
-            start_at = await asyncio.get_running_loop().run_in_executor(None, on_ready)
-            await asyncio.sleep(max(0.0, start_at - time.perf_counter()))
-        if arrivals is None and rate is not None:
-            arrivals = poisson_arrivals(rate, requests, seed)
-        label = f"open loop {rate:g} req/s" if rate is not None else f"concurrency {concurrency}"
-        lag = LoopLag()
-        watch = asyncio.create_task(lag.watch())
-        with _progress_bar(requests, progress, label) as bar:
-            client.reset_clock()
-            if arrivals is None:
-                records = await client.closed_loop(range(warmup, warmup + requests),
-                                                   concurrency, bar)
-            else:
-                records = await client.open_loop(range(warmup, warmup + requests), arrivals,
-                                                 concurrency, bar)
-        watch.cancel()
+    return aiohttp.ClientSession(connector=connector, trace_configs=[trace],
+                                 timeout=aiohttp.ClientTimeout(total=timeout))
+
+
+async def _connect(session: aiohttp.ClientSession, setup: _Setup, temperature: float, api: str,
+                   model: str | None, ignore_eos: bool, check_ready: bool) -> Client:
+    """The client on `session`, once the server is ready (api="openai": the model asked for,
+    found, and put in the config)."""
+    if api == "openai":
+        model = await openai_model(session, setup.urls, model, setup.api_key, check_ready)
+        setup.config.update(model=model, ignore_eos=ignore_eos,
+                            api_key_from_env=bool(setup.api_key))
+    elif check_ready:
+        await ensure_ready(session, setup.urls)
+    client = Client(setup.urls, setup.prompts, setup.lengths, temperature, api=api, model=model,
+                    ignore_eos=ignore_eos, api_key=setup.api_key)
+    client.session = session
+    return client
+
+
+async def _warm_up(client: Client, warmup: int, concurrency: int | None,
+                   on_ready: Callable[[], float] | None) -> None:
+    """The unmeasured requests, then `on_ready`'s start time waited for."""
+    if warmup:
+        await client.closed_loop(range(warmup), min(concurrency or warmup, warmup), None)
+    if on_ready is not None:
+        start_at = await asyncio.get_running_loop().run_in_executor(None, on_ready)
+        await asyncio.sleep(max(0.0, start_at - time.perf_counter()))
+
+
+async def _measure(client: Client, concurrency: int | None, warmup: int, requests: int,
+                   rate: float | None, seed: int, arrivals: Sequence[float] | None,
+                   progress: bool | Callable[[int], None]) -> tuple[list[RequestRecord], LoopLag]:
+    """The measured requests, closed or open loop, the client's event-loop lag watched."""
+    if arrivals is None and rate is not None:
+        arrivals = poisson_arrivals(rate, requests, seed)
+    label = f"open loop {rate:g} req/s" if rate is not None else f"concurrency {concurrency}"
+    lag = LoopLag()
+    watch = asyncio.create_task(lag.watch())
+    with _progress_bar(requests, progress, label) as bar:
+        client.reset_clock()
+        if arrivals is None:
+            records = await client.closed_loop(range(warmup, warmup + requests),
+                                               concurrency, bar)
+        else:
+            records = await client.open_loop(range(warmup, warmup + requests), arrivals,
+                                             concurrency, bar)
+    watch.cancel()
+    return records, lag
+
+
+def _result(records: list[RequestRecord], warmup: int, client: Client, lag: LoopLag,
+            config: dict) -> LoadTestResult:
+    """The measured records, numbered from 0, with the run's config and clock."""
     for record in records:
         record.index -= warmup
     # perf_counter is the system's monotonic clock: another process on this machine can place
@@ -298,7 +352,6 @@ async def arun(url: str | Sequence[str], concurrency: int | None = None, request
     config["t0_perf_counter"] = client.t0
     config["client_loop_lag_ms"] = lag.samples_ms
     return LoadTestResult(records, config)
-
 
 def poisson_arrivals(rate: float, count: int, seed: int) -> np.ndarray:
     """Send times of `count` Poisson arrivals at `rate` per second (seconds from the start;

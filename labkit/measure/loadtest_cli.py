@@ -23,6 +23,16 @@ from labkit.measure.loadtest import (
 
 
 def configure_cli(parser: argparse.ArgumentParser) -> None:
+    """`labkit loadtest`'s flags, in `--help`'s order: the server, the load, the output, the
+    sweep."""
+    _configure_target(parser)
+    _configure_load(parser)
+    _configure_output(parser)
+    _configure_sweep(parser)
+
+
+def _configure_target(parser: argparse.ArgumentParser) -> None:
+    """The server: its URLs, its API, the model to ask for."""
     parser.add_argument("--url", action="append", default=None,
                         help="the /generate URL (or the server's base URL; with --api openai: "
                              "its /v1/completions, /v1 or base URL); repeat it or separate with "
@@ -38,6 +48,10 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ignore-eos", action="store_true",
                         help="--api openai: send vLLM's ignore_eos, so every request generates "
                              "exactly --max-tokens tokens")
+
+
+def _configure_load(parser: argparse.ArgumentParser) -> None:
+    """The load: how many requests, how they arrive, what each one asks for."""
     parser.add_argument("--concurrency", type=int, default=None,
                         help="closed loop: concurrent workers (default 5); with --rate: the "
                              "most requests in flight (default: no cap)")
@@ -67,12 +81,15 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
                         help="open loop: Poisson arrivals at this many requests/s")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the Poisson arrivals and of the order of a --max-tokens mix")
+
+
+def _configure_output(parser: argparse.ArgumentParser) -> None:
+    """What is written and printed besides the report."""
     parser.add_argument("--json", type=Path, default=None, help="write summary + records here")
     parser.add_argument("--csv", type=Path, default=None, help="write one row per request here")
     parser.add_argument("--explain", action="store_true",
                         help="print the metric definitions (alone, or after the report)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _configure_sweep(parser)
 
 
 def _configure_sweep(parser: argparse.ArgumentParser) -> None:

@@ -33,6 +33,21 @@ QUANTIZATIONS = ("none", "fp8")
 
 
 def configure_cli(parser: argparse.ArgumentParser) -> None:
+    """`labkit serve`'s flags, in `--help`'s order: model and address, serving mode, the
+    continuous engine, running, failure handling, access and limits, then --watch-parent."""
+    _add_model_flags(parser)
+    _add_mode_flags(parser)
+    _add_engine_flags(parser)
+    _add_running_flags(parser)
+    _add_failure_flags(parser)
+    _add_access_flags(parser)
+    parser.add_argument("--watch-parent", action="store_true",
+                        help="stop when the launching process exits or closes our stdin "
+                             "(used by labkit.serve.launcher.launch)")
+
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """The model, the address to listen on, the request limit, the device and dtype."""
     parser.add_argument("--model", default="model",
                         help="model source: model (default, the embedded model), a local "
                              "directory, a cached Hub id, or synthetic:<shape>")
@@ -43,6 +58,10 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
                         help="largest max_tokens a request may ask for (default 1024)")
     parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
     parser.add_argument("--dtype", default="auto", help="auto, bf16, fp16 or fp32")
+
+
+def _add_mode_flags(parser: argparse.ArgumentParser) -> None:
+    """The serving mode and the batch it forms."""
     parser.add_argument("--mode", default="sequential", choices=sorted(SCHEDULERS),
                         help="serving mode: sequential = one generation at a time (the seed); "
                              "batched = requests waiting for the model are generated together; "
@@ -54,6 +73,11 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-wait-ms", type=float, default=None, metavar="MS",
                         help="batched mode: how long a batch waits to fill after its first "
                              f"request arrives (default {DEFAULT_MAX_WAIT_MS:g})")
+
+
+def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    """Continuous mode's engine: KV cache, prefill, quantization, prefix cache, its process;
+    and CUDA graphs."""
     parser.add_argument("--kv-cache-gb", type=float, default=None, metavar="GB",
                         help="continuous mode: GPU memory for the paged KV cache (default a "
                              "tenth of the card; 0.25 on the CPU); bounds how many tokens "
@@ -80,6 +104,10 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
                         help="batched mode on a GPU: replay each decode step from a CUDA graph "
                              "(default on; --no-cuda-graphs decodes eagerly, the GPU waiting "
                              "on Python between kernels)")
+
+
+def _add_running_flags(parser: argparse.ArgumentParser) -> None:
+    """CPU threads, warmup before serving, draining on SIGTERM."""
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for generation (default on the CPU: one less than "
                              "the cores, leaving one to the server and clients)")
@@ -87,6 +115,10 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
                         help="throwaway generations after loading, before serving (default 1)")
     parser.add_argument("--drain-timeout", type=float, default=600.0,
                         help="on SIGTERM, seconds to wait for accepted requests (default 600)")
+
+
+def _add_failure_flags(parser: argparse.ArgumentParser) -> None:
+    """A wedged or dead engine: when it counts as one, and when the server then exits."""
     parser.add_argument("--engine-step-timeout", type=float, default=None, metavar="S",
                         help="continuous mode: an engine step running longer than this is a "
                              "wedged engine: its requests fail, / and /health answer 503 "
@@ -95,6 +127,10 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
                         help="after the engine died or wedged, exit with status 3 this many "
                              "seconds later, for a supervisor to restart the server (default "
                              "10; -1: stay up, answering 503)")
+
+
+def _add_access_flags(parser: argparse.ArgumentParser) -> None:
+    """The 'access and limits' group: API key, Host names, timeouts, connections."""
     security = parser.add_argument_group("access and limits")
     security.add_argument("--api-key", default=None, metavar="KEY",
                           help="require 'Authorization: Bearer KEY' on every endpoint but / "
@@ -116,9 +152,6 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
                           help="most open connections; more get 503 (default "
                                f"{access.DEFAULT_MAX_CONNECTIONS}, or fewer where `ulimit -n` "
                                "allows fewer open files)")
-    parser.add_argument("--watch-parent", action="store_true",
-                        help="stop when the launching process exits or closes our stdin "
-                             "(used by labkit.serve.launcher.launch)")
 
 
 def run_cli(args) -> int:

@@ -474,6 +474,25 @@ async def serve(app: web.Application, host: str = "127.0.0.1", port: int = 8000,
     status: 0 after a graceful stop, 1 when the model failed to load, 3 when the engine died or
     wedged (`failure_exit_s` after it did, or at a signal; negative: only at a signal)."""
     state = app[STATE]
+    runner, url = await _listen(app, host, port, idle_timeout_s, max_connections)
+    stop = asyncio.Event()
+    _handle_stop_signals(state, stop, watch_parent)
+    watcher = asyncio.create_task(_announce_ready(state, stop, url, failure_exit_s))
+    await stop.wait()
+    watcher.cancel()
+    failure = state.failure()
+    if state.load_error is None and failure is None:
+        await _drain(state, drain_timeout_s)
+    await runner.cleanup()
+    log.info("Server stopped after serving %d request(s)", state.scheduler.served)
+    if state.load_error is not None:
+        return 1
+    return EXIT_ENGINE_FAILED if failure is not None else 0
+
+
+async def _listen(app: web.Application, host: str, port: int, idle_timeout_s: float,
+                  max_connections: int) -> tuple[web.AppRunner, str]:
+    """Start listening on `host:port` (0: a free port); the runner and the server's URL."""
     # keepalive_timeout runs from a connection's start until its request's headers are in,
     # and between requests: it bounds a slow sender of headers as much as an idle client.
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
@@ -486,8 +505,12 @@ async def serve(app: web.Application, host: str = "127.0.0.1", port: int = 8000,
     url = f"http://{host}:{bound_port}"
     log.info("%s%s (model loading: /health answers 503 until it is ready)",
              LISTENING_PREFIX, url)
+    return runner, url
 
-    stop = asyncio.Event()
+
+def _handle_stop_signals(state: ServerState, stop: asyncio.Event, watch_parent: bool) -> None:
+    """SIGTERM and SIGINT (and, with `watch_parent`, the parent's exit) set `stop`; a second
+    one exits at once."""
     loop = asyncio.get_running_loop()
 
     def request_stop(reason: str) -> None:
@@ -503,32 +526,27 @@ async def serve(app: web.Application, host: str = "127.0.0.1", port: int = 8000,
     if watch_parent:
         _watch_parent(loop, request_stop)
 
-    async def announce_ready() -> None:
-        await state.finished_loading.wait()
-        if state.load_error is not None:
-            stop.set()
-            return
-        log.info("Ready: POST %s/generate (mode %s, max_tokens up to %d)", url,
-                 _describe_mode(state.scheduler.stats()), state.max_tokens_limit)
-        await _watch_engine(state, stop, failure_exit_s)
 
-    watcher = asyncio.create_task(announce_ready())
-    await stop.wait()
-    watcher.cancel()
-    failure = state.failure()
-    if state.load_error is None and failure is None:
-        stats = state.scheduler.stats()
-        log.info("Shutting down (%s): finishing %d queued + %d running request(s); new "
-                 "requests get 503", state.shutdown_reason, stats["queue_depth"],
-                 stats["in_flight"])
-        if not await state.scheduler.wait_idle(drain_timeout_s):
-            log.warning("Gave up waiting for requests after %.0f s", drain_timeout_s)
-    await runner.cleanup()
-    log.info("Server stopped after serving %d request(s)", state.scheduler.served)
+async def _announce_ready(state: ServerState, stop: asyncio.Event, url: str,
+                          failure_exit_s: float) -> None:
+    """Once the model has loaded, say so and watch the engine; a failed load stops at once."""
+    await state.finished_loading.wait()
     if state.load_error is not None:
-        return 1
-    return EXIT_ENGINE_FAILED if failure is not None else 0
+        stop.set()
+        return
+    log.info("Ready: POST %s/generate (mode %s, max_tokens up to %d)", url,
+             _describe_mode(state.scheduler.stats()), state.max_tokens_limit)
+    await _watch_engine(state, stop, failure_exit_s)
 
+
+async def _drain(state: ServerState, drain_timeout_s: float) -> None:
+    """Finish the queued and running requests, waiting at most `drain_timeout_s`."""
+    stats = state.scheduler.stats()
+    log.info("Shutting down (%s): finishing %d queued + %d running request(s); new "
+             "requests get 503", state.shutdown_reason, stats["queue_depth"],
+             stats["in_flight"])
+    if not await state.scheduler.wait_idle(drain_timeout_s):
+        log.warning("Gave up waiting for requests after %.0f s", drain_timeout_s)
 
 async def _watch_engine(state: ServerState, stop: asyncio.Event, exit_after_s: float) -> None:
     """Poll for a dead or wedged engine; once seen, fail what it held (it will never answer),

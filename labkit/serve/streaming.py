@@ -180,26 +180,7 @@ async def stream(http_request: web.Request, call: Call, request: Request, backen
     write to a closed connection, or a reader too slow for `STREAM_BUFFER_BYTES`) cancels the
     request, so the engine stops it."""
     prompt_tokens = len(request.prompt_ids)
-
-    def too_slow() -> None:
-        log.warning("%s: the client read too slowly (over %d bytes waiting): cancelled",
-                    call.id, STREAM_BUFFER_BYTES)
-        work.cancel()  # as for a client that left: counted cancelled, the engine stops it
-        if http_request.transport is not None:
-            http_request.transport.abort()  # a writer stuck on the full socket gives up now
-
-    frames = FrameQueue(relay, STREAM_BUFFER_BYTES, too_slow)
-    sink = TextSink(request, backend.detokenizer(), call.stop,
-                    deliver=lambda piece, tokens: frames.put(
-                        call.text_frame(piece, prompt_tokens, tokens)))
-    work = asyncio.ensure_future(submit(request))
-
-    def finished(task: asyncio.Future) -> None:
-        if not task.cancelled():
-            task.exception()  # retrieved here too, in case nobody is left to await it
-        frames.close()
-
-    work.add_done_callback(finished)
+    frames, sink, work = _submit_framed(http_request, call, request, backend, submit, relay)
     response = web.StreamResponse(headers=SSE_HEADERS)
     first_sent: float | None = None
 
@@ -233,6 +214,35 @@ async def stream(http_request: web.Request, call: Call, request: Request, backen
             work.cancel()  # the scheduler withdraws or cancels it, and counts it
     return response
 
+
+def _submit_framed(http_request: web.Request, call: Call, request: Request, backend: Backend,
+                   submit: Callable[[Request], Awaitable[Result]],
+                   relay: Relay) -> tuple[FrameQueue, TextSink, asyncio.Future]:
+    """Submit `request`, each new piece of its text made into an SSE frame on the generation
+    thread: the frames' queue (closed once the generation ends; a reader too slow for it
+    cancels the request and aborts the connection), the text's sink, and the submitted work."""
+    prompt_tokens = len(request.prompt_ids)
+
+    def too_slow() -> None:
+        log.warning("%s: the client read too slowly (over %d bytes waiting): cancelled",
+                    call.id, STREAM_BUFFER_BYTES)
+        work.cancel()  # as for a client that left: counted cancelled, the engine stops it
+        if http_request.transport is not None:
+            http_request.transport.abort()  # a writer stuck on the full socket gives up now
+
+    frames = FrameQueue(relay, STREAM_BUFFER_BYTES, too_slow)
+    sink = TextSink(request, backend.detokenizer(), call.stop,
+                    deliver=lambda piece, tokens: frames.put(
+                        call.text_frame(piece, prompt_tokens, tokens)))
+    work = asyncio.ensure_future(submit(request))
+
+    def finished(task: asyncio.Future) -> None:
+        if not task.cancelled():
+            task.exception()  # retrieved here too, in case nobody is left to await it
+        frames.close()
+
+    work.add_done_callback(finished)
+    return frames, sink, work
 
 async def _stream_error(response: web.StreamResponse, err: Exception, request_id: str) -> None:
     """An error after the stream began: the status is sent, so it goes in a last event."""
