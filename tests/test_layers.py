@@ -174,3 +174,53 @@ def test_no_module_over_600_lines():
     over = {name: n for name, n in long.items()
             if n > MAX_MODULE_LINES and name not in LONG_MODULES_ALLOWED}
     assert over == {}, f"split these modules (over {MAX_MODULE_LINES} lines): {over}"
+
+
+MAX_FUNCTION_LINES = 50
+
+
+def _is_triton_kernel(node: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
+    """Decorated `@triton.jit` or `@triton.jit(...)`: a kernel reads as one piece, like the
+    paper's pseudo-code, and may run long."""
+    return any(ast.unparse(d.func if isinstance(d, ast.Call) else d) == "triton.jit"
+               for d in node.decorator_list)
+
+
+def long_functions(root: Path = LABKIT, limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """'path:line name (N lines)' for each function or method, nested ones included, longer
+    than `limit` lines from its `def` to the end of its body; Triton kernels excepted."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) \
+                    or _is_triton_kernel(node):
+                continue
+            length = node.end_lineno - node.lineno + 1
+            if length > limit:
+                found.append(f"{path.relative_to(root.parent)}:{node.lineno} {node.name} "
+                             f"({length} lines)")
+    return found
+
+
+def test_no_function_over_50_lines():
+    """A function longer than 50 lines does more than one job: give each job a helper."""
+    long = long_functions()
+    assert long == [], (f"shorten these (over {MAX_FUNCTION_LINES} lines; Triton kernels "
+                        "excepted):\n" + "\n".join(long))
+
+
+def _function(header: str, length: int, indent: str = "") -> str:
+    """Source of a function `length` lines long, `def` line included."""
+    return f"{indent}{header}\n" + "".join(f"{indent}    x{i} = {i}\n" for i in range(length - 1))
+
+
+def test_the_length_check_catches_a_long_function_and_spares_a_kernel(tmp_path: Path):
+    """51 lines is reported (a method too), 50 is not, and neither is a long Triton kernel."""
+    root = tmp_path / "labkit"
+    root.mkdir()
+    (root / "m.py").write_text(
+        "import triton\n\n" + _function("def fits():", 50)
+        + "\nclass C:\n" + _function("async def method(self):", 51, indent="    ")
+        + "\n@triton.jit\n" + _function("def kernel():", 80)
+        + "\n@triton.jit(do_not_specialize=['n'])\n" + _function("def kernel2(n):", 80))
+    assert long_functions(root) == ["labkit/m.py:55 method (51 lines)"]

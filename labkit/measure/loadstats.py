@@ -297,91 +297,31 @@ class LoadTestResult:
     def report(self, explain: bool = False) -> str:
         """The seed's LOAD TEST RESULTS block, then tokens, server-side times, errors, lag."""
         s = self.summary()
-        lat = s["latency_ms"]
-        per_min = s["requests_per_min"]
-        rule = "=" * 60
-        lines = [
-            rule, "LOAD TEST RESULTS", rule, "",
-            "Success Rate:",
-            f"  Total requests: {s['total_requests']}",
-            f"  Successful: {s['successful']}",
-            f"  Success rate: {_pct(s['success_rate'])}",
-            "",
-            "Latency (ms):",
-            f"  Min: {_ms(lat['min'])}",
-            f"  Max: {_ms(lat['max'])}",
-            f"  Mean: {_ms(lat['mean'])}",
-            f"  Median (p50): {_ms(lat['p50'])}",
-            f"  p95: {_ms(lat['p95'])}",
-            f"  p99: {_ms(lat['p99'])}",
-            "",
-            "Throughput:",
-            f"  Total time: {s['total_time_s']:.1f}s",
-            f"  Requests/sec: {_num(s['requests_per_sec'], 2)}",
-            f"  Requests/min: {_num(per_min, 0 if per_min >= 10 else 1)}",
-            rule,
-            "",
-            "Tokens:",
-            f"  Output tokens/sec: {_num(s['output_tokens_per_sec'], 1)} "
-            f"({s['output_tokens']} tokens in {s['successful']}{self._token_source(s)})",
-            "",
-        ]
-        ttft, tpot, itl = s["ttft_ms"], s["tpot_ms"], s["itl_ms"]
-        if s["api"] == "openai":
-            lines += [
-                f"Client side (OpenAI API, streaming, {s['stream_chunks']} chunks):",
-                f"  TTFT (ms, {s['ttft_source']}): mean {_ms(ttft['mean'])}, "
-                f"p50 {_ms(ttft['p50'])}, p95 {_ms(ttft['p95'])}, p99 {_ms(ttft['p99'])}",
-                f"  ITL (ms, between chunks carrying text): mean {_num(itl['mean'], 2)}, "
-                f"p50 {_num(itl['p50'], 2)}, p95 {_num(itl['p95'], 2)}, "
-                f"p99 {_num(itl['p99'], 2)}",
-                f"  TPOT (ms per output token): mean {_num(tpot['mean'], 2)}, "
-                f"p50 {_num(tpot['p50'], 2)}, p95 {_num(tpot['p95'], 2)}",
-            ]
-        else:
-            lines += [
-                "Server side (from response fields):",
-                f"  Queue time (ms): mean {_ms(s['queue_time_ms']['mean'])}, "
-                f"p95 {_ms(s['queue_time_ms']['p95'])}",
-                f"  TTFT (ms, send -> first token, {s['ttft_source']}): "
-                f"mean {_ms(ttft['mean'])}, p95 {_ms(ttft['p95'])}",
-                f"  TPOT (ms per output token): mean {_num(tpot['mean'], 2)}",
-            ]
+        lines = [*_results_block(s), "", *self._tokens_block(s), "", *_timing_block(s)]
         if s["by_max_tokens"]:
             lines += ["", *self._length_block(s["by_max_tokens"])]
-        lines += ["", "Errors by type:"]
-        if not s["errors_by_type"]:
-            lines.append("  none")
-        for kind, entry in sorted(s["errors_by_type"].items(), key=lambda kv: -kv[1]["count"]):
-            example = (entry["example"] or "")[:160]
-            lines.append(f"  {kind}: {entry['count']}" + (f"  (e.g. {example})" if example else ""))
-        lag, loop = s["send_lag_ms"], s["client_loop_lag_ms"]
-        workers = f", {s['workers']} processes" if s["workers"] > 1 else ""
-        lines += ["", f"Client send lag (ms): p50 {_num(lag['p50'], 2)}, p99 {_num(lag['p99'], 2)}",
-                  f"Client event-loop lag (ms{workers}): p50 {_num(loop['p50'], 2)}, "
-                  f"p99 {_num(loop['p99'], 2)}, max {_num(loop['max'], 2)}"]
-        if s["client_saturated"]:
-            lines.append(
-                f"  WARNING: the client was saturated: its event loop ran late (p99 "
-                f"{loop['p99']:.1f} ms), so it read chunks and sent requests late and its "
-                "timings include its own delay. Use more processes (--workers N).")
-        if s["client_bound"]:
-            lines.append(
-                "  WARNING: the client, not the server, is the bottleneck: requests left late "
-                f"(p99 {lag['p99']:.1f} ms). Latencies include the client's own delay; use fewer "
-                "concurrent requests, a lower --rate, or several load-test processes.")
-        lines += ["", "Setup:", f"  {self._describe_setup()}"]
-        server = s["server"]
+        lines += ["", *_errors_block(s["errors_by_type"]), "", *_lag_block(s),
+                  "", *self._setup_block(s["server"]), RULE]
+        if explain:
+            lines += ["", DEFINITIONS]
+        return "\n".join(lines)
+
+    def _tokens_block(self, s: dict) -> list[str]:
+        """Output tokens per second, and where the token counts came from."""
+        return ["Tokens:",
+                f"  Output tokens/sec: {_num(s['output_tokens_per_sec'], 1)} "
+                f"({s['output_tokens']} tokens in {s['successful']}{self._token_source(s)})"]
+
+    def _setup_block(self, server: dict | None) -> list[str]:
+        """How the test ran and, when the server said, what it served on which device."""
+        lines = ["Setup:", f"  {self._describe_setup()}"]
         if server:
             where = server["gpu_name"] or (f"{server['device']} (no GPU)" if server["device"]
                                            else "a device it does not report")
             synthetic = ("  [synthetic: random weights, meaningless text; real timings]"
                          if server["synthetic"] else "")
             lines.append(f"  Server: {server['model']} on {where}{synthetic}")
-        lines.append(rule)
-        if explain:
-            lines += ["", DEFINITIONS]
-        return "\n".join(lines)
+        return lines
 
     def _length_block(self, by_length: dict[int, dict]) -> list[str]:
         """One line per max_tokens of a mix: its share of the requests, latency and TTFT."""
@@ -440,6 +380,90 @@ class LoadTestResult:
 
     def _repr_pretty_(self, printer, cycle) -> None:  # IPython shows the report
         printer.text(self.report())
+
+
+RULE = "=" * 60
+
+
+def _results_block(s: dict) -> list[str]:
+    """The seed's LOAD TEST RESULTS block: success rate, latency, throughput."""
+    lat, per_min = s["latency_ms"], s["requests_per_min"]
+    return [
+        RULE, "LOAD TEST RESULTS", RULE, "",
+        "Success Rate:",
+        f"  Total requests: {s['total_requests']}",
+        f"  Successful: {s['successful']}",
+        f"  Success rate: {_pct(s['success_rate'])}",
+        "",
+        "Latency (ms):",
+        f"  Min: {_ms(lat['min'])}",
+        f"  Max: {_ms(lat['max'])}",
+        f"  Mean: {_ms(lat['mean'])}",
+        f"  Median (p50): {_ms(lat['p50'])}",
+        f"  p95: {_ms(lat['p95'])}",
+        f"  p99: {_ms(lat['p99'])}",
+        "",
+        "Throughput:",
+        f"  Total time: {s['total_time_s']:.1f}s",
+        f"  Requests/sec: {_num(s['requests_per_sec'], 2)}",
+        f"  Requests/min: {_num(per_min, 0 if per_min >= 10 else 1)}",
+        RULE,
+    ]
+
+
+def _timing_block(s: dict) -> list[str]:
+    """TTFT, ITL and TPOT measured by a streaming client, or the server's own fields."""
+    ttft, tpot, itl = s["ttft_ms"], s["tpot_ms"], s["itl_ms"]
+    if s["api"] == "openai":
+        return [
+            f"Client side (OpenAI API, streaming, {s['stream_chunks']} chunks):",
+            f"  TTFT (ms, {s['ttft_source']}): mean {_ms(ttft['mean'])}, "
+            f"p50 {_ms(ttft['p50'])}, p95 {_ms(ttft['p95'])}, p99 {_ms(ttft['p99'])}",
+            f"  ITL (ms, between chunks carrying text): mean {_num(itl['mean'], 2)}, "
+            f"p50 {_num(itl['p50'], 2)}, p95 {_num(itl['p95'], 2)}, "
+            f"p99 {_num(itl['p99'], 2)}",
+            f"  TPOT (ms per output token): mean {_num(tpot['mean'], 2)}, "
+            f"p50 {_num(tpot['p50'], 2)}, p95 {_num(tpot['p95'], 2)}",
+        ]
+    return [
+        "Server side (from response fields):",
+        f"  Queue time (ms): mean {_ms(s['queue_time_ms']['mean'])}, "
+        f"p95 {_ms(s['queue_time_ms']['p95'])}",
+        f"  TTFT (ms, send -> first token, {s['ttft_source']}): "
+        f"mean {_ms(ttft['mean'])}, p95 {_ms(ttft['p95'])}",
+        f"  TPOT (ms per output token): mean {_num(tpot['mean'], 2)}",
+    ]
+
+
+def _errors_block(errors: dict[str, dict]) -> list[str]:
+    """Failed requests by type, most frequent first, each with an example message."""
+    lines = ["Errors by type:"]
+    if not errors:
+        lines.append("  none")
+    for kind, entry in sorted(errors.items(), key=lambda kv: -kv[1]["count"]):
+        example = (entry["example"] or "")[:160]
+        lines.append(f"  {kind}: {entry['count']}" + (f"  (e.g. {example})" if example else ""))
+    return lines
+
+
+def _lag_block(s: dict) -> list[str]:
+    """The client's send lag and event-loop lag, with a warning when either distorts timings."""
+    lag, loop = s["send_lag_ms"], s["client_loop_lag_ms"]
+    workers = f", {s['workers']} processes" if s["workers"] > 1 else ""
+    lines = [f"Client send lag (ms): p50 {_num(lag['p50'], 2)}, p99 {_num(lag['p99'], 2)}",
+             f"Client event-loop lag (ms{workers}): p50 {_num(loop['p50'], 2)}, "
+             f"p99 {_num(loop['p99'], 2)}, max {_num(loop['max'], 2)}"]
+    if s["client_saturated"]:
+        lines.append(
+            f"  WARNING: the client was saturated: its event loop ran late (p99 "
+            f"{loop['p99']:.1f} ms), so it read chunks and sent requests late and its "
+            "timings include its own delay. Use more processes (--workers N).")
+    if s["client_bound"]:
+        lines.append(
+            "  WARNING: the client, not the server, is the bottleneck: requests left late "
+            f"(p99 {lag['p99']:.1f} ms). Latencies include the client's own delay; use fewer "
+            "concurrent requests, a lower --rate, or several load-test processes.")
+    return lines
 
 
 def _lengths(max_tokens) -> str:

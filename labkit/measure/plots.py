@@ -94,60 +94,15 @@ def plot_timeline(
     """
     attrs = _attrs(frame)
     cpu_mode = attrs["source"] == "cpu-mode"
-    t0 = attrs.get("t0") or 0.0
     x = np.asarray(frame["elapsed_s"], dtype=float)
-
     server_panel = not cpu_mode and any(
         _column(frame, col) is not None for col in ("queue_depth", "in_flight", "kv_pages_used"))
-    fig = Figure(figsize=(figsize[0], figsize[1] + 2.2) if server_panel else figsize,
-                 layout="constrained")
+    fig, (top, *middle, bottom) = _timeline_axes(figsize, server_panel)
+    _draw_marks(top, bottom, marks or (), attrs.get("t0") or 0.0)
+    _plot_utilization_panel(top, frame, x, cpu_mode)
+    _title_with_summary(top, frame, attrs)
     if server_panel:
-        top, middle, bottom = fig.subplots(3, 1, sharex=True, height_ratios=(2.2, 1, 1))
-    else:
-        top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(2.2, 1))
-
-    spans = merge_spans((m.start - t0, m.end - t0) for m in marks or () if m.end is not None)
-    for i, (s, e) in enumerate(spans):
-        top.axvspan(s, e, color="tab:orange", alpha=0.15, lw=0,
-                    label="requests in flight" if i == 0 else None)
-    for m in marks or ():
-        if m.end is None:
-            for ax in (top, bottom):
-                ax.axvline(m.start - t0, color="0.3", ls=":", lw=1)
-            top.annotate(m.label, (m.start - t0, 98), fontsize=8, rotation=90, va="top",
-                         ha="right")
-
-    if cpu_mode:
-        busy = _column(frame, "busy_pct")
-        if busy is not None:
-            top.plot(x, busy, color="tab:blue", lw=1.2, label="inference worker busy",
-                     drawstyle=STEPS)
-        top.set_ylabel("worker busy, %\n(CPU mode: not GPU utilization)")
-    else:
-        util = _column(frame, "gpu_util")
-        if util is not None:
-            top.plot(x, util, color="tab:blue", lw=1.2, drawstyle=STEPS,
-                     label="GPU utilization (any kernel running)")
-        for col, (label, color) in GPM_LINES.items():
-            values = _column(frame, col)
-            if values is not None:
-                top.plot(x, values, lw=1, color=color, label=label, drawstyle=STEPS)
-        top.set_ylabel("percent of time / of the chip, %")
-    top.axhline(IDLE_THRESHOLD_PCT, color="0.5", ls="--", lw=0.8,
-                label=f"idle threshold ({IDLE_THRESHOLD_PCT:g} %)")
-    top.set_ylim(0, 105)
-    top.legend(**OUTSIDE)
-
-    summary = summarize(frame, source=attrs["source"], device=attrs.get("device", ""))
-    if summary["mean_util"] is not None:
-        text = (f"mean {summary['mean_util']:.1f} %, peak {summary['peak_util']:.0f} %, "
-                f"idle {summary['idle_fraction']:.0%} of samples")
-        if "sm_activity_mean" in summary:
-            text += f"; mean SM activity {summary['sm_activity_mean']:.1f} %"
-        top.set_title(text, loc="left", fontsize=9)
-
-    if server_panel:
-        _plot_server_panel(middle, frame, x)
+        _plot_server_panel(middle[0], frame, x)
     _plot_lower_panel(bottom, frame, x, cpu_mode)
     bottom.set_xlabel("time since the first sample, s")
 
@@ -155,6 +110,65 @@ def plot_timeline(
     what = f"Timeline ({CPU_MODE_LABEL})" if cpu_mode else "GPU timeline"
     fig.suptitle(_title(what, model, device, title), fontsize=11)
     return fig
+
+
+def _timeline_axes(figsize: tuple[float, float], server_panel: bool) -> tuple[Figure, Any]:
+    """The figure and its panels sharing the time axis: utilization, the server's requests
+    (when `server_panel`), then memory and power or queue depth."""
+    fig = Figure(figsize=(figsize[0], figsize[1] + 2.2) if server_panel else figsize,
+                 layout="constrained")
+    if server_panel:
+        return fig, fig.subplots(3, 1, sharex=True, height_ratios=(2.2, 1, 1))
+    return fig, fig.subplots(2, 1, sharex=True, height_ratios=(2.2, 1))
+
+
+def _draw_marks(top, bottom, marks: Sequence[Mark], t0: float) -> None:
+    """Shade where requests were in flight; draw and label instants as vertical lines."""
+    spans = merge_spans((m.start - t0, m.end - t0) for m in marks if m.end is not None)
+    for i, (s, e) in enumerate(spans):
+        top.axvspan(s, e, color="tab:orange", alpha=0.15, lw=0,
+                    label="requests in flight" if i == 0 else None)
+    for m in marks:
+        if m.end is None:
+            for ax in (top, bottom):
+                ax.axvline(m.start - t0, color="0.3", ls=":", lw=1)
+            top.annotate(m.label, (m.start - t0, 98), fontsize=8, rotation=90, va="top",
+                         ha="right")
+
+
+def _plot_utilization_panel(ax, frame: Any, x: np.ndarray, cpu_mode: bool) -> None:
+    """GPU utilization and GPM activity, or in CPU mode the inference worker's busy share."""
+    if cpu_mode:
+        busy = _column(frame, "busy_pct")
+        if busy is not None:
+            ax.plot(x, busy, color="tab:blue", lw=1.2, label="inference worker busy",
+                    drawstyle=STEPS)
+        ax.set_ylabel("worker busy, %\n(CPU mode: not GPU utilization)")
+    else:
+        util = _column(frame, "gpu_util")
+        if util is not None:
+            ax.plot(x, util, color="tab:blue", lw=1.2, drawstyle=STEPS,
+                    label="GPU utilization (any kernel running)")
+        for col, (label, color) in GPM_LINES.items():
+            values = _column(frame, col)
+            if values is not None:
+                ax.plot(x, values, lw=1, color=color, label=label, drawstyle=STEPS)
+        ax.set_ylabel("percent of time / of the chip, %")
+    ax.axhline(IDLE_THRESHOLD_PCT, color="0.5", ls="--", lw=0.8,
+               label=f"idle threshold ({IDLE_THRESHOLD_PCT:g} %)")
+    ax.set_ylim(0, 105)
+    ax.legend(**OUTSIDE)
+
+
+def _title_with_summary(ax, frame: Any, attrs: dict[str, Any]) -> None:
+    """Mean and peak utilization and the idle share of samples, above the top panel."""
+    summary = summarize(frame, source=attrs["source"], device=attrs.get("device", ""))
+    if summary["mean_util"] is not None:
+        text = (f"mean {summary['mean_util']:.1f} %, peak {summary['peak_util']:.0f} %, "
+                f"idle {summary['idle_fraction']:.0%} of samples")
+        if "sm_activity_mean" in summary:
+            text += f"; mean SM activity {summary['sm_activity_mean']:.1f} %"
+        ax.set_title(text, loc="left", fontsize=9)
 
 
 def _plot_server_panel(ax, frame: Any, x: np.ndarray) -> None:

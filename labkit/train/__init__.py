@@ -72,24 +72,11 @@ def build(out: Path, steps: int = 3000, device=None, seed: int = 0, examples: in
     """Run the whole pipeline; returns the figures written to the model card."""
     import torch
 
-    from labkit.train import card, corpus, tokenizer, trainer
+    from labkit.train import card, trainer
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     started = time.perf_counter()
-    print(f"[1/4] corpus: {examples} examples, seed {seed}", flush=True)
-    pairs = list(dict.fromkeys(corpus.generate_corpus(examples, seed=seed)))  # drop exact repeats
-    random.Random(seed).shuffle(pairs)
-    n_heldout = max(50, len(pairs) // 50)  # 2 %: texts never seen in training
-    heldout, train = pairs[:n_heldout], pairs[n_heldout:]
-
-    print(f"[2/4] tokenizer: byte-level BPE, target vocab {tokenizer.VOCAB_SIZE}", flush=True)
-    tok = tokenizer.train_tokenizer(
-        tokenizer.format_prompt(e.prompt) + " " + e.answer + tokenizer.EOS for e in train)
-    train_seqs, heldout_seqs = trainer.encode(tok, train), trainer.encode(tok, heldout)
-    stats = CorpusStats(
-        generated=examples, distinct=len(pairs), train_examples=len(train_seqs),
-        heldout_examples=len(heldout_seqs), train_tokens=sum(len(s) for s, _ in train_seqs),
-        heldout_tokens=sum(len(s) for s, _ in heldout_seqs))
+    tok, train_seqs, heldout_seqs, stats = _corpus_and_tokenizer(examples, seed)
 
     print(f"[3/4] training on {trainer.describe_device(device)}", flush=True)
     torch.manual_seed(seed)
@@ -117,3 +104,25 @@ def build(out: Path, steps: int = 3000, device=None, seed: int = 0, examples: in
         print(f"WARNING: {out} holds {size / 1e6:.2f} MB, over the {MAX_DIR_BYTES / 1e6:.0f} MB "
               "budget for the committed model")
     return figures
+
+
+def _corpus_and_tokenizer(examples: int, seed: int):
+    """Steps 1 and 2: the corpus without exact repeats, shuffled and split into training and
+    held-out pairs; a tokenizer trained on the training pairs; both splits encoded."""
+    from labkit.train import corpus, tokenizer, trainer
+
+    print(f"[1/4] corpus: {examples} examples, seed {seed}", flush=True)
+    pairs = list(dict.fromkeys(corpus.generate_corpus(examples, seed=seed)))  # drop exact repeats
+    random.Random(seed).shuffle(pairs)
+    n_heldout = max(50, len(pairs) // 50)  # 2 %: texts never seen in training
+    heldout, train = pairs[:n_heldout], pairs[n_heldout:]
+
+    print(f"[2/4] tokenizer: byte-level BPE, target vocab {tokenizer.VOCAB_SIZE}", flush=True)
+    tok = tokenizer.train_tokenizer(
+        tokenizer.format_prompt(e.prompt) + " " + e.answer + tokenizer.EOS for e in train)
+    train_seqs, heldout_seqs = trainer.encode(tok, train), trainer.encode(tok, heldout)
+    stats = CorpusStats(
+        generated=examples, distinct=len(pairs), train_examples=len(train_seqs),
+        heldout_examples=len(heldout_seqs), train_tokens=sum(len(s) for s, _ in train_seqs),
+        heldout_tokens=sum(len(s) for s, _ in heldout_seqs))
+    return tok, train_seqs, heldout_seqs, stats

@@ -150,14 +150,7 @@ def train(model: LlamaForCausalLM, train_seqs, heldout_seqs, settings: TrainSett
           log: Callable[[str], None] = print) -> TrainReport:
     torch.manual_seed(settings.seed)
     model.to(device).train()
-    # No weight decay on norms (1-D weights), the usual choice for transformers.
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": settings.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.95),
-                                  fused=device.type == "cuda")
+    optimizer = _optimizer(model, settings, device)
     sampler = torch.Generator().manual_seed(settings.seed)
     eval_seqs = heldout_seqs[:settings.eval_examples]
     history: list[dict] = []
@@ -172,16 +165,10 @@ def train(model: LlamaForCausalLM, train_seqs, heldout_seqs, settings: TrainSett
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, settings)
         picks = torch.randint(len(train_seqs), (settings.batch_size,), generator=sampler)
-        input_ids, mask, labels = make_batch([train_seqs[i] for i in picks], pad_id, device)
-        with _autocast(device):
-            loss_sum, n = _loss_sum(model, input_ids, mask, labels)
-        loss = loss_sum / n
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-        optimizer.step()
-        tokens_seen += int(mask.sum())
-        running.append(loss.detach())
+        batch = make_batch([train_seqs[i] for i in picks], pad_id, device)
+        loss, tokens = _train_step(model, optimizer, batch, settings.grad_clip, device)
+        tokens_seen += tokens
+        running.append(loss)
         if settings.time_budget_s and step + 1 == PROBE_SKIP + PROBE_STEPS:
             step_s = (time.perf_counter() - probe_started) / PROBE_STEPS
             _fit_budget(settings, step + 1, time.perf_counter() - started, step_s, log)
@@ -203,6 +190,33 @@ def train(model: LlamaForCausalLM, train_seqs, heldout_seqs, settings: TrainSett
     return TrainReport(steps=settings.steps, train_loss=history[-1]["train_loss"],
                        heldout_loss=round(final, 4), train_seconds=round(seconds, 1),
                        tokens_seen=tokens_seen, device=describe_device(device), history=history)
+
+
+def _optimizer(model: LlamaForCausalLM, settings: TrainSettings,
+               device: torch.device) -> torch.optim.AdamW:
+    # No weight decay on norms (1-D weights), the usual choice for transformers.
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": settings.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.95),
+                             fused=device.type == "cuda")
+
+
+def _train_step(model: LlamaForCausalLM, optimizer: torch.optim.Optimizer, batch,
+                grad_clip: float, device: torch.device) -> tuple[torch.Tensor, int]:
+    """One optimizer step on `batch` (make_batch's tensors); its mean loss (detached) and the
+    number of tokens it held."""
+    input_ids, mask, labels = batch
+    with _autocast(device):
+        loss_sum, n = _loss_sum(model, input_ids, mask, labels)
+    loss = loss_sum / n
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return loss.detach(), int(mask.sum())
 
 
 PROBE_SKIP, PROBE_STEPS = 10, 40  # the first steps pay for CUDA start-up: time later ones
