@@ -454,9 +454,10 @@ def _lag_block(s: dict) -> list[str]:
              f"Client event-loop lag (ms{workers}): p50 {_num(loop['p50'], 2)}, "
              f"p99 {_num(loop['p99'], 2)}, max {_num(loop['max'], 2)}"]
     if s["client_saturated"]:
+        read = "chunks" if s.get("api") == "openai" else "responses"  # /generate has no chunks
         lines.append(
             f"  WARNING: the client was saturated: its event loop ran late (p99 "
-            f"{loop['p99']:.1f} ms), so it read chunks and sent requests late and its "
+            f"{loop['p99']:.1f} ms), so it read {read} and sent requests late and its "
             "timings include its own delay. Use more processes (--workers N).")
     if s["client_bound"]:
         lines.append(
