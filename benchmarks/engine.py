@@ -268,11 +268,14 @@ def shared_prefix_run(engine: ContinuousEngine, requests: list[Request]) -> tupl
     """One timed run: output tok/s over the wall time, TTFT from submission (the queue
     included: all are submitted at once), the prefix cache's hits in prompt tokens."""
     synchronize(engine.lm.device)
+    before = engine.stats()  # counters since the engine was built: this run's are the change
     started = time.perf_counter()
     results = engine.generate(requests)
     wall = time.perf_counter() - started
     ttft = sorted((r.queue_time_ms or 0.0) + r.time_to_first_token_ms for r in results)
-    stats = engine.stats()
+    after = engine.stats()
+    stats = {key: after[key] - before[key] for key in (
+        "prefill_tokens", "preemptions", "prefix_cache_queries", "prefix_cache_hits")}
     tokens = sum(r.tokens_generated for r in results)
     return {"requests": len(requests), "prompt_tokens": len(requests[0].prompt_ids),
             "output_tokens": tokens, "wall_s": round(wall, 3), "tok_s": round(tokens / wall, 1),

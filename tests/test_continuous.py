@@ -181,6 +181,18 @@ def test_a_burst_beyond_the_cache_queues_preempts_and_resumes_exactly(lm):
     assert eng.block_manager.used == 0
 
 
+def check_free_lists(allocator) -> None:
+    """Blank and evictable blocks are apart and nobody holds them; the evictable ones are
+    exactly the cached blocks nobody holds, and the cache's keys point at their blocks."""
+    blank, evictable = set(allocator._free), set(allocator._evictable)
+    assert not blank & evictable and len(blank) == len(allocator._free)
+    assert all(allocator.blocks[b].ref_count == 0 for b in blank | evictable)
+    cached = {b.block_id for b in allocator.blocks if b.block_hash is not None}
+    assert evictable == {b for b in cached if allocator.blocks[b].ref_count == 0}
+    assert not blank & cached
+    assert {allocator.blocks[b].block_hash: b for b in cached} == allocator.cached
+
+
 def test_under_page_pressure_only_live_requests_hold_pages_and_none_leak(lm):
     """Many short and long requests through a cache that fits two or three: at every step the
     pages in use are exactly those the waiting, prefilling and decoding requests hold, each
@@ -204,7 +216,7 @@ def test_under_page_pressure_only_live_requests_hold_pages_and_none_leak(lm):
     stats = eng.stats()
     assert stats["preemptions"] > 0 and stats["prefix_cache_hits"] > 0
     assert eng.block_manager.used == 0 and {b.ref_count for b in allocator.blocks} == {0}
-    assert allocator.used + allocator.evictable + len(allocator._free) == allocator.total
+    check_free_lists(allocator)
     assert stats["kv_pages_evictable"] == stats["kv_pages_cached"] > 0
 
 

@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
-from test_continuous import engine
+from test_continuous import check_free_lists, engine
 
 from labkit import cli
 from labkit.engine.block_manager import BlockManager
@@ -57,7 +57,7 @@ def check_pages(eng, live: list[Sequence]) -> None:
             holders[block_id] = holders.get(block_id, 0) + 1
     assert {b.block_id: b.ref_count for b in allocator.blocks[1:] if b.ref_count} == holders
     assert allocator.used == len(holders)
-    assert allocator.used + allocator.evictable + len(allocator._free) == allocator.total
+    check_free_lists(allocator)
 
 
 def live_seqs(eng) -> list[Sequence]:
@@ -186,6 +186,20 @@ def test_greedy_output_is_the_same_with_and_without_the_prefix_cache(lm):
     assert stats["prefix_cache_hits"] - hits == sum((len(p) - 1) // PAGE * PAGE for p in prompts)
     assert stats["kv_pages_cached"] == stats["kv_pages_evictable"] > 0
     assert {b.ref_count for b in on.block_manager.allocator.blocks} == {0}
+
+
+def test_a_cold_burst_of_one_prefix_computes_it_once(lm):
+    """Six requests at once over a 40-token stem: the first computes it, the others wait a
+    step and find it cached (admitted together, each would compute it again)."""
+    rng = random.Random(5)
+    stem = [rng.randrange(100, lm.config.vocab_size) for _ in range(40)]
+    prompts = [stem + [rng.randrange(100, lm.config.vocab_size) for _ in range(4)]
+               for _ in range(6)]
+    eng = engine(lm, page_size=PAGE)
+    run_checked(eng, requests_of(prompts, 2))
+    stats = eng.stats()
+    assert stats["prefill_tokens"] == 44 + 5 * 4
+    assert stats["prefix_cache_hits"] == 5 * 40
 
 
 def test_preemption_with_shared_pages_resumes_exactly_and_frees_nothing_shared(lm):

@@ -197,6 +197,19 @@ class BlockManager:
         self.allocator.free(seq.block_table)
         seq.cached = seq.num_cached_blocks = 0
 
+    def computing_prefix(self, seq: Sequence, prefilling: list[Sequence]) -> bool:
+        """Whether the first block `seq` would compute is one a prefilling sequence is
+        computing now (same chained key): `seq` should wait and find it cached a step later,
+        so a cold burst of one system prompt computes it once, not once per request."""
+        if not self.enable_caching or seq.block_table:
+            return False
+        first = len(self._cache_hits(seq))
+        if first >= (len(seq.ids) - 1) // self.block_size:
+            return False  # nothing more of its prompt could come from the cache
+        wanted = self._block_hashes(seq, first + 1)[first]
+        return any(wanted in other.block_hashes[other.num_cached_blocks:]
+                   for other in prefilling)
+
     def reset_prefix_cache(self) -> None:
         self.allocator.reset_cache()
 
@@ -216,6 +229,7 @@ class BlockManager:
     def _block_hashes(self, seq: Sequence, count: int) -> list[bytes]:
         """`seq`'s first `count` full blocks' keys, computed once (its ids only grow)."""
         hashes, size = seq.block_hashes, self.block_size
+        assert count * size <= len(seq.ids), "only full blocks have keys"
         while len(hashes) < count:
             k = len(hashes)
             hashes.append(hash_block_tokens(hashes[-1] if k else None,

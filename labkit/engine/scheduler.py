@@ -62,6 +62,8 @@ class Scheduler:
             seq = self.waiting[0]
             if not self.block_manager.can_allocate(seq):
                 return  # first come, first served: nobody overtakes the oldest
+            if self.prefilling and self.block_manager.computing_prefix(seq, self.prefilling):
+                return  # its prefix is being computed: found cached once it is
             self.waiting.popleft()
             self.block_manager.allocate(seq)  # its cached prefix included: `cached` past it
             budget -= len(seq.ids) - seq.cached
