@@ -202,6 +202,36 @@ def test_a_cold_burst_of_one_prefix_computes_it_once(lm):
     assert stats["prefix_cache_hits"] == 5 * 40
 
 
+def test_a_failed_step_leaves_no_block_held_or_cached_and_the_engine_serves_on(lm):
+    """After a step raises, `reset` drops every request and the whole prefix cache (a block
+    written by the failed step must not be found again); the same requests then run as on a
+    fresh engine."""
+    prompts = shared_prompts(lm.config.vocab_size)[:6]
+    expected = [r.token_ids for r in engine(lm, page_size=PAGE, prefix_cache=False)
+                .generate(requests_of(prompts))]
+    eng = engine(lm, pages=40, page_size=PAGE, max_running=3, prefill_chunk=8)
+    for request in requests_of(prompts):
+        eng.add(request)
+    decode, calls = eng.runner.decode, []
+
+    def fails_on_the_fifth(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("a failed step")
+        return decode(*args, **kwargs)
+
+    eng.runner.decode = fails_on_the_fifth
+    with pytest.raises(RuntimeError, match="a failed step"):
+        while eng.has_work():
+            eng.step()
+    assert eng.stats()["kv_pages_cached"] > 0  # something was cached before it failed
+    eng.reset()
+    allocator = eng.block_manager.allocator
+    assert allocator.used == 0 and not allocator.cached and allocator.evictable == 0
+    assert {b.ref_count for b in allocator.blocks} == {0}
+    assert [r.token_ids for r in run_checked(eng, requests_of(prompts))] == expected
+
+
 def test_preemption_with_shared_pages_resumes_exactly_and_frees_nothing_shared(lm):
     prompts = [p for p in shared_prompts(lm.config.vocab_size) for _ in range(2)]
     expected = [r.token_ids for r in engine(lm, page_size=PAGE, prefix_cache=False)
