@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -245,3 +246,20 @@ def test_triton_kernels_under_the_interpreter():
     assert out.pop("rows_exact")
     for name, relative in out.items():  # bf16 outputs: a rounding step of the largest
         assert relative < 1e-2, (name, relative)
+
+
+def test_a_gpu_that_refuses_the_fp8_tensor_core_product_is_refused_not_served_wrong(
+        monkeypatch):
+    """The dequantizing fallback is wrong under CUDA graphs (H100, tests/test_gpu_quant.py):
+    where `torch._scaled_mm` refuses the model's shapes, loading fails with what to do."""
+    weight = SimpleNamespace(q=SimpleNamespace(is_cuda=True, device="cpu"), shape=(32, 16))
+    model = SimpleNamespace(embed=torch.zeros(1, dtype=torch.bfloat16))
+    monkeypatch.setattr(quant, "fp8_weights", lambda m: [weight])
+
+    def refuses(x, w):
+        raise RuntimeError("rowwise scaling is not supported on this device\nmore")
+
+    monkeypatch.setattr(quant, "scaled_mm", refuses)
+    with pytest.raises(ValueError, match=r"shape \(32, 16\) \(RuntimeError: rowwise scaling "
+                                         r"is not supported on this device\).*--quantization none"):
+        quant.pick_matmul(model)

@@ -22,8 +22,9 @@ What each product runs (`linear`):
   `quantize_rows`, one Triton kernel), and the product is (x_q @ q.T) · s_x · s_w, summed in
   float32 and rounded once: vLLM's `--quantization fp8` recipe on Hopper;
 - `matmul="dequant"`: q converted to the activations' dtype (exact: every e4m3 value is a bf16
-  value), a bf16 matmul, then the scales: the fallback when `_scaled_mm` refuses a shape, and
-  what benchmarks/engine.py times `scaled_mm` against;
+  value), a bf16 matmul, then the scales: what benchmarks/engine.py times `scaled_mm`
+  against. Not served: replayed from CUDA graphs it gave wrong logits on an H100, so a GPU
+  whose `_scaled_mm` refuses the model's shapes is refused (`pick_matmul`);
 - the CPU has no FP8 matmul: the same two recipes run eagerly in float32 (q → float, times its
   scales; W8A8 quantizes and dequantizes the inputs too). That path exists for tests and for
   measuring accuracy (benchmarks/fp8_accuracy.py), not for speed.
@@ -243,9 +244,11 @@ def set_matmul(model: nn.Module, matmul: str) -> None:
 
 
 def pick_matmul(model: nn.Module) -> str:
-    """"scaled_mm" where `scaled_mm` (the activation kernel and `torch._scaled_mm`) takes
-    every FP8 weight shape of the model (tried once here, before any CUDA graph capture, where
-    an error could not be caught), else "dequant" with a warning. The CPU's default is
+    """"scaled_mm" on CUDA, once `scaled_mm` (the activation kernel and `torch._scaled_mm`)
+    has taken every FP8 weight shape of the model (tried here, before any CUDA graph capture,
+    where an error could not be caught); a GPU that refuses it is refused (ValueError): the
+    dequantizing fallback gave wrong logits when replayed from CUDA graphs on an H100
+    (tests/test_gpu_quant.py), so nothing serves with it until that is fixed. The CPU's way is
     "dequant": what a batch-1 step does."""
     weights = fp8_weights(model)
     if not weights or not weights[0].q.is_cuda:
@@ -255,12 +258,13 @@ def pick_matmul(model: nn.Module) -> str:
         try:
             scaled_mm(torch.zeros(2, weight.shape[1], dtype=dtype, device=weight.q.device),
                       weight)
-        except Exception as err:  # noqa: BLE001 - any refusal (torch's, Triton's): fall back
-            log.warning("FP8 tensor-core products refused a weight of shape %s (%s: %s); "
-                        "products of more than one token dequantize to %s instead",
-                        tuple(weight.shape), type(err).__name__,
-                        (str(err).splitlines() or [""])[0], dtype)
-            return "dequant"
+        except Exception as err:  # noqa: BLE001 - any refusal (torch's, Triton's)
+            raise ValueError(
+                f"--quantization fp8: this GPU's FP8 tensor-core product (torch._scaled_mm, "
+                f"row-wise scales) refused a weight of shape {tuple(weight.shape)} "
+                f"({type(err).__name__}: {(str(err).splitlines() or [''])[0]}), and the "
+                f"fallback that dequantizes to {dtype} is not yet correct under CUDA graphs. "
+                f"Supported here: --quantization none.") from err
     return "scaled_mm"
 
 
