@@ -14,7 +14,8 @@ from __future__ import annotations
 import threading
 import time
 
-from labkit.engine.request import PromptTooLong, Request, Result
+from labkit.engine import text
+from labkit.engine.request import Request, Result
 
 STOP_TOKEN = 1_000_000  # the stub's end-of-sequence token: no text
 
@@ -47,11 +48,7 @@ class StubBackend:
 
     def tokenize(self, request: Request) -> None:
         ids = list(range(len(request.prompt.split())))  # one "token" per word
-        if len(ids) + request.max_tokens > self.context_length:
-            raise PromptTooLong(
-                f"prompt is {len(ids)} tokens; with max_tokens={request.max_tokens} that exceeds "
-                f"the model's context of {self.context_length} tokens. Shorten the prompt or "
-                "lower max_tokens.")
+        text.check_context(len(ids), request.max_tokens, self.context_length)
         request.prompt_ids = ids
 
     def detokenizer(self) -> StubDetokenizer:

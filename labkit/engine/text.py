@@ -44,13 +44,18 @@ def tokenize(lm: LoadedModel, request: Request) -> list[int]:
     if request.prompt_ids is None:
         text = request.prompt if request.templated else format_prompt(lm, request.prompt)
         ids = lm.tokenizer(text, add_special_tokens=False).input_ids
-        if len(ids) + request.max_tokens > lm.context_length:
-            raise PromptTooLong(
-                f"prompt is {len(ids)} tokens; with max_tokens={request.max_tokens} that exceeds "
-                f"the model's context of {lm.context_length} tokens. Shorten the prompt or lower "
-                "max_tokens.")
+        check_context(len(ids), request.max_tokens, lm.context_length)
         request.prompt_ids = ids
     return request.prompt_ids
+
+
+def check_context(prompt_tokens: int, max_tokens: int, context_length: int) -> None:
+    """PromptTooLong when prompt + max_tokens cannot fit the model's context."""
+    if prompt_tokens + max_tokens > context_length:
+        raise PromptTooLong(
+            f"prompt is {prompt_tokens} tokens; with max_tokens={max_tokens} that exceeds "
+            f"the model's context of {context_length} tokens. Shorten the prompt or lower "
+            "max_tokens.")
 
 
 def stop_token_ids(lm: LoadedModel) -> set[int]:
