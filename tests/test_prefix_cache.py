@@ -337,3 +337,14 @@ def test_loadtest_sends_the_shared_prefix_before_each_prompt(tmp_path):
                                                 f"{shared_prefix(40)}\n\nDry skin"]
     with pytest.raises(SystemExit):
         parser.parse_args(["--shared-prefix", "0"])
+
+
+def test_a_shared_prefix_beyond_any_context_is_refused_at_once(capsys):
+    """Not built first (100 M tokens took minutes, silently) only to be refused by the server."""
+    from labkit.measure import loadtest_cli
+
+    parser = argparse.ArgumentParser(prog="labkit loadtest")
+    loadtest_cli.configure_cli(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--shared-prefix", str(loadtest_cli.MAX_SHARED_PREFIX + 1)])
+    assert "--shared-prefix: at most 1,000,000 tokens" in capsys.readouterr().err

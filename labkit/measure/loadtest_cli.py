@@ -21,6 +21,8 @@ from labkit.measure.loadtest import (
     run,
 )
 
+MAX_SHARED_PREFIX = 1_000_000  # tokens of --shared-prefix
+
 
 def configure_cli(parser: argparse.ArgumentParser) -> None:
     """`labkit loadtest`'s flags, in `--help`'s order: the server, the load, the output, the
@@ -68,7 +70,7 @@ def _configure_load(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--prompt", default=None, help=f"prompt text (default {DEFAULT_PROMPT!r})")
     source.add_argument("--prompts-file", type=Path, default=None,
                         help="a text file with one prompt per line, used in turn")
-    parser.add_argument("--shared-prefix", type=_positive_int, default=None, metavar="TOKENS",
+    parser.add_argument("--shared-prefix", type=_prefix_tokens, default=None, metavar="TOKENS",
                         help="send a common system prompt of about TOKENS tokens (the same "
                              "text every run) before each request's own prompt, as a chat "
                              "application does: what a server's prefix cache shares")
@@ -212,6 +214,17 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _prefix_tokens(text: str) -> int:
+    """--shared-prefix: 1 to MAX_SHARED_PREFIX (beyond any model's context; a larger one took
+    minutes to build before the first request, then could only be refused)."""
+    value = _positive_int(text)
+    if value > MAX_SHARED_PREFIX:
+        raise argparse.ArgumentTypeError(
+            f"at most {MAX_SHARED_PREFIX:,} tokens (longer than any model's context), "
+            f"got {value:,}")
     return value
 
 
