@@ -31,7 +31,11 @@ from labkit.engine.model import load_model
 from labkit.measure import roofline
 
 TILES = list(itertools.product((2, 4, 8), (1024, 2048), (4, 8), (1, 2)))  # N, K, warps, stages
-FP8_TILES = list(itertools.product((4, 8, 16), (1024, 2048), (4, 8), (1, 2)))
+# FP8: a load of BLOCK_K bytes moves half a bf16 tile's, so wider and longer tiles too (an
+# fp32 product tile of 4k to 32k elements: beyond that the registers spill).
+FP8_TILES = [tile for tile in itertools.product((4, 8, 16, 32), (512, 1024, 2048, 4096),
+                                                 (4, 8), (1, 2))
+             if 4096 <= tile[0] * tile[1] <= 32768]
 
 
 def graph_ms(fn, replays: int = 20) -> float:

@@ -110,3 +110,19 @@ def test_graph_logits_match_eager_and_the_sdpa_path_in_bf16():
     del engine, lm
     gc.collect()
     torch.cuda.empty_cache()
+
+
+def test_the_prefix_cache_changes_no_greedy_token_on_the_gpu(lm32):
+    """A shared system prompt (mid-page and whole-page prefixes) through CUDA graphs: the cached
+    pages' KV, attended by a later prefill, gives the tokens that computing it again gives."""
+    system = ("You are a skincare assistant. Answer briefly, name the active ingredient, and "
+              "say when to see a dermatologist. ")
+    prompts = [system + p for p in PROMPTS] + [system[:40], system, PROMPTS[0]]
+    requests = lambda: [Request(p, 24, 0) for p in prompts]  # noqa: E731
+    off = engine_for(lm32, cuda_graphs=True, max_running=4, prefill_chunk=32,
+                     prefix_cache=False).generate(requests())
+    cached = engine_for(lm32, cuda_graphs=True, max_running=4, prefill_chunk=32)
+    first, again = cached.generate(requests()), cached.generate(requests()[::-1])
+    assert cached.stats()["prefix_cache_hits"] > len(prompts) * 16
+    assert [r.token_ids for r in first] == [r.token_ids for r in off]
+    assert [r.token_ids for r in again] == [r.token_ids for r in off][::-1]

@@ -94,11 +94,14 @@ def test_the_emulated_w8a8_matches_torch_scaled_mm_where_the_cpu_has_it():
     torch.testing.assert_close(quant.scaled_mm(x, fp8), got, rtol=1e-5, atol=1e-4)
 
 
-def test_fp8_gemv_tiles_move_the_bytes_of_the_measured_bf16_tiles():
-    for n, k in ((5120, 3072), (3072, 8192), (200, 1000)):
-        block_n, block_k, warps, stages = gemv.tile(n, k)
-        assert gemv.tile(n, k, itemsize=1) == (2 * block_n, block_k, warps, stages)
-        assert gemv.tile(n, k, itemsize=4) == gemv.tile(n, k)  # float32 as before
+def test_fp8_gemv_tiles_are_the_measured_ones_and_bf16_keeps_its_rule():
+    """FP8: the 3B products' measured bests, else the narrow one-stage tile (the H100 sweep);
+    bf16 and float32 keep the rule measured for them."""
+    assert gemv.tile(5120, 3072, itemsize=1) == gemv.FP8_CONFIGS[5120, 3072]
+    for n, k in ((2048, 2048), (4096, 14336), (200, 1000)):
+        assert gemv.tile(n, k, itemsize=1) == (4, 1024, 4, 1)
+    assert gemv.tile(3072, 8192) == (8, 1024, 8, 2) and gemv.tile(5120, 3072) == (4, 1024, 4, 2)
+    assert gemv.tile(3072, 8192, itemsize=4) == gemv.tile(3072, 8192)
 
 
 def logits(model, lm, ids: list[int]) -> torch.Tensor:
