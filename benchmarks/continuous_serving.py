@@ -10,14 +10,16 @@
    per --api and --temperature against one server; streamed runs from --workers processes, so
    the client is not the limit (its event-loop lag is recorded). Output tokens per second,
    latency, ITL, and the same GPU readings over each load test's window. For each --engine:
-   in its own process (the default), or on a thread of the server (`--no-engine-process`).
+   in its own process (the default), or on a thread of the server (`--no-engine-process`);
+   for each --api-servers N, N API-server processes in front of that engine process.
 
 The ratio HTTP ÷ in-process (same temperature) is the serving overhead; ITL p50 over the
 in-process step says how much each token waits in the server. Every figure is measured here.
 
     python benchmarks/continuous_serving.py [--model synthetic:llama-3.2-3b] [--concurrency 256]
         [--requests 1024] [--max-tokens 150] [--kv-cache-gb 24] [--api generate openai]
-        [--temperature 0 0.7] [--workers 4] [--engine process thread] [--json FILE]
+        [--temperature 0 0.7] [--workers 4] [--engine process thread] [--api-servers 1 4]
+        [--json FILE]
 """
 
 from __future__ import annotations
@@ -105,9 +107,13 @@ def in_process(args, sampler) -> list[dict]:
     return rows
 
 
-def over_http(args, sampler, engine_process: bool) -> list[dict]:
+def over_http(args, sampler, engine_process: bool, api_servers: int = 1) -> list[dict]:
     flags = ["--max-batch-size", str(args.concurrency), "--kv-cache-gb", str(args.kv_cache_gb),
              "--engine-process" if engine_process else "--no-engine-process"]
+    if api_servers > 1:
+        flags += ["--api-servers", str(api_servers)]
+    where = "HTTP, engine " + ("process" if engine_process else "thread") + (
+        f", {api_servers} API servers" if api_servers > 1 else "")
     rows = []
     with launch(args.model, mode="continuous", max_tokens_limit=args.max_tokens,
                 extra_args=flags, timeout=600) as srv:
@@ -135,11 +141,13 @@ def over_http(args, sampler, engine_process: bool) -> list[dict]:
                 started, ended = min(s for s, _ in spans), max(e for _, e in spans)
                 seconds = ended - started
                 util = sampler.summary(start=started, end=ended)
+                if api_servers > 1:  # the others' counters reach this one every 0.25 s
+                    time.sleep(0.6)
                 server = client.get(srv.url + "/stats").body["server"]
                 s = result.summary()
                 rows.append({
-                    "where": "HTTP, engine " + ("process" if engine_process else "thread"),
-                    "api": api, "temperature": temperature, "workers": s["workers"],
+                    "where": where, "api_servers": api_servers, "api": api,
+                    "temperature": temperature, "workers": s["workers"],
                     "output_tokens": s["output_tokens"], "tok_s": s["output_tokens_per_sec"],
                     "req_s": s["requests_per_sec"], "success_rate": s["success_rate"],
                     "p50_ms": s["latency_ms"]["p50"], "p95_ms": s["latency_ms"]["p95"],
@@ -269,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="load-test processes for the streamed runs (default 4)")
     parser.add_argument("--engine", nargs="+", choices=["process", "thread"],
                         default=["process"], help="the HTTP servers to run")
+    parser.add_argument("--api-servers", type=int, nargs="+", default=[1], metavar="N",
+                        help="a server for each N of `labkit serve --api-servers N` (engine "
+                             "process only): API-server processes in front of the one engine")
     parser.add_argument("--json", default=None)
     parser.add_argument("--py-spy", default=None, metavar="DIR",
                         help="sample the server with py-spy during each HTTP load (raw stacks)")
@@ -277,8 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     card = torch.cuda.get_device_name(0)
     sampler = utilization.UtilizationSampler(interval=0.05).start()
     engine_rows = in_process(args, sampler)
-    http_rows = [row for engine in args.engine
-                 for row in over_http(args, sampler, engine_process=engine == "process")]
+    http_rows = [row for engine in args.engine for servers in args.api_servers
+                 for row in over_http(args, sampler, engine_process=engine == "process",
+                                      api_servers=servers if engine == "process" else 1)]
     sampler.stop()
     base = {row["temperature"]: row for row in engine_rows}
     greedy = base.get(0.0, engine_rows[0])
@@ -296,24 +308,24 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(report, f, indent=2)
     print(f"\n{card}, {args.model}, concurrency {args.concurrency}, {args.requests} requests "
           f"of {args.max_tokens} tokens; x: over in-process at the same temperature")
-    print(f"{'where':<22}{'api':>9}{'T':>5}{'tok/s':>9}{'x':>7}{'util %':>8}{'SM %':>7}"
+    print(f"{'where':<36}{'api':>9}{'T':>5}{'tok/s':>9}{'x':>7}{'util %':>8}{'SM %':>7}"
           f"{'ITL p50':>9}{'ITL/step':>9}{'GPU wait':>9}{'lag p99':>8}")
     for row in engine_rows + http_rows:
         lag = (row.get("client_loop_lag_ms") or {}).get("p99")
-        print(f"{row['where']:<22}{row['api'] or '-':>9}{row['temperature']:>5g}"
+        print(f"{row['where']:<36}{row['api'] or '-':>9}{row['temperature']:>5g}"
               f"{row['tok_s']:>9.0f}{row['x_in_process']:>7.2f}{row['nvml_util'] or 0:>8.1f}"
               f"{row['sm_activity'] or 0:>7.1f}{_num(row.get('itl_ms_p50')):>9}"
               f"{_num(row.get('itl_over_step')):>9}{row['device_wait_share']:>9.2f}"
               f"{_num(lag):>8}")
-    print(f"\n{'where':<22}{'api':>9}{'T':>5}{'client':>8}{'running':>8}{'waiting':>8}"
+    print(f"\n{'where':<36}{'api':>9}{'T':>5}{'client':>8}{'running':>8}{'waiting':>8}"
           f"{'transit':>8}   (mean requests in flight over the load's window)")
     for row in http_rows:
         if "client_in_flight_mean" in row:
-            print(f"{row['where']:<22}{row['api']:>9}{row['temperature']:>5g}"
+            print(f"{row['where']:<36}{row['api']:>9}{row['temperature']:>5g}"
                   f"{row['client_in_flight_mean']:>8.1f}{row['engine_running_mean']:>8.1f}"
                   f"{row['engine_waiting_mean']:>8.1f}{row['in_transit_mean']:>8.1f}")
     for row in http_rows:
-        print(row["api"], row["temperature"], {k: v for k, v in row.items()
+        print(row["api_servers"], row["api"], row["temperature"], {k: v for k, v in row.items()
                                                if k.endswith("_ms_mean") and k != "tpot_ms_mean"})
     print("targets: HTTP >= 0.85x in-process at the same temperature, util >= 90 %, "
           "SM >= 70 %, ITL p50 <= 1.15x the engine's step")

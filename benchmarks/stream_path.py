@@ -82,7 +82,8 @@ class StandInBackend(StubBackend):
 
 
 def serve_stand_in(step_ms: float) -> int:
-    from labkit.serve.http import create_app, serve
+    from labkit.serve.http import create_app
+    from labkit.serve.lifecycle import serve
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     backend = StandInBackend(step_ms / 1000)

@@ -11,7 +11,8 @@ import sys
 
 from stub_backend import StubBackend
 
-from labkit.serve.http import create_app, serve
+from labkit.serve.http import create_app
+from labkit.serve.lifecycle import serve
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 
 from labkit.serve import access
 from labkit.serve.access import API_KEY_ENV
-from labkit.serve.http import create_app, serve
+from labkit.serve.http import create_app
+from labkit.serve.lifecycle import serve
 from labkit.serve.schedulers import (
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_RUNNING,
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 # `labkit.engine.quant.METHODS`, named here so that `labkit serve --help` needs no torch
 # (tests/test_quant.py checks that the two agree).
 QUANTIZATIONS = ("none", "fp8")
+MAX_API_SERVERS = 64
 
 
 def configure_cli(parser: argparse.ArgumentParser) -> None:
@@ -100,6 +102,11 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
                         help="continuous mode: run the engine in a process of its own (default "
                              "on); --no-engine-process runs it on a thread of the server, "
                              "sharing the event loop's GIL")
+    parser.add_argument("--api-servers", type=int, default=None, metavar="N",
+                        help="continuous mode: N API-server processes on the same port in "
+                             "front of the one engine, each with its own event loop (default "
+                             "1); streaming many requests, one process's sockets and text "
+                             "work hold the engine back")
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                         help="batched mode on a GPU: replay each decode step from a CUDA graph "
                              "(default on; --no-cuda-graphs decodes eagerly, the GPU waiting "
@@ -164,13 +171,17 @@ def run_cli(args) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    hosts = access.allowed_hosts(args.host, args.allowed_host)
-    if api_key:
-        log.info("API key required on every endpoint but / and /health")
-    elif not access.is_loopback(args.host):
-        log.warning("Listening on %s with no API key: anyone who reaches this address can use "
-                    "the model (set $%s)", args.host, API_KEY_ENV)
+    app_options = dict(max_tokens_limit=args.max_tokens_limit, mode=args.mode,
+                       api_key=_api_key(args), body_timeout_s=args.body_timeout,
+                       allowed_hosts=access.allowed_hosts(args.host, args.allowed_host),
+                       **scheduler_options)
+    serve_options = dict(drain_timeout_s=args.drain_timeout, idle_timeout_s=args.idle_timeout,
+                         max_connections=args.max_connections,
+                         failure_exit_s=args.failure_exit_delay)
+    try:
+        servers = _api_servers(args, app_options, serve_options)
+    except OSError as err:
+        return _could_not_listen(args, err)
 
     def load() -> Backend:
         options = dict(device=args.device, dtype=args.dtype, warmup_runs=args.warmup,
@@ -180,26 +191,54 @@ def run_cli(args) -> int:
         if engine_options is not None and args.engine_process is not False:
             from labkit.serve.engine_process import EngineProcessBackend
 
-            return EngineProcessBackend.start(args.model, **options)
+            backend = EngineProcessBackend.start(args.model, api_servers=args.api_servers or 1,
+                                                 **options)
+            if servers is not None:
+                servers.start(backend)
+            return backend
         from labkit.serve.backend import load_model_backend  # torch: on the loading thread
 
         return load_model_backend(args.model, **options)
 
     async def main() -> int:
-        app = create_app(load, max_tokens_limit=args.max_tokens_limit, mode=args.mode,
-                         api_key=api_key, allowed_hosts=hosts, body_timeout_s=args.body_timeout,
-                         **scheduler_options)
+        app = create_app(load, **app_options)
         return await serve(app, args.host, args.port, watch_parent=args.watch_parent,
-                           drain_timeout_s=args.drain_timeout, idle_timeout_s=args.idle_timeout,
-                           max_connections=args.max_connections,
-                           failure_exit_s=args.failure_exit_delay)
+                           sock=servers and servers.sock, on_stop=servers and servers.stop,
+                           **serve_options)
 
     try:
         return asyncio.run(main())
     except OSError as err:  # address in use, permission denied
-        log.error("Could not listen on %s:%s: %s. Pick another --port (0 = any free one).",
-                  args.host, args.port, err)
-        return 1
+        return _could_not_listen(args, err)
+
+
+def _api_key(args) -> str | None:
+    """--api-key, else $LABKIT_API_KEY; said in the log, or warned about when it is missing on
+    a public address."""
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    if api_key:
+        log.info("API key required on every endpoint but / and /health")
+    elif not access.is_loopback(args.host):
+        log.warning("Listening on %s with no API key: anyone who reaches this address can use "
+                    "the model (set $%s)", args.host, API_KEY_ENV)
+    return api_key
+
+
+def _could_not_listen(args, err: OSError) -> int:
+    log.error("Could not listen on %s:%s: %s. Pick another --port (0 = any free one).",
+              args.host, args.port, err)
+    return 1
+
+
+def _api_servers(args, app_options: dict, serve_options: dict):
+    """`--api-servers N` above 1: the first's socket, bound now, and the others to start once
+    the engine is ready (`labkit.serve.api_servers`); else None."""
+    if (args.api_servers or 1) == 1:
+        return None
+    from labkit.serve import api_servers
+
+    sock = api_servers.listen_socket(args.host, args.port)
+    return api_servers.ApiServers(args.api_servers, sock, app_options, serve_options)
 
 
 # Which flags each mode takes; the others are an error in that mode.
@@ -208,7 +247,7 @@ MODE_FLAGS = {
     "batched": ("--max-batch-size", "--max-wait-ms", "--cuda-graphs"),
     "continuous": ("--max-batch-size", "--kv-cache-gb", "--prefill-chunk", "--cuda-graphs",
                    "--engine-process", "--engine-step-timeout", "--quantization",
-                   "--prefix-cache"),
+                   "--prefix-cache", "--api-servers"),
 }
 
 
@@ -222,7 +261,8 @@ def _scheduler_options(args) -> dict:
              "--engine-process": getattr(args, "engine_process", None),
              "--engine-step-timeout": getattr(args, "engine_step_timeout", None),
              "--quantization": _quantization(args),
-             "--prefix-cache": getattr(args, "prefix_cache", None)}
+             "--prefix-cache": getattr(args, "prefix_cache", None),
+             "--api-servers": getattr(args, "api_servers", None)}
     wrong = [flag for flag, value in given.items()
              if value is not None and flag not in MODE_FLAGS[args.mode]]
     if wrong:
@@ -293,7 +333,18 @@ def _engine_options(args) -> dict | None:
         options["quantization"] = args.quantization
     if args.prefix_cache is not None:
         options["prefix_cache"] = args.prefix_cache
+    _check_api_servers(args)
     return options
+
+
+def _check_api_servers(args) -> None:
+    if args.api_servers is None:
+        return
+    if not 1 <= args.api_servers <= MAX_API_SERVERS:
+        raise ValueError(f"--api-servers must be 1 to {MAX_API_SERVERS}, got {args.api_servers}")
+    if args.api_servers > 1 and args.engine_process is False:
+        raise ValueError("--api-servers above 1 needs the engine in its own process, which "
+                         "they share: drop --no-engine-process")
 
 
 def _quantization(args) -> str | None:

@@ -26,9 +26,12 @@ engine to stop. When the server dies, the pipe closes and the engine exits at it
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import multiprocessing
+import multiprocessing.connection
+import os
 import signal
 import sys
 import threading
@@ -51,6 +54,8 @@ FIELDS = ("prompt", "max_tokens", "temperature", "top_p", "seed", "min_tokens", 
 STOP_TIMEOUT_S = 30.0
 # With numpy packing, streamed TTFT fell 30-40 % (benchmarks/RESULTS.md, "Third pass").
 READER_SWITCH_INTERVAL_S = 0.0005
+# An API server's counters go to the others (through the engine) at most this often.
+REPORT_EVERY_S = 0.25
 # Device memory readings in the step messages, at most this often: a reading asks the driver
 # (cudaMemGetInfo), which costs host time in every step that carries one, while the GPU waits.
 MEMORY_EVERY_S = 0.5
@@ -58,17 +63,18 @@ MEMORY_EVERY_S = 0.5
 
 # --- the server's side -------------------------------------------------------------------------
 
-class EngineProcess:
-    """The server's handle on the engine process: `add` a request with a callback for its
-    outcome (a Result, or the exception that failed it), read `stats()`. Tokens and results
-    come back on a reader thread, which calls the requests' `on_token` hooks and the callbacks
-    there, as the engine's own thread would in one process."""
+class EngineClient:
+    """An API server's side of one pipe to the engine process: `add` a request with a callback
+    for its outcome (a Result, or the exception that failed it), read `stats()`. Tokens and
+    results come back on a reader thread, which calls the requests' `on_token` hooks and the
+    callbacks there, as the engine's own thread would in one process. With several API servers
+    (`labkit serve --api-servers N`) each has a pipe of its own, `index` 0 the first one's; the
+    others also `report` their counters, which the engine passes on to all in its stats."""
 
-    def __init__(self, load_options: dict):
-        context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
-        self._conn, child = context.Pipe()
-        self._process = context.Process(target=_engine_main, args=(child, load_options),
-                                        name="labkit-engine", daemon=True)
+    def __init__(self, conn, index: int = 0, engine_pid: int | None = None):
+        self._conn = conn
+        self.index = index
+        self.engine_pid = engine_pid
         self._send_lock = threading.Lock()
         self._ids = itertools.count()
         self._live: dict[int, tuple[Request, Callable]] = {}  # sent, outcome not back yet
@@ -84,25 +90,25 @@ class EngineProcess:
         # A result's text from its token ids, on the reader thread (set by the backend, which
         # holds the tokenizer): the engine sends ids only.
         self.detokenize: Callable[[list[int]], str] = lambda ids: ""
+        # This server's counters for the others (set by the server when there are several),
+        # sent at most every REPORT_EVERY_S when they changed.
+        self.report: Callable[[], dict] | None = None
+        self._reported: dict | None = None
+        self._closed = False
 
-    def start(self) -> dict:
-        """Start the process and wait until its model is loaded and warm: its description."""
-        self._process.start()
-        try:
-            kind, payload = self._conn.recv()
-        except EOFError:
-            self._process.join(5)
-            raise EngineGone(f"the engine process exited while loading (exit code "
-                             f"{self._process.exitcode}); its log lines above say why") from None
-        if kind == "failed":
-            self._process.join(5)
-            raise _rebuild(payload)
-        self._stats, self.memory = payload["stats"], payload["memory"]
+    def attach(self, info: dict) -> None:
+        """Start reading the pipe (an API server after the first: `info` is the engine's
+        description, passed on by the first)."""
+        self.engine_pid = info["pid"]
+        self._stats, self.memory = info["stats"], info["memory"]
+        self._send(("hello",))  # from now on the engine sends this pipe its steps
+        self._start_reader()
+
+    def _start_reader(self) -> None:
         # The reader thread and the event loop share this process's GIL: a thread that wants
         # it waits up to the switch interval (5 ms by default, an engine step) for the other.
         sys.setswitchinterval(READER_SWITCH_INTERVAL_S)
         threading.Thread(target=self._read, name="labkit-engine-reader", daemon=True).start()
-        return payload
 
     def add(self, request: Request, on_outcome: Callable[[Result | BaseException], None]
             ) -> None:
@@ -118,6 +124,11 @@ class EngineProcess:
     def stats(self) -> dict:
         return self._stats
 
+    @property
+    def failure(self) -> str | None:
+        """Why this server can no longer generate: the engine process is gone."""
+        return self.gone
+
     def stalled_s(self) -> float:
         """Seconds the engine has had work without sending a step's news (0 while idle)."""
         return time.perf_counter() - self._heard if self._busy and self.gone is None else 0.0
@@ -125,19 +136,14 @@ class EngineProcess:
     def kill(self, reason: str) -> None:
         """Kill the engine process (wedged): its requests fail with EngineGone(reason)."""
         self._kill_reason = reason
-        self._process.kill()
+        if self.engine_pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.engine_pid, signal.SIGKILL)
 
     def close(self) -> None:
-        """Ask the engine to stop (it finishes what it holds), then wait for it to exit."""
-        try:
-            self._send(("stop",))
-        except OSError:
-            pass  # gone already
-        self._process.join(STOP_TIMEOUT_S)
-        if self._process.is_alive():
-            log.warning("The engine process did not stop within %.0f s: killed", STOP_TIMEOUT_S)
-            self._process.kill()
-            self._process.join(5)
+        """Let go of the engine: it cancels what this server still had in it."""
+        self._closed = True
+        self._conn.close()
 
     def _send(self, message: tuple) -> None:
         with self._send_lock:  # the event loop adds, the reader thread cancels
@@ -146,9 +152,14 @@ class EngineProcess:
     def _read(self) -> None:
         while True:
             try:
+                if self.report is not None:
+                    self._send_report()
+                    if not self._conn.poll(REPORT_EVERY_S):
+                        continue
                 message = self._conn.recv()
-            except (EOFError, OSError):
-                self._engine_exited()
+            except (EOFError, OSError, TypeError):  # TypeError: closed here while waiting
+                if not self._closed:
+                    self._engine_exited()
                 return
             self._heard = time.perf_counter()
             kind = message[0]
@@ -157,12 +168,20 @@ class EngineProcess:
             elif kind == "busy":
                 self._busy = True
                 self.on_busy(message[1])
-            elif kind == "idle":
-                self._busy = False
-                self._stats = message[2]
-                self.on_idle(message[1])
+            elif kind in ("idle", "stats"):
+                self._stats = message[-1]
+                if kind == "idle":
+                    self._busy = False
+                    self.on_idle(message[1])
             elif kind == "stopped":
                 return
+
+    def _send_report(self) -> None:
+        """This server's counters, if they changed since they were last sent."""
+        report = self.report()
+        if report != self._reported:
+            self._send(("report", report))
+            self._reported = report
 
     def _take_step(self, tokens: list, outcomes: list, stats: dict, memory) -> None:
         self._stats = stats
@@ -187,16 +206,107 @@ class EngineProcess:
                 self._send(("cancel", rid))
 
     def _engine_exited(self) -> None:
-        self._process.join(5)
-        self.gone = self._kill_reason or (
-            f"the engine process exited (exit code {self._process.exitcode}); the server's "
-            "log says why")
+        self.gone = self._kill_reason or self._exit_reason()
         self.gone += ". Restart the server."
         if self._live:
             log.error("%s %d request(s) failed with it.", self.gone, len(self._live))
         for rid in list(self._live):
             self._live.pop(rid)[1](EngineGone(self.gone))
         self.on_idle(time.perf_counter())
+
+    def _exit_reason(self) -> str:
+        return "the engine process exited; the first server's log says why"
+
+
+class EngineProcess(EngineClient):
+    """The first API server's handle on the engine process, which it starts and stops; with
+    several API servers it also makes the others' pipes (`server_conns`) and watches the
+    processes it started them in (`watch`): one that dies takes the server down."""
+
+    def __init__(self, load_options: dict, api_servers: int = 1):
+        context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+        pipes = [context.Pipe() for _ in range(api_servers)]
+        super().__init__(pipes[0][0])
+        self.server_conns = [ours for ours, _ in pipes[1:]]  # for the other API servers
+        self._process = context.Process(target=_engine_main,
+                                        args=([theirs for _, theirs in pipes], load_options),
+                                        name="labkit-engine", daemon=True)
+        self._servers: list = []  # the other API servers' processes
+        self._stopping = False
+
+    def start(self) -> dict:
+        """Start the process and wait until its model is loaded and warm: its description."""
+        self._process.start()
+        try:
+            kind, payload = self._conn.recv()
+        except EOFError:
+            self._process.join(5)
+            raise EngineGone(f"the engine process exited while loading (exit code "
+                             f"{self._process.exitcode}); its log lines above say why") from None
+        if kind == "failed":
+            self._process.join(5)
+            raise _rebuild(payload)
+        self.engine_pid = payload["pid"]
+        payload["api_servers"] = len(self.server_conns) + 1
+        self._stats, self.memory = payload["stats"], payload["memory"]
+        self._start_reader()
+        return payload
+
+    def watch(self, servers: list) -> None:
+        """The other API servers' processes, started: a pipe's end that each took is closed
+        here, so that the engine hears when one goes."""
+        self._servers = servers
+        for conn in self.server_conns:
+            conn.close()
+
+    @property
+    def failure(self) -> str | None:
+        """Why serving must stop: the engine is gone, or another API server's process died."""
+        if self.gone is not None or self._stopping:
+            return self.gone
+        for index, process in enumerate(self._servers, start=1):
+            if process.exitcode is not None:
+                return (f"API server {index + 1} of {len(self._servers) + 1} exited (exit code "
+                        f"{process.exitcode}); its log lines above say why. Restart the server.")
+        return None
+
+    def stop_servers(self) -> None:
+        """Ask the other API servers to drain and stop (SIGTERM), as this one does; once (a
+        second SIGTERM stops a server at once)."""
+        if self._stopping:
+            return
+        self._stopping = True
+        for process in self._servers:
+            if process.is_alive():
+                os.kill(process.pid, signal.SIGTERM)
+
+    def close(self) -> None:
+        """Wait for the other API servers, ask the engine to stop (it finishes what it holds),
+        then wait for it to exit."""
+        self.stop_servers()
+        for process in self._servers:
+            process.join(STOP_TIMEOUT_S)
+            if process.is_alive():
+                log.warning("An API server did not stop within %.0f s: killed", STOP_TIMEOUT_S)
+                process.kill()
+        try:
+            self._send(("stop",))
+        except OSError:
+            pass  # gone already
+        self._process.join(STOP_TIMEOUT_S)
+        if self._process.is_alive():
+            log.warning("The engine process did not stop within %.0f s: killed", STOP_TIMEOUT_S)
+            self._process.kill()
+            self._process.join(5)
+
+    def kill(self, reason: str) -> None:
+        self._kill_reason = reason
+        self._process.kill()
+
+    def _exit_reason(self) -> str:
+        self._process.join(5)
+        return (f"the engine process exited (exit code {self._process.exitcode}); the server's "
+                "log says why")
 
 
 class EngineProcessBackend(text.TextSide):
@@ -207,13 +317,13 @@ class EngineProcessBackend(text.TextSide):
     engine_process = True
     cuda_graphs: bool
 
-    def __init__(self, engine: EngineProcess, info: dict):
+    def __init__(self, engine: EngineClient, info: dict):
         super().__init__(LoadedModel(
             model=None, tokenizer=load_tokenizer(info["tokenizer_dir"]), name=info["name"],
             source=info["source"], synthetic=info["synthetic"], device=None, dtype=None,
             num_parameters=info["num_parameters"], load_time_s=info["load_time_s"],
             context_length=info["context_length"], memory_after_load=None))
-        self.engine = engine
+        self.engine, self.info = engine, info
         engine.detokenize = lambda ids: text.decode(self.lm, ids)
         for name in ("name", "source", "synthetic", "device", "gpu_name", "context_length",
                      "load_time_s", "cuda_graphs"):
@@ -222,12 +332,20 @@ class EngineProcessBackend(text.TextSide):
         self.token_budget = min(self.context_length, self.cache_tokens)
 
     @classmethod
-    def start(cls, source: str, **load_options) -> EngineProcessBackend:
-        """Start the engine process with `load_model_backend`'s options (continuous mode).
-        A source that does not resolve fails here, before a process is spawned."""
+    def start(cls, source: str, api_servers: int = 1, **load_options) -> EngineProcessBackend:
+        """Start the engine process with `load_model_backend`'s options (continuous mode), with
+        a pipe for each of `api_servers`. A source that does not resolve fails here, before a
+        process is spawned."""
         tokenizer_dir(source)
-        engine = EngineProcess({"source": source, **load_options})
+        engine = EngineProcess({"source": source, **load_options}, api_servers)
         return cls(engine, engine.start())
+
+    @classmethod
+    def attach(cls, conn, index: int, info: dict) -> EngineProcessBackend:
+        """Another API server's backend, over pipe `index` of an engine already running."""
+        backend = cls(EngineClient(conn, index), info)
+        backend.engine.attach(info)
+        return backend
 
     def tokenize(self, request: Request) -> None:
         """The prompt's ids and its fit, checked once: the model's context, then the engine's
@@ -253,9 +371,9 @@ class EngineProcessBackend(text.TextSide):
 
 # --- the engine's side -------------------------------------------------------------------------
 
-def _engine_main(conn, load_options: dict) -> None:
-    """The engine process: load, warm up, report ready, then serve the pipe until told to
-    stop or the server is gone."""
+def _engine_main(conns: list, load_options: dict) -> None:
+    """The engine process: load, warm up, report ready, then serve the pipes until told to
+    stop or the first server is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the server drains first, then stops us
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s",
@@ -264,90 +382,138 @@ def _engine_main(conn, load_options: dict) -> None:
         backend = load_model_backend(**load_options)
         backend.warm_up()
     except BaseException as err:  # the server reports it and exits with 1
-        conn.send(("failed", _portable(err)))
+        conns[0].send(("failed", _portable(err)))
         return
-    run_engine(conn, backend)
+    run_engine(conns, backend)
 
 
-def run_engine(conn, backend) -> None:
-    """Report `backend` (loaded and warm) ready over `conn`, then serve the pipe until told to
-    stop or the server is gone (in the engine process; a test runs it on a thread)."""
+def run_engine(conns, backend) -> None:
+    """Report `backend` (loaded and warm) ready over the first pipe of `conns` (one, or one
+    per API server), then serve them until told to stop or the first server is gone (in the
+    engine process; a test runs it on a thread)."""
+    conns = conns if isinstance(conns, list) else [conns]
     lm, cache = backend.lm, backend.engine.cache
     backend.engine.detokenize = False  # the server decodes results' token ids
-    conn.send(("ready", {
+    conns[0].send(("ready", {
         "name": backend.name, "synthetic": backend.synthetic, "device": backend.device,
         "gpu_name": backend.gpu_name, "context_length": backend.context_length,
         "load_time_s": backend.load_time_s, "cuda_graphs": backend.cuda_graphs,
         "cache_tokens": cache.tokens, "source": lm.source,
         "tokenizer_dir": str(tokenizer_dir(lm.source)), "num_parameters": lm.num_parameters,
-        "stats": backend.engine.stats(), "memory": _memory(backend.device)}))
-    log.info("Engine process ready (pid %d): the server talks to it over a pipe",
-             multiprocessing.current_process().pid)
-    _EngineLoop(backend, conn).run()
+        "stats": backend.engine.stats(), "memory": _memory(backend.device),
+        "pid": os.getpid()}))
+    log.info("Engine process ready (pid %d): %s over %s", os.getpid(),
+             "the server talks to it" if len(conns) == 1 else f"{len(conns)} API servers talk "
+             "to it", "a pipe" if len(conns) == 1 else "a pipe each")
+    _EngineLoop(backend, conns).run()
 
 
 class _EngineLoop:
-    def __init__(self, backend, conn):
-        self.backend, self.engine, self.conn = backend, backend.engine, conn
-        self.requests: dict[int, Request] = {}
-        self.tokens: list[tuple[int, int]] = []  # (rid, token) of streaming requests, this step
-        self.outcomes: list[tuple[int, object]] = []  # (rid, Result or a portable error)
+    """The engine's loop over its pipes: pipe 0 is the first API server's (it stops the
+    engine, and its end is the engine's end); the others' join with a hello and their
+    requests are cancelled if they go."""
+
+    def __init__(self, backend, conns: list):
+        self.backend, self.engine, self.conns = backend, backend.engine, conns
+        self.open = set(range(len(conns)))  # pipes not closed
+        self.heard = {0}  # pipes that said hello: the engine sends to those
+        self.requests: dict[tuple[int, int], Request] = {}  # (pipe, the server's id)
+        # Per pipe, this step: (rid, token) of streaming requests; (rid, Result or an error)
+        self.tokens: dict[int, list] = {i: [] for i in self.open}
+        self.outcomes: dict[int, list] = {i: [] for i in self.open}
+        self.reports: dict[int, dict] = {}  # each other API server's counters, lately
+        self.reports_changed = False
+        self.busy = False  # since the first message of work, until the engine rests
         self.stopping = False
         self.memory_read_at = 0.0
 
     def run(self) -> None:
-        busy = False
         while True:
             if not self.engine.has_work():
                 # At rest: say so before waiting for messages, or the wait (up to 0.5 s) would
                 # count as busy time in the server's /stats.
-                if self.outcomes:  # refused on arrival: answered now, not with a later step
+                if any(self.outcomes.values()):  # refused on arrival: answered now
                     self._send_step()
-                if busy:
-                    busy = False
-                    self.conn.send(("idle", time.perf_counter(), self.engine.stats()))
+                if self.busy or self.reports_changed:  # idle, or others' counters to pass on
+                    self._broadcast(("idle", time.perf_counter(), self.stats()) if self.busy
+                                    else ("stats", self.stats()))
+                    self.busy = self.reports_changed = False
                 if self.stopping:
-                    self.conn.send(("stopped",))
+                    self._broadcast(("stopped",))
                     return
             if not self._take_messages(timeout=0 if self.engine.has_work() else 0.5):
-                return  # the server is gone: nobody is left to answer
+                return  # the first server is gone: nobody is left to answer
             if self.engine.has_work():
-                if not busy:
-                    busy = True
-                    self.conn.send(("busy", time.perf_counter()))
+                if not self.busy:
+                    self.busy = True
+                    self._broadcast(("busy", time.perf_counter()))
                 self._step()
 
+    def stats(self) -> dict:
+        stats = self.engine.stats()
+        if self.reports:
+            stats["api_servers"] = dict(self.reports)
+        return stats
+
     def _take_messages(self, timeout: float) -> bool:
-        try:
-            while self.conn.poll(timeout):
-                timeout = 0
-                self._handle(self.conn.recv())
-        except (EOFError, OSError):
-            return False
+        """Every message waiting on any pipe (waiting up to `timeout` for one); False once
+        the first server's pipe is closed."""
+        ready = multiprocessing.connection.wait([self.conns[i] for i in self.open], timeout)
+        for conn in ready:
+            index = self.conns.index(conn)
+            try:
+                while conn.poll(0):
+                    self._handle(index, conn.recv())
+            except (EOFError, OSError):
+                if index == 0:
+                    return False
+                self._drop(index)
         return True
 
-    def _handle(self, message: tuple) -> None:
+    def _handle(self, index: int, message: tuple) -> None:
         kind = message[0]
         if kind == "add":
             _, rid, fields, streams = message
             request = Request(**fields, checked=True)  # checked on the server's side
             if streams:
-                request.on_token = lambda token, rid=rid: self.tokens.append((rid, token))
-            self.requests[rid] = request
+                request.on_token = lambda token, i=index, rid=rid: self.tokens[i].append(
+                    (rid, token))
+            self.requests[index, rid] = request
             try:  # checked to fit on the server's side; `add` checks only what was not
-                self.engine.add(request, lambda result, rid=rid: self._finished(rid, result))
+                self.engine.add(request, lambda result, i=index, rid=rid: self._finished(
+                    i, rid, result))
             except Exception as err:  # PromptTooLong, for a request sent unchecked
-                self._finished(rid, _portable(err))
+                self._finished(index, rid, _portable(err))
         elif kind == "cancel":
-            request = self.requests.get(message[1])
+            request = self.requests.get((index, message[1]))
             if request is not None:
                 request.cancelled.set()
-        elif kind == "stop":
+        elif kind == "report":
+            self.reports[index] = message[1]
+            self.reports_changed = True
+        elif kind == "hello":
+            self.heard.add(index)
+            if self.busy:  # its busy clock starts now, not at the next busy period
+                self._send(index, ("busy", time.perf_counter()))
+        elif kind == "stop" and index == 0:
             self.stopping = True
 
-    def _finished(self, rid: int, outcome) -> None:
-        self.requests.pop(rid, None)
-        self.outcomes.append((rid, outcome))
+    def _drop(self, index: int) -> None:
+        """Another API server is gone: cancel what it had here; nothing more goes to it."""
+        self.open.discard(index)
+        self.heard.discard(index)
+        self.reports.pop(index, None)
+        self.reports_changed = True
+        for (i, _), request in self.requests.items():
+            if i == index:
+                request.cancelled.set()
+        log.warning("API server %d's pipe closed: its %d request(s) cancelled", index + 1,
+                    sum(i == index for i, _ in self.requests))
+
+    def _finished(self, index: int, rid: int, outcome) -> None:
+        self.requests.pop((index, rid), None)
+        if index in self.open:
+            self.outcomes[index].append((rid, outcome))
 
     def _step(self) -> None:
         try:
@@ -361,16 +527,32 @@ class _EngineLoop:
 
     def _fail_all(self, err: BaseException) -> None:
         self.engine.reset()
-        for rid in list(self.requests):
-            self._finished(rid, _portable(err))
+        for index, rid in list(self.requests):
+            self._finished(index, rid, _portable(err))
 
     def _send_step(self) -> None:
         memory = None
         now = time.perf_counter()
         if now - self.memory_read_at >= MEMORY_EVERY_S:
             memory, self.memory_read_at = _memory(self.backend.device), now
-        self.conn.send(("step", self.tokens, self.outcomes, self.engine.stats(), memory))
-        self.tokens, self.outcomes = [], []
+        stats = self.stats()
+        for index in sorted(self.heard):
+            self._send(index, ("step", self.tokens[index], self.outcomes[index], stats, memory))
+            self.tokens[index], self.outcomes[index] = [], []
+
+    def _broadcast(self, message: tuple) -> None:
+        for index in sorted(self.heard):
+            self._send(index, message)
+
+    def _send(self, index: int, message: tuple) -> None:
+        """Send on pipe `index`; another API server's closed pipe drops it (the first's ends
+        the loop at its next read)."""
+        try:
+            self.conns[index].send(message)
+        except OSError:
+            if index == 0:
+                raise
+            self._drop(index)
 
 
 def _memory(device: str) -> dict | None:

@@ -7,13 +7,11 @@ POST /v1/chat/completions (streaming too; their contract lives in `labkit.serve.
 Errors leave as `{"error": "..."}`, and on a /v1 path in OpenAI's shape
 `{"error": {"message", "type", "param", "code"}}`.
 
-The server listens at once and loads the model on a background thread, so readiness is
-observable. Requests go through a scheduler (`labkit.serve.schedulers`); the default, sequential
-one runs exactly one generation at a time on its own thread, so the event loop keeps answering
-health and stats calls within milliseconds while the model works. SIGTERM/SIGINT stop it gracefully:
-accepted requests finish, new ones get 503; a second signal stops at once. An engine that dies
-or wedges turns `/` and `/health` to 503 at once, fails what it held, and the server exits with
-status 3 shortly after, for its supervisor to restart it.
+The model loads on a background thread, so readiness is observable. Requests go through a
+scheduler (`labkit.serve.schedulers`); the default, sequential one runs exactly one generation
+at a time on its own thread, so the event loop keeps answering health and stats calls within
+milliseconds while the model works. An engine that dies or wedges turns `/` and `/health` to
+503 at once. Listening, stopping on signals and the exit status: `labkit.serve.lifecycle`.
 
 Each generation request ends in exactly one outcome: served, failed or cancelled once the
 scheduler has it, rejected (or cancelled, or failed) before. `/stats` and `/metrics` count them.
@@ -26,8 +24,6 @@ import asyncio
 import collections
 import concurrent.futures
 import logging
-import os
-import signal
 import threading
 import time
 import uuid
@@ -47,16 +43,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# The launcher looks for this line to learn the actual address (the port may be 0 = any free).
-LISTENING_PREFIX = "Serving on "
 NOT_LOADED = "Model not loaded"
 # Prompts (or /v1 bodies) up to this many characters are tokenized on the event loop, longer
 # ones on the check thread (`_off_loop_if_long`).
 INLINE_TEXT_CHARS = 4096
 SHUTTING_DOWN = ("Server is shutting down: it finishes the requests it already accepted and "
                  "takes no new ones. Retry against a running server.")
-EXIT_ENGINE_FAILED = 3  # the exit status after the engine died or wedged
-FAILURE_POLL_S = 0.25
+# Counted per API server, summed over all of them (labkit.serve.api_servers).
+REQUEST_COUNTERS = ("requests_served", "requests_failed", "requests_cancelled",
+                    "requests_rejected")
 GENERATION_PATHS = ("/generate", openai_api.COMPLETIONS, openai_api.CHAT)
 # Keys of a request's own state (typed keys from aiohttp 3.13; plain strings before).
 _key = getattr(web, "RequestKey", lambda name, kind: name)
@@ -85,16 +80,38 @@ class ServerState:
         # torch import: both stay off the event loop, on threads of their own.
         self.check_executor = concurrent.futures.ThreadPoolExecutor(1, "labkit-check")
         self.info_executor = concurrent.futures.ThreadPoolExecutor(1, "labkit-info")
-        self.metrics = ServerMetrics(self.counters, self._gpu_reading)
+        self.metrics = ServerMetrics(self.counters, self._gpu_reading, self._other_servers)
         self._nvml_reader = None
+        # With several API servers (labkit.serve.api_servers): which one this is, of how many.
+        self.api_server, self.api_servers = 0, 1
 
     def counters(self) -> dict:
-        """The scheduler's counters, with the requests that ended before reaching it."""
+        """The scheduler's counters, with the requests that ended before reaching it; with
+        several API servers, the others' requests are added in (the engine's are whole)."""
+        stats = self.own_counters()
+        for other in self._other_servers(stats.pop("api_servers", {})):
+            for key in REQUEST_COUNTERS:
+                stats[key] += other[key]
+        return stats
+
+    def own_counters(self) -> dict:
         stats = self.scheduler.stats()
         for outcome in ("failed", "cancelled"):
             stats[f"requests_{outcome}"] += self.early[outcome]
         stats["requests_rejected"] = self.early["rejected"]
         return stats
+
+    def report(self) -> dict:
+        """This API server's own counters, for the others (sent through the engine)."""
+        own = self.own_counters()
+        return {**{key: own[key] for key in REQUEST_COUNTERS}, **self.metrics.report()}
+
+    def _other_servers(self, reports: dict | None = None) -> list[dict]:
+        if self.api_servers == 1:
+            return []
+        if reports is None:
+            reports = self.scheduler.stats().get("api_servers", {})
+        return [report for index, report in reports.items() if index != self.api_server]
 
     def failure(self) -> str | None:
         """Why this server can no longer generate (its engine died or wedged), or None."""
@@ -157,6 +174,10 @@ class ServerState:
 
     def _load_done(self, backend: Backend) -> None:
         self.backend = backend
+        self.api_servers = getattr(backend, "info", {}).get("api_servers", 1)
+        if self.api_servers > 1:
+            self.api_server = backend.engine.index
+            backend.engine.report = self.report
         self.scheduler.set_backend(backend)
         self.loaded.set()
         self.finished_loading.set()
@@ -340,6 +361,9 @@ async def handle_stats(request: web.Request) -> web.Response:
     info = await state.device_info()
     memory = info["memory"]
     server = state.counters()
+    server["api_servers"] = state.api_servers
+    if state.api_servers > 1:
+        server["api_server"] = state.api_server + 1  # the one that answered
     server["shutting_down"] = state.shutdown_reason is not None
     server["engine_failure"] = state.failure()
     backend = state.backend
@@ -376,7 +400,7 @@ async def _off_loop_if_long(state: ServerState, size: int, fn: Callable, *args):
     return await asyncio.get_running_loop().run_in_executor(state.check_executor, fn, *args)
 
 
-def _describe_mode(server: dict) -> str:
+def describe_mode(server: dict) -> str:
     if server["mode"] == "continuous":
         return (f"continuous: up to {server['max_batch_size']} requests at once, KV cache of "
                 f"{server['kv_pages_total']} pages of {server['kv_page_tokens']} tokens")
@@ -461,132 +485,3 @@ def _http_error_message(exc: web.HTTPException, request: web.Request) -> str:
         return (f"Request body is larger than the 1 MiB limit ({generate_api.MAX_BODY_BYTES} "
                 "bytes). Send a shorter prompt.")
     return f"{exc.status} {exc.reason}"
-
-
-# --- running it ---------------------------------------------------------------------------------
-
-async def serve(app: web.Application, host: str = "127.0.0.1", port: int = 8000, *,
-                watch_parent: bool = False, drain_timeout_s: float = 600.0,
-                idle_timeout_s: float = access.DEFAULT_IDLE_TIMEOUT_S,
-                max_connections: int = access.DEFAULT_MAX_CONNECTIONS,
-                failure_exit_s: float = 10.0) -> int:
-    """Listen, load, serve until a signal (or the parent's exit), drain, stop. Returns the exit
-    status: 0 after a graceful stop, 1 when the model failed to load, 3 when the engine died or
-    wedged (`failure_exit_s` after it did, or at a signal; negative: only at a signal)."""
-    state = app[STATE]
-    runner, url = await _listen(app, host, port, idle_timeout_s, max_connections)
-    stop = asyncio.Event()
-    _handle_stop_signals(state, stop, watch_parent)
-    watcher = asyncio.create_task(_announce_ready(state, stop, url, failure_exit_s))
-    await stop.wait()
-    watcher.cancel()
-    failure = state.failure()
-    if state.load_error is None and failure is None:
-        await _drain(state, drain_timeout_s)
-    await runner.cleanup()
-    log.info("Server stopped after serving %d request(s)", state.scheduler.served)
-    if state.load_error is not None:
-        return 1
-    return EXIT_ENGINE_FAILED if failure is not None else 0
-
-
-async def _listen(app: web.Application, host: str, port: int, idle_timeout_s: float,
-                  max_connections: int) -> tuple[web.AppRunner, str]:
-    """Start listening on `host:port` (0: a free port); the runner and the server's URL."""
-    # keepalive_timeout runs from a connection's start until its request's headers are in,
-    # and between requests: it bounds a slow sender of headers as much as an idle client.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
-                           shutdown_timeout=10.0, keepalive_timeout=idle_timeout_s)
-    await runner.setup()
-    access.cap_connections(runner.server, max_connections)
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    bound_port = runner.addresses[0][1]
-    url = f"http://{host}:{bound_port}"
-    log.info("%s%s (model loading: /health answers 503 until it is ready)",
-             LISTENING_PREFIX, url)
-    return runner, url
-
-
-def _handle_stop_signals(state: ServerState, stop: asyncio.Event, watch_parent: bool) -> None:
-    """SIGTERM and SIGINT (and, with `watch_parent`, the parent's exit) set `stop`; a second
-    one exits at once."""
-    loop = asyncio.get_running_loop()
-
-    def request_stop(reason: str) -> None:
-        if state.shutdown_reason is not None:  # second signal: no more waiting
-            log.warning("%s again: stopping now, abandoning queued requests", reason)
-            logging.shutdown()
-            os._exit(1)
-        state.shutdown_reason = reason
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, request_stop, sig.name)
-    if watch_parent:
-        _watch_parent(loop, request_stop)
-
-
-async def _announce_ready(state: ServerState, stop: asyncio.Event, url: str,
-                          failure_exit_s: float) -> None:
-    """Once the model has loaded, say so and watch the engine; a failed load stops at once."""
-    await state.finished_loading.wait()
-    if state.load_error is not None:
-        stop.set()
-        return
-    log.info("Ready: POST %s/generate (mode %s, max_tokens up to %d)", url,
-             _describe_mode(state.scheduler.stats()), state.max_tokens_limit)
-    await _watch_engine(state, stop, failure_exit_s)
-
-
-async def _drain(state: ServerState, drain_timeout_s: float) -> None:
-    """Finish the queued and running requests, waiting at most `drain_timeout_s`."""
-    stats = state.scheduler.stats()
-    log.info("Shutting down (%s): finishing %d queued + %d running request(s); new "
-             "requests get 503", state.shutdown_reason, stats["queue_depth"],
-             stats["in_flight"])
-    if not await state.scheduler.wait_idle(drain_timeout_s):
-        log.warning("Gave up waiting for requests after %.0f s", drain_timeout_s)
-
-async def _watch_engine(state: ServerState, stop: asyncio.Event, exit_after_s: float) -> None:
-    """Poll for a dead or wedged engine; once seen, fail what it held (it will never answer),
-    then stop the server `exit_after_s` later, so that a supervisor restarts it."""
-    while (failure := state.scheduler.failure()) is None:
-        await asyncio.sleep(FAILURE_POLL_S)
-    log.error("The engine failed: %s. Requests in it failed with 503; / and /health answer 503%s",
-              failure, f"; stopping in {exit_after_s:g} s (exit status {EXIT_ENGINE_FAILED})"
-              if exit_after_s >= 0 else "")
-    state.scheduler.abandon(failure)
-    if exit_after_s >= 0:
-        await asyncio.sleep(exit_after_s)
-        if state.shutdown_reason is None:
-            state.shutdown_reason = "engine failed"
-        stop.set()
-
-
-def _watch_parent(loop: asyncio.AbstractEventLoop, request_stop) -> None:
-    """Stop when the process that launched us dies (the notebook kernel, a test): the launcher
-    holds our stdin pipe, which reads EOF once it is gone, even after a SIGKILL. The parent pid
-    check covers a pipe that something else kept open."""
-    parent = os.getppid()
-
-    def on_parent_gone(how: str) -> None:
-        loop.call_soon_threadsafe(request_stop, f"parent process {parent} {how}")
-
-    def read_stdin() -> None:
-        # os.read, not sys.stdin: a daemon thread blocked inside a buffered reader's lock makes
-        # the interpreter abort at exit ("could not acquire lock ... at interpreter shutdown").
-        try:
-            while os.read(0, 4096):
-                pass
-        except OSError:
-            pass
-        on_parent_gone("closed our stdin")
-
-    def poll_ppid() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        on_parent_gone("exited")
-
-    threading.Thread(target=read_stdin, name="labkit-parent-pipe", daemon=True).start()
-    threading.Thread(target=poll_ppid, name="labkit-parent-pid", daemon=True).start()

@@ -22,8 +22,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.utils import floatToGoString
 
 from labkit.engine.request import Result
 
@@ -34,32 +35,35 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80,
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
 
 
+# The histograms observed as requests are answered: attribute, name, help, buckets.
+HISTOGRAMS = (
+    ("ttft", "labkit_time_to_first_token_seconds",
+     "Request received -> its first token, in the server", LATENCY_BUCKETS),
+    ("tpot", "labkit_time_per_output_token_seconds",
+     "Inter-token latency: (generation - first token) / (tokens - 1)", TOKEN_BUCKETS),
+    ("e2e", "labkit_e2e_request_latency_seconds",
+     "Request received -> response ready, in the server", LATENCY_BUCKETS),
+    ("queue", "labkit_request_queue_time_seconds",
+     "Request queued -> its generation (or its batch) started", LATENCY_BUCKETS),
+)
+
+
 class ServerMetrics:
     """The /metrics registry of one server. `stats()` returns the scheduler's counters (plus
-    `requests_rejected`); `gpu_reading()` returns NVML's columns or None without a GPU."""
+    `requests_rejected`); `gpu_reading()` returns NVML's columns or None without a GPU;
+    `others()` the other API servers' `report()`s (`labkit.serve.api_servers`), whose
+    histograms and token counts are added to this one's."""
 
     def __init__(self, stats: Callable[[], dict],
-                 gpu_reading: Callable[[], dict | None] = lambda: None):
+                 gpu_reading: Callable[[], dict | None] = lambda: None,
+                 others: Callable[[], list[dict]] = lambda: []):
         self.registry = CollectorRegistry()
-        self._stats, self._gpu_reading = stats, gpu_reading
+        self._stats, self._gpu_reading, self._others = stats, gpu_reading, others
         self.prompt_tokens = 0
         self.generation_tokens = 0
-
-        def histogram(name: str, text: str, buckets) -> Histogram:
-            return Histogram(name, text, buckets=buckets, registry=self.registry)
-
-        self.ttft = histogram("labkit_time_to_first_token_seconds",
-                              "Request received -> its first token, in the server",
-                              LATENCY_BUCKETS)
-        self.tpot = histogram("labkit_time_per_output_token_seconds",
-                              "Inter-token latency: (generation - first token) / (tokens - 1)",
-                              TOKEN_BUCKETS)
-        self.e2e = histogram("labkit_e2e_request_latency_seconds",
-                             "Request received -> response ready, in the server",
-                             LATENCY_BUCKETS)
-        self.queue = histogram("labkit_request_queue_time_seconds",
-                               "Request queued -> its generation (or its batch) started",
-                               LATENCY_BUCKETS)
+        # Observed here, exported summed with the other API servers' (so not registered).
+        for attribute, name, text, buckets in HISTOGRAMS:
+            setattr(self, attribute, Histogram(name, text, buckets=buckets, registry=None))
         self.registry.register(_StateCollector(self))
 
     def observe(self, result: Result, total_ms: float, ttft_ms: float | None = None) -> None:
@@ -77,6 +81,31 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def report(self) -> dict:
+        """This server's token counts and histograms, for the other API servers."""
+        return {"prompt_tokens": self.prompt_tokens, "generation_tokens": self.generation_tokens,
+                "histograms": {attribute: _cumulative(getattr(self, attribute))
+                               for attribute, *_ in HISTOGRAMS}}
+
+    def histograms(self, others: list[dict]):
+        """Each histogram, this server's buckets plus the other servers'."""
+        for attribute, name, text, bounds in HISTOGRAMS:
+            values = _cumulative(getattr(self, attribute))
+            for other in others:
+                values = [a + b for a, b in zip(values, other["histograms"][attribute],
+                                                strict=True)]
+            *counts, total = values
+            edges = [floatToGoString(bound) for bound in bounds] + ["+Inf"]
+            yield HistogramMetricFamily(name, text, buckets=list(zip(edges, counts, strict=True)),
+                                        sum_value=total)
+
+
+def _cumulative(histogram: Histogram) -> list[float]:
+    """A histogram's cumulative bucket counts (+Inf last), then its sum."""
+    samples = histogram.collect()[0].samples
+    return ([s.value for s in samples if s.name.endswith("_bucket")]
+            + [next(s.value for s in samples if s.name.endswith("_sum"))])
 
 
 class _StateCollector:
@@ -110,8 +139,10 @@ class _StateCollector:
         yield outcomes
         yield CounterMetricFamily("vllm:request_success", "vLLM name: requests served",
                                   value=s["requests_served"])
-        for name, value in [("prompt_tokens", self.metrics.prompt_tokens),
-                            ("generation_tokens", self.metrics.generation_tokens)]:
+        others = self.metrics._others()
+        yield from self.metrics.histograms(others)
+        for name in ("prompt_tokens", "generation_tokens"):
+            value = getattr(self.metrics, name) + sum(other[name] for other in others)
             yield CounterMetricFamily(f"labkit_{name}", f"{name.replace('_', ' ')}",
                                       value=value)
             yield CounterMetricFamily(f"vllm:{name}", f"vLLM name: {name.replace('_', ' ')}",

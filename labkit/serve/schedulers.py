@@ -512,7 +512,7 @@ class ContinuousScheduler(QueueScheduler):
         if self.backend is None:
             return None
         if self.backend.engine_process:
-            stalled, gone = self.backend.engine.stalled_s(), self.backend.engine.gone
+            stalled, gone = self.backend.engine.stalled_s(), self.backend.engine.failure
         else:
             began, gone = self._step_began, None
             stalled = time.perf_counter() - began if began is not None else 0.0

@@ -1,0 +1,134 @@
+"""Several API-server processes over one engine (`labkit serve --api-servers N`, continuous mode).
+
+Why: streaming, the server's process is the bottleneck before the GPU is. Each engine step
+brings one token for every running stream, and each becomes a chunk of text, an SSE frame and
+one socket send on that process's event loop (benchmarks/RESULTS.md: a fifth of its CPU in the
+sends alone); at 256 streams on an H100 the engine waited for requests held up there. vLLM's
+answer is `--api-server-count`: several processes, each with its own event loop, sockets and
+GIL, in front of one engine core. So here:
+
+    API server 1 (this process) ─┐  pipe 0: starts and stops the engine
+    API server 2 (spawned)       ─┼─ pipe 1 ──▶ the engine process (one scheduler, one KV cache)
+    ...                          ─┘  pipe N-1
+
+All listen on the same port with SO_REUSEPORT: the kernel spreads new connections over them.
+Each tokenizes, detokenizes and frames its own requests; the engine routes each step's tokens to
+the pipe its request came from. Counters are per process, so each server reports its own to
+the others through the engine (every 0.25 s at most): /stats and /metrics give the whole
+server's figures whichever process answers. A SIGTERM to the first drains them all; one that
+dies takes the server down (exit status 3), for a supervisor to restart it whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT_S = 120.0  # a spawned API server imports aiohttp and loads its tokenizer
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The first API server's listening socket, bound before anything loads (port 0: a free
+    one, which the others then share). The port is checked free first without SO_REUSEPORT:
+    with it, a port another such server holds would be shared silently."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.bind((host, port))  # EADDRINUSE here is labkit serve's "pick another --port"
+        port = probe.getsockname()[1]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+class ApiServers:
+    """The API servers after the first: started once the engine is ready, on the port of
+    `sock`, with the first one's application and serving options."""
+
+    def __init__(self, count: int, sock: socket.socket, app_options: dict,
+                 serve_options: dict):
+        self.count, self.sock = count, sock
+        self.app_options, self.serve_options = app_options, serve_options
+        self.engine = None
+
+    def start(self, backend) -> None:
+        """Spawn the others over `backend`'s engine pipes; return once each listens and has
+        its tokenizer (else raise: the server does not start half-made)."""
+        context = multiprocessing.get_context("spawn")
+        host, port = self.sock.getsockname()[:2]
+        servers = []
+        for index, conn in enumerate(backend.engine.server_conns, start=1):
+            ready = context.Event()
+            process = context.Process(
+                target=_server_main, name=f"labkit-api-server-{index + 1}", daemon=True,
+                args=(index, self.count, conn, backend.info, host, port, self.app_options,
+                      self.serve_options, ready))
+            process.start()
+            servers.append((process, ready))
+        backend.engine.watch([process for process, _ in servers])
+        self.engine = backend.engine
+        for index, (process, ready) in enumerate(servers, start=2):
+            _wait_ready(index, self.count, process, ready)
+        log.info("%d API server processes share the port, one engine behind them",
+                 self.count)
+
+    def stop(self) -> None:
+        """At the first's SIGTERM (or SIGINT): the others drain and stop too."""
+        if self.engine is not None:
+            self.engine.stop_servers()
+
+
+def _wait_ready(index: int, count: int, process, ready) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while not ready.wait(0.2):
+        if process.exitcode is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"API server {index} of {count} "
+                               + (f"exited while starting (exit code {process.exitcode})"
+                                  if process.exitcode is not None else
+                                  f"was not ready within {READY_TIMEOUT_S:g} s")
+                               + "; its log lines above say why")
+
+
+def _server_main(index: int, count: int, conn, info: dict, host: str, port: int,
+                 app_options: dict, serve_options: dict, ready) -> None:
+    """An API server after the first: its own event loop over pipe `index` to the engine."""
+    from labkit.serve.engine_process import EngineProcessBackend
+    from labkit.serve.http import create_app
+    from labkit.serve.lifecycle import serve
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
+                        format=f"%(levelname)s: [API server {index + 1}/{count}] %(message)s")
+    _stop_with_parent()
+    backend = EngineProcessBackend.attach(conn, index, info)
+
+    async def main() -> int:
+        app = create_app(lambda: backend, **app_options)
+        return await serve(app, host, port, reuse_port=True, on_ready=ready.set,
+                           **serve_options)
+
+    sys.exit(asyncio.run(main()))
+
+
+def _stop_with_parent() -> None:
+    """A SIGTERM to ourselves when the first API server is gone (even SIGKILLed): it is the
+    one a supervisor watches, and the engine goes with it."""
+    parent = os.getppid()
+
+    def poll() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=poll, name="labkit-parent-pid", daemon=True).start()

@@ -1,0 +1,194 @@
+"""`labkit serve --api-servers N`: several API-server processes on one port in front of one
+engine (`labkit.serve.api_servers`). On the CPU with the embedded model: the engine routes each
+request's tokens and outcome to the pipe it came from and cancels what a closed pipe had; the
+whole server answers streams from every process, counts them once whichever process answers
+/stats or /metrics, drains them all on one SIGTERM, and goes down (exit 3) when one dies."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+from pathlib import Path
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from test_continuous import PROMPTS, greedy, sequential_texts
+from test_engine_failure import _engine_pid, _open_stream
+from test_engine_process import Outcomes, wait_for
+from test_one_check import _EngineThread
+
+from labkit.engine import text
+from labkit.engine.continuous import ContinuousEngine
+from labkit.engine.kv_cache import PagedKVCache
+from labkit.engine.llama import Llama
+from labkit.engine.request import Request
+from labkit.serve import client, engine_process
+from labkit.serve.backend import ContinuousBackend
+from labkit.serve.launcher import ServerProcess
+
+pytestmark = pytest.mark.slow
+SERVER = dict(mode="continuous", warmup=0, threads=1, device="cpu")
+
+
+def two_servers_on_one_engine(lm):
+    """The engine loop on a thread over two real pipes; the first server's client (which
+    starts it) and the second's (which says hello)."""
+    cache = PagedKVCache(lm.config, 64, lm.dtype, lm.device)
+    model_side = ContinuousBackend(lm, ContinuousEngine(lm, Llama.from_hf(lm.model), cache))
+    first = engine_process.EngineProcess({}, api_servers=2)
+    ends = [multiprocessing.Pipe() for _ in range(2)]
+    first._conn, first.server_conns = ends[0][0], [ends[1][0]]
+    first._process = _EngineThread(target=engine_process.run_engine, daemon=True,
+                                   args=([ends[0][1], ends[1][1]], model_side))
+    first_backend = engine_process.EngineProcessBackend(first, first.start())
+    return first_backend, engine_process.EngineProcessBackend.attach(ends[1][0], 1,
+                                                                    first_backend.info)
+
+
+def test_each_pipe_gets_its_own_tokens_and_outcomes_and_a_closed_one_is_cancelled(lm):
+    first, second = two_servers_on_one_engine(lm)
+    try:
+        requests, streamed, outcomes = greedy(), {}, Outcomes()
+        for index, request in enumerate(requests):
+            request.on_token = streamed.setdefault(index, []).append
+            backend = first if index % 2 else second
+            backend.tokenize(request)
+            backend.engine.add(request, outcomes.callback(index))
+        results = outcomes.wait(len(requests))
+        assert [text.decode(lm, results[i].token_ids) for i in range(len(requests))] == \
+            sequential_texts(lm, requests)
+        assert all(streamed[i] == results[i].token_ids for i in range(len(requests)))
+
+        long = Request(PROMPTS[0], 900, 0.7, seed=1, ignore_eos=True)
+        second.tokenize(long)
+        started = threading.Event()
+        long.on_token = lambda token: started.set()
+        second.engine.add(long, lambda outcome: None)
+        assert started.wait(30)
+        second.close()  # that API server is gone: the engine cancels its request
+        wait_for(lambda: first.engine.stats()["running"] == 0
+                 and first.engine.stats()["kv_pages_used"] == 0)
+        again, short = Outcomes(), Request(PROMPTS[1], 5, 0, ignore_eos=True)
+        first.tokenize(short)
+        first.engine.add(short, again.callback(0))
+        assert again.wait(1)[0].tokens_generated == 5  # the first goes on serving
+    finally:
+        first.close()
+
+
+def test_two_api_servers_share_the_port_count_once_and_stop_together():
+    srv = ServerProcess(**SERVER, extra_args=["--api-servers", "2"]).start()
+    try:
+        srv.wait_ready(120)
+        texts = asyncio.run(stream_completions(srv.url, 24))
+        assert len(texts) == 24 and all(texts)
+        answered_by = set()
+        for _ in range(40):  # fresh connections: the kernel spreads them over both
+            answered_by.add(client.get(srv.url + "/stats").body["server"]["api_server"])
+        assert answered_by == {1, 2}
+        # Each process counts its own requests and adds the other's (reported every 0.25 s).
+        wait_for(lambda: all(served(srv.url) == 24 for _ in range(10)), timeout=5)
+        wait_for(lambda: all(metric(srv.url, "labkit_time_to_first_token_seconds_count") == 24
+                             for _ in range(10)), timeout=5)
+        assert metric(srv.url, "vllm:generation_tokens_total") == 24 * 20
+        children = child_pids(srv.pid)
+        srv.terminate()
+        assert srv.process.wait(30) == 0
+        assert "[API server 2/2] Server stopped" in srv.logs()
+        # the engine, the other API server and multiprocessing's resource tracker
+        wait_for(lambda: not [pid for pid in children if alive(pid)], timeout=5)
+    finally:
+        srv.stop()
+
+
+def test_an_api_server_that_dies_takes_the_server_down_with_status_3():
+    srv = ServerProcess(**SERVER, extra_args=["--api-servers", "2",
+                                              "--failure-exit-delay", "2"]).start()
+    try:
+        srv.wait_ready(120)
+        stream = _open_stream(srv.url)
+        spawned = [pid for pid in child_pids(srv.pid)
+                   if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        second, = set(spawned) - {_engine_pid(srv)}  # the resource tracker is not spawn_main
+        os.kill(second, signal.SIGKILL)
+        # (a connection the kernel had queued on the dead one's socket is reset with it)
+        wait_for(lambda: "API server 2 of 2 exited" in health_error(srv.url), timeout=5)
+        try:  # ended either way, not left waiting: failed by the engine, or reset with the
+            stream.read()  # process that died, if the kernel had given it that connection
+        except (ConnectionResetError, http.client.IncompleteRead):
+            pass
+        assert srv.process.wait(15) == 3
+    finally:
+        srv.stop()
+
+
+def test_a_busy_port_is_refused_before_anything_loads():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        srv = ServerProcess(**SERVER, port=port, extra_args=["--api-servers", "2"])
+        srv.start()
+        try:
+            assert srv.process.wait(30) == 1
+            assert "Pick another --port" in srv.logs()
+        finally:
+            srv.stop()
+
+
+async def stream_completions(url: str, count: int) -> list[str]:
+    body = {"prompt": "Suggest a skincare routine", "max_tokens": 20, "ignore_eos": True,
+            "stream": True}
+
+    async def one(session: aiohttp.ClientSession) -> str:
+        async with session.post(url + "/v1/completions", json=body) as response:
+            assert response.status == 200
+            text = await response.text()
+            assert text.rstrip().endswith("data: [DONE]")
+            return text
+
+    # one connection each, as separate clients: the kernel spreads them over the processes
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+        return await asyncio.gather(*(one(s) for _ in range(count)))
+
+
+def health_error(url: str) -> str:
+    try:
+        reply = client.get(url + "/health", timeout=2)
+    except ConnectionResetError:
+        return ""
+    return reply.body.get("error", "") if reply.status == 503 else ""
+
+
+def metric(url: str, sample: str) -> float:
+    families = text_string_to_metric_families(client.get(url + "/metrics").body)
+    return next(s.value for f in families for s in f.samples if s.name == sample)
+
+
+def served(url: str) -> int:
+    return client.get(url + "/stats").body["server"]["requests_served"]
+
+
+def child_pids(pid: int) -> list[int]:
+    """Every process under `pid` (the engine and the other API servers, and their helpers)."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        for task in Path(f"/proc/{current}/task").iterdir():
+            children = (task / "children").read_text().split()
+            found += map(int, children)
+            todo += map(int, children)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
