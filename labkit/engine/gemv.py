@@ -124,7 +124,7 @@ if triton is not None:
 # FP8 weights (one byte each) have their own table.
 CONFIGS: dict[tuple[int, int], tuple[int, int, int, int]] = {}
 # FP8, the 3B shape's products, best of 44 tiles on an H100 (benchmarks/decode_gemv_fp8_h100.json):
-# 6-15 % faster than `tile`'s rule on the small products, 0-1 % on the others.
+# 8-11 % faster than `tile`'s rule on the two small products, 0-0.4 % on the others.
 FP8_CONFIGS: dict[tuple[int, int], tuple[int, int, int, int]] = {
     (5120, 3072): (16, 512, 8, 2),  # qkv
     (3072, 3072): (8, 4096, 4, 1),  # o: one tile per row, masked past 3,072
@@ -140,7 +140,7 @@ def tile(n: int, k: int, itemsize: int = 2) -> tuple[int, int, int, int]:
     many programs (768 to 32k) with few warps each, win; twice as many rows and warps for the
     long rows of the down projection. FP8 weights (itemsize 1), measured on an H100: the narrow
     tile with one stage, for every shape (within 1 % of each product's best but the two small
-    ones; doubling the rows to move the bf16 tiles' bytes was 4-11 % slower)."""
+    ones; doubling the rows to move the bf16 tiles' bytes was 6-12 % slower)."""
     table = FP8_CONFIGS if itemsize == 1 else CONFIGS
     if (n, k) in table:
         return table[n, k]
