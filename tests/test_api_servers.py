@@ -86,6 +86,8 @@ def test_two_api_servers_share_the_port_count_once_and_stop_together():
     srv = ServerProcess(**SERVER, extra_args=["--api-servers", "2"]).start()
     try:
         srv.wait_ready(120)
+        # ready is ready whichever process answers: none still loading after one said loaded
+        assert all(client.get(srv.url + "/").body["model_loaded"] for _ in range(40))
         texts = asyncio.run(stream_completions(srv.url, 24))
         assert len(texts) == 24 and all(texts)
         answered_by = set()

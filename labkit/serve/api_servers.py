@@ -62,25 +62,34 @@ class ApiServers:
         self.count, self.sock = count, sock
         self.app_options, self.serve_options = app_options, serve_options
         self.engine = None
+        self.servers: list[tuple] = []  # (process, prepared, go, ready)
 
     def start(self, backend) -> None:
-        """Spawn the others over `backend`'s engine pipes; return once each listens and has
-        its tokenizer (else raise: the server does not start half-made)."""
+        """Spawn the others over `backend`'s engine pipes; return once each has its tokenizer
+        (else raise: the server does not start half-made). They listen only at `go`."""
         context = multiprocessing.get_context("spawn")
         host, port = self.sock.getsockname()[:2]
-        servers = []
+        self.servers = []
         for index, conn in enumerate(backend.engine.server_conns, start=1):
-            ready = context.Event()
+            events = [context.Event() for _ in range(3)]  # prepared, go, ready
             process = context.Process(
                 target=_server_main, name=f"labkit-api-server-{index + 1}", daemon=True,
                 args=(index, self.count, conn, backend.info, host, port, self.app_options,
-                      self.serve_options, ready))
+                      self.serve_options, *events))
             process.start()
-            servers.append((process, ready))
-        backend.engine.watch([process for process, _ in servers])
+            self.servers.append((process, *events))
+        backend.engine.watch([process for process, *_ in self.servers])
         self.engine = backend.engine
-        for index, (process, ready) in enumerate(servers, start=2):
-            _wait_ready(index, self.count, process, ready)
+        for index, (process, prepared, _, _) in enumerate(self.servers, start=2):
+            _wait(prepared, index, self.count, process)
+
+    def go(self) -> None:
+        """Once the first is ready: the others listen (each only with its model side ready,
+        so that no process on the port says it is loading after the first said it is not)."""
+        for _, _, go, _ in self.servers:
+            go.set()
+        for index, (process, _, _, ready) in enumerate(self.servers, start=2):
+            _wait(ready, index, self.count, process)
         log.info("%d API server processes share the port, one engine behind them",
                  self.count)
 
@@ -89,10 +98,9 @@ class ApiServers:
         if self.engine is not None:
             self.engine.stop_servers()
 
-
-def _wait_ready(index: int, count: int, process, ready) -> None:
+def _wait(event, index: int, count: int, process) -> None:
     deadline = time.monotonic() + READY_TIMEOUT_S
-    while not ready.wait(0.2):
+    while not event.wait(0.2):
         if process.exitcode is not None or time.monotonic() > deadline:
             raise RuntimeError(f"API server {index} of {count} "
                                + (f"exited while starting (exit code {process.exitcode})"
@@ -102,7 +110,7 @@ def _wait_ready(index: int, count: int, process, ready) -> None:
 
 
 def _server_main(index: int, count: int, conn, info: dict, host: str, port: int,
-                 app_options: dict, serve_options: dict, ready) -> None:
+                 app_options: dict, serve_options: dict, prepared, go, ready) -> None:
     """An API server after the first: its own event loop over pipe `index` to the engine."""
     from labkit.serve.engine_process import EngineProcessBackend
     from labkit.serve.http import create_app
@@ -112,6 +120,8 @@ def _server_main(index: int, count: int, conn, info: dict, host: str, port: int,
                         format=f"%(levelname)s: [API server {index + 1}/{count}] %(message)s")
     _stop_with_parent()
     backend = EngineProcessBackend.attach(conn, index, info)
+    prepared.set()
+    go.wait()
 
     async def main() -> int:
         app = create_app(lambda: backend, **app_options)

@@ -203,7 +203,8 @@ def run_cli(args) -> int:
     async def main() -> int:
         app = create_app(load, **app_options)
         return await serve(app, args.host, args.port, watch_parent=args.watch_parent,
-                           sock=servers and servers.sock, on_stop=servers and servers.stop,
+                           sock=servers and servers.sock, on_ready=servers and servers.go,
+                           on_stop=servers and servers.stop,
                            **serve_options)
 
     try:

@@ -74,7 +74,9 @@ async def _listen(app: web.Application, host: str, port: int, idle_timeout_s: fl
     # and between requests: it bounds a slow sender of headers as much as an idle client.
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
                            shutdown_timeout=10.0, keepalive_timeout=idle_timeout_s)
-    await runner.setup()
+    await runner.setup()  # starts loading the model
+    if reuse_port:  # another API server on a shared port: listen only once ready to serve
+        await app[STATE].finished_loading.wait()
     access.cap_connections(runner.server, max_connections)
     site = (web.SockSite(runner, sock) if sock is not None
             else web.TCPSite(runner, host, port, reuse_port=reuse_port or None))
@@ -115,8 +117,8 @@ async def _announce_ready(state: ServerState, stop: asyncio.Event, url: str,
     if state.load_error is not None:
         stop.set()
         return
-    if on_ready is not None:
-        on_ready()
+    if on_ready is not None:  # may wait for other processes: off the event loop
+        await asyncio.get_running_loop().run_in_executor(None, on_ready)
     log.info("Ready: POST %s/generate (mode %s, max_tokens up to %d)", url,
              describe_mode(state.scheduler.stats()), state.max_tokens_limit)
     await _watch_engine(state, stop, failure_exit_s)
