@@ -85,7 +85,9 @@ def in_process(args, sampler) -> list[dict]:
     # As in the engine process: the server's graphs, and token ids out (the server decodes).
     engine.runner.capture_all(args.concurrency, WARMUP_GRAPH_PAGES)
     engine.detokenize = False
-    closed_loop(engine, args.concurrency, args.concurrency, 8, loadtest.DEFAULT_PROMPT)  # warm
+    for temperature in args.temperature:  # warm: the sampling kernel compiles at its first call
+        closed_loop(engine, args.concurrency, args.concurrency, 8, loadtest.DEFAULT_PROMPT,
+                    temperature)
     rows = []
     for temperature in args.temperature:
         before, tpots = engine.stats(), []

@@ -330,3 +330,16 @@ def test_sigterm_lets_the_engine_finish_what_it_accepted_then_exit():
         assert [status for status, _ in answers] == [200, 200, 200]
         assert srv.stop() == 0
         assert "Shutting down (SIGTERM)" in srv.logs() and "stopping now" not in srv.logs()
+
+
+def test_warm_up_samples_too_so_no_sampled_request_waits_for_a_compile(lm):
+    """The sampling kernel (CUDA) compiles at its first call: the warm-up must make that call,
+    or the first request at the seed's temperature 0.7 pays it in its first step."""
+    eng = engine(lm)
+    seen: list[Request] = []
+    generate = eng.generate
+    eng.generate = lambda requests: (seen.extend(requests), generate(requests))[1]
+    eng.warm_up(runs=1, max_tokens=3)
+    assert any(r.temperature == 0 for r in seen)
+    assert any(r.temperature > 0 and r.top_p is not None and r.top_p < 1 for r in seen)
+    assert eng.stats()["kv_pages_used"] == 0

@@ -142,11 +142,14 @@ class ContinuousEngine:
         """Capture the CUDA graphs of decode steps of every padded row count up to max_running
         and page count up to WARMUP_GRAPH_PAGES, and of small prefills of short prompts, then
         run `runs` throwaway generations: no request waits for a capture of those (a capture in
-        a busy server's step stalls every request: benchmarks/RESULTS.md)."""
+        a busy server's step stalls every request: benchmarks/RESULTS.md). Each run is a greedy
+        request beside a sampled one (temperature 0.7, top_p 0.9, the seed's defaults), so that
+        the sampling kernel is compiled here, not in the first sampled request's first step."""
         began = time.perf_counter()
         self.runner.capture_all(self.scheduler.max_running, WARMUP_GRAPH_PAGES)
         for _ in range(runs):
-            self.generate([Request("warm-up", max_tokens, 0)])
+            self.generate([Request("warm-up", max_tokens, 0),
+                           Request("warm-up", max_tokens, 0.7, top_p=0.9, seed=0)])
         log.info("Warm-up: %d run(s) through the continuous engine; CUDA graphs for (rows, "
                  "pages) %s and %d small prefills; in %.1f s", runs, sorted(self.runner.graphs),
                  len(self.runner.prefill_graphs), time.perf_counter() - began)

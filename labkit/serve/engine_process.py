@@ -14,14 +14,17 @@ engine core runs apart from its API server for the same reason.
     reader thread: stream tokens,        <--step---     send that step's news
       answer finished requests           <--busy/idle-  (perf_counter: one clock for both)
 
-One pipe each way, one message per engine step: the new tokens of the requests that stream,
-the finished ones' results, and the engine's /stats counters. Requests cross as their fields,
+One pipe per API server (one, unless `labkit serve --api-servers N`: `labkit.serve.api_servers`),
+one message per engine step on each: the new tokens of that server's requests that stream, its
+finished ones' results, and the engine's /stats counters (with the other servers' counters, which
+each reports through the engine). Requests cross as their fields,
 token ids included, and results come back as token ids: the server tokenizes and detokenizes,
 so the engine's loop spends its time on the GPU's next step, not on text. A request is checked
 once, on the server's side (its fields where it entered, its fit to the context and to this
 engine's KV cache in `tokenize`): the engine process takes it as checked. The
 engine process ignores SIGINT and SIGTERM: the server drains its requests first, then tells the
-engine to stop. When the server dies, the pipe closes and the engine exits at its next step.
+engine to stop. When the first server dies, its pipe closes and the engine exits at its next
+step; when another one does, the engine cancels what that one had in it.
 """
 
 from __future__ import annotations
