@@ -28,7 +28,7 @@ from labkit.engine.continuous import ContinuousEngine
 from labkit.engine.kv_cache import PagedKVCache
 from labkit.engine.llama import Llama
 from labkit.engine.request import Request
-from labkit.serve import client, engine_process
+from labkit.serve import client, engine_loop, engine_process
 from labkit.serve.backend import ContinuousBackend
 from labkit.serve.launcher import ServerProcess
 
@@ -44,7 +44,7 @@ def two_servers_on_one_engine(lm):
     first = engine_process.EngineProcess({}, api_servers=2)
     ends = [multiprocessing.Pipe() for _ in range(2)]
     first._conn, first.server_conns = ends[0][0], [ends[1][0]]
-    first._process = _EngineThread(target=engine_process.run_engine, daemon=True,
+    first._process = _EngineThread(target=engine_loop.run_engine, daemon=True,
                                    args=([ends[0][1], ends[1][1]], model_side))
     first_backend = engine_process.EngineProcessBackend(first, first.start())
     return first_backend, engine_process.EngineProcessBackend.attach(ends[1][0], 1,
@@ -105,6 +105,22 @@ def test_two_api_servers_share_the_port_count_once_and_stop_together():
         assert "[API server 2/2] Server stopped" in srv.logs()
         # the engine, the other API server and multiprocessing's resource tracker
         wait_for(lambda: not [pid for pid in children if alive(pid)], timeout=5)
+    finally:
+        srv.stop()
+
+
+def test_ctrl_c_drains_every_api_servers_streams():
+    """SIGINT to the whole process group (Ctrl-C; systemd sends SIGTERM so): every server
+    drains, the others at the first's word only (it was their second signal: cut off)."""
+    srv = ServerProcess(**SERVER, extra_args=["--api-servers", "2"]).start()
+    try:
+        srv.wait_ready(120)
+        streams = [_open_stream(srv.url, max_tokens=150) for _ in range(12)]
+        os.killpg(srv.pid, signal.SIGINT)  # its own session: the group is the server's alone
+        for stream in streams:
+            assert stream.read().decode().rstrip().endswith("data: [DONE]")
+        assert srv.process.wait(30) == 0
+        assert "SIGTERM again" not in srv.logs()
     finally:
         srv.stop()
 

@@ -97,11 +97,11 @@ def test_a_wedged_engine_is_killed_after_the_step_timeout_and_the_server_exits_b
         srv.stop()
 
 
-def _open_stream(url: str) -> http.client.HTTPResponse:
+def _open_stream(url: str, max_tokens: int = 1000) -> http.client.HTTPResponse:
     """A long streamed completion, read up to its first token."""
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
-    conn.request("POST", "/v1/completions", json.dumps(LONG_STREAM),
+    conn.request("POST", "/v1/completions", json.dumps({**LONG_STREAM, "max_tokens": max_tokens}),
                  {"Content-Type": "application/json"})
     response = conn.getresponse()
     assert response.status == 200

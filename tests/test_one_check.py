@@ -26,7 +26,7 @@ from labkit.engine.continuous import ContinuousEngine
 from labkit.engine.kv_cache import PagedKVCache
 from labkit.engine.llama import Llama
 from labkit.engine.request import Request
-from labkit.serve import engine_process, schemas
+from labkit.serve import engine_loop, engine_process, schemas
 from labkit.serve.backend import ContinuousBackend, ModelBackend
 from labkit.serve.http import create_app
 
@@ -72,13 +72,13 @@ class _EngineThread(threading.Thread):
 
 @contextmanager
 def engine_process_on_a_thread(lm):
-    """An EngineProcessBackend whose engine side (`engine_process.run_engine`, over a real
+    """An EngineProcessBackend whose engine side (`engine_loop.run_engine`, over a real
     pipe: requests cross as their pickled fields) runs on a thread of this process."""
     cache = PagedKVCache(lm.config, 32, lm.dtype, lm.device)
     model_side = ContinuousBackend(lm, ContinuousEngine(lm, Llama.from_hf(lm.model), cache))
     engine = engine_process.EngineProcess({})
     engine._conn, engine_end = multiprocessing.Pipe()
-    engine._process = _EngineThread(target=engine_process.run_engine,
+    engine._process = _EngineThread(target=engine_loop.run_engine,
                                     args=(engine_end, model_side), daemon=True)
     backend = engine_process.EngineProcessBackend(engine, engine.start())
     try:

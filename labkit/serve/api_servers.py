@@ -11,12 +11,15 @@ GIL, in front of one engine core. So here:
     API server 2 (spawned)       ─┼─ pipe 1 ──▶ the engine process (one scheduler, one KV cache)
     ...                          ─┘  pipe N-1
 
-All listen on the same port with SO_REUSEPORT: the kernel spreads new connections over them.
+All listen on the same port with SO_REUSEPORT (sockets made alike): the kernel spreads new
+connections over them.
 Each tokenizes, detokenizes and frames its own requests; the engine routes each step's tokens to
 the pipe its request came from. Counters are per process, so each server reports its own to
 the others through the engine (every 0.25 s at most): /stats and /metrics give the whole
-server's figures whichever process answers. A SIGTERM to the first drains them all; one that
-dies takes the server down (exit status 3), for a supervisor to restart it whole.
+server's figures whichever process answers. A SIGTERM to the first (or Ctrl-C, or systemd's
+SIGTERM to the whole group) drains them all, the others stopping at the first's word only,
+within --drain-timeout; one that dies, or stops reading the engine's messages, takes the server
+down (exit status 3), for a supervisor to restart it whole.
 """
 
 from __future__ import annotations
@@ -37,20 +40,29 @@ READY_TIMEOUT_S = 120.0  # a spawned API server imports aiohttp and loads its to
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
-    """The first API server's listening socket, bound before anything loads (port 0: a free
-    one, which the others then share). The port is checked free first without SO_REUSEPORT:
-    with it, a port another such server holds would be shared silently."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
+    """The first API server's socket, bound before anything loads (port 0: a free one, which
+    the others then share). The port is checked free first without SO_REUSEPORT: with it, a
+    port another such server holds would be shared silently."""
+    with socket.socket(_family(host), socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio: TIME_WAIT
         probe.bind((host, port))  # EADDRINUSE here is labkit serve's "pick another --port"
         port = probe.getsockname()[1]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    return shared_socket(host, port)
+
+
+def shared_socket(host: str, port: int) -> socket.socket:
+    """A socket on the shared port, the same for every API server (dual-stack or not alike:
+    the kernel spreads connections only over sockets bound the same way)."""
+    sock = socket.socket(_family(host), socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
-    sock.listen(1024)
     sock.setblocking(False)
     return sock
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
 class ApiServers:
@@ -78,10 +90,17 @@ class ApiServers:
                       self.serve_options, *events))
             process.start()
             self.servers.append((process, *events))
-        backend.engine.watch([process for process, *_ in self.servers])
+        backend.engine.watch([process for process, *_ in self.servers],
+                             self.serve_options.get("drain_timeout_s", 600.0))
         self.engine = backend.engine
-        for index, (process, prepared, _, _) in enumerate(self.servers, start=2):
-            _wait(prepared, index, self.count, process)
+        try:
+            for index, (process, prepared, _, _) in enumerate(self.servers, start=2):
+                _wait(prepared, index, self.count, process)
+        except BaseException:  # nothing is left running: the engine ignores SIGTERM
+            for process, *_ in self.servers:
+                process.kill()
+            backend.engine.kill("an API server did not start")
+            raise
 
     def go(self) -> None:
         """Once the first is ready: the others listen (each only with its model side ready,
@@ -125,8 +144,8 @@ def _server_main(index: int, count: int, conn, info: dict, host: str, port: int,
 
     async def main() -> int:
         app = create_app(lambda: backend, **app_options)
-        return await serve(app, host, port, reuse_port=True, on_ready=ready.set,
-                           **serve_options)
+        return await serve(app, host, port, sock=shared_socket(host, port), follower=True,
+                           on_ready=ready.set, **serve_options)
 
     sys.exit(asyncio.run(main()))
 

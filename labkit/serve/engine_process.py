@@ -24,16 +24,17 @@ once, on the server's side (its fields where it entered, its fit to the context 
 engine's KV cache in `tokenize`): the engine process takes it as checked. The
 engine process ignores SIGINT and SIGTERM: the server drains its requests first, then tells the
 engine to stop. When the first server dies, its pipe closes and the engine exits at its next
-step; when another one does, the engine cancels what that one had in it.
+step; when another one does, the engine cancels what that one had in it. This module is the
+servers' side; the engine process runs `labkit.serve.engine_loop`.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
 import logging
 import multiprocessing
-import multiprocessing.connection
 import os
 import signal
 import sys
@@ -41,13 +42,10 @@ import threading
 import time
 from collections.abc import Callable
 
-import torch
-
 from labkit.engine import continuous, text
 from labkit.engine.model import LoadedModel, load_tokenizer, tokenizer_dir
-from labkit.engine.request import EngineGone, OutOfMemory, PromptTooLong, Request, Result
-from labkit.serve.backend import load_model_backend
-from labkit.serve.schedulers import out_of_memory
+from labkit.engine.request import EngineGone, Request, Result
+from labkit.serve import engine_loop
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +57,6 @@ STOP_TIMEOUT_S = 30.0
 READER_SWITCH_INTERVAL_S = 0.0005
 # An API server's counters go to the others (through the engine) at most this often.
 REPORT_EVERY_S = 0.25
-# Device memory readings in the step messages, at most this often: a reading asks the driver
-# (cudaMemGetInfo), which costs host time in every step that carries one, while the GPU waits.
-MEMORY_EVERY_S = 0.5
 
 
 # --- the server's side -------------------------------------------------------------------------
@@ -139,7 +134,7 @@ class EngineClient:
     def kill(self, reason: str) -> None:
         """Kill the engine process (wedged): its requests fail with EngineGone(reason)."""
         self._kill_reason = reason
-        if self.engine_pid is not None:
+        if self.engine_pid is not None and self.gone is None:  # gone: its pid may be reused
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.engine_pid, signal.SIGKILL)
 
@@ -197,7 +192,7 @@ class EngineClient:
             request, on_outcome = self._live.pop(rid)
             self._cancel_sent.discard(rid)
             if isinstance(outcome, tuple):
-                outcome = _rebuild(outcome)
+                outcome = engine_loop.rebuild(outcome)
             elif request.wants_text:  # a stream has its text from its tokens already
                 outcome.generated_text = self.detokenize(outcome.token_ids)
             on_outcome(outcome)
@@ -231,10 +226,11 @@ class EngineProcess(EngineClient):
         pipes = [context.Pipe() for _ in range(api_servers)]
         super().__init__(pipes[0][0])
         self.server_conns = [ours for ours, _ in pipes[1:]]  # for the other API servers
-        self._process = context.Process(target=_engine_main,
+        self._process = context.Process(target=engine_loop.engine_main,
                                         args=([theirs for _, theirs in pipes], load_options),
                                         name="labkit-engine", daemon=True)
         self._servers: list = []  # the other API servers' processes
+        self._servers_timeout_s = STOP_TIMEOUT_S  # their drain, at most
         self._stopping = False
 
     def start(self) -> dict:
@@ -248,17 +244,22 @@ class EngineProcess(EngineClient):
                              f"{self._process.exitcode}); its log lines above say why") from None
         if kind == "failed":
             self._process.join(5)
-            raise _rebuild(payload)
+            raise engine_loop.rebuild(payload)
         self.engine_pid = payload["pid"]
         payload["api_servers"] = len(self.server_conns) + 1
         self._stats, self.memory = payload["stats"], payload["memory"]
+        # The engine ignores SIGTERM (we stop it), and multiprocessing joins it at exit: if this
+        # process exits without `close` (a start-up cut short), kill it rather than hang there.
+        atexit.register(self._kill_if_alive)
         self._start_reader()
         return payload
 
-    def watch(self, servers: list) -> None:
-        """The other API servers' processes, started: a pipe's end that each took is closed
-        here, so that the engine hears when one goes."""
+    def watch(self, servers: list, drain_timeout_s: float) -> None:
+        """The other API servers' processes, started (they drain for up to `drain_timeout_s`
+        when stopped): a pipe's end that each took is closed here, so that the engine hears
+        when one goes."""
         self._servers = servers
+        self._servers_timeout_s = drain_timeout_s + STOP_TIMEOUT_S
         for conn in self.server_conns:
             conn.close()
 
@@ -287,10 +288,12 @@ class EngineProcess(EngineClient):
         """Wait for the other API servers, ask the engine to stop (it finishes what it holds),
         then wait for it to exit."""
         self.stop_servers()
+        deadline = time.monotonic() + self._servers_timeout_s  # they drain side by side
         for process in self._servers:
-            process.join(STOP_TIMEOUT_S)
+            process.join(max(0.0, deadline - time.monotonic()))
             if process.is_alive():
-                log.warning("An API server did not stop within %.0f s: killed", STOP_TIMEOUT_S)
+                log.warning("An API server did not stop within %.0f s: killed",
+                            self._servers_timeout_s)
                 process.kill()
         try:
             self._send(("stop",))
@@ -305,6 +308,10 @@ class EngineProcess(EngineClient):
     def kill(self, reason: str) -> None:
         self._kill_reason = reason
         self._process.kill()
+
+    def _kill_if_alive(self) -> None:
+        if self._process.is_alive():
+            self._process.kill()
 
     def _exit_reason(self) -> str:
         self._process.join(5)
@@ -370,216 +377,3 @@ class EngineProcessBackend(text.TextSide):
 
     def close(self) -> None:
         self.engine.close()
-
-
-# --- the engine's side -------------------------------------------------------------------------
-
-def _engine_main(conns: list, load_options: dict) -> None:
-    """The engine process: load, warm up, report ready, then serve the pipes until told to
-    stop or the first server is gone."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the server drains first, then stops us
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s",
-                        stream=sys.stderr, force=True)
-    try:
-        backend = load_model_backend(**load_options)
-        backend.warm_up()
-    except BaseException as err:  # the server reports it and exits with 1
-        conns[0].send(("failed", _portable(err)))
-        return
-    run_engine(conns, backend)
-
-
-def run_engine(conns, backend) -> None:
-    """Report `backend` (loaded and warm) ready over the first pipe of `conns` (one, or one
-    per API server), then serve them until told to stop or the first server is gone (in the
-    engine process; a test runs it on a thread)."""
-    conns = conns if isinstance(conns, list) else [conns]
-    lm, cache = backend.lm, backend.engine.cache
-    backend.engine.detokenize = False  # the server decodes results' token ids
-    conns[0].send(("ready", {
-        "name": backend.name, "synthetic": backend.synthetic, "device": backend.device,
-        "gpu_name": backend.gpu_name, "context_length": backend.context_length,
-        "load_time_s": backend.load_time_s, "cuda_graphs": backend.cuda_graphs,
-        "cache_tokens": cache.tokens, "source": lm.source,
-        "tokenizer_dir": str(tokenizer_dir(lm.source)), "num_parameters": lm.num_parameters,
-        "stats": backend.engine.stats(), "memory": _memory(backend.device),
-        "pid": os.getpid()}))
-    log.info("Engine process ready (pid %d): %s over %s", os.getpid(),
-             "the server talks to it" if len(conns) == 1 else f"{len(conns)} API servers talk "
-             "to it", "a pipe" if len(conns) == 1 else "a pipe each")
-    _EngineLoop(backend, conns).run()
-
-
-class _EngineLoop:
-    """The engine's loop over its pipes: pipe 0 is the first API server's (it stops the
-    engine, and its end is the engine's end); the others' join with a hello and their
-    requests are cancelled if they go."""
-
-    def __init__(self, backend, conns: list):
-        self.backend, self.engine, self.conns = backend, backend.engine, conns
-        self.open = set(range(len(conns)))  # pipes not closed
-        self.heard = {0}  # pipes that said hello: the engine sends to those
-        self.requests: dict[tuple[int, int], Request] = {}  # (pipe, the server's id)
-        # Per pipe, this step: (rid, token) of streaming requests; (rid, Result or an error)
-        self.tokens: dict[int, list] = {i: [] for i in self.open}
-        self.outcomes: dict[int, list] = {i: [] for i in self.open}
-        self.reports: dict[int, dict] = {}  # each other API server's counters, lately
-        self.reports_changed = False
-        self.busy = False  # since the first message of work, until the engine rests
-        self.stopping = False
-        self.memory_read_at = 0.0
-
-    def run(self) -> None:
-        while True:
-            if not self.engine.has_work():
-                # At rest: say so before waiting for messages, or the wait (up to 0.5 s) would
-                # count as busy time in the server's /stats.
-                if any(self.outcomes.values()):  # refused on arrival: answered now
-                    self._send_step()
-                if self.busy or self.reports_changed:  # idle, or others' counters to pass on
-                    self._broadcast(("idle", time.perf_counter(), self.stats()) if self.busy
-                                    else ("stats", self.stats()))
-                    self.busy = self.reports_changed = False
-                if self.stopping:
-                    self._broadcast(("stopped",))
-                    return
-            if not self._take_messages(timeout=0 if self.engine.has_work() else 0.5):
-                return  # the first server is gone: nobody is left to answer
-            if self.engine.has_work():
-                if not self.busy:
-                    self.busy = True
-                    self._broadcast(("busy", time.perf_counter()))
-                self._step()
-
-    def stats(self) -> dict:
-        stats = self.engine.stats()
-        if self.reports:
-            stats["api_servers"] = dict(self.reports)
-        return stats
-
-    def _take_messages(self, timeout: float) -> bool:
-        """Every message waiting on any pipe (waiting up to `timeout` for one); False once
-        the first server's pipe is closed."""
-        ready = multiprocessing.connection.wait([self.conns[i] for i in self.open], timeout)
-        for conn in ready:
-            index = self.conns.index(conn)
-            try:
-                while conn.poll(0):
-                    self._handle(index, conn.recv())
-            except (EOFError, OSError):
-                if index == 0:
-                    return False
-                self._drop(index)
-        return True
-
-    def _handle(self, index: int, message: tuple) -> None:
-        kind = message[0]
-        if kind == "add":
-            _, rid, fields, streams = message
-            request = Request(**fields, checked=True)  # checked on the server's side
-            if streams:
-                request.on_token = lambda token, i=index, rid=rid: self.tokens[i].append(
-                    (rid, token))
-            self.requests[index, rid] = request
-            try:  # checked to fit on the server's side; `add` checks only what was not
-                self.engine.add(request, lambda result, i=index, rid=rid: self._finished(
-                    i, rid, result))
-            except Exception as err:  # PromptTooLong, for a request sent unchecked
-                self._finished(index, rid, _portable(err))
-        elif kind == "cancel":
-            request = self.requests.get((index, message[1]))
-            if request is not None:
-                request.cancelled.set()
-        elif kind == "report":
-            self.reports[index] = message[1]
-            self.reports_changed = True
-        elif kind == "hello":
-            self.heard.add(index)
-            if self.busy:  # its busy clock starts now, not at the next busy period
-                self._send(index, ("busy", time.perf_counter()))
-        elif kind == "stop" and index == 0:
-            self.stopping = True
-
-    def _drop(self, index: int) -> None:
-        """Another API server is gone: cancel what it had here; nothing more goes to it."""
-        self.open.discard(index)
-        self.heard.discard(index)
-        self.reports.pop(index, None)
-        self.reports_changed = True
-        for (i, _), request in self.requests.items():
-            if i == index:
-                request.cancelled.set()
-        log.warning("API server %d's pipe closed: its %d request(s) cancelled", index + 1,
-                    sum(i == index for i, _ in self.requests))
-
-    def _finished(self, index: int, rid: int, outcome) -> None:
-        self.requests.pop((index, rid), None)
-        if index in self.open:
-            self.outcomes[index].append((rid, outcome))
-
-    def _step(self) -> None:
-        try:
-            self.engine.step()
-        except (torch.OutOfMemoryError, MemoryError) as err:
-            self._fail_all(out_of_memory(self.backend, err, len(self.requests)))
-        except Exception as err:  # reported to the clients; the engine must survive it
-            log.exception("Engine step failed")
-            self._fail_all(err)
-        self._send_step()
-
-    def _fail_all(self, err: BaseException) -> None:
-        self.engine.reset()
-        for index, rid in list(self.requests):
-            self._finished(index, rid, _portable(err))
-
-    def _send_step(self) -> None:
-        memory = None
-        now = time.perf_counter()
-        if now - self.memory_read_at >= MEMORY_EVERY_S:
-            memory, self.memory_read_at = _memory(self.backend.device), now
-        stats = self.stats()
-        for index in sorted(self.heard):
-            self._send(index, ("step", self.tokens[index], self.outcomes[index], stats, memory))
-            self.tokens[index], self.outcomes[index] = [], []
-
-    def _broadcast(self, message: tuple) -> None:
-        for index in sorted(self.heard):
-            self._send(index, message)
-
-    def _send(self, index: int, message: tuple) -> None:
-        """Send on pipe `index`; another API server's closed pipe drops it (the first's ends
-        the loop at its next read)."""
-        try:
-            self.conns[index].send(message)
-        except OSError:
-            if index == 0:
-                raise
-            self._drop(index)
-
-
-def _memory(device: str) -> dict | None:
-    """gpu.memory_gb of the engine's card, read in the engine's process (where torch holds
-    the memory); None on the CPU."""
-    from labkit.measure import gpu
-
-    if not device.startswith("cuda"):
-        return None
-    return gpu.memory_gb(int(device.split(":")[1]) if ":" in device else 0)
-
-
-# Errors cross the pipe as (kind, message): an exception's own class may not unpickle (torch's
-# need torch, others carry arguments their constructor does not take).
-_KINDS = {"OutOfMemory": OutOfMemory, "PromptTooLong": PromptTooLong,
-          "EngineGone": EngineGone}
-
-
-def _portable(err: BaseException) -> tuple[str, str]:
-    return type(err).__name__, str(err)
-
-
-def _rebuild(portable: tuple[str, str]) -> BaseException:
-    kind, message = portable
-    if kind in _KINDS:
-        return _KINDS[kind](message)
-    return RuntimeError(f"{kind} in the engine process: {message}")

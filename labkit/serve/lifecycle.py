@@ -37,19 +37,20 @@ async def serve(app: web.Application, host: str = "127.0.0.1", port: int = 8000,
                 idle_timeout_s: float = access.DEFAULT_IDLE_TIMEOUT_S,
                 max_connections: int = access.DEFAULT_MAX_CONNECTIONS,
                 failure_exit_s: float = 10.0, sock: socket.socket | None = None,
-                reuse_port: bool = False, on_ready: Callable[[], None] | None = None,
+                follower: bool = False, on_ready: Callable[[], None] | None = None,
                 on_stop: Callable[[], None] | None = None) -> int:
     """Listen, load, serve until a signal (or the parent's exit), drain, stop. Returns the exit
     status: 0 after a graceful stop, 1 when the model failed to load, 3 when the engine died or
     wedged (`failure_exit_s` after it did, or at a signal; negative: only at a signal).
-    Several API servers (`labkit.serve.api_servers`): the first listens on `sock`, bound
-    already, the others on the same port with `reuse_port`; `on_ready` runs once the model is
-    ready here, `on_stop` when the stop begins."""
+    Several API servers (`labkit.serve.api_servers`) each listen on their `sock`, bound to the
+    shared port; a `follower` (not the first) listens only once loaded and stops only at the
+    first's SIGTERM; `on_ready` runs once the model is ready here (an error in it stops the
+    server with status 1), `on_stop` when the stop begins."""
     state = app[STATE]
     runner, url = await _listen(app, host, port, idle_timeout_s, max_connections, sock,
-                                reuse_port)
+                                follower)
     stop = asyncio.Event()
-    _handle_stop_signals(state, stop, watch_parent)
+    _handle_stop_signals(state, stop, watch_parent, follower)
     watcher = asyncio.create_task(_announce_ready(state, stop, url, failure_exit_s, on_ready))
     await stop.wait()
     watcher.cancel()
@@ -67,7 +68,7 @@ async def serve(app: web.Application, host: str = "127.0.0.1", port: int = 8000,
 
 async def _listen(app: web.Application, host: str, port: int, idle_timeout_s: float,
                   max_connections: int, sock: socket.socket | None = None,
-                  reuse_port: bool = False) -> tuple[web.AppRunner, str]:
+                  follower: bool = False) -> tuple[web.AppRunner, str]:
     """Start listening on `host:port` (0: a free port), or on `sock`; the runner and the
     server's URL."""
     # keepalive_timeout runs from a connection's start until its request's headers are in,
@@ -75,15 +76,14 @@ async def _listen(app: web.Application, host: str, port: int, idle_timeout_s: fl
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
                            shutdown_timeout=10.0, keepalive_timeout=idle_timeout_s)
     await runner.setup()  # starts loading the model
-    if reuse_port:  # another API server on a shared port: listen only once ready to serve
+    if follower:  # another API server on a shared port: listen only once ready to serve
         await app[STATE].finished_loading.wait()
     access.cap_connections(runner.server, max_connections)
-    site = (web.SockSite(runner, sock) if sock is not None
-            else web.TCPSite(runner, host, port, reuse_port=reuse_port or None))
+    site = web.SockSite(runner, sock) if sock is not None else web.TCPSite(runner, host, port)
     await site.start()
     bound_port = runner.addresses[0][1]
     url = f"http://{host}:{bound_port}"
-    if reuse_port:  # not the first API server: the launcher reads the first one's line
+    if follower:  # not the first API server: the launcher reads the first one's line
         log.info("Listening on %s beside the first API server", url)
     else:
         log.info("%s%s (model loading: /health answers 503 until it is ready)",
@@ -91,20 +91,26 @@ async def _listen(app: web.Application, host: str, port: int, idle_timeout_s: fl
     return runner, url
 
 
-def _handle_stop_signals(state: ServerState, stop: asyncio.Event, watch_parent: bool) -> None:
+def _handle_stop_signals(state: ServerState, stop: asyncio.Event, watch_parent: bool,
+                         follower: bool = False) -> None:
     """SIGTERM and SIGINT (and, with `watch_parent`, the parent's exit) set `stop`; a second
-    one exits at once."""
+    one exits at once. A follower API server stops at SIGTERM only, once: the first forwards
+    it one, and Ctrl-C or a whole process group's SIGTERM (systemd's) must not count as two."""
     loop = asyncio.get_running_loop()
 
     def request_stop(reason: str) -> None:
         if state.shutdown_reason is not None:  # second signal: no more waiting
+            if follower:
+                return
             log.warning("%s again: stopping now, abandoning queued requests", reason)
             logging.shutdown()
             os._exit(1)
         state.shutdown_reason = reason
         stop.set()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    if follower:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in (signal.SIGTERM,) if follower else (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, request_stop, sig.name)
     if watch_parent:
         _watch_parent(loop, request_stop)
@@ -118,7 +124,13 @@ async def _announce_ready(state: ServerState, stop: asyncio.Event, url: str,
         stop.set()
         return
     if on_ready is not None:  # may wait for other processes: off the event loop
-        await asyncio.get_running_loop().run_in_executor(None, on_ready)
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, on_ready)
+        except Exception as err:  # another API server did not come up: do not serve half
+            log.error("Could not start serving: %s", err)
+            state.load_error = err
+            stop.set()
+            return
     log.info("Ready: POST %s/generate (mode %s, max_tokens up to %d)", url,
              describe_mode(state.scheduler.stats()), state.max_tokens_limit)
     await _watch_engine(state, stop, failure_exit_s)
