@@ -156,7 +156,8 @@ def _add_access_flags(parser: argparse.ArgumentParser) -> None:
                           f"{access.DEFAULT_BODY_TIMEOUT_S:g}; then 408)")
     security.add_argument("--max-connections", type=int,
                           default=access.default_max_connections(), metavar="N",
-                          help="most open connections; more get 503 (default "
+                          help="most open connections (each API server's, with "
+                               "--api-servers); more get 503 (default "
                                f"{access.DEFAULT_MAX_CONNECTIONS}, or fewer where `ulimit -n` "
                                "allows fewer open files)")
 
