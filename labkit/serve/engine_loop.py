@@ -101,26 +101,22 @@ class _EngineLoop:
                 # count as busy time in the server's /stats.
                 if any(self.outcomes.values()):  # refused on arrival: answered now
                     self._send_step()
-                if self.busy or self.reports_changed:  # idle, or others' counters to pass on
-                    self._broadcast(("idle", time.perf_counter(), self.stats()) if self.busy
-                                    else ("stats", self.stats()))
-                    self.busy = self.reports_changed = False
+                if self.busy:
+                    self.busy = False
+                    self._broadcast(("idle", time.perf_counter(), self.engine.stats()))
                 if self.stopping:
                     self._broadcast(("stopped",))
                     return
             if not self._take_messages(timeout=0 if self.engine.has_work() else 0.5):
                 return  # the first server is gone: nobody is left to answer
+            if self.reports_changed:  # a few times a second, not in every step's message
+                self.reports_changed = False
+                self._broadcast(("reports", dict(self.reports)))
             if self.engine.has_work():
                 if not self.busy:
                     self.busy = True
                     self._broadcast(("busy", time.perf_counter()))
                 self._step()
-
-    def stats(self) -> dict:
-        stats = self.engine.stats()
-        if self.reports:
-            stats["api_servers"] = dict(self.reports)
-        return stats
 
     def _take_messages(self, timeout: float) -> bool:
         """Every message waiting on any pipe (waiting up to `timeout` for one); False once
@@ -162,6 +158,8 @@ class _EngineLoop:
             self.heard.add(index)
             if self.busy:  # its busy clock starts now, not at the next busy period
                 self._send(index, ("busy", time.perf_counter()))
+            if self.reports:  # the others' counters so far, not only from their next change
+                self._send(index, ("reports", dict(self.reports)))
         elif kind == "stop" and index == 0:
             self.stopping = True
 
@@ -174,11 +172,11 @@ class _EngineLoop:
         self.open.discard(index)
         self.heard.discard(index)
         self.senders[index].close()
-        for (i, _), request in self.requests.items():
-            if i == index:
-                request.cancelled.set()
+        its = [request for (i, _), request in self.requests.items() if i == index]
+        for request in its:
+            request.cancelled.set()
         log.warning("API server %d's pipe closed: its %d request(s) cancelled", index + 1,
-                    sum(i == index for i, _ in self.requests))
+                    len(its))
 
     def _finished(self, index: int, rid: int, outcome) -> None:
         self.requests.pop((index, rid), None)
@@ -205,7 +203,7 @@ class _EngineLoop:
         now = time.perf_counter()
         if now - self.memory_read_at >= MEMORY_EVERY_S:
             memory, self.memory_read_at = _memory(self.backend.device), now
-        stats = self.stats()
+        stats = self.engine.stats()
         for index in sorted(self.heard):
             self._send(index, ("step", self.tokens[index], self.outcomes[index], stats, memory))
             self.tokens[index], self.outcomes[index] = [], []

@@ -67,7 +67,7 @@ class EngineClient:
     results come back on a reader thread, which calls the requests' `on_token` hooks and the
     callbacks there, as the engine's own thread would in one process. With several API servers
     (`labkit serve --api-servers N`) each has a pipe of its own, `index` 0 the first one's; the
-    others also `report` their counters, which the engine passes on to all in its stats."""
+    others also `report` their counters, which the engine passes on to all (`reports`)."""
 
     def __init__(self, conn, index: int = 0, engine_pid: int | None = None):
         self._conn = conn
@@ -92,6 +92,8 @@ class EngineClient:
         # sent at most every REPORT_EVERY_S when they changed.
         self.report: Callable[[], dict] | None = None
         self._reported: dict | None = None
+        self._report_due = 0.0
+        self.reports: dict[int, dict] = {}  # every API server's counters, as last passed on
         self._closed = False
 
     def attach(self, info: dict) -> None:
@@ -150,8 +152,8 @@ class EngineClient:
     def _read(self) -> None:
         while True:
             try:
-                if self.report is not None:
-                    self._send_report()
+                if self.report is not None:  # wake up to report, idle or not
+                    self._report_if_due()
                     if not self._conn.poll(REPORT_EVERY_S):
                         continue
                 message = self._conn.recv()
@@ -166,16 +168,22 @@ class EngineClient:
             elif kind == "busy":
                 self._busy = True
                 self.on_busy(message[1])
-            elif kind in ("idle", "stats"):
-                self._stats = message[-1]
-                if kind == "idle":
-                    self._busy = False
-                    self.on_idle(message[1])
+            elif kind == "idle":
+                self._busy = False
+                self._stats = message[2]
+                self.on_idle(message[1])
+            elif kind == "reports":
+                self.reports = message[1]
             elif kind == "stopped":
                 return
 
-    def _send_report(self) -> None:
-        """This server's counters, if they changed since they were last sent."""
+    def _report_if_due(self) -> None:
+        """This server's counters, every REPORT_EVERY_S at most, if they changed since they
+        were last sent (not at every step: they are read from the scheduler and metrics)."""
+        now = time.monotonic()
+        if now < self._report_due:
+            return
+        self._report_due = now + REPORT_EVERY_S
         report = self.report()
         if report != self._reported:
             self._send(("report", report))

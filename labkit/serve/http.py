@@ -89,7 +89,7 @@ class ServerState:
         """The scheduler's counters, with the requests that ended before reaching it; with
         several API servers, the others' requests are added in (the engine's are whole)."""
         stats = self.own_counters()
-        for other in self._other_servers(stats.pop("api_servers", {})):
+        for other in self._other_servers():
             for key in REQUEST_COUNTERS:
                 stats[key] += other[key]
         return stats
@@ -106,11 +106,11 @@ class ServerState:
         own = self.own_counters()
         return {**{key: own[key] for key in REQUEST_COUNTERS}, **self.metrics.report()}
 
-    def _other_servers(self, reports: dict | None = None) -> list[dict]:
+    def _other_servers(self) -> list[dict]:
+        """The other API servers' reports, as the engine last passed them on."""
         if self.api_servers == 1:
             return []
-        if reports is None:
-            reports = self.scheduler.stats().get("api_servers", {})
+        reports = self.backend.engine.reports
         return [report for index, report in reports.items() if index != self.api_server]
 
     def failure(self) -> str | None:
