@@ -91,7 +91,7 @@ class ApiServers:
             process.start()
             self.servers.append((process, *events))
         backend.engine.watch([process for process, *_ in self.servers],
-                             self.serve_options.get("drain_timeout_s", 600.0))
+                             self.serve_options["drain_timeout_s"])
         self.engine = backend.engine
         try:
             for index, (process, prepared, _, _) in enumerate(self.servers, start=2):
@@ -116,6 +116,7 @@ class ApiServers:
         """At the first's SIGTERM (or SIGINT): the others drain and stop too."""
         if self.engine is not None:
             self.engine.stop_servers()
+
 
 def _wait(event, index: int, count: int, process) -> None:
     deadline = time.monotonic() + READY_TIMEOUT_S
