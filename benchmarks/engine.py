@@ -17,7 +17,9 @@ bf16 norms) over the same copy bandwidth; at N concurrent, each --fp8-matmul rec
 products of many tokens (`torch._scaled_mm` with per-token activation scales, or dequantize to
 bf16 then a bf16 matmul), so the run shows which is faster. A batch-1 floor counts the bytes a
 step reads: for an untied lm_head (8B) the embedding table is not one of them (a step reads one
-row of it); `weight_floor_ms` keeps the older all-weights floor.
+row of it); `weight_floor_ms` keeps the older all-weights floor. --kv-cache-dtype auto fp8 runs
+each of those at N concurrent with the model's-dtype KV cache and with an FP8 one
+(`labkit.engine.kv_cache`): half the bytes each step's attention reads.
 
 4. --shared-prefix TOKENS (default 1000; 0 skips it): --shared-requests requests (512) of a
    common TOKENS-token prefix and --shared-own-tokens (20) of their own, --max-tokens out, all
@@ -32,7 +34,8 @@ the whole call's rate is recorded too); its batch-1 ms/token is its mean time be
 
     python benchmarks/engine.py [--shapes llama-3.2-1b llama-3.2-3b llama-3.1-8b]
         [--model synthetic:llama-3.2-3b] [--concurrency 64 256 512] [--json FILE] [--profile]
-        [--quantization bf16 fp8] [--fp8-matmul scaled_mm dequant] [--no-sampled]
+        [--quantization bf16 fp8] [--fp8-matmul scaled_mm dequant] [--kv-cache-dtype auto fp8]
+        [--no-sampled]
         [--shared-prefix 1000] [--shared-requests 512] [--shared-own-tokens 20]
 """
 
@@ -50,7 +53,7 @@ import transformers
 
 from labkit.engine import memory, quant
 from labkit.engine.continuous import ContinuousEngine
-from labkit.engine.kv_cache import PagedKVCache
+from labkit.engine.kv_cache import KV_CACHE_DTYPES, PagedKVCache, resolve_kv_dtype
 from labkit.engine.llama import Llama
 from labkit.engine.model import load_model, synchronize
 from labkit.engine.request import Request
@@ -76,8 +79,9 @@ def fixed_requests(n: int, prompt_tokens: int, max_tokens: int, vocab: int,
 
 def build_engine(lm, max_running: int, kv_gb: float, cuda_graphs: bool = True,
                  quantization: str = "bf16", matmul: str | None = None,
-                 prefix_cache: bool = False):
-    cache = PagedKVCache.sized(lm.config, kv_gb, lm.dtype, lm.device)
+                 prefix_cache: bool = False, kv_cache_dtype: str = "auto"):
+    cache = PagedKVCache.sized(lm.config, kv_gb, resolve_kv_dtype(kv_cache_dtype, lm.dtype),
+                               lm.device)
     # HF's weights kept: its generate_batch runs too, and each quantization starts from them
     model = Llama.from_hf(lm.model, quantization=None if quantization == "bf16" else quantization)
     if matmul is not None:
@@ -163,20 +167,25 @@ def release() -> None:
 
 
 def _speedups(rows: list[dict], key: str, lower_is_better: bool) -> None:
-    """Each quantized row's speed-up over the bf16 row of the same run (`x_bf16`)."""
-    base = next((row[key] for row in rows if row["quantization"] == "bf16"), None)
+    """Each quantized row's speed-up over the bf16 row (weights and KV cache) of the same run
+    (`x_bf16`)."""
+    def plain(row: dict) -> bool:
+        return row["quantization"] == "bf16" and row.get("kv_cache_dtype", "auto") == "auto"
+
+    base = next((row[key] for row in rows if plain(row)), None)
     for row in rows:
-        if base and row["quantization"] != "bf16":
+        if base and not plain(row):
             ratio = base / row[key] if lower_is_better else row[key] / base
             row["x_bf16"] = round(ratio, 3)
 
 
-def throughput_variants(args) -> list[tuple[str, str | None]]:
-    """(quantization, FP8 matmul) pairs to run at each concurrency: bf16, then each recipe."""
-    variants = [("bf16", None)] if "bf16" in args.quantization else []
+def throughput_variants(args) -> list[tuple[str, str | None, str]]:
+    """(quantization, FP8 matmul, KV cache dtype) to run at each concurrency: bf16, then each
+    FP8 recipe, for each --kv-cache-dtype."""
+    weights = [("bf16", None)] if "bf16" in args.quantization else []
     if "fp8" in args.quantization:
-        variants += [("fp8", matmul) for matmul in args.fp8_matmul]
-    return variants
+        weights += [("fp8", matmul) for matmul in args.fp8_matmul]
+    return [(q, matmul, kv) for kv in args.kv_cache_dtype for q, matmul in weights]
 
 
 def throughput(args, sampler) -> list[dict]:
@@ -184,11 +193,12 @@ def throughput(args, sampler) -> list[dict]:
     top = max(args.concurrency)
     vocab = lm.config.vocab_size
     rows, profiles = [], []
-    for quantization, matmul in throughput_variants(args):
+    for quantization, matmul, kv_dtype in throughput_variants(args):
         engine = build_engine(lm, top, kv_gb=args.kv_cache_gb, quantization=quantization,
-                              matmul=matmul)
+                              matmul=matmul, kv_cache_dtype=kv_dtype)
         for n in args.concurrency:
             rows.append({"quantization": quantization, "matmul": matmul,
+                         "kv_cache_dtype": kv_dtype,
                          **throughput_row(lm, engine, n, vocab, args, sampler)})
             print(rows[-1], flush=True)
         if args.profile:
@@ -219,7 +229,8 @@ def throughput_row(lm, engine: ContinuousEngine, n: int, vocab: int, args, sampl
                                                     vocab, args.temperature, top_p))
         row[name] = {"temperature": args.temperature, "top_p": top_p or 1.0, **sampled,
                      "x_greedy_step": round(sampled["tpot_ms_mean"] / row["tpot_ms_mean"], 3)}
-    if not args.no_hf and engine.runner.model.quantization is None:
+    if not args.no_hf and engine.runner.model.quantization is None \
+            and engine.cache.dtype == lm.dtype:
         hf = run_hf(lm, fixed_requests(n, args.prompt_tokens, args.max_tokens, vocab),
                     args.hf_warmup)
         row["hf_tok_s"], row["hf_tok_s_whole_call"] = hf["tok_s"], hf["tok_s_whole_call"]
@@ -367,6 +378,10 @@ def main(argv: list[str] | None = None) -> int:
                         default=list(quant.MATMULS),
                         help="FP8 products of many tokens to time at each concurrency "
                              "(default both: torch._scaled_mm, and dequantize + bf16 matmul)")
+    parser.add_argument("--kv-cache-dtype", nargs="+", choices=KV_CACHE_DTYPES,
+                        default=["auto"],
+                        help="KV caches to run each concurrency with, in the same run: auto "
+                             "(the model's dtype) and/or fp8")
     parser.add_argument("--sampled", action=argparse.BooleanOptionalAction, default=True,
                         help="also run each concurrency sampled (--temperature, then --top-p)")
     parser.add_argument("--shared-prefix", type=int, default=1000, metavar="TOKENS",
@@ -379,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     args.quantization = sorted(set(args.quantization), key=QUANTIZATIONS.index)  # bf16 first
 
     device = torch.device(args.device)
-    if "fp8" in args.quantization:
+    if "fp8" in args.quantization or "fp8" in args.kv_cache_dtype:
         quant.check_supported(device)  # before any run: a card without FP8 tensor cores
     bandwidth = roofline.measure_copy_bandwidth(device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
@@ -417,22 +432,23 @@ def print_tables(report: dict, args) -> None:
         print(f"{row['model']:<28}{row['quantization']:>8}{row['floor_ms']:>10}"
               f"{row['ms_per_token']:>10}{row['x_floor']:>9}{str(row.get('x_bf16', '-')):>8}"
               f"{str(row.get('hf_generate_batch_ms_per_token', '-')):>11}")
-    print(f"{'weights':<16}{'concurrency':>11}{'tok/s':>10}{'x bf16':>8}{'HF tok/s':>10}"
+    print(f"{'weights':<20}{'concurrency':>11}{'tok/s':>10}{'x bf16':>8}{'HF tok/s':>10}"
           f"{'x HF':>7}{'util':>7}{'SM':>7}{'T tok/s':>9}{'x step':>7}{'T,p tok/s':>10}"
           f"{'x step':>7}")
     for row in report["throughput"]:
         if "concurrency" not in row:
             continue
-        weights = "/".join(filter(None, (row["quantization"], row["matmul"])))
+        weights = "/".join(filter(None, (row["quantization"], row["matmul"]))) + (
+            "+kv8" if row.get("kv_cache_dtype") == "fp8" else "")
         t, tp = row.get("sampled", {}), row.get("nucleus", {})
-        print(f"{weights:<16}{row['concurrency']:>11}{row['tok_s']:>10}"
+        print(f"{weights:<20}{row['concurrency']:>11}{row['tok_s']:>10}"
               f"{str(row.get('x_bf16', '-')):>8}{str(row.get('hf_tok_s', '-')):>10}"
               f"{str(row.get('x_hf', '-')):>7}{_pct(row.get('nvml_util')):>7}"
               f"{_pct(row.get('sm_activity')):>7}{t.get('tok_s', '-'):>9}"
               f"{t.get('x_greedy_step', '-'):>7}{tp.get('tok_s', '-'):>10}"
               f"{tp.get('x_greedy_step', '-'):>7}")
-    print(f"T = temperature {args.temperature}, p = top_p {args.top_p}; x step: the sampled "
-          "decode step's time over the greedy one's (TPOT)")
+    print(f"T = temperature {args.temperature}, p = top_p {args.top_p}; +kv8: an FP8 KV cache; "
+          "x step: the sampled decode step's time over the greedy one's (TPOT)")
     print_shared_prefix(report.get("shared_prefix", []), args)
 
 

@@ -8,7 +8,10 @@ Variants (`labkit.engine.quant`), each against the same dtype's reference:
                 what a batch-1 step's GEMV kernels compute; `matmul="dequant"`);
 - fp8 w8a8:     the same weights, and each token's inputs to a product rounded to FP8 with its
                 own scale (what `torch._scaled_mm` computes for steps of more tokens);
-- fp8 bf16-head: W8A16 with lm_head kept in the model's dtype.
+- fp8 bf16-head: W8A16 with lm_head kept in the model's dtype;
+- kv fp8:       the model's own weights, the KV cache in FP8 (`kv_cache_dtype="fp8"`);
+- fp8 + kv fp8: W8A16 weights and the FP8 KV cache (W8A8 at larger batches: `fp8 w8a8`'s
+                rounding on top).
 
 1. Perplexity over the answer tokens of the first --heldout held-out pairs of the embedded
    model's corpus (`labkit.train`: the same seed, split and loss mask as its model card's
@@ -45,27 +48,33 @@ from transformers import AutoModelForCausalLM
 
 from labkit.engine import quant, synthetic
 from labkit.engine.continuous import ContinuousEngine
-from labkit.engine.kv_cache import PagedKVCache
+from labkit.engine.kv_cache import FP8, PagedKVCache
 from labkit.engine.llama import Llama
 from labkit.engine.model import load_model, resolve_device
 from labkit.engine.request import Request
 from labkit.engine.runner import Chunk, ModelRunner, unpack
 from labkit.train import SAMPLE_PROMPTS, corpus, trainer
 
-# name -> (quantization, matmul, FP8 lm_head)
-VARIANTS = {"fp8": ("fp8", "dequant", True), "fp8 w8a8": ("fp8", "scaled_mm", True),
-            "fp8 bf16-head": ("fp8", "dequant", False)}
+# name -> (quantization, matmul, FP8 lm_head, FP8 KV cache)
+VARIANTS = {"fp8": ("fp8", "dequant", True, False),
+            "fp8 w8a8": ("fp8", "scaled_mm", True, False),
+            "fp8 bf16-head": ("fp8", "dequant", False, False),
+            "kv fp8": (None, None, False, True),
+            "fp8 + kv fp8": ("fp8", "dequant", True, True)}
 PAGE = 16
 
 
-def build(hf_model, variant: str | None) -> Llama:
-    """The compact Llama over `hf_model`'s weights: as they are, or as a VARIANTS entry."""
+def build(hf_model, variant: str | None) -> tuple[Llama, torch.dtype]:
+    """The compact Llama over `hf_model`'s weights, as they are or as a VARIANTS entry, and
+    the dtype its KV cache stores."""
+    dtype = hf_model.model.embed_tokens.weight.dtype
     if variant is None:
-        return Llama.from_hf(hf_model)
-    method, matmul, fp8_head = VARIANTS[variant]
+        return Llama.from_hf(hf_model), dtype
+    method, matmul, fp8_head, fp8_kv = VARIANTS[variant]
     model = Llama.from_hf(hf_model, quantization=method, fp8_lm_head=fp8_head)
-    quant.set_matmul(model, matmul)
-    return model
+    if method:
+        quant.set_matmul(model, matmul)
+    return model, FP8 if fp8_kv else dtype
 
 
 def heldout_pairs(count: int, examples: int, seed: int) -> list:
@@ -76,12 +85,12 @@ def heldout_pairs(count: int, examples: int, seed: int) -> list:
     return pairs[:max(50, len(pairs) // 50)][:count]
 
 
-def all_logits(model: Llama, batch: list[list[int]], config, device) -> torch.Tensor:
+def all_logits(model: Llama, batch: list[list[int]], config, device, kv_dtype
+               ) -> torch.Tensor:
     """(rows, tokens, vocab) logits at every position of each sequence (right-padded)."""
     width = max(len(ids) for ids in batch)
     pages = -(-width // PAGE)
-    cache = PagedKVCache(config, len(batch) * pages + 1, model.embed.dtype, device,
-                         page_size=PAGE)
+    cache = PagedKVCache(config, len(batch) * pages + 1, kv_dtype, device, page_size=PAGE)
     chunks = [Chunk(ids, 0, list(range(1 + row * pages, 1 + (row + 1) * pages)))
               for row, ids in enumerate(batch)]
     packed = ModelRunner(model, cache, cuda_graphs=False)._pack(chunks, len(batch), width, pages)
@@ -90,12 +99,12 @@ def all_logits(model: Llama, batch: list[list[int]], config, device) -> torch.Te
 
 
 def perplexity(model: Llama, seqs: list[tuple[list[int], int]], config, device,
-               batch_size: int) -> dict:
+               batch_size: int, kv_dtype) -> dict:
     """exp(mean cross-entropy per answer token), the answer's closing EOS included."""
     total, count = 0.0, 0
     for start in range(0, len(seqs), batch_size):
         batch = seqs[start:start + batch_size]
-        logits = all_logits(model, [ids for ids, _ in batch], config, device).float()
+        logits = all_logits(model, [ids for ids, _ in batch], config, device, kv_dtype).float()
         for row, (ids, prompt) in enumerate(batch):
             targets = torch.tensor(ids[prompt:], device=device)
             scores = logits[row, prompt - 1:len(ids) - 1].log_softmax(-1)
@@ -105,9 +114,10 @@ def perplexity(model: Llama, seqs: list[tuple[list[int], int]], config, device,
             "tokens": count}
 
 
-def greedy(lm, model: Llama, prompts: list[str], max_tokens: int) -> list[list[int]]:
+def greedy(lm, model: Llama, prompts: list[str], max_tokens: int, kv_dtype
+           ) -> list[list[int]]:
     cache = PagedKVCache(lm.config, len(prompts) * (-(-(max_tokens + 64) // PAGE)) + 1,
-                         model.embed.dtype, lm.device, page_size=PAGE)
+                         kv_dtype, lm.device, page_size=PAGE)
     engine = ContinuousEngine(lm, model, cache, max_running=len(prompts))
     return [r.token_ids for r in engine.generate([Request(p, max_tokens, 0) for p in prompts])]
 
@@ -144,9 +154,9 @@ def embedded(args, device, dtype: str, pairs, prompts) -> tuple[dict, list[list[
     rows, reference = {}, None
     for variant in (None, *VARIANTS):
         began = time.perf_counter()
-        model = build(lm.model, variant)
-        row = perplexity(model, seqs, lm.config, lm.device, args.batch_size)
-        tokens = greedy(lm, model, prompts, args.max_tokens)
+        model, kv_dtype = build(lm.model, variant)
+        row = perplexity(model, seqs, lm.config, lm.device, args.batch_size, kv_dtype)
+        tokens = greedy(lm, model, prompts, args.max_tokens, kv_dtype)
         if variant is None:
             reference, base = tokens, row["perplexity"]
         row.update(agreement(reference, tokens))
@@ -171,9 +181,10 @@ def synthetic_logits(args, device, dtype: str) -> dict:
                             generator=generator).tolist()
     outputs, rows = {}, {}
     for variant in (None, *VARIANTS):
-        model = build(hf, variant)
-        prefill = all_logits(model, prompts, config, device)
-        outputs[variant] = (prefill[:, -1], decode_step(model, prompts[0], config, device))
+        model, kv_dtype = build(hf, variant)
+        prefill = all_logits(model, prompts, config, device, kv_dtype)
+        outputs[variant] = (prefill[:, -1],
+                            decode_step(model, prompts[0], config, device, kv_dtype))
         del model
     for variant in VARIANTS:
         rows[variant] = {"prefill_last": logit_error(outputs[None][0], outputs[variant][0]),
@@ -183,10 +194,10 @@ def synthetic_logits(args, device, dtype: str) -> dict:
             "tokens": args.tokens, "variants": rows}
 
 
-def decode_step(model: Llama, ids: list[int], config, device) -> torch.Tensor:
+def decode_step(model: Llama, ids: list[int], config, device, kv_dtype) -> torch.Tensor:
     """Logits of one more token after `ids`, as a one-row decode step (the GEMV path on CUDA)."""
     pages = -(-(len(ids) + 1) // PAGE)
-    cache = PagedKVCache(config, pages + 1, model.embed.dtype, device, page_size=PAGE)
+    cache = PagedKVCache(config, pages + 1, kv_dtype, device, page_size=PAGE)
     runner = ModelRunner(model, cache, cuda_graphs=False)
     table = list(range(1, pages + 1))
     with torch.inference_mode():

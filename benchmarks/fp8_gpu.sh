@@ -2,9 +2,9 @@
 # Issue 25's FP8 weights on the GPU in one call of the device machine (each step has its own time
 # limit: under 10 minutes in all): the FP8 GPU tests, the accuracy benchmark, the
 # engine at batch 1 for the 1B / 3B / 8B shapes in bf16 and FP8 against each one's floor, 512
-# concurrent 3B requests in bf16 and FP8 (both FP8 matmul recipes), and the shared-prefix workload
-# (512 requests of 1,000 common + 20 own tokens) with the prefix cache off and on. Results go to $OUT (default
-# ./gpu-results); the table of targets is printed last.
+# concurrent 3B requests with bf16 and FP8 weights, each over a bf16 and an FP8 KV cache, and the
+# shared-prefix workload (512 requests of 1,000 common + 20 own tokens) with the prefix cache off
+# and on. Results go to $OUT (default ./gpu-results); the table of targets is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-results}
@@ -14,7 +14,8 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 step() { echo; echo "=== $* ($(date +%T))"; }
 step card; nvidia-smi --query-gpu=name,driver_version,compute_cap --format=csv,noheader
 step "FP8 GPU tests"
-timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_quant.py \
+timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_quant.py \
+  tests/test_gpu_kv_fp8.py \
   > "$OUT/test_gpu_quant.log" 2>&1; tail -15 "$OUT/test_gpu_quant.log"
 step "accuracy: embedded model perplexity and greedy agreement, synthetic 1B logits"
 timeout 90 python3 benchmarks/fp8_accuracy.py --json "$OUT/fp8_accuracy.json" \
@@ -24,9 +25,10 @@ timeout 150 python3 benchmarks/engine.py --shapes llama-3.2-1b llama-3.2-3b llam
   --concurrency --no-hf --quantization bf16 fp8 --shared-prefix 0 \
   --json "$OUT/engine_batch1.json" \
   > "$OUT/engine_batch1.log" 2>&1; tail -9 "$OUT/engine_batch1.log"
-step "engine, 512 concurrent 3B: bf16, fp8 with _scaled_mm, fp8 dequantized to bf16; shared prefix"
-timeout 200 python3 benchmarks/engine.py --shapes --model synthetic:llama-3.2-3b \
-  --concurrency 512 --no-hf --no-sampled --quantization bf16 fp8 \
+step "engine, 512 concurrent 3B: bf16 and fp8 (_scaled_mm), KV cache bf16 and fp8; shared prefix"
+timeout 240 python3 benchmarks/engine.py --shapes --model synthetic:llama-3.2-3b \
+  --concurrency 512 --no-hf --no-sampled --quantization bf16 fp8 --fp8-matmul scaled_mm \
+  --kv-cache-dtype auto fp8 \
   --json "$OUT/engine_512.json" > "$OUT/engine_512.log" 2>&1; tail -6 "$OUT/engine_512.log"
 step "targets"
 python3 - "$OUT" <<'EOF'
@@ -54,7 +56,8 @@ if batch1:
 if many:
     for row in many["throughput"]:
         if row.get("concurrency") and row["quantization"] == "fp8":
-            rows.append((f"{row['concurrency']} concurrent fp8/{row['matmul']}: "
+            kv = "+kv fp8" if row.get("kv_cache_dtype") == "fp8" else ""
+            rows.append((f"{row['concurrency']} concurrent fp8/{row['matmul']}{kv}: "
                          f"{row['tok_s']} tok/s, x bf16",
                          row.get("x_bf16"), ">= 1.3", (row.get("x_bf16") or 0) >= 1.3))
     for row in many.get("shared_prefix", []):

@@ -32,10 +32,10 @@ from collections.abc import Callable
 
 import torch
 
-from labkit.engine import text
+from labkit.engine import quant, text
 from labkit.engine.block_manager import BlockManager
 from labkit.engine.device import to_device
-from labkit.engine.kv_cache import PagedKVCache
+from labkit.engine.kv_cache import FP8, PagedKVCache, resolve_kv_dtype
 from labkit.engine.llama import Llama
 from labkit.engine.model import LoadedModel
 from labkit.engine.request import PromptTooLong, Request, Result
@@ -120,22 +120,28 @@ class ContinuousEngine:
     def build(cls, lm: LoadedModel, kv_cache_gb: float | None = None,
               max_running: int = DEFAULT_MAX_RUNNING, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
               cuda_graphs: bool = True, quantization: str | None = None,
-              prefix_cache: bool = True) -> ContinuousEngine:
+              prefix_cache: bool = True, kv_cache_dtype: str | None = None
+              ) -> ContinuousEngine:
         """The engine for `lm`: a KV cache of `kv_cache_gb` (default: `default_kv_cache_gb`),
         its full pages shared between requests with the same prefix unless `prefix_cache` is
         False (`labkit.engine.block_manager`), and the compact Llama, its linear weights in FP8
-        with `quantization="fp8"` (`labkit.engine.quant`). On a GPU the Hugging Face model's
-        fused-away weights are freed, so the weights are held once."""
+        with `quantization="fp8"` (`labkit.engine.quant`). `kv_cache_dtype="fp8"` stores the
+        cache in FP8: twice the tokens in the same memory (`labkit.engine.kv_cache`). On a GPU
+        the Hugging Face model's fused-away weights are freed, so the weights are held once."""
         memory_gb = kv_cache_gb if kv_cache_gb is not None else default_kv_cache_gb(lm.device)
-        cache = PagedKVCache.sized(lm.config, memory_gb, lm.dtype, lm.device)
+        kv_dtype = resolve_kv_dtype(kv_cache_dtype, lm.dtype)
+        if kv_dtype == FP8:
+            quant.check_supported(lm.device, "--kv-cache-dtype fp8", "--kv-cache-dtype auto")
+        cache = PagedKVCache.sized(lm.config, memory_gb, kv_dtype, lm.device)
         model = Llama.from_hf(lm.model, free_source=lm.device.type == "cuda",
                               quantization=quantization)
         engine = cls(lm, model, cache, max_running=max_running, prefill_chunk=prefill_chunk,
                      cuda_graphs=cuda_graphs, prefix_cache=prefix_cache)
-        log.info("Continuous batching: KV cache of %.2f GB = %d pages of %d tokens (%d tokens), "
-                 "up to %d requests at once, prefill chunks of %d tokens, prefix cache %s",
-                 memory_gb, engine.block_manager.total, cache.page_size, cache.tokens,
-                 max_running, prefill_chunk, "on" if prefix_cache else "off")
+        log.info("Continuous batching: KV cache of %.2f GB in %s = %d pages of %d tokens (%d "
+                 "tokens), up to %d requests at once, prefill chunks of %d tokens, prefix cache "
+                 "%s", memory_gb, str(kv_dtype).removeprefix("torch."), engine.block_manager.total,
+                 cache.page_size, cache.tokens, max_running, prefill_chunk,
+                 "on" if prefix_cache else "off")
         return engine
 
     def warm_up(self, runs: int, max_tokens: int) -> None:
@@ -208,6 +214,8 @@ class ContinuousEngine:
             "kv_pages_used": blocks.used,  # held by a request (evictable cached pages are free)
             "kv_pages_total": blocks.total,
             "kv_page_tokens": self.cache.page_size,
+            "kv_cache_dtype": "fp8" if self.cache.dtype == FP8 else str(self.cache.dtype
+                                                                     ).removeprefix("torch."),
             "prefix_cache": blocks.enable_caching,
             # vLLM's counters, in prompt tokens: looked up at admission, and found cached
             "prefix_cache_queries": blocks.prefix_cache_queries,

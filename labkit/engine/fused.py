@@ -115,14 +115,16 @@ if triton is not None:
         tl.store(q_at + HALF, new_second, mask=is_q)
         is_k = (head >= HEADS) & rope_live
         k_at = k_cache_ptr + slot * KV_HEADS * DIM + (head - HEADS) * DIM + half
-        tl.store(k_at, new_first, mask=is_k)
-        tl.store(k_at + HALF, new_second, mask=is_k)
+        cache_dtype = k_cache_ptr.dtype.element_ty  # the model's, or FP8 (rounded, saturating)
+        tl.store(k_at, new_first.to(cache_dtype), mask=is_k)
+        tl.store(k_at + HALF, new_second.to(cache_dtype), mask=is_k)
         # v goes to the cache as it is
         kv_head = tl.arange(0, KV_HEADS_PAD)[:, None]
         dims = tl.arange(0, DIM)[None, :]
         v_live = kv_head < KV_HEADS
         v = tl.load(qkv + (HEADS + KV_HEADS + kv_head) * DIM + dims, mask=v_live)
-        tl.store(v_cache_ptr + slot * KV_HEADS * DIM + kv_head * DIM + dims, v, mask=v_live)
+        tl.store(v_cache_ptr + slot * KV_HEADS * DIM + kv_head * DIM + dims, v.to(cache_dtype),
+                 mask=v_live)
 
     @triton.jit
     def _silu_mul_kernel(gate_up_ptr, out_ptr, WIDTH: tl.constexpr, BLOCK: tl.constexpr):

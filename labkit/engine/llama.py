@@ -216,7 +216,7 @@ class Attend:
         mask = (keys[None, None, :] <= positions[:, :, None])[:, None].repeat(1, 1, group, 1)
 
         def attend(q, layer):
-            k, v = cache.read(layer, block_table)  # (rows, kv_heads, keys, dim)
+            k, v = cache.read(layer, block_table, q.dtype)  # (rows, kv_heads, keys, dim)
             # Grouped-query attention: the `group` query heads that share a KV head attend as
             # group × tokens queries of that one head, so no KV head is copied `group` times.
             dim = q.shape[-1]

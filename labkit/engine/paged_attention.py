@@ -14,7 +14,8 @@ only as far as the row's own length, with the running (online) softmax of FlashA
 
 One program per (row, KV head) computes the `group` query heads that share that KV head (GQA),
 so each key and value is read from memory once; it takes 64 tokens (4 pages) at a time, and
-multiplies on tensor cores (`tl.dot`). Used on CUDA when Triton is installed (it comes
+multiplies on tensor cores (`tl.dot`). An FP8 cache is read as it is stored, half the bytes, and
+widened to the queries' dtype in registers. Used on CUDA when Triton is installed (it comes
 with PyTorch's CUDA builds); elsewhere `labkit.engine.llama` gathers and calls SDPA.
 """
 
@@ -63,8 +64,9 @@ if triton is not None:
             # cache: (pages, page tokens, kv_heads, dim)
             kv_at = ((page * PAGE + token % PAGE) * KV_HEADS + kv_head)[:, None] * DIM \
                 + dims[None, :]
-            k = tl.load(k_ptr + kv_at, mask=live[:, None], other=0.0)
-            v = tl.load(v_ptr + kv_at, mask=live[:, None], other=0.0)
+            # an FP8 cache's values widened to the queries' dtype (a no-op for the model's)
+            k = tl.load(k_ptr + kv_at, mask=live[:, None], other=0.0).to(q.dtype)
+            v = tl.load(v_ptr + kv_at, mask=live[:, None], other=0.0).to(q.dtype)
             scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             scores = tl.where(live[None, :], scores, float("-inf"))
             m_new = tl.maximum(m, tl.max(scores, 1))

@@ -75,9 +75,11 @@ def check_method(method: str | None) -> str | None:
     return method
 
 
-def check_supported(device: torch.device | str) -> None:
-    """FP8 needs FP8 tensor cores on CUDA (compute capability 8.9 or newer); the CPU runs the
-    eager dequantize path. Raises ValueError naming the card and what it supports."""
+def check_supported(device: torch.device | str, flag: str = "--quantization fp8",
+                    instead: str = "--quantization none") -> None:
+    """FP8 (weights, or the KV cache: `flag`) needs FP8 tensor cores on CUDA (compute
+    capability 8.9 or newer); the CPU runs eager paths. Raises ValueError naming the card and
+    what it supports (`instead`)."""
     device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
                           else "cpu" if device == "auto" else device)
     if device.type != "cuda":
@@ -85,11 +87,12 @@ def check_supported(device: torch.device | str) -> None:
     capability = tuple(torch.cuda.get_device_capability(device))
     if capability < MIN_CAPABILITY:
         raise ValueError(
-            f"--quantization fp8 needs FP8 tensor cores (compute capability "
+            f"{flag} needs FP8 tensor cores (compute capability "
             f"{'.'.join(map(str, MIN_CAPABILITY))} or newer: L4/L40 (Ada), H100/H200 "
             f"(Hopper), Blackwell); {torch.cuda.get_device_name(device)} is "
-            f"{'.'.join(map(str, capability))}. Supported on this GPU: --quantization none "
-            f"(the model's dtype). Supported methods: {', '.join(METHODS)}")
+            f"{'.'.join(map(str, capability))}. Supported on this GPU: {instead} "
+            f"(the model's dtype)" + (f". Supported methods: {', '.join(METHODS)}"
+                                      if flag.startswith("--quantization") else ""))
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -204,10 +204,12 @@ def build_continuous_backend(lm: LoadedModel, kv_cache_gb: float | None = None,
                              prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
                              cuda_graphs: bool = True, warmup_runs: int = 1,
                              quantization: str | None = None,
-                             prefix_cache: bool = True) -> ContinuousBackend:
+                             prefix_cache: bool = True,
+                             kv_cache_dtype: str | None = None) -> ContinuousBackend:
     engine = ContinuousEngine.build(lm, kv_cache_gb=kv_cache_gb, max_running=max_running,
                                     prefill_chunk=prefill_chunk, cuda_graphs=cuda_graphs,
-                                    quantization=quantization, prefix_cache=prefix_cache)
+                                    quantization=quantization, prefix_cache=prefix_cache,
+                                    kv_cache_dtype=kv_cache_dtype)
     return ContinuousBackend(lm, engine, warmup_runs=warmup_runs)
 
 

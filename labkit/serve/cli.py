@@ -28,9 +28,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# `labkit.engine.quant.METHODS`, named here so that `labkit serve --help` needs no torch
-# (tests/test_quant.py checks that the two agree).
+# `labkit.engine.quant.METHODS` and `labkit.engine.kv_cache.KV_CACHE_DTYPES`, named here so
+# that `labkit serve --help` needs no torch (tests/test_quant.py checks that they agree).
 QUANTIZATIONS = ("none", "fp8")
+KV_CACHE_DTYPES = ("auto", "fp8")
 MAX_API_SERVERS = 64
 
 
@@ -92,6 +93,11 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
                              "with per-channel scales, quantized at load (needs FP8 tensor "
                              "cores, compute capability 8.9+; on the CPU an eager dequantize "
                              "path, for tests); none = the model's dtype (default)")
+    parser.add_argument("--kv-cache-dtype", default=None, choices=KV_CACHE_DTYPES,
+                        help="continuous mode: fp8 = the KV cache in FP8 e4m3, twice the tokens "
+                             "in the same memory and half the bytes each decode step reads "
+                             "(needs compute capability 8.9+ on a GPU); auto = the model's "
+                             "dtype (default)")
     parser.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=None,
                         help="continuous mode: share the KV cache pages of prompts that start "
                              "with the same tokens, and keep them after their requests end until "
@@ -249,7 +255,7 @@ MODE_FLAGS = {
     "batched": ("--max-batch-size", "--max-wait-ms", "--cuda-graphs"),
     "continuous": ("--max-batch-size", "--kv-cache-gb", "--prefill-chunk", "--cuda-graphs",
                    "--engine-process", "--engine-step-timeout", "--quantization",
-                   "--prefix-cache", "--api-servers"),
+                   "--kv-cache-dtype", "--prefix-cache", "--api-servers"),
 }
 
 
@@ -263,6 +269,7 @@ def _scheduler_options(args) -> dict:
              "--engine-process": getattr(args, "engine_process", None),
              "--engine-step-timeout": getattr(args, "engine_step_timeout", None),
              "--quantization": _quantization(args),
+             "--kv-cache-dtype": _kv_cache_dtype(args),
              "--prefix-cache": getattr(args, "prefix_cache", None),
              "--api-servers": getattr(args, "api_servers", None)}
     wrong = [flag for flag, value in given.items()
@@ -333,6 +340,11 @@ def _engine_options(args) -> dict | None:
 
         quant.check_supported(args.device)  # a GPU without FP8 tensor cores: refused now
         options["quantization"] = args.quantization
+    if _kv_cache_dtype(args) is not None:
+        from labkit.engine import quant
+
+        quant.check_supported(args.device, "--kv-cache-dtype fp8", "--kv-cache-dtype auto")
+        options["kv_cache_dtype"] = args.kv_cache_dtype
     if args.prefix_cache is not None:
         options["prefix_cache"] = args.prefix_cache
     _check_api_servers(args)
@@ -353,3 +365,9 @@ def _quantization(args) -> str | None:
     """--quantization's method, None for the model's own dtype."""
     value = getattr(args, "quantization", None)
     return None if value in (None, "none") else value
+
+
+def _kv_cache_dtype(args) -> str | None:
+    """--kv-cache-dtype's choice, None for the model's own dtype (auto)."""
+    value = getattr(args, "kv_cache_dtype", None)
+    return None if value in (None, "auto") else value

@@ -403,7 +403,8 @@ async def _off_loop_if_long(state: ServerState, size: int, fn: Callable, *args):
 def describe_mode(server: dict) -> str:
     if server["mode"] == "continuous":
         return (f"continuous: up to {server['max_batch_size']} requests at once, KV cache of "
-                f"{server['kv_pages_total']} pages of {server['kv_page_tokens']} tokens")
+                f"{server['kv_pages_total']} pages of {server['kv_page_tokens']} tokens"
+                + (" in FP8" if server.get("kv_cache_dtype") == "fp8" else ""))
     if server["mode"] != "batched":
         return server["mode"]
     return (f"batched: up to {server['max_batch_size']} requests a batch, waiting up to "
