@@ -1,7 +1,9 @@
 """FP8 weights on the GPU (`labkit.engine.quant`; run on a GPU machine: pytest -m gpu): the FP8
 GEMV kernels against the dequantized product, the per-token quantization kernel against eager
-torch (bit for bit), `torch._scaled_mm` against the same arithmetic done in float32, and a whole
-FP8 model captured in CUDA graphs (`ModelRunner.capture_all`) giving its eager logits."""
+torch (bit for bit), the norm and SiLU kernels that quantize their own output against those
+kernels followed by the quantization kernel (bit for bit), `torch._scaled_mm` against the same
+arithmetic done in float32, and a whole FP8 model captured in CUDA graphs
+(`ModelRunner.capture_all`) giving its eager logits."""
 
 import gc
 
@@ -9,7 +11,7 @@ import pytest
 import torch
 from test_gpu_fused import three_steps
 
-from labkit.engine import gemv, quant
+from labkit.engine import fused, gemv, quant
 from labkit.engine.kv_cache import PagedKVCache
 from labkit.engine.llama import EagerOps, Llama
 from labkit.engine.model import load_model
@@ -73,6 +75,31 @@ def test_the_quantize_rows_kernel_equals_eager_torch(rows, k):
     x[0] = 0  # a padding row
     q, scale = quant.quantize_rows_kernel(x)
     want_q, want_scale = quant._quantize(x)
+    assert torch.equal(scale, want_scale)
+    assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
+
+
+@pytest.mark.parametrize("rows", [1, 7, 512])
+@pytest.mark.parametrize("hidden", [256, 3072])
+@pytest.mark.parametrize("first_layer", [True, False])
+def test_the_norm_kernel_quantizing_its_output_equals_norm_then_quantize(rows, hidden,
+                                                                         first_layer):
+    x = torch.randn(rows, hidden, device="cuda").to(torch.bfloat16)
+    residual = None if first_layer else torch.randn(rows, hidden, device="cuda").bfloat16()
+    norm = (torch.rand(hidden, device="cuda") + 0.5).bfloat16()
+    q, scale, summed = quant.add_rms_norm_fp8(x, residual, norm, 1e-5)
+    out, want_summed = fused.add_rms_norm(x, residual, norm, 1e-5)
+    want_q, want_scale = quant.quantize_rows_kernel(out)
+    assert torch.equal(summed, want_summed) and torch.equal(scale, want_scale)
+    assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
+
+
+@pytest.mark.parametrize("rows", [1, 7, 512])
+@pytest.mark.parametrize("width", [640, 8192, 14336])
+def test_the_silu_kernel_quantizing_its_output_equals_silu_then_quantize(rows, width):
+    gate_up = (torch.randn(rows, 2 * width, device="cuda") * 3).bfloat16()
+    q, scale = quant.silu_mul_fp8(gate_up)
+    want_q, want_scale = quant.quantize_rows_kernel(fused.silu_mul(gate_up))
     assert torch.equal(scale, want_scale)
     assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
 

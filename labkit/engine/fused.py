@@ -11,6 +11,12 @@ that reads its inputs once (what it saved: benchmarks/RESULTS.md, "Fused element
     rope_write_kv  RoPE on q and k, k and v into the cache   (after the qkv product)
     silu_mul       SiLU(gate) · up                           (after the gate/up product)
 
+Before an FP8 product of many tokens (`labkit.engine.quant`'s W8A8, `torch._scaled_mm`), the
+norm and SiLU kernels also quantize their output, each token's row with its own scale, and
+write e4m3 values and scales instead of the model's dtype (`add_rms_norm_fp8`, `silu_mul_fp8`):
+the same bits as `quant.quantize_rows` applied to their output, without a kernel of its own
+before each product (112 kernels in a 3B step).
+
 The residual add of a layer's MLP output happens in the next layer's first `add_rms_norm` (and
 the last layer's in the final norm), so the layers pass (x, residual) along, as vLLM's do.
 
@@ -57,14 +63,26 @@ def _hopper_or_later(device: torch.device) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _add_rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, sum_ptr, eps,
+    def quantize_row(x, live, q_ptr, scale_ptr, token, at, FP8_MAX: tl.constexpr,
+                     MIN_SCALE: tl.constexpr):
+        """One token's row x (float32) to e4m3 with its own scale: max |x| / FP8_MAX, x / scale
+        rounded to nearest even. IEEE divisions (Triton's `/` is approximate), as the eager
+        `quant._quantize` divides."""
+        scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), 0), FP8_MAX), MIN_SCALE)
+        q = tl.clamp(tl.math.div_rn(x, scale), -FP8_MAX, FP8_MAX)
+        tl.store(q_ptr + at, q.to(q_ptr.dtype.element_ty), mask=live)
+        tl.store(scale_ptr + token, scale)
+
+    @triton.jit
+    def _add_rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, sum_ptr, eps, scale_ptr,
                              HIDDEN: tl.constexpr, BLOCK: tl.constexpr,
-                             HAS_RESIDUAL: tl.constexpr):
+                             HAS_RESIDUAL: tl.constexpr, QUANTIZE: tl.constexpr,
+                             FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
         token = tl.program_id(0).to(tl.int64)  # one program per token: the whole hidden vector
         cols = tl.arange(0, BLOCK)
         live = cols < HIDDEN
         at = token * HIDDEN + cols
-        dtype = out_ptr.dtype.element_ty
+        dtype = sum_ptr.dtype.element_ty
         x = tl.load(x_ptr + at, mask=live, other=0.0).to(tl.float32)
         if HAS_RESIDUAL:
             x += tl.load(residual_ptr + at, mask=live, other=0.0).to(tl.float32)
@@ -72,7 +90,12 @@ if triton is not None:
         tl.store(sum_ptr + at, x.to(dtype), mask=live)
         rstd = tl.rsqrt(tl.sum(x * x, 0) / HIDDEN + eps)
         weight = tl.load(weight_ptr + cols, mask=live, other=0.0).to(tl.float32)
-        tl.store(out_ptr + at, (x * rstd * weight).to(dtype), mask=live)
+        out = (x * rstd * weight).to(dtype)
+        if QUANTIZE:  # out_ptr: e4m3, from the value the model's dtype would have held
+            quantize_row(out.to(tl.float32), live, out_ptr, scale_ptr, token, at, FP8_MAX,
+                         MIN_SCALE)
+        else:
+            tl.store(out_ptr + at, out, mask=live)
 
     @triton.jit
     def _rope_write_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, slots_ptr, slots_row_stride,
@@ -127,17 +150,24 @@ if triton is not None:
                  mask=v_live)
 
     @triton.jit
-    def _silu_mul_kernel(gate_up_ptr, out_ptr, WIDTH: tl.constexpr, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(gate_up_ptr, out_ptr, scale_ptr, WIDTH: tl.constexpr,
+                         BLOCK: tl.constexpr, QUANTIZE: tl.constexpr, FP8_MAX: tl.constexpr,
+                         MIN_SCALE: tl.constexpr):
         token = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # quantizing: the whole row
         live = cols < WIDTH
-        dtype = out_ptr.dtype.element_ty
+        dtype = gate_up_ptr.dtype.element_ty
         gate = tl.load(gate_up_ptr + token * 2 * WIDTH + cols, mask=live, other=0.0
                        ).to(tl.float32)
         up = tl.load(gate_up_ptr + token * 2 * WIDTH + WIDTH + cols, mask=live, other=0.0
                      ).to(tl.float32)
         silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)  # rounded, as F.silu's
-        tl.store(out_ptr + token * WIDTH + cols, (silu * up).to(dtype), mask=live)
+        out = (silu * up).to(dtype)
+        if QUANTIZE:
+            quantize_row(out.to(tl.float32), live, out_ptr, scale_ptr, token,
+                         token * WIDTH + cols, FP8_MAX, MIN_SCALE)
+        else:
+            tl.store(out_ptr + token * WIDTH + cols, out, mask=live)
 
 
 @torch.library.custom_op("labkit::add_rms_norm", mutates_args=())
@@ -145,15 +175,25 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(RMSNorm(x + residual) · weight, x + residual) over the last dimension; with no
     residual (the first layer), x itself is the sum."""
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    return out, launch_add_rms_norm(x, residual, weight, eps, out)
+
+
+def launch_add_rms_norm(x, residual, weight, eps, out, scale=None, fp8_max: float = 0.0,
+                        min_scale: float = 0.0) -> torch.Tensor:
+    """Run the norm kernel into `out` (the model's dtype; or e4m3, each token's scale into
+    `scale`, for `quant.add_rms_norm_fp8`); returns the sum x + residual."""
     x = x.contiguous()
     hidden = x.shape[-1]
-    out, summed = torch.empty_like(x), torch.empty_like(x)
+    summed = torch.empty_like(x)
     block = triton.next_power_of_2(hidden)
     _add_rms_norm_kernel[(x.numel() // hidden,)](
         x, x if residual is None else residual.contiguous(), weight, out, summed, eps,
+        out if scale is None else scale,
         HIDDEN=hidden, BLOCK=block, HAS_RESIDUAL=residual is not None,
+        QUANTIZE=scale is not None, FP8_MAX=fp8_max, MIN_SCALE=min_scale,
         num_warps=8 if block >= 2048 else 4)
-    return out, summed
+    return summed
 
 
 @add_rms_norm.register_fake
@@ -196,13 +236,24 @@ def _(qkv, cos, sin, kv, layer, slots):
 @torch.library.custom_op("labkit::silu_mul", mutates_args=())
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """SiLU(gate) · up, where gate and up are the two halves of the last dimension."""
+    out = gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
+    launch_silu_mul(gate_up, out)
+    return out
+
+
+def launch_silu_mul(gate_up, out, scale=None, fp8_max: float = 0.0, min_scale: float = 0.0
+                    ) -> None:
+    """Run the SiLU kernel into `out` (the model's dtype, in blocks of at most 1024 columns;
+    or e4m3, a whole row a program, each token's scale into `scale`)."""
     gate_up = gate_up.contiguous()
     width = gate_up.shape[-1] // 2
-    out = gate_up.new_empty(*gate_up.shape[:-1], width)
-    block = min(1024, triton.next_power_of_2(width))
+    block = triton.next_power_of_2(width)
+    if scale is None:
+        block = min(1024, block)
     _silu_mul_kernel[(out.numel() // width, triton.cdiv(width, block))](
-        gate_up, out, WIDTH=width, BLOCK=block)
-    return out
+        gate_up, out, out if scale is None else scale, WIDTH=width, BLOCK=block,
+        QUANTIZE=scale is not None, FP8_MAX=fp8_max, MIN_SCALE=min_scale,
+        num_warps=4 if scale is None else 8)
 
 
 @silu_mul.register_fake

@@ -277,11 +277,28 @@ class EagerOps:
 
 
 class FusedOps(EagerOps):
-    """The elementwise steps as `fused`'s Triton kernels, the products by cuBLAS."""
+    """The elementwise steps as `fused`'s Triton kernels, the products by cuBLAS; before an
+    FP8 product on the tensor cores, the norm or SiLU kernel writes its input quantized."""
 
     add_rms_norm = staticmethod(fused.add_rms_norm)
     rope_write_kv = staticmethod(fused.rope_write_kv)
     silu_mul = staticmethod(fused.silu_mul)
+
+    @classmethod
+    def norm_linear(cls, x, residual, norm, eps, weight):
+        if not quant.takes_quantized_input(weight):
+            return super().norm_linear(x, residual, norm, eps, weight)
+        q, scale, residual = quant.add_rms_norm_fp8(x, residual, norm, eps)
+        out = quant.quantized_mm(q, scale, weight, x.dtype)
+        return out.view(*x.shape[:-1], -1), residual
+
+    @classmethod
+    def silu_linear(cls, gate_up, weight):
+        if not quant.takes_quantized_input(weight):
+            return super().silu_linear(gate_up, weight)
+        q, scale = quant.silu_mul_fp8(gate_up)
+        return quant.quantized_mm(q, scale, weight, gate_up.dtype).view(
+            *gate_up.shape[:-1], -1)
 
 
 def _weight_parts(op):

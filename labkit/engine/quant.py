@@ -46,6 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from labkit.engine import fused
+
 try:
     import triton
     import triton.language as tl
@@ -152,14 +154,24 @@ def scaled_mm(x: torch.Tensor, weight: Fp8Weight) -> torch.Tensor:
     """W8A8: each token's input row quantized with its own scale, then (x_q @ q.T) · s_x · s_w
     summed in float32: `torch._scaled_mm` with row-wise scales on CUDA (mat2 column-major:
     q.t() of the row-major (N, K) weight), the same arithmetic eagerly on the CPU."""
-    rows = x.reshape(-1, x.shape[-1])
-    xq, x_scale = quantize_rows(rows)
-    if x.is_cuda:
-        out = torch._scaled_mm(xq, weight.q.t(), scale_a=x_scale, scale_b=weight.scale[None],
-                               out_dtype=x.dtype)
-    else:
-        out = ((xq.float() @ weight.q.float().T) * x_scale * weight.scale).to(x.dtype)
-    return out.view(*x.shape[:-1], -1)
+    xq, x_scale = quantize_rows(x.reshape(-1, x.shape[-1]))
+    return quantized_mm(xq, x_scale, weight, x.dtype).view(*x.shape[:-1], -1)
+
+
+def quantized_mm(xq: torch.Tensor, x_scale: torch.Tensor, weight: Fp8Weight,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """(xq @ q.T) · x_scale · s_w in `dtype`, for inputs already quantized per token: xq (M, K)
+    e4m3, x_scale (M, 1) float32."""
+    if xq.is_cuda:
+        return torch._scaled_mm(xq, weight.q.t(), scale_a=x_scale, scale_b=weight.scale[None],
+                                out_dtype=dtype)
+    return ((xq.float() @ weight.q.float().T) * x_scale * weight.scale).to(dtype)
+
+
+def takes_quantized_input(weight) -> bool:
+    """Whether a product with `weight` runs W8A8 on CUDA: its input may come quantized from the
+    kernel before it (`add_rms_norm_fp8`, `silu_mul_fp8`) instead of through `quantize_rows`."""
+    return isinstance(weight, Fp8Weight) and weight.matmul == "scaled_mm" and weight.q.is_cuda
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,6 +183,7 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 if triton is not None:
+    from labkit.engine.fused import quantize_row
 
     @triton.jit
     def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, K: tl.constexpr, BLOCK: tl.constexpr,
@@ -179,11 +192,7 @@ if triton is not None:
         cols = tl.arange(0, BLOCK)
         live = cols < K
         x = tl.load(x_ptr + row * K + cols, mask=live, other=0.0).to(tl.float32)
-        # IEEE divisions (Triton's `/` is approximate): the same bits as the eager `_quantize`
-        scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), 0), FP8_MAX), MIN_SCALE)
-        q = tl.clamp(tl.math.div_rn(x, scale), -FP8_MAX, FP8_MAX)
-        tl.store(q_ptr + row * K + cols, q.to(q_ptr.dtype.element_ty), mask=live)
-        tl.store(scale_ptr + row, scale)
+        quantize_row(x, live, q_ptr, scale_ptr, row, row * K + cols, FP8_MAX, MIN_SCALE)
 
 
 @torch.library.custom_op("labkit::quantize_rows", mutates_args=())
@@ -202,6 +211,47 @@ def quantize_rows_kernel(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @quantize_rows_kernel.register_fake
 def _(x):
     return (x.new_empty(x.shape, dtype=FP8), x.new_empty(x.shape[0], 1, dtype=torch.float32))
+
+
+# The norm and SiLU kernels (`labkit.engine.fused`) quantizing their own output: the same bits
+# as `quantize_rows` of what they would have written, one kernel fewer before each product.
+@torch.library.custom_op("labkit::add_rms_norm_fp8", mutates_args=())
+def add_rms_norm_fp8(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`fused.add_rms_norm`, its normed rows quantized: (e4m3 (M, hidden), scales (M, 1),
+    x + residual)."""
+    rows = x.numel() // x.shape[-1]
+    q = torch.empty(rows, x.shape[-1], dtype=FP8, device=x.device)
+    scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
+    summed = fused.launch_add_rms_norm(x, residual, weight, eps, q, scale, FP8_MAX, MIN_SCALE)
+    return q, scale, summed
+
+
+@add_rms_norm_fp8.register_fake
+def _(x, residual, weight, eps):
+    rows = x.numel() // x.shape[-1]
+    return (x.new_empty(rows, x.shape[-1], dtype=FP8),
+            x.new_empty(rows, 1, dtype=torch.float32),
+            torch.empty_like(x, memory_format=torch.contiguous_format))
+
+
+@torch.library.custom_op("labkit::silu_mul_fp8", mutates_args=())
+def silu_mul_fp8(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`fused.silu_mul`, quantized: (e4m3 (M, width), scales (M, 1))."""
+    width = gate_up.shape[-1] // 2
+    rows = gate_up.numel() // (2 * width)
+    q = torch.empty(rows, width, dtype=FP8, device=gate_up.device)
+    scale = torch.empty(rows, 1, dtype=torch.float32, device=gate_up.device)
+    fused.launch_silu_mul(gate_up, q, scale, FP8_MAX, MIN_SCALE)
+    return q, scale
+
+
+@silu_mul_fp8.register_fake
+def _(gate_up):
+    width = gate_up.shape[-1] // 2
+    rows = gate_up.numel() // (2 * width)
+    return (gate_up.new_empty(rows, width, dtype=FP8),
+            gate_up.new_empty(rows, 1, dtype=torch.float32))
 
 
 def parts(weight: torch.Tensor | Fp8Weight) -> tuple[torch.Tensor, torch.Tensor | None]:
