@@ -160,6 +160,31 @@ def test_a_busy_port_is_refused_before_anything_loads():
             srv.stop()
 
 
+def test_another_servers_pipe_is_written_without_blocking_and_dropped_once_it_stops_reading():
+    """The engine writes the other servers' pipes from its loop (no threads): what a full pipe
+    does not take waits, in order and framed as Connection.send frames it, and goes at the next
+    flush; a server LIMIT messages behind is dropped; the engine's end still reads blocking."""
+    ours, theirs = multiprocessing.Pipe()
+    outbox = engine_loop._Outbox(theirs)
+    big = [("step", list(range(i, i + 60_000)), [], {}, None) for i in range(10)]
+    assert all(outbox.send(message) for message in big)  # no reader yet: never blocks
+    assert outbox.pending and os.get_blocking(theirs.fileno())
+    got = []
+    reader = threading.Thread(target=lambda: got.extend(ours.recv() for _ in big))
+    reader.start()
+    while outbox.pending:
+        assert outbox.flush()
+    reader.join(10)
+    assert got == big
+    sent = 0
+    while outbox.send(("step", [], [], {}, None)):  # nobody reads any more
+        sent += 1
+    assert sent >= outbox.LIMIT and len(outbox.pending) == outbox.LIMIT + 1
+    gone, end = multiprocessing.Pipe()
+    gone.close()
+    assert engine_loop._Outbox(end).send(("busy", 1.0)) is False  # the server is gone
+
+
 async def stream_completions(url: str, count: int) -> list[str]:
     body = {"prompt": "Suggest a skincare routine", "max_tokens": 20, "ignore_eos": True,
             "stream": True}

@@ -2,21 +2,21 @@
 loop: take the API servers' messages (add, cancel, their counters, stop), run one engine step,
 send each pipe its requests' news. Pipe 0 is the first API server's: it stops the engine, and
 its loss ends it. The others' (`labkit serve --api-servers N`) join with a hello, are written
-from threads of their own through bounded queues (a server that stops reading is dropped, not
-waited for), and their requests are cancelled when they go.
+without blocking (what a pipe does not take at once waits in an outbox of its own; a server that
+stops reading is dropped, not waited for), and their requests are cancelled when they go.
 """
 
 from __future__ import annotations
 
-import contextlib
+import collections
 import logging
 import multiprocessing.connection
 import os
-import queue
 import signal
+import struct
 import sys
-import threading
 import time
+from multiprocessing.reduction import ForkingPickler
 
 import torch
 
@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 # Device memory readings in the step messages, at most this often: a reading asks the driver
 # (cudaMemGetInfo), which costs host time in every step that carries one, while the GPU waits.
 MEMORY_EVERY_S = 0.5
+# The wait for messages while idle, when an outbox still holds bytes its pipe did not take.
+FLUSH_EVERY_S = 0.01
+FINAL_FLUSH_S = 2.0  # at the engine's stop, for the other servers to read what it still holds
 
 
 def engine_main(conns: list, load_options: dict) -> None:
@@ -79,9 +82,10 @@ class _EngineLoop:
 
     def __init__(self, backend, conns: list):
         self.backend, self.engine, self.conns = backend, backend.engine, conns
-        # The other API servers' pipes are written from threads: one that stops reading
-        # fills its own queue, not this loop's step (pipe 0, the first's, is written here).
-        self.senders = {i: _Sender(conn, i) for i, conn in enumerate(conns) if i > 0}
+        # The other API servers' pipes are written without blocking: one that stops reading
+        # fills its own outbox, not this loop's step (pipe 0, the first's, is written as is).
+        # Not from threads: each would take the GIL from this loop several times a message.
+        self.outboxes = {i: _Outbox(conn) for i, conn in enumerate(conns) if i > 0}
         self.open = set(range(len(conns)))  # pipes not closed
         self.heard = {0}  # pipes that said hello: the engine sends to those
         self.requests: dict[tuple[int, int], Request] = {}  # (pipe, the server's id)
@@ -106,8 +110,12 @@ class _EngineLoop:
                     self._broadcast(("idle", time.perf_counter(), self.engine.stats()))
                 if self.stopping:
                     self._broadcast(("stopped",))
+                    deadline = time.monotonic() + FINAL_FLUSH_S  # the last news still queued
+                    while self._flush() and time.monotonic() < deadline:
+                        time.sleep(FLUSH_EVERY_S)
                     return
-            if not self._take_messages(timeout=0 if self.engine.has_work() else 0.5):
+            if not self._take_messages(timeout=0 if self.engine.has_work() else
+                                       FLUSH_EVERY_S if self._flush() else 0.5):
                 return  # the first server is gone: nobody is left to answer
             if self.reports_changed:  # a few times a second, not in every step's message
                 self.reports_changed = False
@@ -117,6 +125,16 @@ class _EngineLoop:
                     self.busy = True
                     self._broadcast(("busy", time.perf_counter()))
                 self._step()
+
+    def _flush(self) -> bool:
+        """Write what the outboxes hold and their pipes take now; True if some is left."""
+        left = False
+        for index, outbox in list(self.outboxes.items()):
+            if index in self.open and outbox.pending:
+                if not outbox.flush():
+                    self._drop(index)
+                left = left or bool(outbox.pending)
+        return left
 
     def _take_messages(self, timeout: float) -> bool:
         """Every message waiting on any pipe (waiting up to `timeout` for one); False once
@@ -171,7 +189,7 @@ class _EngineLoop:
             return
         self.open.discard(index)
         self.heard.discard(index)
-        self.senders[index].close()
+        self.outboxes[index].close()
         its = [request for (i, _), request in self.requests.items() if i == index]
         for request in its:
             request.cancelled.set()
@@ -213,48 +231,60 @@ class _EngineLoop:
             self._send(index, message)
 
     def _send(self, index: int, message: tuple) -> None:
-        """Send on pipe `index`: the first's here (its loss ends the engine); another's through
-        its sender, whose failure or full queue drops that server."""
+        """Send on pipe `index`: the first's as is (its loss ends the engine); another's through
+        its outbox, whose failure or overflow drops that server."""
         if index == 0:
             self.conns[0].send(message)
-        elif not self.senders[index].send(message):
+        elif not self.outboxes[index].send(message):
             log.warning("API server %d stopped reading the engine's messages: dropped", index + 1)
             self._drop(index)
 
 
-class _Sender:
-    """Another API server's pipe, written by a thread of its own through a bounded queue."""
+class _Outbox:
+    """Another API server's pipe, written from the loop without blocking it: the bytes the pipe
+    does not take at once wait here, in order, and go first at the next send or flush. Framed
+    as `Connection.send` frames a message (the server reads it with `recv`)."""
 
     LIMIT = 2000  # messages: some 10 s of steps
 
-    def __init__(self, conn, index: int):
+    def __init__(self, conn):
         self.conn, self.failed = conn, False
-        self.queue: queue.Queue = queue.Queue(self.LIMIT)
-        threading.Thread(target=self._run, name=f"labkit-engine-send-{index + 1}",
-                         daemon=True).start()
+        self.pending: collections.deque[memoryview] = collections.deque()
 
     def send(self, message: tuple) -> bool:
-        """Queue `message`; False once the pipe failed or the server fell LIMIT behind."""
+        """Send `message`, or what of it the pipe takes now; False once the pipe failed or the
+        server fell LIMIT messages behind."""
         if not self.failed:
-            try:
-                self.queue.put_nowait(message)
-            except queue.Full:
-                self.failed = True
+            data = ForkingPickler.dumps(message)
+            self.pending.append(memoryview(struct.pack("!i", len(data)) + data))
+            self.failed = len(self.pending) > self.LIMIT or not self.flush()
+        return not self.failed
+
+    def flush(self) -> bool:
+        """Write what the pipe takes now; False if it is closed. Only the loop's thread uses
+        the pipe, so it is non-blocking just while it writes here (reads block, as ever)."""
+        fd = self.conn.fileno()
+        os.set_blocking(fd, False)
+        try:
+            while self.pending:
+                written = os.write(fd, self.pending[0])
+                if written < len(self.pending[0]):
+                    self.pending[0] = self.pending[0][written:]
+                    break
+                self.pending.popleft()
+        except BlockingIOError:  # full: the rest goes at the next send or flush
+            pass
+        except OSError:  # closed: the server is gone
+            self.failed = True
+        finally:
+            if not self.failed:
+                os.set_blocking(fd, True)
         return not self.failed
 
     def close(self) -> None:
         self.failed = True
-        with contextlib.suppress(queue.Full):
-            self.queue.put_nowait(None)
+        self.pending.clear()
         self.conn.close()
-
-    def _run(self) -> None:
-        while (message := self.queue.get()) is not None:
-            try:
-                self.conn.send(message)
-            except (OSError, TypeError):  # closed: dropped, or the server is gone
-                self.failed = True
-                return
 
 
 def _memory(device: str) -> dict | None:
