@@ -112,7 +112,7 @@ def in_process(args, sampler) -> list[dict]:
 def over_http(args, sampler, engine_process: bool, api_servers: int = 1) -> list[dict]:
     flags = ["--max-batch-size", str(args.concurrency), "--kv-cache-gb", str(args.kv_cache_gb),
              "--engine-process" if engine_process else "--no-engine-process"]
-    if api_servers > 1:
+    if engine_process:  # always said: left out, a GPU server picks its own count
         flags += ["--api-servers", str(api_servers)]
     where = "HTTP, engine " + ("process" if engine_process else "thread") + (
         f", {api_servers} API servers" if api_servers > 1 else "")

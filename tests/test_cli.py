@@ -140,3 +140,33 @@ def test_download_into_repo_is_git_ignored(monkeypatch, tmp_path):
         import shutil
 
         shutil.rmtree(target, ignore_errors=True)
+
+
+def test_api_servers_left_out_are_one_per_four_cores_up_to_four_on_a_gpu(monkeypatch):
+    """NVML says whether there is a GPU (no CUDA started in the server's process); the CPU, no
+    NVML or the engine on the server's thread get one."""
+    from types import SimpleNamespace
+
+    from labkit.measure import gpu
+    from labkit.serve import cli as serve_cli
+
+    class FakeNvml:
+        count = 1
+
+        @classmethod
+        def nvmlDeviceGetCount(cls):
+            return cls.count
+
+    def servers(cores: int, device="auto", engine_process=None) -> int:
+        monkeypatch.setattr(serve_cli.os, "sched_getaffinity", lambda pid: set(range(cores)))
+        return serve_cli._auto_api_servers(SimpleNamespace(device=device,
+                                                           engine_process=engine_process))
+
+    monkeypatch.setattr(gpu, "nvml", lambda: FakeNvml)
+    assert [servers(n) for n in (2, 4, 8, 12, 16, 128)] == [1, 1, 2, 3, 4, 4]
+    assert servers(16, device="cpu") == servers(16, engine_process=False) == 1
+    assert servers(16, device="cuda:1") == 4
+    FakeNvml.count = 0
+    assert servers(16) == 1
+    monkeypatch.setattr(gpu, "nvml", lambda: None)
+    assert servers(16) == 1

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 QUANTIZATIONS = ("none", "fp8")
 KV_CACHE_DTYPES = ("auto", "fp8")
 MAX_API_SERVERS = 64
+AUTO_API_SERVERS, CORES_PER_API_SERVER = 4, 4  # --api-servers left out, on a GPU
 
 
 def configure_cli(parser: argparse.ArgumentParser) -> None:
@@ -110,9 +111,10 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
                              "sharing the event loop's GIL")
     parser.add_argument("--api-servers", type=int, default=None, metavar="N",
                         help="continuous mode: N API-server processes on the same port in "
-                             "front of the one engine, each with its own event loop (default "
-                             "1); streaming many requests, one process's sockets and text "
-                             "work hold the engine back")
+                             "front of the one engine, each with its own event loop (default: "
+                             f"on a GPU one per {CORES_PER_API_SERVER} CPU cores, up to "
+                             f"{AUTO_API_SERVERS}; 1 on the CPU); streaming many requests, one "
+                             "process's sockets and text work hold the engine back")
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                         help="batched mode on a GPU: replay each decode step from a CUDA graph "
                              "(default on; --no-cuda-graphs decodes eagerly, the GPU waiting "
@@ -352,13 +354,36 @@ def _engine_options(args) -> dict | None:
 
 
 def _check_api_servers(args) -> None:
+    """--api-servers checked, or chosen when left out (`_auto_api_servers`)."""
     if args.api_servers is None:
+        args.api_servers = _auto_api_servers(args)
+        if args.api_servers > 1:
+            log.info("%d API servers in front of the engine (one per %d CPU cores, up to %d, "
+                     "on a GPU); --api-servers 1 for one", args.api_servers,
+                     CORES_PER_API_SERVER, AUTO_API_SERVERS)
         return
     if not 1 <= args.api_servers <= MAX_API_SERVERS:
         raise ValueError(f"--api-servers must be 1 to {MAX_API_SERVERS}, got {args.api_servers}")
     if args.api_servers > 1 and args.engine_process is False:
         raise ValueError("--api-servers above 1 needs the engine in its own process, which "
                          "they share: drop --no-engine-process")
+
+
+def _auto_api_servers(args) -> int:
+    """On a GPU, one API server per CORES_PER_API_SERVER cores, up to AUTO_API_SERVERS: an H100
+    streaming 256 requests ran at 0.75-0.81x the engine in process behind one server and
+    0.90-0.98x behind four (benchmarks/RESULTS.md, "Several API-server processes"). One on
+    the CPU (the engine is the bottleneck there) or with the engine on the server's thread.
+    The GPU is asked of NVML, not torch: this process should not start CUDA."""
+    if args.engine_process is False or str(args.device).startswith("cpu"):
+        return 1
+    from labkit.measure import gpu
+
+    lib = gpu.nvml()
+    if lib is None or lib.nvmlDeviceGetCount() == 0:
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(AUTO_API_SERVERS, (cores or 1) // CORES_PER_API_SERVER))
 
 
 def _quantization(args) -> str | None:
