@@ -212,3 +212,12 @@ def test_launch_many_side_by_side_each_stopped_once_and_gracefully():
     assert [srv.process.returncode for srv in servers] == [0, 0]
     assert [srv.stop() for srv in servers] == [0, 0]  # stopping again is harmless
     assert all("stopping now" not in srv.logs() for srv in servers)
+
+
+def test_the_logged_url_brackets_an_ipv6_address():
+    from labkit.serve.lifecycle import server_url
+
+    assert server_url("127.0.0.1", 8000) == "http://127.0.0.1:8000"
+    assert server_url("::", 8000) == "http://[::]:8000"
+    assert server_url("::1", 0) == "http://[::1]:0"
+    assert server_url("localhost", 80) == "http://localhost:80"

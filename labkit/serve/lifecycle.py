@@ -82,13 +82,18 @@ async def _listen(app: web.Application, host: str, port: int, idle_timeout_s: fl
     site = web.SockSite(runner, sock) if sock is not None else web.TCPSite(runner, host, port)
     await site.start()
     bound_port = runner.addresses[0][1]
-    url = f"http://{host}:{bound_port}"
+    url = server_url(host, bound_port)
     if follower:  # not the first API server: the launcher reads the first one's line
         log.info("Listening on %s beside the first API server", url)
     else:
         log.info("%s%s (model loading: /health answers 503 until it is ready)",
                  LISTENING_PREFIX, url)
     return runner, url
+
+
+def server_url(host: str, port: int) -> str:
+    """http://host:port, an IPv6 address in brackets (http://[::]:8000), as URLs write it."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def _handle_stop_signals(state: ServerState, stop: asyncio.Event, watch_parent: bool,
