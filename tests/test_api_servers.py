@@ -103,6 +103,9 @@ def test_two_api_servers_share_the_port_count_once_and_stop_together():
         srv.terminate()
         assert srv.process.wait(30) == 0
         assert "[API server 2/2] Server stopped" in srv.logs()
+        # each says what it holds itself, beside the engine's counts (every server's)
+        assert "finishing this API server's 0 request(s) (the engine holds 0 queued + 0 " \
+               "running from all 2)" in srv.logs()
         # the engine, the other API server and multiprocessing's resource tracker
         wait_for(lambda: not [pid for pid in children if alive(pid)], timeout=5)
     finally:

@@ -144,11 +144,18 @@ async def _announce_ready(state: ServerState, stop: asyncio.Event, url: str,
 async def _drain(state: ServerState, drain_timeout_s: float) -> None:
     """Finish the queued and running requests, waiting at most `drain_timeout_s`."""
     stats = state.scheduler.stats()
-    log.info("Shutting down (%s): finishing %d queued + %d running request(s); new "
-             "requests get 503", state.shutdown_reason, stats["queue_depth"],
-             stats["in_flight"])
+    if state.api_servers > 1:  # the engine's counts are every server's
+        log.info("Shutting down (%s): finishing this API server's %d request(s) (the engine "
+                 "holds %d queued + %d running from all %d); new requests get 503",
+                 state.shutdown_reason, state.scheduler.held(), stats["queue_depth"],
+                 stats["in_flight"], state.api_servers)
+    else:
+        log.info("Shutting down (%s): finishing %d queued + %d running request(s); new "
+                 "requests get 503", state.shutdown_reason, stats["queue_depth"],
+                 stats["in_flight"])
     if not await state.scheduler.wait_idle(drain_timeout_s):
         log.warning("Gave up waiting for requests after %.0f s", drain_timeout_s)
+
 
 async def _watch_engine(state: ServerState, stop: asyncio.Event, exit_after_s: float) -> None:
     """Poll for a dead or wedged engine; once seen, fail what it held (it will never answer),

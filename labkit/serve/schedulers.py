@@ -222,6 +222,11 @@ class QueueScheduler:
         # A generation still running (forced stop) is abandoned, not joined.
         self._executor.shutdown(wait=False, cancel_futures=True)
 
+    def held(self) -> int:
+        """Requests this server holds, waiting or generating, not yet answered (with several
+        API servers, the engine's counts in `stats` are every server's)."""
+        return len(self._waiting) + self._in_flight
+
     def stats(self) -> dict:
         uptime = self.busy.uptime_s()
         return {
