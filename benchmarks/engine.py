@@ -203,6 +203,7 @@ def throughput(args, sampler) -> list[dict]:
             print(rows[-1], flush=True)
         if args.profile:
             profiles.append({"quantization": quantization, "matmul": matmul,
+                             "kv_cache_dtype": kv_dtype,
                              "profile": profile_decode(lm, engine, [1, top], args)})
         del engine
         release()
@@ -394,8 +395,10 @@ def main(argv: list[str] | None = None) -> int:
     args.quantization = sorted(set(args.quantization), key=QUANTIZATIONS.index)  # bf16 first
 
     device = torch.device(args.device)
-    if "fp8" in args.quantization or "fp8" in args.kv_cache_dtype:
-        quant.check_supported(device)  # before any run: a card without FP8 tensor cores
+    if "fp8" in args.quantization:  # before any run: a card without FP8 tensor cores
+        quant.check_supported(device)
+    if "fp8" in args.kv_cache_dtype:
+        quant.check_supported(device, "--kv-cache-dtype fp8", "--kv-cache-dtype auto")
     bandwidth = roofline.measure_copy_bandwidth(device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"{card}: device copy {bandwidth / 1e12:.2f} TB/s", flush=True)

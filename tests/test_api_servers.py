@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import struct
 import threading
 from pathlib import Path
 
@@ -238,3 +239,16 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_the_outbox_frames_messages_as_connection_send_does():
+    """Headers byte for byte as multiprocessing writes them, the 2 GiB one included."""
+    ours, theirs = multiprocessing.Pipe()
+    for size in (0, 5, 0x7FFFFFFF):
+        assert engine_loop._frame_header(size) == struct.pack("!i", size)
+    assert engine_loop._frame_header(0x80000000) == b"\xff\xff\xff\xff" + struct.pack(
+        "!Q", 0x80000000)
+    outbox = engine_loop._Outbox(theirs)
+    for message in ((), ("step", [], [], {}, None), ("x" * 20_000,)):  # within a pipe buffer
+        assert outbox.send(message)
+        assert ours.recv() == message

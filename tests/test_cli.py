@@ -142,7 +142,7 @@ def test_download_into_repo_is_git_ignored(monkeypatch, tmp_path):
         shutil.rmtree(target, ignore_errors=True)
 
 
-def test_api_servers_left_out_are_one_per_four_cores_up_to_four_on_a_gpu(monkeypatch):
+def test_api_servers_left_out_are_one_per_four_cores_up_to_four_on_a_gpu(monkeypatch, tmp_path):
     """NVML says whether there is a GPU (no CUDA started in the server's process); the CPU, no
     NVML or the engine on the server's thread get one."""
     from types import SimpleNamespace
@@ -163,9 +163,25 @@ def test_api_servers_left_out_are_one_per_four_cores_up_to_four_on_a_gpu(monkeyp
                                                            engine_process=engine_process))
 
     monkeypatch.setattr(gpu, "nvml", lambda: FakeNvml)
+    monkeypatch.setattr(serve_cli, "CGROUP_CPU_MAX", "/nonexistent")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr("torch.version.cuda", "12.8")  # a CUDA build of torch
     assert [servers(n) for n in (2, 4, 8, 12, 16, 128)] == [1, 1, 2, 3, 4, 4]
     assert servers(16, device="cpu") == servers(16, engine_process=False) == 1
     assert servers(16, device="cuda:1") == 4
+    quota = tmp_path / "cpu.max"  # a container limited to 6 CPUs on a big host
+    quota.write_text("600000 100000\n")
+    monkeypatch.setattr(serve_cli, "CGROUP_CPU_MAX", str(quota))
+    assert servers(128) == 1
+    quota.write_text("max 100000\n")
+    assert servers(128) == 4
+    for hidden in ("", "-1"):  # the GPUs hidden from torch: the engine runs on the CPU
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
+        assert servers(16) == 1
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setattr("torch.version.cuda", None)  # a CPU build of torch
+    assert servers(16) == 1
+    monkeypatch.setattr("torch.version.cuda", "12.8")
     FakeNvml.count = 0
     assert servers(16) == 1
     monkeypatch.setattr(gpu, "nvml", lambda: None)

@@ -2,7 +2,7 @@
 twice the tokens in the same memory, keys and values stored as e4m3 (rounded to nearest,
 saturating) and read back in the model's dtype, the embedded model's logits close to its own
 cache's, the engine and `labkit serve` refusing what they cannot run. On the GPU (the Triton
-write and attention kernels): tests/test_gpu_quant.py."""
+write and attention kernels): tests/test_gpu_kv_fp8.py."""
 
 from __future__ import annotations
 

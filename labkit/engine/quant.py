@@ -18,9 +18,12 @@ What each product runs (`linear`):
   registers, multiply with the bf16 input in float32 and apply the row's scale once to each sum;
   activations stay bf16 (W8A16);
 - more tokens, `matmul="scaled_mm"` (the default on CUDA): `torch._scaled_mm` on the FP8 tensor
-  cores (W8A8). Each token's input row gets its own scale at run time (dynamic, per token:
-  `quantize_rows`, one Triton kernel), and the product is (x_q @ q.T) · s_x · s_w, summed in
-  float32 and rounded once: vLLM's `--quantization fp8` recipe on Hopper;
+  cores (W8A8). Each token's input row gets its own scale at run time (dynamic, per token),
+  and the product is (x_q @ q.T) · s_x · s_w, summed in float32 and rounded once: vLLM's
+  `--quantization fp8` recipe on Hopper. The norm and SiLU kernels before the qkv, gate/up,
+  down and lm_head products write their output quantized (`add_rms_norm_fp8`,
+  `silu_mul_fp8`); the o product's input (attention's output) goes through `quantize_rows`,
+  one Triton kernel;
 - `matmul="dequant"`: q converted to the activations' dtype (exact: every e4m3 value is a bf16
   value), a bf16 matmul, then the scales: what benchmarks/engine.py times `scaled_mm`
   against. Not served: replayed from CUDA graphs it gave wrong logits on an H100, so a GPU
@@ -30,8 +33,9 @@ What each product runs (`linear`):
   measuring accuracy (benchmarks/fp8_accuracy.py), not for speed.
 
 What stays in the model's dtype: the embedding table (a step reads one row of it per token),
-the norms (a few kB), and the KV cache. `lm_head` gets an FP8 copy by default even when it is
-the embedding table itself (tied, as in Llama 3.2 1B and 3B): at batch 1 it is read whole every
+the norms (a few kB), and the KV cache (unless `kv_cache_dtype="fp8"`:
+`labkit.engine.kv_cache`). `lm_head` gets an FP8 copy by default even when it is the embedding
+table itself (tied, as in Llama 3.2 1B and 3B): at batch 1 it is read whole every
 step, 0.79 GB of the 3B's 3.2 GB step in bf16, a quarter of the bytes once the layers are FP8,
 while the embedding lookups keep their exact bf16 rows. The copy costs half the table again in
 memory (0.39 GB for the 3B); `fp8_lm_head=False` keeps it bf16, and fp8_accuracy.py measures

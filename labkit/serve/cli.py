@@ -29,11 +29,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # `labkit.engine.quant.METHODS` and `labkit.engine.kv_cache.KV_CACHE_DTYPES`, named here so
-# that `labkit serve --help` needs no torch (tests/test_quant.py checks that they agree).
+# that `labkit serve --help` needs no torch (tests/test_quant.py and tests/test_kv_fp8.py check
+# that they agree).
 QUANTIZATIONS = ("none", "fp8")
 KV_CACHE_DTYPES = ("auto", "fp8")
 MAX_API_SERVERS = 64
 AUTO_API_SERVERS, CORES_PER_API_SERVER = 4, 4  # --api-servers left out, on a GPU
+CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
 
 
 def configure_cli(parser: argparse.ArgumentParser) -> None:
@@ -113,8 +115,9 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
                         help="continuous mode: N API-server processes on the same port in "
                              "front of the one engine, each with its own event loop (default: "
                              f"on a GPU one per {CORES_PER_API_SERVER} CPU cores, up to "
-                             f"{AUTO_API_SERVERS}; 1 on the CPU); streaming many requests, one "
-                             "process's sockets and text work hold the engine back")
+                             f"{AUTO_API_SERVERS}; 1 on the CPU or with --no-engine-process); "
+                             "streaming many requests, one process's sockets and text work "
+                             "hold the engine back")
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                         help="batched mode on a GPU: replay each decode step from a CUDA graph "
                              "(default on; --no-cuda-graphs decodes eagerly, the GPU waiting "
@@ -164,8 +167,8 @@ def _add_access_flags(parser: argparse.ArgumentParser) -> None:
                           f"{access.DEFAULT_BODY_TIMEOUT_S:g}; then 408)")
     security.add_argument("--max-connections", type=int,
                           default=access.default_max_connections(), metavar="N",
-                          help="most open connections (each API server's, with "
-                               "--api-servers); more get 503 (default "
+                          help="most open connections (each API server's, where there "
+                               "are several: --api-servers); more get 503 (default "
                                f"{access.DEFAULT_MAX_CONNECTIONS}, or fewer where `ulimit -n` "
                                "allows fewer open files)")
 
@@ -375,15 +378,35 @@ def _auto_api_servers(args) -> int:
     0.90-0.98x behind four (benchmarks/RESULTS.md, "Several API-server processes"). One on
     the CPU (the engine is the bottleneck there) or with the engine on the server's thread.
     The GPU is asked of NVML, not torch: this process should not start CUDA."""
-    if args.engine_process is False or str(args.device).startswith("cpu"):
+    if args.engine_process is False or str(args.device).startswith("cpu") \
+            or os.environ.get("CUDA_VISIBLE_DEVICES", "0").strip() in ("", "-1"):
         return 1
     from labkit.measure import gpu
 
     lib = gpu.nvml()
-    if lib is None or lib.nvmlDeviceGetCount() == 0:
+    try:
+        if lib is None or lib.nvmlDeviceGetCount() == 0:
+            return 1
+    except Exception:  # noqa: BLE001 - any NVML error: no GPU we can count on
         return 1
+    import torch  # the engine runs on the CPU with a CPU build of torch, GPU or not
+
+    if torch.version.cuda is None:
+        return 1
+    return max(1, min(AUTO_API_SERVERS, usable_cores() // CORES_PER_API_SERVER))
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may use: its affinity, within a cgroup's CPU quota (a
+    container limited to 4 CPUs on a 128-core host has 4)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(AUTO_API_SERVERS, (cores or 1) // CORES_PER_API_SERVER))
+    try:  # cgroup v2: "<quota> <period>", or "max <period>"
+        quota, period = open(CGROUP_CPU_MAX).read().split()[:2]
+        if quota != "max":
+            cores = min(cores or 1, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores or 1
 
 
 def _quantization(args) -> str | None:

@@ -256,7 +256,7 @@ class _Outbox:
         server fell LIMIT messages behind."""
         if not self.failed:
             data = ForkingPickler.dumps(message)
-            self.pending.append(memoryview(struct.pack("!i", len(data)) + data))
+            self.pending.append(memoryview(_frame_header(len(data)) + data))
             self.failed = len(self.pending) > self.LIMIT or not self.flush()
         return not self.failed
 
@@ -285,6 +285,14 @@ class _Outbox:
         self.failed = True
         self.pending.clear()
         self.conn.close()
+
+
+def _frame_header(size: int) -> bytes:
+    """The length header `Connection.send` writes before a message of `size` bytes (4 bytes;
+    over 2 GiB, -1 then 8 bytes), which `Connection.recv` reads."""
+    if size > 0x7FFFFFFF:
+        return struct.pack("!i", -1) + struct.pack("!Q", size)
+    return struct.pack("!i", size)
 
 
 def _memory(device: str) -> dict | None:
