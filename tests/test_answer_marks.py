@@ -66,6 +66,7 @@ NUMBERS = {
                               "rel", 0.01),
     "bandwidth_floor": (checker("bandwidth_floor", weight_bytes=6.43e9,
                                 bandwidth_bytes_per_s=3.02e12), "rel", 0.02),
+    "fp8_floor": (checker("fp8_floor", shape=SHAPE, bandwidth_bytes_per_s=3.02e12), "rel", 0.02),
     "p95_latency": (checker("p95_latency", latencies_ms=[720.0, 800.0, 831.0, 850.0, 900.0,
                                                          1000.0, 1100.0, 1543.0]), "rel", 0.002),
     "littles_law_throughput": (checker("littles_law_throughput", single_request_latency_s=0.8,

@@ -46,6 +46,7 @@ CASES: dict[str, tuple[dict, object]] = {
     "time_per_output_token": ({"inference_time_ms": 823.4, "time_to_first_token_ms": 23.4,
                                "tokens_generated": 145}, 800 / 144),
     "bandwidth_floor": ({"weight_bytes": 6.43e9, "bandwidth_bytes_per_s": 3.02e12}, 2.13),
+    "fp8_floor": ({"shape": "llama-3.2-3b", "bandwidth_bytes_per_s": 3.02e12}, 1.065),
     "p95_latency": ({"latencies_ms": LATENCIES}, float(np.percentile(LATENCIES, 95))),
     "littles_law_throughput": ({"single_request_latency_s": 0.8, "concurrency": 5}, 1.25),
     "littles_law_latency": ({"single_request_latency_s": 0.8, "concurrency": 5}, 4.0),

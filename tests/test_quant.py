@@ -150,6 +150,16 @@ def test_fp8_halves_what_a_step_reads_and_frees_the_replaced_matrices(lm):
     assert model.embed.numel() == config.vocab_size * config.hidden_size
 
 
+def test_the_fp8_step_bytes_from_a_config_are_those_of_the_built_model(tiny):
+    """What exercise 2.5 checks against (`memory.fp8_step_bytes_from_config`) counts what
+    `quant.step_read_bytes` counts on the model itself: every product, lm_head, the norms."""
+    from labkit.engine import memory
+
+    model = Llama.from_hf(tiny.model, quantization="fp8")
+    assert memory.fp8_step_bytes_from_config(tiny.config, norm_bytes=4) == \
+        quant.step_read_bytes(model)
+
+
 def test_greedy_results_keep_their_shape(lm):
     """How often greedy text matches, and for how long, is measured, not asserted:
     benchmarks/fp8_accuracy.py (a near-tie can flip the 4th token of a prompt here)."""

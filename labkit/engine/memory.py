@@ -170,6 +170,23 @@ def parameter_count_from_config(config) -> int:
     return embeddings + layers * per_layer + hidden + lm_head
 
 
+def fp8_step_bytes_from_config(config, norm_bytes: int = 2) -> int:
+    """Bytes a one-token decode step reads with FP8 weights (`labkit.engine.quant`), from the
+    config alone: each product's matrix (q, k, v, o, gate, up, down; lm_head) one byte a weight
+    plus a float32 scale per output channel, the norms in the model's dtype (`norm_bytes`);
+    not the embedding table (a step reads one row of it). `quant.step_read_bytes` counts the
+    same on a built model."""
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    q_width, kv_width = heads * head_dim(config), kv_heads * head_dim(config)
+    products = [(q_width + 2 * kv_width, hidden), (hidden, q_width),  # (outputs, inputs)
+                (2 * config.intermediate_size, hidden), (hidden, config.intermediate_size)]
+    per_layer = sum(n * k + 4 * n for n, k in products) + 2 * hidden * norm_bytes
+    lm_head = config.vocab_size * hidden + 4 * config.vocab_size
+    return layers * per_layer + lm_head + hidden * norm_bytes
+
+
 def peak_gpu_bytes_during(fn, device: torch.device):
     """Run `fn()`; return (its result, peak torch-allocated bytes during it, or None on CPU)."""
     if device.type != "cuda":

@@ -62,6 +62,7 @@ from labkit.course.answers.sharing import (
 )
 from labkit.course.answers.timing import (
     bandwidth_floor,
+    fp8_floor,
     ms_per_token,
     time_per_output_token,
 )
@@ -84,7 +85,7 @@ from labkit.course.answers.verdict import (
 
 __all__ = ["CLOSE_FACTOR", "CheckResult", "EXERCISES", "ExerciseNotPassed", "MARKS", "MARKS_KEY",
            "STRICT_ENV", "bandwidth_floor", "best_batch_size", "cost_per_million_tokens",
-           "effective_cost", "gpus_for_traffic", "highest_concurrency_meeting_slo",
+           "effective_cost", "fp8_floor", "gpus_for_traffic", "highest_concurrency_meeting_slo",
            "idle_intervals", "idle_percent", "knee_concurrency", "kv_cache_size",
            "kv_pages_in_memory", "kv_pages_needed", "littles_law_latency",
            "littles_law_throughput", "memory_per_server", "monthly_gpu_cost", "ms_per_token",

@@ -1,10 +1,12 @@
-"""Exercise set 02 (timing): per-token time and the bandwidth floor."""
+"""Exercise set 02 (timing): per-token time and the bandwidth floor, in bf16 and with FP8
+weights."""
 
 from __future__ import annotations
 
 from labkit.course.answers.verdict import (
     CheckResult,
     _compare,
+    _config,
     _count,
     _finish,
     _positive,
@@ -56,3 +58,24 @@ def bandwidth_floor(answer, weight_bytes: float, bandwidth_bytes_per_s: float) -
     return _finish(_compare(
         "bandwidth_floor", answer, expected, unit="ms/token", rel_tol=0.02, mistakes=mistakes,
         hint="weight bytes ÷ bandwidth in bytes per second gives seconds per token; × 1000."))
+
+
+def fp8_floor(answer, shape: str, bandwidth_bytes_per_s: float) -> CheckResult:
+    """Fastest possible ms per token at batch 1 with FP8 weights (`--quantization fp8`): the
+    bytes a step reads (`memory.fp8_step_bytes_from_config`) over the bandwidth."""
+    from labkit.engine import memory
+    from labkit.measure.roofline import decode_floor_ms
+
+    config = _config(shape)
+    bandwidth = _positive("bandwidth_bytes_per_s", bandwidth_bytes_per_s)
+    expected = decode_floor_ms(memory.fp8_step_bytes_from_config(config), bandwidth)
+    bf16 = decode_floor_ms(2 * memory.parameter_count_from_config(config), bandwidth)
+    mistakes = [(bf16, "That is the bf16 floor: FP8 stores each weight in one byte, not two."),
+                (expected / 2, "FP8 is one byte a weight (8 bits), not half a byte."),
+                (expected / 1000, "That is seconds; give milliseconds."),
+                (expected * 1000, "That is microseconds (or a GB vs B slip); give ms.")]
+    return _finish(_compare(
+        "fp8_floor", answer, expected, unit="ms/token", rel_tol=0.02, mistakes=mistakes,
+        hint="the bytes a step reads: one byte per weight of the products and lm_head (their "
+             "scales and the norms add well under 1 %), ÷ bandwidth in bytes per second, "
+             "× 1000."))

@@ -36,6 +36,7 @@ EXERCISES: dict[str, str] = {
     "ms_per_token": "02_timing",
     "time_per_output_token": "02_timing",
     "bandwidth_floor": "02_timing",
+    "fp8_floor": "02_timing",
     "p95_latency": "04_queueing",
     "littles_law_throughput": "04_queueing",
     "littles_law_latency": "04_queueing",
