@@ -12,6 +12,18 @@ def lm():
 
 
 @pytest.fixture(scope="module")
+def lm16():
+    """The embedded model on the GPU in bfloat16 (GPU tests only)."""
+    import gc
+
+    import torch
+
+    yield load_model("model", device="cuda", dtype="bf16")
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+@pytest.fixture(scope="module")
 def tiny():
     """synthetic:tiny on the CPU: the Llama architecture at toy size."""
     return load_model("synthetic:tiny", device="cpu")

@@ -4,20 +4,18 @@ kernel reads FP8 pages as the gathered SDPA path does, and a model captured in C
 an FP8 cache replays its eager logits, close to the model's own cache's. On the CPU:
 tests/test_kv_fp8.py."""
 
-import gc
 
 import pytest
 import torch
 import torch.nn.functional as F
-from test_gpu_fused import random, three_steps
+from test_gpu_fused import random
+from test_gpu_quant import graph_steps
 
 from labkit.engine import fused, paged_attention, quant
 from labkit.engine.continuous import ContinuousEngine
-from labkit.engine.kv_cache import FP8, PagedKVCache
+from labkit.engine.kv_cache import FP8
 from labkit.engine.llama import EagerOps, Llama
-from labkit.engine.model import load_model
 from labkit.engine.request import Request
-from labkit.engine.runner import ModelRunner
 
 pytestmark = [
     pytest.mark.gpu,
@@ -67,29 +65,15 @@ def test_paged_attention_reads_fp8_pages_as_the_gathered_path_does(lengths):
         torch.testing.assert_close(got[row], want, atol=2e-2, rtol=2e-2)
 
 
-@pytest.fixture(scope="module")
-def lm16():
-    yield load_model("model", device="cuda", dtype="bf16")
-    gc.collect()
-    torch.cuda.empty_cache()
-
-
 def test_a_model_over_an_fp8_cache_replays_its_eager_logits_from_graphs(lm16):
     model = Llama.from_hf(lm16.model)
-    replayed = _steps(lm16, model, FP8, capture=True)
-    eager = _steps(lm16, model, FP8, capture=False)
-    plain = _steps(lm16, model, lm16.dtype, capture=False)
-    for got, want, own in zip(replayed, eager, plain, strict=True):
-        assert (got - want).abs().max() <= 1e-2 * want.abs().max()
-        assert (got - own).norm() / own.norm() < 0.06
-
-
-def _steps(lm, model, kv_dtype, capture: bool):
-    runner = ModelRunner(model, PagedKVCache(lm.config, 64, kv_dtype, lm.device),
-                         cuda_graphs=capture)
-    if capture:
-        runner.capture_all(16, 8)
-    return three_steps(runner, [list(range(1 + 3 * row, 4 + 3 * row)) for row in range(3)])
+    replayed = graph_steps(lm16, model, capture=True, kv_dtype=FP8)
+    eager = graph_steps(lm16, model, capture=False, kv_dtype=FP8)
+    plain = graph_steps(lm16, model, capture=False)
+    for name in ("prefill", "decode", "alone"):
+        got, want, own = replayed[name], eager[name], plain[name]
+        assert (got - want).abs().max() <= 1e-2 * want.abs().max(), name
+        assert (got - own).norm() / own.norm() < 0.06, name
 
 
 def test_an_engine_over_an_fp8_cache_serves_greedy_and_sampled_requests(lm16):

@@ -5,7 +5,6 @@ kernels followed by the quantization kernel (bit for bit), `torch._scaled_mm` ag
 arithmetic done in float32, and a whole FP8 model captured in CUDA graphs
 (`ModelRunner.capture_all`) giving its eager logits."""
 
-import gc
 
 import pytest
 import torch
@@ -14,7 +13,6 @@ from test_gpu_fused import three_steps
 from labkit.engine import fused, gemv, quant
 from labkit.engine.kv_cache import PagedKVCache
 from labkit.engine.llama import EagerOps, Llama
-from labkit.engine.model import load_model
 from labkit.engine.runner import ModelRunner
 
 pytestmark = [
@@ -115,13 +113,6 @@ def test_scaled_mm_computes_the_w8a8_arithmetic(rows, n, k):
     assert got.dtype == torch.bfloat16 and close(got, want, 1e-2)
 
 
-@pytest.fixture(scope="module")
-def lm16():
-    yield load_model("model", device="cuda", dtype="bf16")
-    gc.collect()
-    torch.cuda.empty_cache()
-
-
 def test_fp8_products_of_many_tokens_pick_scaled_mm_here(lm16):
     model = Llama.from_hf(lm16.model, quantization="fp8")
     assert quant.pick_matmul(model) == "scaled_mm"
@@ -140,17 +131,19 @@ def test_an_fp8_model_captured_by_capture_all_replays_its_eager_logits(lm16, mat
     replayed and eagerly; and all of it close to the bf16 model's logits."""
     model = Llama.from_hf(lm16.model, quantization="fp8")
     quant.set_matmul(model, matmul)
-    replayed = _steps(lm16, model, capture=True)
+    replayed = graph_steps(lm16, model, capture=True)
     assert replayed["graphs"] >= 5
-    eager = _steps(lm16, model, capture=False)
-    plain = _steps(lm16, Llama.from_hf(lm16.model), capture=False)
+    eager = graph_steps(lm16, model, capture=False)
+    plain = graph_steps(lm16, Llama.from_hf(lm16.model), capture=False)
     for name in ("prefill", "decode", "alone"):
         assert close(replayed[name], eager[name], 1e-2), name
         assert (replayed[name] - plain[name]).norm() / plain[name].norm() < 0.06, name
 
 
-def _steps(lm, model: Llama, capture: bool) -> dict:
-    cache = PagedKVCache(lm.config, 64, lm.dtype, lm.device)
+def graph_steps(lm, model: Llama, capture: bool, kv_dtype: torch.dtype | None = None) -> dict:
+    """`three_steps` over a 64-page cache (in `kv_dtype`, default the model's), replayed from
+    graphs captured as at a server's warm-up, or eagerly; and how many graphs there were."""
+    cache = PagedKVCache(lm.config, 64, kv_dtype or lm.dtype, lm.device)
     runner = ModelRunner(model, cache, cuda_graphs=capture)
     if capture:
         runner.capture_all(16, 8)
