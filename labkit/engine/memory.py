@@ -37,8 +37,7 @@ def head_dim(config) -> int:
 
 def kv_cache_bytes_per_token(config, dtype: torch.dtype) -> int:
     """2 (K and V) × layers × kv_heads × head_dim × bytes per element."""
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    return 2 * config.num_hidden_layers * kv_heads * head_dim(config) * dtype_bytes(dtype)
+    return 2 * config.num_hidden_layers * _attention_widths(config)[1] * dtype_bytes(dtype)
 
 
 def kv_cache_bytes(config, dtype: torch.dtype, batch_size: int, seq_len: int) -> int:
@@ -146,6 +145,13 @@ def _gb(n: int | None) -> str:
     return f"{n / GB:.3f} GB" if n < 0.1 * GB else f"{n / GB:.2f} GB"
 
 
+def _attention_widths(config) -> tuple[int, int]:
+    """Outputs of the q projection and of each of k and v (grouped-query attention)."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return heads * head_dim(config), kv_heads * head_dim(config)
+
+
 def parameter_count_from_config(config) -> int:
     """Parameters of a Llama-style decoder (Llama, Phi-3, …) computed from its config alone.
 
@@ -155,9 +161,7 @@ def parameter_count_from_config(config) -> int:
     same counts.
     """
     hidden, layers = config.hidden_size, config.num_hidden_layers
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    q_width, kv_width = heads * head_dim(config), kv_heads * head_dim(config)
+    q_width, kv_width = _attention_widths(config)
     attention = hidden * q_width + 2 * hidden * kv_width + q_width * hidden
     if getattr(config, "attention_bias", False):
         attention += q_width + 2 * kv_width + hidden
@@ -177,9 +181,7 @@ def fp8_step_bytes_from_config(config, norm_bytes: int = 2) -> int:
     not the embedding table (a step reads one row of it). `quant.step_read_bytes` counts the
     same on a built model."""
     hidden, layers = config.hidden_size, config.num_hidden_layers
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    q_width, kv_width = heads * head_dim(config), kv_heads * head_dim(config)
+    q_width, kv_width = _attention_widths(config)
     products = [(q_width + 2 * kv_width, hidden), (hidden, q_width),  # (outputs, inputs)
                 (2 * config.intermediate_size, hidden), (hidden, config.intermediate_size)]
     per_layer = sum(n * k + 4 * n for n, k in products) + 2 * hidden * norm_bytes
