@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from labkit.engine.memory import kv_cache_bytes_per_token as bytes_per_token
+
 DEFAULT_PAGE_SIZE = 16  # tokens per page
 KV_CACHE_DTYPES = ("auto", "fp8")  # `labkit serve --kv-cache-dtype`: auto is the model's dtype
 FP8 = torch.float8_e4m3fn
@@ -33,13 +35,6 @@ def resolve_kv_dtype(kv_cache_dtype: str | None, model_dtype: torch.dtype) -> to
         return FP8
     raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} is not supported; use one of "
                      f"{', '.join(KV_CACHE_DTYPES)}")
-
-
-def bytes_per_token(config, dtype: torch.dtype) -> int:
-    """KV cache bytes one token takes in every layer: key + value, each kv_heads × head_dim."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * itemsize
 
 
 class PagedKVCache:
