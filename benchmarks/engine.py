@@ -92,15 +92,23 @@ def build_engine(lm, max_running: int, kv_gb: float, cuda_graphs: bool = True,
 
 def run_engine(engine: ContinuousEngine, requests: list[Request], sampler=None) -> dict:
     synchronize(engine.lm.device)
+    before = engine.stats()
     started = time.perf_counter()
     results = engine.generate(requests)
     ended = time.perf_counter()
+    after = engine.stats()
     tokens = sum(r.tokens_generated for r in results)
+    steps = after["decode_steps"] - before["decode_steps"]
     row = {"requests": len(requests), "output_tokens": tokens, "wall_s": round(ended - started, 3),
            "tok_s": round(tokens / (ended - started), 1),
            "tpot_ms_mean": round(sum(r.time_per_output_token_ms for r in results)
                                  / len(results), 3),
-           "ttft_ms_p50": sorted(r.time_to_first_token_ms for r in results)[len(results) // 2]}
+           "ttft_ms_p50": sorted(r.time_to_first_token_ms for r in results)[len(results) // 2],
+           # the engine's thread: the wall time over its decode steps, and the share of it
+           # spent waiting for the GPU (near 0: the host's step work is the bottleneck)
+           "wall_ms_per_decode_step": round((ended - started) * 1000 / max(1, steps), 3),
+           "device_wait_share": round((after["device_wait_s"] - before["device_wait_s"])
+                                      / (ended - started), 3)}
     if sampler is not None:
         util = sampler.summary(start=started, end=ended)
         row.update(nvml_util=util.get("mean_util"), sm_activity=util.get("sm_activity_mean"))
@@ -300,7 +308,8 @@ def shared_prefix_run(engine: ContinuousEngine, requests: list[Request]) -> tupl
 
 def profile_decode(lm, engine: ContinuousEngine, sizes: list[int], args) -> list[dict]:
     """Decode steps of `rows` requests at ~100 cached tokens: wall ms per step from the CUDA
-    graph and eagerly, and the eager step's GPU time by kernel family (torch.profiler)."""
+    graph and eagerly, and the eager step's GPU time by kernel family and its top kernels
+    (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
     out = []
@@ -328,14 +337,17 @@ def profile_decode(lm, engine: ContinuousEngine, sizes: list[int], args) -> list
             synchronize(lm.device)
         engine.runner.cuda_graphs = True
         families: dict[str, float] = {}
-        for event in prof.key_averages():
-            if event.device_time_total <= 0:
-                continue
-            families[kernel_family(event.key)] = families.get(kernel_family(event.key), 0) \
-                + event.device_time_total / 3 / 1000
+        kernels = sorted(((event.device_time_total / 3 / 1000, event.count // 3, event.key)
+                          for event in prof.key_averages() if event.device_time_total > 0),
+                         reverse=True)
+        for ms, _, name in kernels:
+            families[kernel_family(name)] = families.get(kernel_family(name), 0) + ms
         out.append({"rows": rows, **timings,
                     "gpu_ms_by_family": {k: round(v, 3) for k, v in
-                                         sorted(families.items(), key=lambda kv: -kv[1])}})
+                                         sorted(families.items(), key=lambda kv: -kv[1])},
+                    # the kernels that take most of a step: ms a step, launches a step, name
+                    "top_kernels": [[round(ms, 4), count, name[:90]]
+                                    for ms, count, name in kernels[:14]]})
         for p in pages:
             allocator.free(p)
         print(out[-1], flush=True)

@@ -110,7 +110,10 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _quantize(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row of `rows` (any dtype) to e4m3 with its own scale: (q, scale (rows, 1))."""
     rows = rows.float()
-    scale = (rows.abs().amax(-1, keepdim=True) / FP8_MAX).clamp(min=MIN_SCALE)
+    # Divided by 448 as a tensor: CUDA divides by a Python number as a multiply by its rounded
+    # reciprocal, a bit off for some rows, where the kernels (and the CPU) divide exactly.
+    fp8_max = torch.full((), FP8_MAX, device=rows.device)
+    scale = (rows.abs().amax(-1, keepdim=True) / fp8_max).clamp(min=MIN_SCALE)
     return (rows / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
