@@ -70,7 +70,8 @@ def _text(lm: LoadedModel, ids: list[int]) -> str:
     """Text of token ids. Synthetic models draw ids from their own (larger) vocabulary, so they
     are folded into the tokenizer's range: the text is meaningless either way."""
     if lm.synthetic:
-        ids = [i % len(lm.tokenizer) for i in ids]
+        size = len(lm.tokenizer)  # asked once: a tokenizer's len() is not free, ids are many
+        ids = [i % size for i in ids]
     return lm.tokenizer.decode(ids, skip_special_tokens=True,
                                clean_up_tokenization_spaces=False)
 
