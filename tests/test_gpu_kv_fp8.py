@@ -9,21 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_gpu_fused import random
-from test_gpu_quant import graph_steps
+from test_gpu_quant import NEEDS_FP8_GPU, graph_steps
 
-from labkit.engine import fused, paged_attention, quant
+from labkit.engine import fused, paged_attention
 from labkit.engine.continuous import ContinuousEngine
 from labkit.engine.kv_cache import FP8
 from labkit.engine.llama import EagerOps, Llama
 from labkit.engine.request import Request
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU"),
-    pytest.mark.skipif(torch.cuda.is_available()
-                       and torch.cuda.get_device_capability() < quant.MIN_CAPABILITY,
-                       reason="needs FP8 conversions (compute capability 8.9+)"),
-]
+pytestmark = NEEDS_FP8_GPU
 
 E4M3_STEP = 2.0 ** -3  # one e4m3 step, relative: a double rounding may move a value by one
 

@@ -15,13 +15,16 @@ from labkit.engine.kv_cache import PagedKVCache
 from labkit.engine.llama import EagerOps, Llama
 from labkit.engine.runner import ModelRunner
 
-pytestmark = [
+# The marks of every FP8 GPU test (tests/test_gpu_kv_fp8.py takes them too)
+NEEDS_FP8_GPU = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU"),
     pytest.mark.skipif(torch.cuda.is_available()
                        and torch.cuda.get_device_capability() < quant.MIN_CAPABILITY,
-                       reason="needs FP8 tensor cores (compute capability 8.9+)"),
+                       reason="needs FP8 tensor cores and conversions (compute capability "
+                              "8.9+)"),
 ]
+pytestmark = NEEDS_FP8_GPU
 
 # The 3B shape's products (N, K), and a ragged one
 PRODUCTS = [(5120, 3072), (3072, 3072), (16384, 3072), (3072, 8192), (128256, 3072),
