@@ -57,7 +57,7 @@ from labkit.engine.kv_cache import KV_CACHE_DTYPES, PagedKVCache, resolve_kv_dty
 from labkit.engine.llama import Llama
 from labkit.engine.model import load_model, synchronize
 from labkit.engine.request import Request
-from labkit.engine.runner import Chunk
+from labkit.engine.runner import Chunk, padded
 from labkit.measure import roofline, utilization
 
 QUANTIZATIONS = ["bf16", "fp8"]  # bf16: the weights as loaded (--dtype)
@@ -108,7 +108,9 @@ def run_engine(engine: ContinuousEngine, requests: list[Request], sampler=None) 
            # spent waiting for the GPU (near 0: the host's step work is the bottleneck)
            "wall_ms_per_decode_step": round((ended - started) * 1000 / max(1, steps), 3),
            "device_wait_share": round((after["device_wait_s"] - before["device_wait_s"])
-                                      / (ended - started), 3)}
+                                      / (ended - started), 3),
+           # CUDA graphs captured inside the run (a step that captures stalls every row)
+           "graph_capture_s": round(after["graph_capture_s"] - before["graph_capture_s"], 3)}
     if sampler is not None:
         util = sampler.summary(start=started, end=ended)
         row.update(nvml_util=util.get("mean_util"), sm_activity=util.get("sm_activity_mean"))
@@ -230,6 +232,10 @@ def throughput_row(lm, engine: ContinuousEngine, n: int, vocab: int, args, sampl
     sampled_warmups = ((args.temperature, None), (args.temperature, args.top_p))
     for temperature, top_p in ((0.0, None), *(sampled_warmups if args.sampled else ())):
         engine.generate(fixed_requests(n, args.prompt_tokens, 4, vocab, temperature, top_p))
+    # and the decode graphs of the page counts the rows grow into, as a server's warm-up
+    # captures them: a capture inside the timed run would stall all n rows for it
+    pages = engine.block_manager.blocks_for(args.prompt_tokens + args.max_tokens)
+    engine.runner.capture_all(n, padded(pages))
     row = {"concurrency": n, **run_engine(
         engine, fixed_requests(n, args.prompt_tokens, args.max_tokens, vocab), sampler)}
     # The same requests sampled: at --temperature (top_p 1), then with --top-p as well.
