@@ -117,11 +117,10 @@ def test_fp8_products_of_many_tokens_pick_scaled_mm_here(lm16):
     assert {w.matmul for w in quant.fp8_weights(model)} == {"scaled_mm"}
 
 
-@pytest.mark.parametrize("matmul", [
-    "scaled_mm",  # the default on Hopper: passed on the H100 (2026-12-07)
-    # Its replayed prefill logits were garbage there (e.g. -1.7e-35): the fallback under CUDA
-    # graphs is broken; issue 25 stays open on it. Strict: a fix must remove this mark.
-    pytest.param("dequant", marks=pytest.mark.xfail(strict=True, reason="broken in graphs"))])
+# (The dequantized fallback's replayed prefill logits were garbage here until `three_steps`
+# copied each step's logits before the next step: the prefill graph's output sat in memory that
+# graphs captured before it use for their temporaries.)
+@pytest.mark.parametrize("matmul", ["scaled_mm", "dequant"])
 def test_an_fp8_model_captured_by_capture_all_replays_its_eager_logits(lm16, matmul):
     """Decode graphs of 1 to 16 rows and the short prefills, captured at once as at a server's
     warm-up; then a prefill of 3 rows, a decode step of the 3 (a 4-row graph: `_scaled_mm` or
@@ -135,7 +134,9 @@ def test_an_fp8_model_captured_by_capture_all_replays_its_eager_logits(lm16, mat
     plain = graph_steps(lm16, Llama.from_hf(lm16.model), capture=False)
     for name in ("prefill", "decode", "alone"):
         assert close(replayed[name], eager[name], 1e-2), name
-        assert (replayed[name] - plain[name]).norm() / plain[name].norm() < 0.06, name
+        # W8A8 rounding alone puts these 3.5-6.7 % off bf16 (the decode step, 3-5 tokens in:
+        # 5.8 % or 6.2 % on the CPU by how the weights' scales round); garbage is ~100 %
+        assert (replayed[name] - plain[name]).norm() / plain[name].norm() < 0.1, name
 
 
 def graph_steps(lm, model: Llama, capture: bool, kv_dtype: torch.dtype | None = None) -> dict:

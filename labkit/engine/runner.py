@@ -63,7 +63,9 @@ class ModelRunner:
 
     def prefill(self, chunks: list[Chunk]) -> torch.Tensor:
         """Logits (rows, vocab) after each chunk's last token: from a graph when the chunks
-        are few and short, else eagerly."""
+        are few and short, else eagerly. Valid until the next step: a graph's logits are its
+        output buffer, and the graphs share one memory pool, so another one's step may write
+        over them (the engine samples from them at once); copy what must outlive the step."""
         width = max(len(chunk.tokens) for chunk in chunks)
         pages = max(len(chunk.pages) for chunk in chunks)
         shape = (padded(len(chunks)), padded(width), max(MIN_GRAPH_PAGES, padded(pages)))
@@ -78,7 +80,7 @@ class ModelRunner:
         """Logits (rows, vocab) of one token per chunk: from a CUDA graph when there is one
         for the padded shape, else eagerly. `carried` = (pick, tokens): rows whose pick is
         >= 0 take their input token from `tokens[pick]`, on the device (sampled by the step
-        before, not seen by the host yet)."""
+        before, not seen by the host yet). Valid until the next step, as `prefill`'s."""
         pages = max(len(chunk.pages) for chunk in chunks)
         if not self.cuda_graphs:
             packed = self._pack(chunks, len(chunks), 1, pages)
