@@ -17,6 +17,7 @@ held the decoding requests up for milliseconds of host time.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -125,7 +126,35 @@ class ModelRunner:
               host: bool = False) -> torch.Tensor:
         """One tensor (rows, 3 × width + pages + 1): each row's tokens, positions, slots, block
         table and last column, padded with zeros (token 0 at position 0 in the padding page's
-        slot 0). Built from Python lists in one go: one copy to the device per step."""
+        slot 0), built on the host in one go: one copy to the device per step."""
+        if width == 1:
+            packed = self._pack_decode(chunks, rows, pages)
+        else:
+            packed = self._pack_lists(chunks, rows, width, pages)
+        packed = torch.from_numpy(packed)
+        if self.device.type == "cuda":
+            packed = packed.pin_memory()
+        return packed if host else packed.to(self.device, non_blocking=True)
+
+    def _pack_decode(self, chunks: list[Chunk], rows: int, pages: int) -> np.ndarray:
+        """`_pack` of one token a row, through numpy: a step of 512 rows is packed every few
+        milliseconds, and doing it row by row in Python took twice as long."""
+        packed = np.zeros((rows, 4 + pages), dtype=np.int64)
+        used, size = len(chunks), self.cache.page_size
+        counts = np.fromiter((len(chunk.pages) for chunk in chunks), np.int64, used)
+        table = np.fromiter(itertools.chain.from_iterable(chunk.pages for chunk in chunks),
+                            np.int64, int(counts.sum()))
+        # every table entry's row, and its column: its index within its own row's pages
+        row = np.repeat(np.arange(used), counts)
+        column = np.arange(len(table)) - np.repeat(np.cumsum(counts) - counts, counts)
+        packed[row, 3 + column] = table
+        position = np.fromiter((chunk.start for chunk in chunks), np.int64, used)
+        packed[:used, 0] = [chunk.tokens[0] for chunk in chunks]
+        packed[:used, 1] = position
+        packed[:used, 2] = packed[np.arange(used), 3 + position // size] * size + position % size
+        return packed  # the last column (each row's last token) is 0
+
+    def _pack_lists(self, chunks: list[Chunk], rows: int, width: int, pages: int) -> np.ndarray:
         slot, flat = self.cache.slot, []
         for chunk in chunks:  # one flat list, then numpy: much faster than nested lists
             pad = [0] * (width - len(chunk.tokens))
@@ -141,10 +170,7 @@ class ModelRunner:
             flat.append(len(chunk.tokens) - 1)
         packed = np.zeros((rows, 3 * width + pages + 1), dtype=np.int64)
         packed[:len(chunks)] = np.array(flat, dtype=np.int64).reshape(len(chunks), -1)
-        packed = torch.from_numpy(packed)
-        if self.device.type == "cuda":
-            packed = packed.pin_memory()
-        return packed if host else packed.to(self.device, non_blocking=True)
+        return packed
 
 
 def unpack(packed: torch.Tensor, width: int) -> tuple[torch.Tensor, ...]:
