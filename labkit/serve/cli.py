@@ -273,8 +273,8 @@ def _scheduler_options(args) -> dict:
              "--cuda-graphs": args.cuda_graphs,
              "--engine-process": getattr(args, "engine_process", None),
              "--engine-step-timeout": getattr(args, "engine_step_timeout", None),
-             "--quantization": _quantization(args),
-             "--kv-cache-dtype": _kv_cache_dtype(args),
+             "--quantization": _chosen(args, "quantization", "none"),
+             "--kv-cache-dtype": _chosen(args, "kv_cache_dtype", "auto"),
              "--prefix-cache": getattr(args, "prefix_cache", None),
              "--api-servers": getattr(args, "api_servers", None)}
     wrong = [flag for flag, value in given.items()
@@ -340,12 +340,12 @@ def _engine_options(args) -> dict | None:
             raise ValueError(f"--prefill-chunk must be at least 1 token, got "
                              f"{args.prefill_chunk}")
         options["prefill_chunk"] = args.prefill_chunk
-    if _quantization(args) is not None:
+    if _chosen(args, "quantization", "none") is not None:
         from labkit.engine import quant  # torch, only when asked for
 
         quant.check_supported(args.device)  # a GPU without FP8 tensor cores: refused now
         options["quantization"] = args.quantization
-    if _kv_cache_dtype(args) is not None:
+    if _chosen(args, "kv_cache_dtype", "auto") is not None:
         from labkit.engine import quant
 
         quant.check_supported(args.device, "--kv-cache-dtype fp8", "--kv-cache-dtype auto")
@@ -409,13 +409,8 @@ def usable_cores() -> int:
     return cores or 1
 
 
-def _quantization(args) -> str | None:
-    """--quantization's method, None for the model's own dtype."""
-    value = getattr(args, "quantization", None)
-    return None if value in (None, "none") else value
-
-
-def _kv_cache_dtype(args) -> str | None:
-    """--kv-cache-dtype's choice, None for the model's own dtype (auto)."""
-    value = getattr(args, "kv_cache_dtype", None)
-    return None if value in (None, "auto") else value
+def _chosen(args, option: str, default: str) -> str | None:
+    """An option's value, None when it keeps the model's own dtype (`default`: --quantization
+    none, --kv-cache-dtype auto)."""
+    value = getattr(args, option, None)
+    return None if value in (None, default) else value
