@@ -177,7 +177,8 @@ def _prefill_then_decode(lm, ops):
 def three_steps(runner: ModelRunner, pages: list[list[int]]):
     """Logits of a prefill of rows of 3, 4 and 5 tokens, a decode step of the 3 rows, then one
     of row 0 alone (3 pages a row). Each step's logits are copied before the next step: from a
-    graph they are its output buffer, which a later graph sharing its memory pool may reuse."""
+    graph they are its output buffer, which graphs captured before it in the same memory pool
+    may use for their temporaries when they are replayed."""
     prompts = [[11 + i, 500, 700, 42, 9][:3 + i] for i in range(3)]
     with torch.inference_mode():
         prefill = runner.prefill([Chunk(p, 0, pg) for p, pg in zip(prompts, pages, strict=True)])

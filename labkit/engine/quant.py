@@ -19,15 +19,15 @@ What each product runs (`linear`):
   activations stay bf16 (W8A16);
 - more tokens, `matmul="scaled_mm"` (the default on CUDA): `torch._scaled_mm` on the FP8 tensor
   cores (W8A8). Each token's input row gets its own scale at run time (dynamic, per token),
-  and the product is (x_q @ q.T) · s_x · s_w, summed in float32 and rounded once: vLLM's
-  `--quantization fp8` recipe on Hopper. The norm and SiLU kernels before the qkv, gate/up,
+  and the product is (x_q @ q.T) · s_x · s_w, accumulated by the tensor cores' fast FP8 mode
+  and rounded once: vLLM's `--quantization fp8` recipe on Hopper. The norm and SiLU kernels before the qkv, gate/up,
   down and lm_head products write their output quantized (`add_rms_norm_fp8`,
   `silu_mul_fp8`); the o product's input (attention's output) goes through `quantize_rows`,
   one Triton kernel;
 - `matmul="dequant"`: q converted to the activations' dtype (exact: every e4m3 value is a bf16
   value), a bf16 matmul, then the scales: what benchmarks/engine.py times `scaled_mm`
-  against. Not served: replayed from CUDA graphs it gave wrong logits on an H100, so a GPU
-  whose `_scaled_mm` refuses the model's shapes is refused (`pick_matmul`);
+  against. Not served until a GPU confirms its replay from CUDA graphs (`pick_matmul`): a GPU
+  whose `_scaled_mm` refuses the model's shapes is refused;
 - the CPU has no FP8 matmul: the same two recipes run eagerly in float32 (q → float, times its
   scales; W8A8 quantizes and dequantizes the inputs too). That path exists for tests and for
   measuring accuracy (benchmarks/fp8_accuracy.py), not for speed.
@@ -158,8 +158,8 @@ def dequant_matmul(x: torch.Tensor, weight: Fp8Weight) -> torch.Tensor:
 
 
 def scaled_mm(x: torch.Tensor, weight: Fp8Weight) -> torch.Tensor:
-    """W8A8: each token's input row quantized with its own scale, then (x_q @ q.T) · s_x · s_w
-    summed in float32: `torch._scaled_mm` with row-wise scales on CUDA (mat2 column-major:
+    """W8A8: each token's input row quantized with its own scale, then (x_q @ q.T) · s_x · s_w:
+    `torch._scaled_mm` with row-wise scales on CUDA (mat2 column-major:
     q.t() of the row-major (N, K) weight), the same arithmetic eagerly on the CPU."""
     xq, x_scale = quantize_rows(x.reshape(-1, x.shape[-1]))
     return quantized_mm(xq, x_scale, weight, x.dtype).view(*x.shape[:-1], -1)
@@ -170,7 +170,7 @@ def quantized_mm(xq: torch.Tensor, x_scale: torch.Tensor, weight: Fp8Weight,
     """(xq @ q.T) · x_scale · s_w in `dtype`, for inputs already quantized per token: xq (M, K)
     e4m3, x_scale (M, 1) float32."""
     if xq.is_cuda:  # fast accumulation, as vLLM's FP8 GEMMs: 12 % less time at 512 rows on the
-        # H100 for a 1e-3 relative change of the product (benchmarks/RESULTS.md)
+        # H100 for a 1-2e-3 relative change of the product (benchmarks/RESULTS.md)
         return torch._scaled_mm(xq, weight.q.t(), scale_a=x_scale, scale_b=weight.scale[None],
                                 out_dtype=dtype, use_fast_accum=True)
     return ((xq.float() @ weight.q.float().T) * x_scale * weight.scale).to(dtype)

@@ -93,13 +93,14 @@ class ModelRunner:
 
     def capture_all(self, rows: int, pages: int) -> None:
         """Capture now, at warm-up, rather than in a request's step, the graph of every padded
-        shape up to `rows` rows: decode steps of up to `pages` pages per row, and short
-        prefills of 2 to PREFILL_GRAPH_WIDTH tokens per row (one token is a decode step's
-        shape) within PREFILL_GRAPH_TOKENS."""
+        shape up to `rows` rows: decode steps of up to `pages` pages per row (at least
+        MIN_GRAPH_PAGES, the fewest a graph has), and short prefills of 2 to
+        PREFILL_GRAPH_WIDTH tokens per row (one token is a decode step's shape) within
+        PREFILL_GRAPH_TOKENS."""
         if not self.cuda_graphs:
             return
         for row_count in _powers_of_two(1, padded(rows)):
-            for page_count in _powers_of_two(MIN_GRAPH_PAGES, pages):
+            for page_count in _powers_of_two(MIN_GRAPH_PAGES, max(MIN_GRAPH_PAGES, pages)):
                 self._graph(row_count, 1, page_count)
             for width in _powers_of_two(2, PREFILL_GRAPH_WIDTH):
                 if fits_prefill_graph(row_count, width, MIN_GRAPH_PAGES):

@@ -10,7 +10,7 @@ loop that launches prefills and decodes and takes their tokens in (`labkit.engin
 - Prefill: up to `prefill_chunk` prompt tokens a step across the admitted sequences, oldest
   first; a long prompt is split over steps, so the requests decoding are never held up long.
 - Room: a block for each decoding sequence's next token (a free block, else a cached block
-  nobody holds, evicted). When none is left, the tokens still on the way are taken in first
+  nobody holds, evicted); none for a sequence whose last token is on its way, never written. When none is left, the tokens still on the way are taken in first
   (they may end requests); then the latest admitted sequence is preempted: its blocks let go,
   back to the front of the queue, to be prefilled again (prompt and the tokens it had so far,
   less what the prefix cache still holds) when blocks free up.
@@ -95,6 +95,8 @@ class Scheduler:
         that, the latest admitted sequence is preempted (a victim has no token on the way)."""
         squeezed = False  # once a flush or a preemption ran, sequences may have left `decoding`
         for seq in list(self.decoding):
+            if seq.produced >= seq.request.max_tokens:
+                continue  # its last token is on the way: it runs no more steps, writes no more
             while self.block_manager.needs_block(seq):
                 if squeezed and seq not in self.decoding:
                     break  # it finished, or was preempted: it must not be handed blocks
