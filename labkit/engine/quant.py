@@ -20,10 +20,10 @@ What each product runs (`linear`):
 - more tokens, `matmul="scaled_mm"` (the default on CUDA): `torch._scaled_mm` on the FP8 tensor
   cores (W8A8). Each token's input row gets its own scale at run time (dynamic, per token),
   and the product is (x_q @ q.T) · s_x · s_w, accumulated by the tensor cores' fast FP8 mode
-  and rounded once: vLLM's `--quantization fp8` recipe on Hopper. The norm and SiLU kernels before the qkv, gate/up,
-  down and lm_head products write their output quantized (`add_rms_norm_fp8`,
-  `silu_mul_fp8`); the o product's input (attention's output) goes through `quantize_rows`,
-  one Triton kernel;
+  and rounded once: vLLM's `--quantization fp8` recipe on Hopper. The norm and SiLU kernels
+  before the qkv, gate/up, down and lm_head products write their output quantized
+  (`add_rms_norm_fp8`, `silu_mul_fp8`); the o product's input (attention's output) goes
+  through `quantize_rows`, one Triton kernel;
 - `matmul="dequant"`: q converted to the activations' dtype (exact: every e4m3 value is a bf16
   value), a bf16 matmul, then the scales: what benchmarks/engine.py times `scaled_mm`
   against. Not served until a GPU confirms its replay from CUDA graphs (`pick_matmul`): a GPU

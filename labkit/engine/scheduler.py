@@ -10,10 +10,11 @@ loop that launches prefills and decodes and takes their tokens in (`labkit.engin
 - Prefill: up to `prefill_chunk` prompt tokens a step across the admitted sequences, oldest
   first; a long prompt is split over steps, so the requests decoding are never held up long.
 - Room: a block for each decoding sequence's next token (a free block, else a cached block
-  nobody holds, evicted); none for a sequence whose last token is on its way, never written. When none is left, the tokens still on the way are taken in first
-  (they may end requests); then the latest admitted sequence is preempted: its blocks let go,
-  back to the front of the queue, to be prefilled again (prompt and the tokens it had so far,
-  less what the prefix cache still holds) when blocks free up.
+  nobody holds, evicted); none for a sequence whose last token is on its way, never written.
+  When none is left, the tokens still on the way are taken in first (they may end requests);
+  then the latest admitted sequence is preempted: its blocks let go, back to the front of the
+  queue, to be prefilled again (prompt and the tokens it had so far, less what the prefix cache
+  still holds) when blocks free up.
 - Cancelled requests leave before they decode; a decoding one ends at its next token.
 """
 
