@@ -246,6 +246,39 @@ def test_a_request_that_could_never_fit_the_cache_is_refused_with_413(lm):
     eng.add(Request("Oily skin", 4, 0))  # fits: accepted
 
 
+def ids_request(ids, max_tokens: int) -> Request:
+    request = Request("ids", max_tokens, 0, ignore_eos=True)
+    request.prompt_ids = list(ids)
+    return request
+
+
+def test_a_request_needs_cache_for_all_but_its_last_token(lm):
+    """The last token generated is never fed back, so never stored: 8 prompt + 9 generated
+    tokens need 16 tokens of cache, and run in a cache of 16; 8 + 10 do not fit."""
+    eng = engine(lm, pages=5, page_size=4)  # 16 tokens
+    with pytest.raises(PromptTooLong, match="needs 17 tokens"):
+        eng.add(ids_request(range(100, 108), 10))
+    [result] = eng.generate([ids_request(range(100, 108), 9)])
+    assert result.tokens_generated == 9 and eng.stats()["preemptions"] == 0
+
+
+def test_room_for_a_running_request_is_made_by_preempting_the_newest_even_mid_prefill(lm):
+    """A newcomer admitted into the last free pages, its prompt prefilled over several steps:
+    when the older running request needs a page, the newcomer goes back to the queue, not the
+    request that has run longest (vLLM preempts the newest too)."""
+    eng = engine(lm, pages=7, page_size=4, prefill_chunk=4)  # 24 tokens
+    older = ids_request(range(100, 108), 12)
+    eng.add(older)
+    while not (eng.scheduler.decoding and eng.scheduler.decoding[0].length == 12):
+        eng.step()  # 3 pages held, a 4th needed soon
+    eng.add(ids_request(range(300, 311), 2))  # the 3 free pages, prefilled 4 tokens a step
+    preempted, preempt = [], eng.scheduler._preempt
+    eng.scheduler._preempt = lambda seq: (preempted.append(seq.request), preempt(seq))
+    while eng.has_work():
+        eng.step()
+    assert preempted and older not in preempted
+
+
 def test_seeded_sampling_is_the_same_alone_or_in_company(lm):
     def sampled():
         return Request("Suggest a skincare routine", 30, temperature=0.9, top_p=0.9, seed=7)

@@ -54,14 +54,15 @@ WARMUP_GRAPH_PAGES = 64
 
 
 def check_fits(request: Request, cache_tokens: int) -> None:
-    """PromptTooLong (413) when prompt + max_tokens could never fit in the whole cache; a request
-    that fits is marked so (`fits_cache`), and an engine with that cache takes it unchecked."""
-    needed = len(request.prompt_ids) + request.max_tokens
+    """PromptTooLong (413) when prompt + max_tokens could never fit in the whole cache (less
+    one: the last token generated is never fed back, so never stored); a request that fits is
+    marked so (`fits_cache`), and an engine with that cache takes it unchecked."""
+    needed = len(request.prompt_ids) + request.max_tokens - 1
     if needed > cache_tokens:
         raise PromptTooLong(
             f"prompt ({len(request.prompt_ids)} tokens) + max_tokens ({request.max_tokens}) "
-            f"needs {needed} tokens of KV cache, more than the whole cache holds "
-            f"({cache_tokens}); shorten it, or give the cache more memory")
+            f"needs {needed} tokens of KV cache (all but the last token generated), more than "
+            f"the whole cache holds ({cache_tokens}); shorten it, or give the cache more memory")
     request.fits_cache = cache_tokens
 
 

@@ -104,8 +104,11 @@ class Scheduler:
                 if self.block_manager.append_block(seq):
                     continue
                 squeezed = True
-                if not flush():
-                    self._preempt(self.decoding.pop())  # may be seq itself
+                if not flush():  # the latest admitted goes: one still prefilling (prefills
+                    # run oldest first, so those came after every decoding one), else the last
+                    # decoding one, which may be seq itself
+                    self._preempt(self.prefilling.pop() if self.prefilling
+                                  else self.decoding.pop())
 
     def retire(self, seq: Sequence) -> None:
         """A decoding sequence is done: out, blocks freed."""
