@@ -96,8 +96,8 @@ class Scheduler:
         that, the latest admitted sequence is preempted (a victim has no token on the way)."""
         squeezed = False  # once a flush or a preemption ran, sequences may have left `decoding`
         for seq in list(self.decoding):
-            if seq.produced >= seq.request.max_tokens:
-                continue  # its last token is on the way: it runs no more steps, writes no more
+            if seq.all_sampled:
+                continue  # no next token to make room for
             while self.block_manager.needs_block(seq):
                 if squeezed and seq not in self.decoding:
                     break  # it finished, or was preempted: it must not be handed blocks

@@ -43,6 +43,12 @@ class Sequence:
         return len(self.ids) - self.prompt_len + self.pending
 
     @property
+    def all_sampled(self) -> bool:
+        """Its last token is sampled (maybe still on the device): it runs no more steps, and
+        that token is never fed back into the cache."""
+        return self.produced >= self.request.max_tokens
+
+    @property
     def length(self) -> int:
         """Tokens so far, those still on the device included."""
         return len(self.ids) + self.pending
