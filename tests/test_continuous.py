@@ -308,6 +308,31 @@ def test_a_cancelled_request_leaves_at_the_next_step_and_frees_its_pages(lm):
     assert finished["other"].tokens_generated == 30 and eng.block_manager.used == 0
 
 
+@pytest.mark.parametrize("flushed", [False, True])
+def test_a_cancelled_decoding_request_runs_no_further_step(lm, flushed):
+    """Cancelled while its token is on the way: no new step runs for it (its token in flight
+    still arrives and ends it); cancelled with none on the way (`flushed`): out before the
+    next step."""
+    eng = engine(lm)
+    finished = {}
+    victim, other = (Request(PROMPTS[i], 60, 0, ignore_eos=True) for i in range(2))
+    eng.add(victim, lambda r: finished.__setitem__("victim", r))
+    eng.add(other, lambda r: finished.__setitem__("other", r))
+    for _ in range(5):
+        eng.step()
+    if flushed:
+        eng._flush()  # every token on the host: none on the way
+    generated = len(eng.scheduler.decoding[0].generated)
+    victim.cancelled.set()
+    eng.step()
+    assert eng.last_step_tokens == 1, "a step ran the cancelled request"
+    assert finished["victim"].finish_reason == "cancelled"
+    assert finished["victim"].tokens_generated == generated + (not flushed)
+    while eng.has_work():
+        eng.step()
+    assert finished["other"].tokens_generated == 60 and eng.block_manager.used == 0
+
+
 def test_kv_bytes_per_token_follow_the_config(lm):
     c = lm.config
     assert bytes_per_token(c, torch.bfloat16) == 2 * c.num_hidden_layers * \

@@ -279,7 +279,7 @@ class ContinuousEngine:
         overlaps the device's work instead of leaving it idle between steps. A row's input
         token may still be on the device (sampled by an earlier step): it is read there."""
         self.scheduler.make_room(self._flush)
-        rows = [seq for seq in self.scheduler.decoding if not seq.all_sampled]
+        rows = [seq for seq in self.scheduler.decoding if not seq.steps_over]
         previous, self._in_flight = self._in_flight, []
         if rows:
             self._in_flight.append(self._launch(rows, previous))

@@ -48,10 +48,12 @@ class Scheduler:
         self.waiting.append(seq)
 
     def drop_cancelled(self) -> list[Sequence]:
-        """Waiting and prefilling sequences whose client went away: out, blocks freed."""
+        """Sequences whose client went away: out, blocks freed. A decoding one with a token on
+        the way stays until that token arrives (its step reads its blocks), running no more
+        steps meanwhile (`Sequence.steps_over`)."""
         dropped = []
-        for queue in (self.waiting, self.prefilling):
-            for seq in [s for s in queue if s.request.cancelled.is_set()]:
+        for queue in (self.waiting, self.prefilling, self.decoding):
+            for seq in [s for s in queue if s.request.cancelled.is_set() and not s.pending]:
                 queue.remove(seq)
                 self.block_manager.free(seq)
                 dropped.append(seq)
@@ -96,7 +98,7 @@ class Scheduler:
         that, the latest admitted sequence is preempted (a victim has no token on the way)."""
         squeezed = False  # once a flush or a preemption ran, sequences may have left `decoding`
         for seq in list(self.decoding):
-            if seq.all_sampled:
+            if seq.steps_over:
                 continue  # no next token to make room for
             while self.block_manager.needs_block(seq):
                 if squeezed and seq not in self.decoding:

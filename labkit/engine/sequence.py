@@ -49,6 +49,12 @@ class Sequence:
         return self.produced >= self.request.max_tokens
 
     @property
+    def steps_over(self) -> bool:
+        """It runs no more decode steps: its last token is sampled, or its client went away
+        (a token on the way is still taken in, and ends it)."""
+        return self.all_sampled or self.request.cancelled.is_set()
+
+    @property
     def length(self) -> int:
         """Tokens so far, those still on the device included."""
         return len(self.ids) + self.pending
