@@ -29,7 +29,7 @@ from labkit.engine.continuous import ContinuousEngine
 from labkit.engine.kv_cache import PagedKVCache
 from labkit.engine.llama import Llama
 from labkit.engine.request import Request
-from labkit.serve import client, engine_loop, engine_process
+from labkit.serve import api_servers, client, engine_loop, engine_process
 from labkit.serve.backend import ContinuousBackend
 from labkit.serve.launcher import ServerProcess
 
@@ -162,6 +162,42 @@ def test_a_busy_port_is_refused_before_anything_loads():
             assert "Pick another --port" in srv.logs()
         finally:
             srv.stop()
+
+
+def test_every_api_server_binds_every_address_the_host_names(monkeypatch):
+    """--host localhost where the hosts file names ::1 and 127.0.0.1 (as on most distributions):
+    each API server binds both on one port, as a lone server's aiohttp does; a port held on
+    either is refused."""
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    resolve = socket.getaddrinfo
+
+    def hosts_file(host, port, *args, **kwargs):
+        if host != "localhost":
+            return resolve(host, port, *args, **kwargs)
+        return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", port, 0, 0)),
+                (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", hosts_file)
+    first = api_servers.listen_sockets("localhost", 0)
+    port = first[0].getsockname()[1]
+    second = api_servers.shared_sockets("localhost", port)
+    try:
+        for socks in (first, second):
+            assert [sock.getsockname()[:2] for sock in socks] == [("::1", port),
+                                                                   ("127.0.0.1", port)]
+            for sock in socks:
+                sock.listen()
+        for address in ("::1", "127.0.0.1"):
+            socket.create_connection((address, port), timeout=5).close()
+        with pytest.raises(OSError):  # another `labkit serve` on this port: "pick another"
+            api_servers.listen_sockets("localhost", port)
+    finally:
+        for sock in first + second:
+            sock.close()
 
 
 def test_another_servers_pipe_is_written_without_blocking_and_dropped_once_it_stops_reading():

@@ -39,39 +39,67 @@ log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 120.0  # a spawned API server imports aiohttp and loads its tokenizer
 
 
-def listen_socket(host: str, port: int) -> socket.socket:
-    """The first API server's socket, bound before anything loads (port 0: a free one, which
-    the others then share). The port is checked free first without SO_REUSEPORT: with it, a
-    port another such server holds would be shared silently."""
-    with socket.socket(_family(host), socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio: TIME_WAIT
-        probe.bind((host, port))  # EADDRINUSE here is labkit serve's "pick another --port"
-        port = probe.getsockname()[1]
-    return shared_socket(host, port)
+def listen_sockets(host: str, port: int) -> list[socket.socket]:
+    """The first API server's sockets, bound before anything loads: one per address that
+    `host` names, as a lone server binds them (localhost: ::1 and 127.0.0.1 where the hosts
+    file says so). Port 0: a free one, the same for every address, which the others then share.
+    Each address is checked free first without SO_REUSEPORT: with it, a port another such
+    server holds would be shared silently."""
+    probes = []
+    try:
+        for family, address in _addresses(host, port):
+            probe = _socket(family)
+            probes.append(probe)
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio: TIME_WAIT
+            probe.bind((address[0], port, *address[2:]))  # EADDRINUSE: "pick another --port"
+            port = probe.getsockname()[1]
+    finally:
+        for probe in probes:
+            probe.close()
+    return shared_sockets(host, port)
 
 
-def shared_socket(host: str, port: int) -> socket.socket:
-    """A socket on the shared port, the same for every API server (dual-stack or not alike:
-    the kernel spreads connections only over sockets bound the same way)."""
-    sock = socket.socket(_family(host), socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    sock.setblocking(False)
+def shared_sockets(host: str, port: int) -> list[socket.socket]:
+    """Sockets on the shared port, one per address of `host`, the same in every API server
+    (the kernel spreads connections only over sockets bound alike)."""
+    sockets = []
+    try:
+        for family, address in _addresses(host, port):
+            sock = _socket(family)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(address)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _addresses(host: str, port: int) -> list[tuple[socket.AddressFamily, tuple]]:
+    """(family, socket address) of each address `host` names, once each, as asyncio's
+    `create_server` (aiohttp's TCPSite: a lone API server) resolves them."""
+    infos = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM,
+                               flags=socket.AI_PASSIVE)
+    return list(dict.fromkeys((family, address) for family, _, _, _, address in infos))
+
+
+def _socket(family: socket.AddressFamily) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    if family == socket.AF_INET6:  # as asyncio: IPv4 goes to an IPv4 socket of its own
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
     return sock
 
 
-def _family(host: str) -> socket.AddressFamily:
-    return socket.AF_INET6 if ":" in host else socket.AF_INET
-
-
 class ApiServers:
-    """The API servers after the first: started once the engine is ready, on the port of
-    `sock`, with the first one's application and serving options."""
+    """The API servers after the first: started once the engine is ready, on `host` at the
+    port of `socks` (the first's), with the first one's application and serving options."""
 
-    def __init__(self, count: int, sock: socket.socket, app_options: dict,
+    def __init__(self, count: int, host: str, socks: list[socket.socket], app_options: dict,
                  serve_options: dict):
-        self.count, self.sock = count, sock
+        self.count, self.host, self.socks = count, host, socks
         self.app_options, self.serve_options = app_options, serve_options
         self.engine = None
         self.servers: list[tuple] = []  # (process, prepared, go, ready)
@@ -80,7 +108,7 @@ class ApiServers:
         """Spawn the others over `backend`'s engine pipes; return once each has its tokenizer
         (else raise: the server does not start half-made). They listen only at `go`."""
         context = multiprocessing.get_context("spawn")
-        host, port = self.sock.getsockname()[:2]
+        host, port = self.host, self.socks[0].getsockname()[1]
         self.servers = []
         for index, conn in enumerate(backend.engine.server_conns, start=1):
             events = [context.Event() for _ in range(3)]  # prepared, go, ready
@@ -145,7 +173,7 @@ def _server_main(index: int, count: int, conn, info: dict, host: str, port: int,
 
     async def main() -> int:
         app = create_app(lambda: backend, **app_options)
-        return await serve(app, host, port, sock=shared_socket(host, port), follower=True,
+        return await serve(app, host, port, socks=shared_sockets(host, port), follower=True,
                            on_ready=ready.set, **serve_options)
 
     sys.exit(asyncio.run(main()))

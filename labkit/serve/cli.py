@@ -215,7 +215,7 @@ def run_cli(args) -> int:
     async def main() -> int:
         app = create_app(load, **app_options)
         return await serve(app, args.host, args.port, watch_parent=args.watch_parent,
-                           sock=servers and servers.sock, on_ready=servers and servers.go,
+                           socks=servers and servers.socks, on_ready=servers and servers.go,
                            on_stop=servers and servers.stop,
                            **serve_options)
 
@@ -244,14 +244,15 @@ def _could_not_listen(args, err: OSError) -> int:
 
 
 def _api_servers(args, app_options: dict, serve_options: dict):
-    """`--api-servers N` above 1: the first's socket, bound now, and the others to start once
+    """`--api-servers N` above 1: the first's sockets, bound now, and the others to start once
     the engine is ready (`labkit.serve.api_servers`); else None."""
     if (args.api_servers or 1) == 1:
         return None
     from labkit.serve import api_servers
 
-    sock = api_servers.listen_socket(args.host, args.port)
-    return api_servers.ApiServers(args.api_servers, sock, app_options, serve_options)
+    socks = api_servers.listen_sockets(args.host, args.port)
+    return api_servers.ApiServers(args.api_servers, args.host, socks, app_options,
+                                  serve_options)
 
 
 # Which flags each mode takes; the others are an error in that mode.

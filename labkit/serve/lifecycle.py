@@ -36,18 +36,18 @@ async def serve(app: web.Application, host: str = "127.0.0.1", port: int = 8000,
                 watch_parent: bool = False, drain_timeout_s: float = 600.0,
                 idle_timeout_s: float = access.DEFAULT_IDLE_TIMEOUT_S,
                 max_connections: int = access.DEFAULT_MAX_CONNECTIONS,
-                failure_exit_s: float = 10.0, sock: socket.socket | None = None,
+                failure_exit_s: float = 10.0, socks: list[socket.socket] | None = None,
                 follower: bool = False, on_ready: Callable[[], None] | None = None,
                 on_stop: Callable[[], None] | None = None) -> int:
     """Listen, load, serve until a signal (or the parent's exit), drain, stop. Returns the exit
     status: 0 after a graceful stop, 1 when the model failed to load, 3 when the engine died or
     wedged (`failure_exit_s` after it did, or at a signal; negative: only at a signal).
-    Several API servers (`labkit.serve.api_servers`) each listen on their `sock`, bound to the
+    Several API servers (`labkit.serve.api_servers`) each listen on their `socks`, bound to the
     shared port; a `follower` (not the first) listens only once loaded and stops only at the
     first's SIGTERM; `on_ready` runs once the model is ready here (an error in it stops the
     server with status 1), `on_stop` when the stop begins."""
     state = app[STATE]
-    runner, url = await _listen(app, host, port, idle_timeout_s, max_connections, sock,
+    runner, url = await _listen(app, host, port, idle_timeout_s, max_connections, socks,
                                 follower)
     stop = asyncio.Event()
     _handle_stop_signals(state, stop, watch_parent, follower)
@@ -67,9 +67,9 @@ async def serve(app: web.Application, host: str = "127.0.0.1", port: int = 8000,
 
 
 async def _listen(app: web.Application, host: str, port: int, idle_timeout_s: float,
-                  max_connections: int, sock: socket.socket | None = None,
+                  max_connections: int, socks: list[socket.socket] | None = None,
                   follower: bool = False) -> tuple[web.AppRunner, str]:
-    """Start listening on `host:port` (0: a free port), or on `sock`; the runner and the
+    """Start listening on `host:port` (0: a free port), or on `socks`; the runner and the
     server's URL."""
     # keepalive_timeout runs from a connection's start until its request's headers are in,
     # and between requests: it bounds a slow sender of headers as much as an idle client.
@@ -79,8 +79,10 @@ async def _listen(app: web.Application, host: str, port: int, idle_timeout_s: fl
     if follower:  # another API server on a shared port: listen only once ready to serve
         await app[STATE].finished_loading.wait()
     access.cap_connections(runner.server, max_connections)
-    site = web.SockSite(runner, sock) if sock is not None else web.TCPSite(runner, host, port)
-    await site.start()
+    sites = [web.SockSite(runner, sock) for sock in socks] if socks is not None \
+        else [web.TCPSite(runner, host, port)]
+    for site in sites:
+        await site.start()
     bound_port = runner.addresses[0][1]
     url = server_url(host, bound_port)
     if follower:  # not the first API server: the launcher reads the first one's line
