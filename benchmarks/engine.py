@@ -8,7 +8,8 @@ own continuous batching (`model.generate_batch`, a paged cache too), on this mac
    once; --prompt-tokens + --max-tokens each, greedy, no early stop), wall time from the first
    prefill to the last token, for each N in --concurrency; HF generate_batch on the same requests.
    NVML utilization and SM activity over our run when NVML has them.
-3. --profile: torch.profiler over a few eager decode steps at batch 1 and at the largest N:
+3. --profile: torch.profiler over a few eager decode steps at batch 1 and at the largest N
+   (and at batch 1 over steps replayed from their graph: each kernel's marginal time by role):
    GPU time by kernel family, and the step's wall time with and without CUDA graphs.
 
 --quantization bf16 fp8 runs 1 and 2 for each, in the same run (`labkit.engine.quant`): FP8
@@ -316,6 +317,7 @@ def profile_decode(lm, engine: ContinuousEngine, sizes: list[int], args) -> list
     """Decode steps of `rows` requests at ~100 cached tokens: wall ms per step from the CUDA
     graph and eagerly, and the eager step's GPU time by kernel family and its top kernels
     (torch.profiler)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     out = []
@@ -342,6 +344,15 @@ def profile_decode(lm, engine: ContinuousEngine, sizes: list[int], args) -> list
                 engine.runner.decode(chunks)
             synchronize(lm.device)
         engine.runner.cuda_graphs = True
+        if rows == 1:  # the step as served: replayed from its graph, kernels overlapping
+            with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as replays:
+                for _ in range(3):
+                    engine.runner.decode(chunks)
+                synchronize(lm.device)
+            timings["graph_timeline"] = step_timeline(
+                [(event.name, event.time_range.start, event.time_range.end)
+                 for event in replays.events() if event.device_type == DeviceType.CUDA],
+                lm.config.num_hidden_layers, steps=3)
         families: dict[str, float] = {}
         kernels = sorted(((event.device_time_total / 3 / 1000, event.count // 3, event.key)
                           for event in prof.key_averages() if event.device_time_total > 0),
@@ -358,6 +369,37 @@ def profile_decode(lm, engine: ContinuousEngine, sizes: list[int], args) -> list
             allocator.free(p)
         print(out[-1], flush=True)
     return out
+
+
+LAYER_PRODUCTS = ("qkv", "o", "gate_up", "down")  # a layer's GEMV kernels, in order
+
+
+def step_timeline(kernels: list[tuple[str, float, float]], layers: int, steps: int) -> dict:
+    """Where a one-token step's time goes, from the (name, start, end) µs of the kernels of
+    `steps` identical steps: each kernel's marginal time (its end after the latest end before
+    it: under PDL a kernel starts early and waits for the one before, so its own duration
+    overstates what it adds), summed per role, µs a step. The GEMV kernels are named by their
+    place in a layer (`LAYER_PRODUCTS`), the one after the last layer lm_head."""
+    kernels = sorted(kernels, key=lambda kernel: kernel[1])
+    per_step = len(kernels) // steps
+    roles: dict[str, list[float]] = {}
+    for step in range(steps):
+        products, latest_end = 0, None
+        for name, start, end in kernels[step * per_step:(step + 1) * per_step]:
+            role = name[:60]
+            if "gemv" in name:
+                role = LAYER_PRODUCTS[products % 4] if products < 4 * layers else "lm_head"
+                products += 1
+            marginal = end - start if latest_end is None else max(end - latest_end, 0.0)
+            latest_end = end if latest_end is None else max(latest_end, end)
+            totals = roles.setdefault(role, [0.0, 0.0, 0])
+            totals[0] += marginal
+            totals[1] += end - start
+            totals[2] += 1
+    return {role: {"marginal_us": round(marginal / steps, 1),
+                   "duration_us": round(duration / steps, 1), "launches": launches // steps}
+            for role, (marginal, duration, launches) in
+            sorted(roles.items(), key=lambda item: -item[1][0])}
 
 
 def kernel_family(name: str) -> str:
