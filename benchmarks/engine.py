@@ -215,7 +215,7 @@ def throughput(args, sampler) -> list[dict]:
         if args.profile:
             profiles.append({"quantization": quantization, "matmul": matmul,
                              "kv_cache_dtype": kv_dtype,
-                             "profile": profile_decode(lm, engine, [1, top], args)})
+                             "profile": profile_decode(lm, engine, sorted({1, top}), args)})
         del engine
         release()
     for n in args.concurrency:
