@@ -45,17 +45,10 @@ def listen_sockets(host: str, port: int) -> list[socket.socket]:
     file says so). Port 0: a free one, the same for every address, which the others then share.
     Each address is checked free first without SO_REUSEPORT: with it, a port another such
     server holds would be shared silently."""
-    probes = []
-    try:
-        for family, address in _addresses(host, port):
-            probe = _socket(family)
-            probes.append(probe)
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio: TIME_WAIT
-            probe.bind((address[0], port, *address[2:]))  # EADDRINUSE: "pick another --port"
+    for family, address in _addresses(host, port):
+        # EADDRINUSE here is labkit serve's "pick another --port"
+        with _bound(family, (address[0], port, *address[2:]), reuse_port=False) as probe:
             port = probe.getsockname()[1]
-    finally:
-        for probe in probes:
-            probe.close()
     return shared_sockets(host, port)
 
 
@@ -65,12 +58,7 @@ def shared_sockets(host: str, port: int) -> list[socket.socket]:
     sockets = []
     try:
         for family, address in _addresses(host, port):
-            sock = _socket(family)
-            sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind(address)
-            sock.setblocking(False)
+            sockets.append(_bound(family, address, reuse_port=True))
     except BaseException:
         for sock in sockets:
             sock.close()
@@ -86,10 +74,20 @@ def _addresses(host: str, port: int) -> list[tuple[socket.AddressFamily, tuple]]
     return list(dict.fromkeys((family, address) for family, _, _, _, address in infos))
 
 
-def _socket(family: socket.AddressFamily) -> socket.socket:
+def _bound(family: socket.AddressFamily, address: tuple, reuse_port: bool) -> socket.socket:
+    """A non-blocking TCP socket bound to `address`, made as asyncio makes a listening one."""
     sock = socket.socket(family, socket.SOCK_STREAM)
-    if family == socket.AF_INET6:  # as asyncio: IPv4 goes to an IPv4 socket of its own
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    try:
+        if family == socket.AF_INET6:  # IPv4 goes to an IPv4 socket of its own
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 
