@@ -262,6 +262,26 @@ def test_a_request_needs_cache_for_all_but_its_last_token(lm):
     assert result.tokens_generated == 9 and eng.stats()["preemptions"] == 0
 
 
+def test_token_ids_given_by_the_caller_are_checked_against_the_context_too(lm):
+    """Ids set on the request skip tokenizing, not the model's context: past it the step
+    would fail (RoPE's tables end there) and take every request in flight with it."""
+    eng = engine(lm, pages=256)  # 4,096 tokens of cache, more than the 1,024 of context
+    context = lm.context_length
+    with pytest.raises(PromptTooLong, match=f"the model's context of {context} tokens"):
+        eng.add(ids_request(range(100, 100 + context - 50), 51))
+    [result] = eng.generate([ids_request(range(100, 100 + context - 50), 50)])
+    assert result.tokens_generated == 50
+
+
+def test_generate_queues_none_of_its_requests_when_one_is_refused(lm):
+    eng = engine(lm, pages=5, page_size=4)  # 16 tokens
+    with pytest.raises(PromptTooLong):
+        eng.generate([ids_request(range(100, 104), 4), ids_request(range(100, 108), 10)])
+    assert not eng.has_work()
+    [result] = eng.generate([ids_request(range(100, 104), 3)])
+    assert result.tokens_generated == 3 and eng.stats()["decode_tokens"] == 2  # 1 from prefill
+
+
 def test_room_for_a_running_request_is_made_by_preempting_the_newest_even_mid_prefill(lm):
     """A newcomer admitted into the last free pages, its prompt prefilled over several steps:
     when the older running request needs a page, the newcomer goes back to the queue, not the

@@ -192,7 +192,11 @@ class ContinuousEngine:
         return self.has_work()
 
     def generate(self, requests: list[Request]) -> list[Result]:
-        """Run `requests` to the end; results in order (for notebooks and benchmarks)."""
+        """Run `requests` to the end; results in order (for notebooks and benchmarks). All or
+        none: one that could never run (PromptTooLong) is refused before any is queued."""
+        for request in requests:
+            if request.fits_cache != self.cache.tokens:
+                self.check_fits(request)
         results: dict[int, Result] = {}
         for index, request in enumerate(requests):
             self.add(request, lambda result, index=index: results.__setitem__(index, result))

@@ -40,12 +40,11 @@ def chat_prompt(lm: LoadedModel, messages: list[dict]) -> str:
 def tokenize(lm: LoadedModel, request: Request) -> list[int]:
     """The request's prompt ids (formatted as the model was trained to see it), stored on the
     request the first time; raises PromptTooLong when prompt + max_tokens cannot fit the
-    context."""
+    context, ids given by the caller too (past the context, RoPE's tables have no row)."""
     if request.prompt_ids is None:
         text = request.prompt if request.templated else format_prompt(lm, request.prompt)
-        ids = lm.tokenizer(text, add_special_tokens=False).input_ids
-        check_context(len(ids), request.max_tokens, lm.context_length)
-        request.prompt_ids = ids
+        request.prompt_ids = lm.tokenizer(text, add_special_tokens=False).input_ids
+    check_context(len(request.prompt_ids), request.max_tokens, lm.context_length)
     return request.prompt_ids
 
 
