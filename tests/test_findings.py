@@ -352,6 +352,8 @@ def test_exercise_4_3_compares_only_like_with_like():
     assert "+7%" in findings.compare_with_notebook_04(15.0, 5, 150, saved)
     assert "same value in both" in findings.compare_with_notebook_04(15.0, 5, 64, saved)
     assert "Run notebook 04" in findings.compare_with_notebook_04(15.0, 5, 150, None)
+    for blank in (None, "15 s", 0.0):  # the learner copy runs with 4.3 unanswered
+        assert "Answer 4.3 first" in findings.compare_with_notebook_04(blank, 5, 150, saved)
 
 
 def test_gpu_bandwidth_comes_from_the_learners_run_or_the_recorded_one(monkeypatch):

@@ -291,6 +291,8 @@ def compare_with_notebook_04(latency_s: float, concurrency: int, max_tokens: int
                              saved: dict | None) -> str:
     """Exercise 4.3's prediction next to what notebook 04 measured over HTTP, when notebook 04
     ran on this machine with the same request length."""
+    if not isinstance(latency_s, (int, float)) or not latency_s > 0:
+        return "Answer 4.3 first (latency_s): your prediction then goes beside notebook 04's."
     rows = (saved or {}).get("rows", [])
     row = next((r for r in rows if r["concurrency"] == concurrency), None)
     if row is None:
