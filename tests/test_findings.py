@@ -51,8 +51,15 @@ def test_single_inference_uses_medians_and_the_floor():
     runs = [result(20, 20.0, 3000), result(30, 22.0, 3300), result(25, 21.0, 3100)]
     text = findings.single_inference(runs, result(900, 60, 9000), result(25, 21, 3000),
                                      floor_ms=2.0, device="cuda:0")
-    assert "median TTFT 25.0 ms, 21.00 ms/token, 3100 ms" in text
-    assert "3.0x as long" in text and "10.5x the memory-bandwidth floor" in text
+    assert "3 150-token requests on cuda:0, medians: TTFT 25.0 ms, 21.00 ms/token, " \
+        "3100 ms" in text
+    varied = [result(20, 20.0, 3000, tokens=90), *runs[1:]]  # sampled: one stopped early
+    assert "3 90- to 150-token requests" in findings.single_inference(
+        varied, result(900, 60, 9000), result(25, 21, 3000), floor_ms=2.0, device="cuda:0")
+    assert "3.0x as long as a warm one." in text and "10.5x the memory-bandwidth floor" in text
+    noisy = findings.single_inference(runs, result(900, 60, 2900), result(25, 21, 3000),
+                                      floor_ms=2.0, device="cpu")
+    assert "1.0x as long as a warm one: here its one-off costs were lost" in noisy
     assert "median 21.00 ms per output token" in findings.runs_table(runs)
 
 

@@ -17,6 +17,29 @@ def test_default_model_loads_on_cpu_with_timing():
     assert lm.memory_report().measured.torch_allocated is None  # no GPU: nothing measured
 
 
+def test_a_model_on_the_cpu_leaves_one_core_free_and_keeps_a_lower_thread_count(monkeypatch):
+    """torch's threads spin-wait: with every core they fight whatever else runs (benchmarks/
+    RESULTS.md). Loading on the CPU lowers them to the cores less one, never raises them, and
+    a second load changes nothing."""
+    from labkit.engine import device
+
+    threads = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(device, "_usable_cores", lambda: 8)
+        torch.set_num_threads(8)
+        load_model("synthetic:tiny", device="cpu")
+        assert torch.get_num_threads() == 7
+        load_model("synthetic:tiny", device="cpu")
+        assert torch.get_num_threads() == 7
+        torch.set_num_threads(2)  # the user's own, lower: kept
+        load_model("synthetic:tiny", device="cpu")
+        assert torch.get_num_threads() == 2
+        device.set_cpu_threads("cpu", 5)  # an explicit count (labkit serve --threads) wins
+        assert torch.get_num_threads() == 5
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_auto_device_is_cpu_without_gpu():
     assert lkmodel.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -4,6 +4,7 @@ small inputs need), and the CPU threads torch may use."""
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -22,13 +23,23 @@ def to_device(values: list, device: torch.device, dtype: torch.dtype | None = No
 
 
 def set_cpu_threads(device_type: str, threads: int | None) -> None:
-    """CPU generation: leave one core to the event loop and to a load tester on the same
-    machine. torch's default (one thread per core) spin-waits against them: on a loaded 2-core
-    machine, 2 threads ran many times slower than 1 (benchmarks/RESULTS.md, "Embedded model on
-    the CPU"). An explicit `threads` always wins; on a GPU the default is left alone."""
+    """CPU generation: leave one core to the event loop, the notebook's kernel or a load tester
+    on the same machine. torch's default (one thread per core) spin-waits against them: on a
+    loaded 2-core machine, 2 threads ran many times slower than 1 (benchmarks/RESULTS.md,
+    "Embedded model on the CPU"). An explicit `threads` always wins; without one the count only
+    goes down (to the cores this process may use, less one), so a second call changes nothing
+    and a lower count set before is kept. On a GPU the default is left alone."""
     if threads is None and device_type != "cpu":
         return
-    available = torch.get_num_threads()
-    chosen = threads or max(1, available - 1)
-    torch.set_num_threads(chosen)
-    log.info("CPU threads for generation: %d (of %d; --threads to change)", chosen, available)
+    current = torch.get_num_threads()
+    chosen = threads or min(current, max(1, _usable_cores() - 1))
+    if chosen != current:
+        torch.set_num_threads(chosen)
+        log.info("CPU threads for generation: %d (of %d cores; --threads to change)", chosen,
+                 _usable_cores())
+
+
+def _usable_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):  # Linux: what this process may run on (containers)
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1

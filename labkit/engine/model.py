@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from labkit.engine import memory, synthetic
+from labkit.engine.device import set_cpu_threads
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_DIR = REPO_ROOT / "model"
@@ -108,12 +109,16 @@ def resolve_local_path(source: str) -> Path:
 
 def load_model(source: str = "model", device: str | torch.device = "auto",
                dtype: str | torch.dtype = "auto", seed: int = 0) -> LoadedModel:
-    """Load `source` onto `device`; the wall time of the whole load is measured."""
+    """Load `source` onto `device`; the wall time of the whole load is measured. On a CPU,
+    torch keeps one core free for the rest of the process and machine (`set_cpu_threads`), as
+    the server does: with every core, its threads spin-wait against anything else running,
+    and a notebook's timings came out 10-28x slow whenever another process was busy."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a per-tensor progress bar is noise in logs and notebooks
     target = resolve_device(device)
+    set_cpu_threads(target.type, None)
     torch_dtype = resolve_dtype(dtype, target)
     started = time.perf_counter()
     if synthetic.is_synthetic(source):
