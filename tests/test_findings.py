@@ -9,6 +9,7 @@ import pytest
 
 from labkit.course import experiments, findings, notebook
 from labkit.course.setup_check import Check
+from labkit.measure.readers import CPU_MODE_LABEL
 
 
 def row(mode="sequential", c=1, rps=1.0, **extra) -> dict:
@@ -483,3 +484,21 @@ def test_frontier_findings_when_a_set_up_misses_the_slo():
                                     (64, 3300.0, 60.0, 80.0)])
     assert ("continuous: knee at c=8 (3,000 tok/s at 400.0 tok/s per user); the highest "
             "throughput, 3,300 tok/s at c=64, cost 85% of the per-user speed.") in text
+
+
+def test_notebook_05_prices_the_gpus_idle_time_and_labels_a_cpus_busy_share():
+    during, load = {"mean_util": 21.3}, {"requests_per_sec": 0.254}
+    on_gpu = findings.idle_cost(3.0, during, load, on_gpu=True)
+    assert on_gpu == ("At $3.00/h and 21% mean utilization: $14.08 per hour of useful compute; "
+                      "$2.36 of every hour pays for idle time.\nAt 0.25 req/s this server costs "
+                      "$3.28 per 1,000 requests.")
+    on_cpu = findings.idle_cost(3.0, {"mean_util": 99.0}, load, on_gpu=False)
+    assert "99% busy (CPU mode: the worker's busy share, not GPU utilization)" in on_cpu
+    assert "the arithmetic is the lesson" in on_cpu
+    assert "no useful compute" in findings.idle_cost(3.0, {"mean_util": None}, load, True)
+    row = dict.fromkeys(findings.SEED_RANGES, 1.0)
+    table = findings.baseline_table({**row, "gpu_name": None, "model": "m",
+                                     "utilization_label": CPU_MODE_LABEL})
+    assert "the inference worker's busy share in CPU mode" in table
+    assert "busy share" not in findings.baseline_table({**row, "gpu_name": "H100", "model": "m",
+                                                        "utilization_label": "GPU"})

@@ -12,6 +12,9 @@ import math
 import statistics
 from collections.abc import Sequence
 
+from labkit.measure import cost
+from labkit.measure.readers import CPU_MODE_LABEL
+
 SEED_PHASE3_UTILIZATION = "60-80 %"  # the seed's Phase 3 promise for GPU sharing
 FLAT_SPREAD = 1.25  # highest/lowest throughput under this counts as flat
 # Why a model's speed moves between the levels of one run on a CPU (notebook 04's verdicts).
@@ -346,13 +349,38 @@ def baseline(load: dict, during: dict, whole: dict, health: dict, util_label: st
 
 
 def baseline_table(baseline: dict) -> str:
-    """The seed's baseline table, the learner's values beside the seed's ranges."""
+    """The seed's baseline table, the learner's values beside the seed's ranges; in CPU mode
+    the busy and idle rows say they are the inference worker's, not a GPU's."""
     where = baseline["gpu_name"] or "CPU (no GPU)"
     lines = [f"Baseline on {where} with {baseline['model']}\n",
              f"{'Metric':<28} {'Your value':>12}   Seed's range (A100, real 3B model)"]
     for key, seed in SEED_RANGES.items():
         value = baseline[key]
         lines.append(f"{key:<28} {'n/a' if value is None else f'{value:.1f}':>12}   {seed}")
+    if baseline.get("utilization_label") == CPU_MODE_LABEL:
+        lines.append("(utilization_mean_pct and idle_pct: the inference worker's busy share in "
+                     "CPU mode, not GPU utilization)")
+    return "\n".join(lines)
+
+
+def idle_cost(hourly_price: float, during: dict, load: dict, on_gpu: bool) -> str:
+    """Notebook 05: one hour at `hourly_price` priced by the load test's mean utilization, and
+    the cost of 1,000 requests at its throughput. In CPU mode the busy share stands in for GPU
+    utilization, so only the arithmetic carries over: said so."""
+    util = (during["mean_util"] or 0) / 100
+    if util <= 0:
+        return "Utilization was zero: no useful compute to price."
+    c = cost.effective_cost(hourly_price, util)
+    per_1000 = cost.cost_per_1000_requests(hourly_price, load["requests_per_sec"])
+    what = ("mean utilization" if on_gpu
+            else "busy (CPU mode: the worker's busy share, not GPU utilization)")
+    lines = [f"At ${hourly_price:.2f}/h and {util:.0%} {what}: ${c.per_useful_hour:.2f} per hour "
+             f"of useful compute; ${c.idle_cost_per_hour:.2f} of every hour pays for idle time.",
+             f"At {load['requests_per_sec']:.2f} req/s this server costs ${per_1000:.2f} per "
+             "1,000 requests."]
+    if not on_gpu:
+        lines.append("(A GPU's price beside a CPU's numbers: the arithmetic is the lesson, not "
+                     "the dollars.)")
     return "\n".join(lines)
 
 
