@@ -275,6 +275,38 @@ def test_the_seeds_command_line_prints_the_report_and_writes_files(slow_url, tmp
     assert len(csv_file.read_text().splitlines()) == 11
 
 
+def test_ctrl_c_reports_and_writes_the_requests_that_ended(slow_url, tmp_path):
+    """Interrupted mid-run, the command prints the report of the requests that ended, marked
+    so, writes --json, and exits 130, as a shell reports Ctrl-C."""
+    json_file = tmp_path / "partial.json"
+    run = subprocess.Popen(
+        [sys.executable, "-m", "labkit", "loadtest", "--url", slow_url, "--concurrency", "2",
+         "--requests", "200", "--no-progress", "--json", str(json_file)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(2.5)  # the command's start, then ~4 requests a second end
+    run.send_signal(signal.SIGINT)
+    out, err = run.communicate(timeout=30)
+    assert run.returncode == 130, err
+    document = json.loads(json_file.read_text())
+    finished = document["summary"]["successful"]
+    assert 0 < finished < 200 and len(document["records"]) == finished
+    assert f"INTERRUPTED after {finished} of 200 requests" in out
+    assert f"Total requests: {finished}" in out
+
+
+def test_output_files_that_cannot_be_written_are_refused_before_the_run(slow_url, tmp_path,
+                                                                       capsys):
+    missing = tmp_path / "no" / "such" / "x.json"
+    for flags in (["--concurrency", "1", "--json", str(missing)],
+                  ["--concurrency", "1", "--csv", str(tmp_path)],
+                  ["--sweep", "1,2", "--json", str(missing)]):
+        started = time.monotonic()
+        assert cli.main(["loadtest", "--url", slow_url, "--requests", "50", "--no-progress",
+                         *flags]) == 2
+        assert time.monotonic() - started < 2  # refused at once, not after 10 s of load
+        assert "error: cannot write" in capsys.readouterr().err
+
+
 def test_cli_explain_errors_and_exit_status(slow_url, capsys):
     assert cli.main(["loadtest", "--explain"]) == 0
     assert capsys.readouterr().out.strip() == DEFINITIONS.strip()

@@ -224,6 +224,32 @@ def test_loadtest_sweep_refuses_bad_levels_and_files(stub_url, tmp_path, capsys)
     assert "not a `labkit loadtest --sweep` JSON" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("failure", [sweep.loadtest.ServerNotReady("Cannot reach the server"),
+                                     KeyboardInterrupt()])
+def test_a_sweep_that_stops_midway_keeps_and_writes_the_points_before(monkeypatch, tmp_path,
+                                                                      capsys, failure):
+    """The server dies at the highest load (or the user presses Ctrl-C): the levels measured
+    before are printed and written, the JSON says where it stopped, and the exit status is 2."""
+    def measure_point(url, level, **options):
+        if level > 2:
+            raise failure
+        res = result([record(i, 40, 10) for i in range(4)])
+        return sweep.point(res, level, slo=options["slo"]), res
+
+    monkeypatch.setattr(sweep, "measure_point", measure_point)
+    out = tmp_path / "partial.json"
+    status = cli.main(["loadtest", "--url", "http://127.0.0.1:9/v1", "--api", "openai",
+                       "--sweep", "1,2,4,8", "--json", str(out), "--no-progress"])
+    assert status == 2
+    d = sweep.load(out)
+    assert d["levels"] == [1, 2] and len(d["points"]) == 2
+    assert d["stopped"]["level"] == 4
+    assert out.with_suffix(".png").read_bytes().startswith(PNG)
+    assert "the sweep stopped at concurrency 4" in capsys.readouterr().err
+    with pytest.raises(type(failure)):  # nothing measured yet: nothing to keep, the error shows
+        sweep.run("http://127.0.0.1:9/v1", [4, 8])
+
+
 def test_notebook_09s_sweep_command_is_one_the_cli_takes():
     from labkit.course.cost_frontier import Load
 

@@ -77,6 +77,7 @@ class Client:
         self.api_key = api_key
         self.session: aiohttp.ClientSession | None = None
         self.t0 = time.perf_counter()
+        self.finished: list[RequestRecord] = []  # the measured requests that have ended
 
     def reset_clock(self) -> None:
         self.t0 = time.perf_counter()
@@ -89,7 +90,7 @@ class Client:
         return self.bodies[i % self.prompts, self.max_tokens(i)]
 
     async def closed_loop(self, indices: range, concurrency: int, bar) -> list[RequestRecord]:
-        records: list[RequestRecord] = []
+        records = self.finished = []  # kept on the client: an interrupted run reports them
         counter = iter(indices)
 
         async def worker() -> None:
@@ -106,7 +107,7 @@ class Client:
         """Request i at send_times[i] (seconds from the start), whatever the server does."""
         arrivals = self.t0 + np.asarray(send_times, dtype=float)
         slots = asyncio.Semaphore(cap) if cap else None
-        records: list[RequestRecord] = []
+        records = self.finished = []
 
         async def one(i: int, scheduled: float) -> None:
             if slots is None:

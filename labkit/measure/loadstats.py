@@ -298,6 +298,11 @@ class LoadTestResult:
         """The seed's LOAD TEST RESULTS block, then tokens, server-side times, errors, lag."""
         s = self.summary()
         lines = [*_results_block(s), "", *self._tokens_block(s), "", *_timing_block(s)]
+        stopped = self.config.get("interrupted")
+        if stopped:  # Ctrl-C: the figures are those of the requests that ended
+            lines.insert(3, f"INTERRUPTED after {stopped['finished']} of {stopped['requested']} "
+                            "requests: the figures below cover those (the ones in flight were "
+                            "dropped)")
         if s["by_max_tokens"]:
             lines += ["", *self._length_block(s["by_max_tokens"])]
         lines += ["", *_errors_block(s["errors_by_type"]), "", *_lag_block(s),

@@ -250,8 +250,15 @@ async def arun(url: str | Sequence[str], concurrency: int | None = None, request
         client = await _connect(session, setup, temperature, api, model, ignore_eos,
                                 check_ready)
         await _warm_up(client, warmup, setup.concurrency, on_ready)
-        records, lag = await _measure(client, setup.concurrency, warmup, requests, rate, seed,
-                                      arrivals, progress)
+        lag = LoopLag()
+        try:
+            records = await _measure(client, setup.concurrency, warmup, requests, rate, seed,
+                                     arrivals, progress, lag)
+        except asyncio.CancelledError:  # Ctrl-C: report what ended, unless nothing did
+            if not client.finished:
+                raise
+            records = list(client.finished)
+            setup.config["interrupted"] = {"finished": len(records), "requested": requests}
     return _result(records, warmup, client, lag, setup.config)
 
 
@@ -323,23 +330,23 @@ async def _warm_up(client: Client, warmup: int, concurrency: int | None,
 
 async def _measure(client: Client, concurrency: int | None, warmup: int, requests: int,
                    rate: float | None, seed: int, arrivals: Sequence[float] | None,
-                   progress: bool | Callable[[int], None]) -> tuple[list[RequestRecord], LoopLag]:
-    """The measured requests, closed or open loop, the client's event-loop lag watched."""
+                   progress: bool | Callable[[int], None], lag: LoopLag) -> list[RequestRecord]:
+    """The measured requests, closed or open loop, the client's event-loop lag watched (into
+    `lag`)."""
     if arrivals is None and rate is not None:
         arrivals = poisson_arrivals(rate, requests, seed)
     label = f"open loop {rate:g} req/s" if rate is not None else f"concurrency {concurrency}"
-    lag = LoopLag()
     watch = asyncio.create_task(lag.watch())
-    with _progress_bar(requests, progress, label) as bar:
-        client.reset_clock()
-        if arrivals is None:
-            records = await client.closed_loop(range(warmup, warmup + requests),
-                                               concurrency, bar)
-        else:
-            records = await client.open_loop(range(warmup, warmup + requests), arrivals,
-                                             concurrency, bar)
-    watch.cancel()
-    return records, lag
+    try:
+        with _progress_bar(requests, progress, label) as bar:
+            client.reset_clock()
+            if arrivals is None:
+                return await client.closed_loop(range(warmup, warmup + requests),
+                                                concurrency, bar)
+            return await client.open_loop(range(warmup, warmup + requests), arrivals,
+                                          concurrency, bar)
+    finally:
+        watch.cancel()
 
 
 def _result(records: list[RequestRecord], warmup: int, client: Client, lag: LoopLag,

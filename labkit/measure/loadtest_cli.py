@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -136,6 +137,10 @@ def run_cli(args) -> int:
         return 2
     if args.sweep or args.sweep_rates:
         return _run_sweep(args)
+    unwritable = _unwritable([args.json, args.csv])
+    if unwritable:
+        print(f"error: {unwritable}", file=sys.stderr)
+        return 2
     try:
         prompts = _read_prompts(args)
         result = run(args.url, args.concurrency, args.requests, max_tokens=args.max_tokens,
@@ -155,6 +160,8 @@ def run_cli(args) -> int:
     if args.csv:
         result.to_dataframe().to_csv(args.csv, index=False)
         print(f"wrote {args.csv}")
+    if result.config.get("interrupted"):
+        return 130  # as a shell reports Ctrl-C
     return 0 if result.summary()["failed"] == 0 else 1
 
 
@@ -168,6 +175,10 @@ def _run_sweep(args) -> int:
     if args.concurrency is not None or args.rate is not None:
         print("error: a sweep sets the load of each level: drop --concurrency and --rate",
               file=sys.stderr)
+        return 2
+    unwritable = _unwritable([json_path, args.png or json_path.with_suffix(".png")])
+    if unwritable:
+        print(f"error: {unwritable}", file=sys.stderr)
         return 2
     try:
         slo = sweep.SLO(args.slo_ttft_ms, args.slo_tokens_per_user)
@@ -187,7 +198,25 @@ def _run_sweep(args) -> int:
     print(f"wrote {sweep.save(doc, json_path)}")
     png = frontier_plot.save_png([doc, *others], args.png or json_path.with_suffix(".png"), slo)
     print(f"wrote {png}")
+    if doc.get("stopped"):
+        print(f"error: the sweep stopped at {kind} {doc['stopped']['level']:g}: "
+              f"{doc['stopped']['error']}; the points before it are kept", file=sys.stderr)
+        return 2
     return 0 if all(p["successful"] == p["requests"] for p in doc["points"]) else 1
+
+
+def _unwritable(paths: list[Path | None]) -> str | None:
+    """Why one of the output files could not be written, found before the run (not after an
+    hour of it); None when each can be."""
+    for path in filter(None, paths):
+        folder = path.parent if str(path.parent) else Path(".")
+        if path.is_dir():
+            return f"cannot write {path}: it is a folder"
+        if not folder.is_dir():
+            return f"cannot write {path}: no folder {folder} (create it, or write elsewhere)"
+        if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            return f"cannot write {path}: permission denied"
+    return None
 
 
 def _levels(cast):

@@ -166,22 +166,33 @@ def run(url: str, levels: Sequence[float], *, kind: str = "concurrency", slo: SL
         workers: int = 1, on_point: Callable[[dict], None] | None = None, **load) -> dict:
     """The sweep: `measure_point` at each level in turn, as one document (`save` writes it):
     the server, the load, the SLO, every point, the knee and the best point under the SLO.
-    `on_point(point)` sees each point as it is measured."""
+    `on_point(point)` sees each point as it is measured. A level that cannot run (the server
+    died, Ctrl-C) ends the sweep with the points measured before it, the document's `stopped`
+    saying where and why: a server that falls over at the highest load is what sweeps find.
+    With no point measured yet, the error is raised."""
     levels = check_levels(levels, kind)
     if gpus < 1:
         raise ValueError(f"gpus must be at least 1, got {gpus}")
-    points, server, config = [], None, {}
+    points, server, config, stopped = [], None, {}, None
     for level in levels:
-        row, result = measure_point(url, level, kind=kind, slo=slo, gpus=gpus,
-                                    requests=requests_at(level, min_requests, rounds),
-                                    workers=workers, **load)
+        try:
+            row, result = measure_point(url, level, kind=kind, slo=slo, gpus=gpus,
+                                        requests=requests_at(level, min_requests, rounds),
+                                        workers=workers, **load)
+        except (loadtest.ServerNotReady, ValueError, OSError, KeyboardInterrupt) as err:
+            if not points:
+                raise
+            stopped = {"level": level, "error": "interrupted (Ctrl-C)"
+                       if isinstance(err, KeyboardInterrupt) else str(err)}
+            break
         points.append(row)
         server = server or result.summary()["server"]
         config = result.config
         if on_point is not None:
             on_point(row)
-    return document(points, kind=kind, slo=slo, gpus=gpus, server=server, config=config,
-                    label=label, url=url)
+    doc = document(points, kind=kind, slo=slo, gpus=gpus, server=server, config=config,
+                   label=label, url=url)
+    return {**doc, "stopped": stopped} if stopped else doc
 
 
 def document(points: list[dict], *, kind: str, slo: SLO, gpus: int, server: dict | None,
