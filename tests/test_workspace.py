@@ -54,6 +54,37 @@ def test_a_copy_is_never_overwritten_and_the_course_never_modified(course, tmp_p
     assert {p: p.read_bytes() for p in course.rglob("*") if p.is_file()} == before
 
 
+def test_cited_documents_are_copied_in_fresh_and_results_is_the_repositorys(course, tmp_path):
+    (course / "benchmarks").mkdir()
+    (course / "benchmarks" / "RESULTS.md").write_text("# results, first\n")
+    (course / "README.md").write_text("readme\n")
+    into = tmp_path / "ws"
+    said = "\n".join(_sync(course, into))
+    assert (into / "benchmarks" / "RESULTS.md").read_text() == "# results, first\n"
+    assert (into / "README.md").read_text() == "readme\n" and "benchmarks/RESULTS.md" in said
+    assert not (into / "ARCHITECTURE.md").exists()  # not in this repository: nothing to copy
+    (course / "benchmarks" / "RESULTS.md").write_text("# results, second\n")
+    _sync(course, into)
+    assert (into / "benchmarks" / "RESULTS.md").read_text() == "# results, second\n"
+    (into / "results" / "baseline.json").write_text("{}")  # what a notebook in the lab saves
+    assert (course / "results" / "baseline.json").read_text() == "{}"
+
+
+def test_every_file_a_notebook_cites_opens_from_the_workspace():
+    """A path a notebook or exercise names (benchmarks/RESULTS.md, ...) is a notebook, a result
+    it saves, or one of the copied references: the lab cannot reach anything else."""
+    import re
+
+    root = workspace.REPO_ROOT
+    cited = set()
+    for notebook in [*root.glob("notebooks/*.ipynb"), *root.glob("exercises/*/*.ipynb")]:
+        cited |= set(re.findall(r"(?<![/\w.])((?:[\w-]+/)*[\w-]+\.(?:md|py|json|yaml))\b",
+                                notebook.read_text()))
+    for rel in sorted(cited):
+        if (root / rel).is_file() and not rel.startswith("results/"):
+            assert rel in workspace.REFERENCES, f"{rel} is cited but not in REFERENCES"
+
+
 def test_an_untouched_copy_takes_the_upstream_change(course, tmp_path):
     into = tmp_path / "ws"
     _sync(course, into)

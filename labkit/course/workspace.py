@@ -6,6 +6,12 @@ therefore opens a git-ignored copy, `workspace/` by default, laid out like the r
 (`notebooks/`, `exercises/learner/`, `exercises/solutions/`), so that a path a notebook cites,
 such as `exercises/learner/08_continuous_batching.ipynb`, is valid from the lab's root.
 
+The documents the notebooks cite (`REFERENCES`: the README, ARCHITECTURE.md,
+benchmarks/RESULTS.md, ...) are copied in too, at the same paths, and refreshed at every sync:
+they are for reading, the lab cannot reach files outside its root. `results/`, where notebooks
+save what they measure (`labkit.course.notebook.RESULTS_DIR`), is a link to the repository's, so
+the paths they print (`results/baseline.json`) open from the lab and its terminal.
+
 A copy is made once and never overwritten by `sync`: the learner's answers survive the next
 `make lab`. The manifest (`.upstream.json`) records the sha256 of each upstream file when it was
 copied, which is how `sync` tells the two kinds of change apart: an upstream notebook that
@@ -33,6 +39,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_INTO = REPO_ROOT / "workspace"
 SOURCES = ("notebooks", "exercises/learner", "exercises/solutions")
 MANIFEST = ".upstream.json"
+# Files the notebooks cite, copied for reading (tests/test_workspace.py checks the list is whole)
+REFERENCES = ("README.md", "ARCHITECTURE.md", "benchmarks/RESULTS.md",
+              "benchmarks/lone_request.py", "deploy/kubernetes/README.md")
 
 Say = Callable[[str], None]
 
@@ -95,13 +104,37 @@ def sync(root: Path = REPO_ROOT, into: Path = DEFAULT_INTO, say: Say = print) ->
     notes = [note for rel, source in upstream_files(root).items()
              if (note := _sync_one(rel, source, into, manifest, fresh))]
     save_manifest(into, manifest)
+    _copy_references(root, into)
+    notes += filter(None, [_link_results(root, into)])
     for note in notes:
         say("  " + note)
     if fresh:
-        say(f"  created, with {len(manifest)} notebooks")
+        say(f"  created, with {len(manifest)} notebooks; to read beside them (copies, refreshed "
+            f"at each sync): {', '.join(REFERENCES)}; results/ is the repository's")
     elif not notes:
         say("  every copy is up to date")
     return manifest
+
+
+def _copy_references(root: Path, into: Path) -> None:
+    """The documents the notebooks cite, at their repository paths, as they are upstream now."""
+    for rel in REFERENCES:
+        if (root / rel).is_file():
+            _copy(root / rel, into / rel)
+
+
+def _link_results(root: Path, into: Path) -> str | None:
+    """`results/` in the workspace as a link to the repository's (where notebooks save);
+    a folder of that name the learner made is left alone. Returns a note when it cannot link."""
+    link, target = into / "results", root / "results"
+    if link.exists() or link.is_symlink():
+        return None
+    target.mkdir(exist_ok=True)
+    try:
+        link.symlink_to(target, target_is_directory=True)
+    except OSError as err:  # e.g. Windows without the right to make links
+        return f"results/ could not be linked ({err}): the notebooks save into {target}"
+    return None
 
 
 def _sync_one(rel: str, source: Path, into: Path, manifest: dict[str, str],
