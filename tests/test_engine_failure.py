@@ -97,6 +97,30 @@ def test_a_wedged_engine_is_killed_after_the_step_timeout_and_the_server_exits_b
         srv.stop()
 
 
+def test_an_engine_wedged_at_rest_is_caught_by_the_first_request_it_never_answers():
+    """Frozen while idle, the engine never says it is busy: the clock starts when a request is
+    sent to it, so the request fails and /health turns 503 after the step timeout, instead of
+    the request hanging forever behind a healthy-looking server."""
+    import concurrent.futures
+
+    srv = ServerProcess(**SERVER, extra_args=["--engine-step-timeout", "1",
+                                              "--failure-exit-delay", "1"]).start()
+    try:
+        srv.wait_ready(120)
+        os.kill(_engine_pid(srv), signal.SIGSTOP)
+        assert client.get(srv.url + "/health").status == 200  # at rest: nothing to notice
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            asked = pool.submit(client.post, srv.url + "/generate",
+                                {"prompt": "hi", "max_tokens": 5}, timeout=15)
+            health = _wait_status(srv.url + "/health", 503, timeout=5)
+            assert "wedged" in health.body["error"]
+            reply = asked.result(timeout=15)
+        assert reply.status == 503 and "wedged" in reply.body["error"]
+        assert srv.process.wait(10) == 3
+    finally:
+        srv.stop()
+
+
 def _open_stream(url: str, max_tokens: int = 1000) -> http.client.HTTPResponse:
     """A long streamed completion, read up to its first token."""
     parts = urlsplit(url)

@@ -85,6 +85,7 @@ class EngineClient:
         self._kill_reason: str | None = None
         self._busy = False
         self._heard = time.perf_counter()  # the engine's last message
+        self._sent_to_idle = 0.0  # when work went to an engine that said it was idle
         # A result's text from its token ids, on the reader thread (set by the backend, which
         # holds the tokenizer): the engine sends ids only.
         self.detokenize: Callable[[list[int]], str] = lambda ids: ""
@@ -117,6 +118,8 @@ class EngineClient:
         if self.gone is not None:
             raise EngineGone(self.gone)
         rid = next(self._ids)
+        if not self._live:
+            self._sent_to_idle = time.perf_counter()
         self._live[rid] = (request, on_outcome)
         fields = {name: getattr(request, name) for name in FIELDS}
         self._send(("add", rid, fields, request.on_token is not None))
@@ -130,8 +133,18 @@ class EngineClient:
         return self.gone
 
     def stalled_s(self) -> float:
-        """Seconds the engine has had work without sending a step's news (0 while idle)."""
-        return time.perf_counter() - self._heard if self._busy and self.gone is None else 0.0
+        """Seconds the engine has had work without sending news: since its last message while
+        it is busy, and since work was sent to it while it says it is idle (an engine frozen
+        at rest never says "busy", and would otherwise never count as stalled); 0 with
+        nothing sent and unanswered."""
+        if self.gone is not None:
+            return 0.0
+        now = time.perf_counter()
+        if self._busy:
+            return now - self._heard
+        if self._live:
+            return now - max(self._heard, self._sent_to_idle)
+        return 0.0
 
     def kill(self, reason: str) -> None:
         """Kill the engine process (wedged): its requests fail with EngineGone(reason)."""
