@@ -39,6 +39,8 @@ class StubBackend:
         self.delay_s = delay_s  # once per generation, before its first token
         self.token_delay_s = token_delay_s  # before each token
         self.stop_after: int | None = None  # emit the stop token after this many tokens
+        # tokens still generated after a cancel, as an engine process hears it a step late
+        self.cancel_lag = 0
         self.gate: threading.Event | None = None  # when set up, generate waits for it
         self.started = threading.Event()  # set when a generation begins
         self.fail_next: list[BaseException] = []  # raised by the next generations, in order
@@ -86,10 +88,12 @@ class StubBackend:
 
     def _decode(self, request: Request) -> tuple[list[str], str]:
         """The pieces of text generated, and why it ended."""
-        detokenizer, pieces = self.detokenizer(), []
+        detokenizer, pieces, lag = self.detokenizer(), [], self.cancel_lag
         for token in range(request.max_tokens):
             if request.cancelled.is_set():
-                return pieces, "cancelled"
+                if not lag:
+                    return pieces, "cancelled"
+                lag -= 1
             if self.token_delay_s:
                 time.sleep(self.token_delay_s)
             if (self.stop_after is not None and token >= self.stop_after

@@ -166,6 +166,8 @@ def test_launch_many_batched_servers_serve_drain_and_stop_with_no_orphans():
     (["--mode", "batched", "--max-wait-ms", "nan"], "--max-wait-ms: "),
     (["--max-batch-size", "4"], "applies only to --mode batched"),
     (["--no-cuda-graphs"], "--no-cuda-graphs applies only to --mode batched"),
+    (["--port", "70000"], "--port must be 0 to 65535"),  # was an OverflowError's traceback
+    (["--port", "-1"], "--port must be 0 to 65535"),
 ])
 def test_serve_rejects_bad_batching_flags_before_loading(args, words, capsys):
     assert cli.main(["serve", "--model", "no-such-model", *args]) == 2

@@ -313,6 +313,28 @@ def test_stop_strings_cut_the_text_hold_back_a_partial_match_and_stop_the_genera
         ("cancelled", 4), ("cancelled", 3), ("length", 3)]
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_usage_after_a_stop_string_counts_the_tokens_up_to_it(stream):
+    """The engine process hears of a stop string's cancel a step or two late and generates on:
+    usage counts the tokens answered, up to the one that completed the stop (as OpenAI and
+    vLLM do), not those the client never gets."""
+    backend = StubBackend()
+    backend.cancel_lag = 2
+
+    async def scenario():
+        async with serving(backend) as client:
+            response = await client.post(COMPLETIONS, json={
+                "prompt": "hi", "max_tokens": 50, "stop": "word3", "stream": stream,
+                **({"stream_options": {"include_usage": True}} if stream else {})})
+            if stream:
+                return events(await response.read())[-1]["usage"]
+            return (await response.json())["usage"]
+
+    usage = asyncio.run(scenario())
+    assert backend.results[0].tokens_generated == 6  # word0..word3, then two more
+    assert usage == {"prompt_tokens": 1, "completion_tokens": 4, "total_tokens": 5}
+
+
 def test_stop_token_min_tokens_and_ignore_eos():
     backend = StubBackend()
     backend.stop_after = 2

@@ -323,6 +323,8 @@ def _check_limits(args) -> None:
                         ("--drain-timeout", args.drain_timeout)):
         if not value > 0:
             raise ValueError(f"{flag} must be a positive number of seconds, got {value:g}")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be 0 to 65535 (0 picks a free one), got {args.port}")
 
 
 def _engine_options(args) -> dict | None:

@@ -164,8 +164,9 @@ async def _watch_engine(state: ServerState, stop: asyncio.Event, exit_after_s: f
     then stop the server `exit_after_s` later, so that a supervisor restarts it."""
     while (failure := state.scheduler.failure()) is None:
         await asyncio.sleep(FAILURE_POLL_S)
-    log.error("The engine failed: %s. Requests in it failed with 503; / and /health answer 503%s",
-              failure, f"; stopping in {exit_after_s:g} s (exit status {EXIT_ENGINE_FAILED})"
+    log.error("The engine failed: %s Requests in it failed with 503; / and /health answer 503%s",
+              failure if failure.endswith(".") else failure + ".",
+              f"; stopping in {exit_after_s:g} s (exit status {EXIT_ENGINE_FAILED})"
               if exit_after_s >= 0 else "")
     state.scheduler.abandon(failure)
     if exit_after_s >= 0:

@@ -54,6 +54,7 @@ class Text(Protocol):
 
     text: str  # all of it, cut at the first stop string
     matched: bool  # a stop string ended it
+    tokens_to_stop: int  # with `matched`: the tokens up to the one that completed the stop
 
     def flush(self) -> str: ...
 
@@ -136,8 +137,12 @@ class Call:
             return "stop"  # a stop string (the engine then stopped: finish_reason cancelled)
         return "length" if result.finish_reason == "length" else "stop"
 
-    def usage(self, result: Result) -> dict:
-        return usage_counts(result.prompt_tokens, result.tokens_generated)
+    def usage(self, result: Result, sink: Text | None = None) -> dict:
+        """The tokens answered: after a stop string, those up to the one that completed it
+        (as OpenAI and vLLM count), not the one or two the engine made before it heard."""
+        tokens = (sink.tokens_to_stop if sink is not None and sink.matched
+                  else result.tokens_generated)
+        return usage_counts(result.prompt_tokens, tokens)
 
     def response(self, result: Result, sink: Text | None) -> dict:
         """The non-streaming answer (with stop strings, the sink has the text)."""
@@ -150,7 +155,7 @@ class Call:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
         return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
                 "created": self.created, "model": self.model, "choices": [choice],
-                "usage": self.usage(result)}
+                "usage": self.usage(result, sink)}
 
     def text_frame(self, text: str, prompt_tokens: int, tokens: int) -> bytes:
         """The SSE frame of a piece of text, `tokens` generated so far: the same bytes as
@@ -188,9 +193,10 @@ class Call:
         rest = sink.flush()
         if rest:
             frames.append(self.chunk(rest))
-        frames.append(self.chunk(None, self.finish_reason(result, sink), usage=self.usage(result)))
+        usage = self.usage(result, sink)
+        frames.append(self.chunk(None, self.finish_reason(result, sink), usage=usage))
         if self.include_usage:
-            frames.append(self._frame([], self.usage(result)))
+            frames.append(self._frame([], usage))
         frames.append(DONE)
         return frames
 

@@ -56,6 +56,7 @@ class TextSink:
         self.text = ""  # everything so far (cut at a stop string)
         self.sent = 0  # characters of `text` delivered
         self.matched = False
+        self.tokens_to_stop = 0  # once matched: tokens up to the one completing the stop
         request.on_token = self.on_token
         request.wants_text = False  # `text` is the answer's text
 
@@ -68,7 +69,7 @@ class TextSink:
         cut = min((i for s in self.stop if (i := self.text.find(s, self.sent)) >= 0),
                   default=-1)
         if cut >= 0:
-            self.text, self.matched = self.text[:cut], True
+            self.text, self.matched, self.tokens_to_stop = self.text[:cut], True, self.tokens
             self.request.cancelled.set()
             ready = len(self.text)
         else:
