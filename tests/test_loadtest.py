@@ -12,9 +12,12 @@ import sys
 import threading
 import time
 from pathlib import Path
+from unittest.mock import ANY
 
 import numpy as np
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from labkit import cli
 from labkit.measure import load_client, loadtest
@@ -177,6 +180,51 @@ def test_bad_arguments_say_what_is_valid():
                          ({"prompt": ""}, "prompts"), ({"warmup": -1}, "warmup")]:
         with pytest.raises(ValueError, match=word):
             loadtest.run("http://127.0.0.1:9/generate", progress=False, **kwargs)
+
+
+# A server that answers 200 with a body the report cannot use, chosen by the prompt.
+BROKEN_ANSWERS = {
+    "fine": '{"tokens_generated": 5, "queue_time_ms": 1, "inference_time_ms": 10.5, '
+            '"time_to_first_token_ms": 5, "total_time_ms": null}',
+    "string count": '{"tokens_generated": "5", "inference_time_ms": 10}',
+    "string time": '{"tokens_generated": 5, "queue_time_ms": "x", "inference_time_ms": 10, '
+                   '"time_to_first_token_ms": 5}',
+    "nan time": '{"tokens_generated": 5, "inference_time_ms": NaN}',
+    "bool count": '{"tokens_generated": true}',
+    "empty": "{}",
+    "error": '{"error": "the model fell over"}',
+}
+
+
+async def _against_broken_server(**kwargs) -> LoadTestResult:
+    async def generate(request: web.Request) -> web.Response:
+        prompt = (await request.json())["prompt"]
+        return web.Response(text=BROKEN_ANSWERS[prompt], content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/generate", generate)
+    async with TestServer(app) as server:
+        return await loadtest.arun(str(server.make_url("/generate")), progress=False,
+                                   check_ready=False, **kwargs)
+
+
+def test_a_200_that_breaks_the_contract_is_a_failed_request_not_a_crash():
+    prompts = list(BROKEN_ANSWERS)
+    result = asyncio.run(_against_broken_server(prompt=prompts, requests=len(prompts),
+                                                concurrency=2))
+    s = result.summary()  # a string among the times raised TypeError here
+    assert s["successful"] == 1 and s["output_tokens"] == 5
+    assert s["errors_by_type"] == {"invalid response": {"count": 6, "example": ANY}}
+    errors = {prompts[r.index]: r.error for r in result.records if not r.ok}
+    assert errors == {
+        "string count": "tokens_generated is not a whole number of tokens: '5'",
+        "string time": "queue_time_ms is not a number: 'x'",
+        "nan time": "inference_time_ms is not a number: nan",
+        "bool count": "tokens_generated is not a whole number of tokens: True",
+        "empty": "no tokens_generated in the answer: {}",
+        "error": "no tokens_generated in the answer (the model fell over)",
+    }
+    assert "invalid response: 6" in result.report()
 
 
 # --- report and statistics --------------------------------------------------------------------

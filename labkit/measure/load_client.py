@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from collections.abc import Sequence
 
@@ -25,7 +26,10 @@ SERVER_FIELDS = {  # record attribute <- response field
     "request_id": "request_id", "model": "model", "device": "device", "gpu_name": "gpu_name",
     "synthetic": "synthetic",
 }
-
+# Fields the report adds up: a string or null there would end the report in a TypeError, so an
+# answer whose field is not a number counts as a failed request instead.
+COUNT_FIELDS = ("tokens_generated", "prompt_tokens")
+TIME_FIELDS = ("queue_time_ms", "inference_time_ms", "time_to_first_token_ms", "total_time_ms")
 
 
 # Words that are one token each to the embedded model's tokenizer and to GPT- and Llama-style
@@ -182,6 +186,8 @@ class Client:
         elif not isinstance(data, dict):
             record.error_type = "invalid response"
             record.error = f"not a JSON object: {body[:100]!r}"
+        elif (problem := _generate_problem(data)) is not None:
+            record.error_type, record.error = "invalid response", problem
         else:
             record.ok = True
             for attribute, name in SERVER_FIELDS.items():
@@ -279,10 +285,43 @@ def _stream_outcome(record: RequestRecord, scheduled: float, first: float | None
     else:
         record.ok = True
         tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
-        record.tokens_from_usage = isinstance(tokens, int)
+        record.tokens_from_usage = _is_count(tokens)
         record.tokens_generated = tokens if record.tokens_from_usage else chunks
-        if record.tokens_from_usage:
-            record.prompt_tokens = usage.get("prompt_tokens")
+        if record.tokens_from_usage and _is_count(usage.get("prompt_tokens")):
+            record.prompt_tokens = usage["prompt_tokens"]
+
+def _generate_problem(data: dict) -> str | None:
+    """Why a 200 /generate answer cannot count as a success (it lacks tokens_generated, which
+    the contract requires, or a field the report adds up is not a number); None when it can."""
+    if "tokens_generated" not in data:
+        said = _openai_error(data)  # a server that answers 200 with {"error": ...}
+        return "no tokens_generated in the answer" + (
+            f" ({said})" if said else f": {json.dumps(data)[:100]}")
+    for name in (*COUNT_FIELDS, *TIME_FIELDS):
+        value = data.get(name)
+        if value is None and name != "tokens_generated":
+            continue  # an optional field this server leaves out
+        if name in COUNT_FIELDS and not _is_count(value):
+            return f"{name} is not a whole number of tokens: {value!r:.50}"
+        if not _is_number(value):
+            return f"{name} is not a number: {value!r:.50}"
+    return None
+
+
+def _is_count(value) -> bool:
+    """A token count: an int of 0 or more (a bool is an int to Python, not to JSON)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_number(value) -> bool:
+    """A finite int or float (JSON's NaN and Infinity parse as floats; a huge int overflows)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
 
 def _plain_text_chunk(payload: bytes) -> bool:
     """Whether an event is a chunk carrying text and nothing else to read (no usage, no error),
