@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -180,6 +181,16 @@ def test_bad_arguments_say_what_is_valid():
                          ({"prompt": ""}, "prompts"), ({"warmup": -1}, "warmup")]:
         with pytest.raises(ValueError, match=word):
             loadtest.run("http://127.0.0.1:9/generate", progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("temperature", [math.nan, math.inf, -0.5])
+def test_a_temperature_no_server_takes_is_refused_before_any_request(temperature, capsys):
+    # NaN went out as invalid JSON: every request failed with HTTP 400
+    with pytest.raises(ValueError, match="temperature must be a finite number"):
+        loadtest.run("http://127.0.0.1:9/generate", temperature=temperature, progress=False)
+    assert cli.main(["loadtest", "--url", "http://127.0.0.1:9", "--requests", "1",
+                     "--temperature", str(temperature), "--no-progress"]) == 2
+    assert "temperature must be a finite number" in capsys.readouterr().err
 
 
 # A server that answers 200 with a body the report cannot use, chosen by the prompt.
