@@ -233,12 +233,20 @@ class _Gpm:
 # ------------------------------------------------------------------------------ CPU mode (/stats)
 
 
+# The paths of a labkit server's endpoints: any URL given to `labkit loadtest` (either API) or
+# read off the server's own messages names the same server, whose /stats is at its root.
+ENDPOINT_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1", "/generate",
+                  "/stats", "/health", "/metrics")
+
+
 def stats_url(url: str) -> str:
-    """'http://host:8000', '.../generate' or '.../stats' -> 'http://host:8000/stats'."""
+    """'http://host:8000', '.../generate', '.../v1', '.../v1/completions' or '.../stats' ->
+    'http://host:8000/stats'."""
     base = url.rstrip("/")
-    for suffix in ("/generate", "/stats", "/health"):
+    for suffix in ENDPOINT_PATHS:  # longest first: only the endpoint's own path goes
         if base.endswith(suffix):
             base = base[: -len(suffix)]
+            break
     if not base.startswith(("http://", "https://")):
         base = "http://" + base
     return base + "/stats"
