@@ -275,9 +275,15 @@ class ServerStatsReader:
         self.device_name = f"labkit server {self.url[: -len('/stats')]} ({where})"
 
     def _fetch(self) -> dict:
+        """The /stats body; ValueError, like a body that is no JSON, when it or its "server"
+        block is not an object (valid JSON from something else at that address)."""
         request = urllib.request.Request(self.url, headers=auth_headers(api_key_from_env()))
         with urllib.request.urlopen(request, timeout=self._timeout) as response:
-            return json.load(response)
+            stats = json.load(response)
+        if not isinstance(stats, dict) or not isinstance(stats.get("server") or {}, dict):
+            raise ValueError(f"not a labkit server's /stats (a JSON object with a \"server\" "
+                             f"object): {json.dumps(stats)[:80]}")
+        return stats
 
     def read(self) -> dict[str, Value]:
         row: dict[str, Value] = dict.fromkeys(self.columns)
