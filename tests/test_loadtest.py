@@ -511,3 +511,26 @@ def test_the_progress_bar_shows_the_mean_rate_since_the_start_as_the_report_does
         shown = bar.format_dict["n"] / bar.format_dict["elapsed"]
         rate = bar.format_dict["rate"] or shown
     assert rate == pytest.approx(shown, rel=0.2) and rate < 40
+
+
+def _with_open_file_limit(soft: int, hard: int, code: str) -> subprocess.CompletedProcess:
+    """`python -c code` in a process whose `ulimit -n` is `soft`, at most `hard`."""
+    resource = pytest.importorskip("resource")  # POSIX only
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, cwd=Path(__file__).resolve().parent.parent,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE,
+                                                                (soft, hard)))
+
+
+def test_the_client_raises_its_open_file_limit_and_says_when_it_is_still_too_low():
+    # at ulimit -n 256, concurrency 1000 reported 750-odd "connection error"s, blaming the server
+    load = ("import resource; from labkit.measure import loadtest\n"
+            "try: loadtest.run('http://127.0.0.1:9', concurrency=1000, requests=1, "
+            "progress=False)\nexcept loadtest.ServerNotReady: pass\n"
+            "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])")
+    raised = _with_open_file_limit(256, 4096, load)
+    assert raised.stdout.split() == ["4096"] and "warning" not in raised.stderr
+    low = _with_open_file_limit(256, 256, load)
+    assert low.stdout.split() == ["256"]
+    assert low.stderr.count("warning: this client may open only 256 files") == 1
+    assert "not the server" in low.stderr and "ulimit -n 1032" in low.stderr

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import sys
 import time
 from collections.abc import Sequence
 
@@ -50,6 +51,46 @@ def shared_prefix(tokens: int) -> str:
         words.append(" ".join(sentence) + ".")
         count += len(sentence) + 1
     return " ".join(words)
+
+
+# Files a load-test process holds besides its connections: stdio, the event loop, DNS, logs.
+FD_HEADROOM = 32
+_fd_limit_warned = False
+
+
+def raise_open_file_limit(connections: int | None) -> int | None:
+    """Each connection is an open file: at the soft limit (`ulimit -n`, 256 on macOS, often 1024
+    on Linux) the next one fails as a "connection error", as if the server had refused it.
+    Raise this process's soft limit to its hard limit (or, where that is refused, to what
+    `connections` need), and warn once on stderr when `connections` (None: unknown, open loop
+    without a cap) still will not fit. Returns the soft limit; None where there is none
+    (no POSIX `resource` module)."""
+    global _fd_limit_warned
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = (connections or 0) + FD_HEADROOM
+    # macOS and Linux refuse an unlimited soft limit for files: then try what is needed
+    for target in (hard, min(needed, hard)):
+        if target <= soft:
+            break
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+            break
+        except (ValueError, OSError):
+            continue
+    if connections and needed > soft and not _fd_limit_warned:
+        _fd_limit_warned = True
+        print(f"warning: this client may open only {soft} files (ulimit -n, hard limit {hard})"
+              f" and a concurrency of {connections} needs about {needed}: requests past the "
+              "limit will fail as \"connection error\" because of the client, not the server. "
+              f"Raise it in the shell that runs the load test (ulimit -n {needed}; above the "
+              "hard limit as root or in /etc/security/limits.conf), or use --workers N.",
+              file=sys.stderr, flush=True)
+    return soft
 
 
 class ServerNotReady(RuntimeError):

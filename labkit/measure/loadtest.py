@@ -45,6 +45,7 @@ from labkit.measure.load_client import (
     ensure_ready,
     mark_sent,
     openai_model,
+    raise_open_file_limit,
 )
 from labkit.measure.loadstats import DEFINITIONS, LoadTestResult, RequestRecord
 
@@ -278,6 +279,7 @@ def _setup(url, concurrency, requests, max_tokens, prompt, temperature, timeout,
         raise ValueError("model and ignore_eos apply to api='openai' (--api openai) only")
     if rate is None and concurrency is None:
         concurrency = DEFAULT_CONCURRENCY
+    raise_open_file_limit(concurrency)  # before the connections, not once they fail
     api_key = api_key_from_env()
     config = {"urls": urls, "concurrency": concurrency, "requests": requests, "rate": rate,
               "max_tokens": mix if len(mix) > 1 else next(iter(mix)),
