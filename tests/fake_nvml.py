@@ -176,13 +176,15 @@ class FakeClock:
 
 @contextmanager
 def scripted_stats_server() -> Iterator[tuple[str, list[dict]]]:
-    """A tiny HTTP server whose GET /stats returns the next scripted 'server' block (then {}).
-    Yields (base URL, script list to fill)."""
-    script: list[dict] = []
+    """A tiny HTTP server whose GET /stats returns the next scripted 'server' block (then {}),
+    or a scripted str as the whole body. Yields (base URL, script list to fill)."""
+    script: list[dict | str] = []
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 (http.server's name)
-            body = json.dumps({"gpu_name": None, "server": script.pop(0) if script else {}})
+            item = script.pop(0) if script else {}
+            body = item if isinstance(item, str) else json.dumps({"gpu_name": None,
+                                                                  "server": item})
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.end_headers()

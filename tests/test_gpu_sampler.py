@@ -276,6 +276,10 @@ def test_stats_url_normalisation():
     assert stats_url("http://h:8000/generate") == "http://h:8000/stats"
     assert stats_url("http://h:8000/") == "http://h:8000/stats"
     assert stats_url("127.0.0.1:9000") == "http://127.0.0.1:9000/stats"
+    # the URLs `labkit loadtest --api openai` takes (and its messages suggest) name the server
+    for path in ("/v1", "/v1/", "/v1/completions", "/v1/chat/completions", "/v1/models"):
+        assert stats_url("http://h:8000" + path) == "http://h:8000/stats", path
+    assert stats_url("https://h/proxy/v1") == "https://h/proxy/stats"  # a prefix stays
 
 
 def test_unreachable_server_is_a_clear_error():

@@ -6,15 +6,19 @@ from __future__ import annotations
 import ast
 import asyncio
 import json
+import math
 import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from unittest.mock import ANY
 
 import numpy as np
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from labkit import cli
 from labkit.measure import load_client, loadtest
@@ -177,6 +181,61 @@ def test_bad_arguments_say_what_is_valid():
                          ({"prompt": ""}, "prompts"), ({"warmup": -1}, "warmup")]:
         with pytest.raises(ValueError, match=word):
             loadtest.run("http://127.0.0.1:9/generate", progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("temperature", [math.nan, math.inf, -0.5])
+def test_a_temperature_no_server_takes_is_refused_before_any_request(temperature, capsys):
+    # NaN went out as invalid JSON: every request failed with HTTP 400
+    with pytest.raises(ValueError, match="temperature must be a finite number"):
+        loadtest.run("http://127.0.0.1:9/generate", temperature=temperature, progress=False)
+    assert cli.main(["loadtest", "--url", "http://127.0.0.1:9", "--requests", "1",
+                     "--temperature", str(temperature), "--no-progress"]) == 2
+    assert "temperature must be a finite number" in capsys.readouterr().err
+
+
+# A server that answers 200 with a body the report cannot use, chosen by the prompt.
+BROKEN_ANSWERS = {
+    "fine": '{"tokens_generated": 5, "queue_time_ms": 1, "inference_time_ms": 10.5, '
+            '"time_to_first_token_ms": 5, "total_time_ms": null}',
+    "string count": '{"tokens_generated": "5", "inference_time_ms": 10}',
+    "string time": '{"tokens_generated": 5, "queue_time_ms": "x", "inference_time_ms": 10, '
+                   '"time_to_first_token_ms": 5}',
+    "nan time": '{"tokens_generated": 5, "inference_time_ms": NaN}',
+    "bool count": '{"tokens_generated": true}',
+    "empty": "{}",
+    "error": '{"error": "the model fell over"}',
+}
+
+
+async def _against_broken_server(**kwargs) -> LoadTestResult:
+    async def generate(request: web.Request) -> web.Response:
+        prompt = (await request.json())["prompt"]
+        return web.Response(text=BROKEN_ANSWERS[prompt], content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/generate", generate)
+    async with TestServer(app) as server:
+        return await loadtest.arun(str(server.make_url("/generate")), progress=False,
+                                   check_ready=False, **kwargs)
+
+
+def test_a_200_that_breaks_the_contract_is_a_failed_request_not_a_crash():
+    prompts = list(BROKEN_ANSWERS)
+    result = asyncio.run(_against_broken_server(prompt=prompts, requests=len(prompts),
+                                                concurrency=2))
+    s = result.summary()  # a string among the times raised TypeError here
+    assert s["successful"] == 1 and s["output_tokens"] == 5
+    assert s["errors_by_type"] == {"invalid response": {"count": 6, "example": ANY}}
+    errors = {prompts[r.index]: r.error for r in result.records if not r.ok}
+    assert errors == {
+        "string count": "tokens_generated is not a whole number of tokens: '5'",
+        "string time": "queue_time_ms is not a number: 'x'",
+        "nan time": "inference_time_ms is not a number: nan",
+        "bool count": "tokens_generated is not a whole number of tokens: True",
+        "empty": "no tokens_generated in the answer: {}",
+        "error": "no tokens_generated in the answer (the model fell over)",
+    }
+    assert "invalid response: 6" in result.report()
 
 
 # --- report and statistics --------------------------------------------------------------------
@@ -484,3 +543,26 @@ def test_the_progress_bar_shows_the_mean_rate_since_the_start_as_the_report_does
         shown = bar.format_dict["n"] / bar.format_dict["elapsed"]
         rate = bar.format_dict["rate"] or shown
     assert rate == pytest.approx(shown, rel=0.2) and rate < 40
+
+
+def _with_open_file_limit(soft: int, hard: int, code: str) -> subprocess.CompletedProcess:
+    """`python -c code` in a process whose `ulimit -n` is `soft`, at most `hard`."""
+    resource = pytest.importorskip("resource")  # POSIX only
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, cwd=Path(__file__).resolve().parent.parent,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE,
+                                                                (soft, hard)))
+
+
+def test_the_client_raises_its_open_file_limit_and_says_when_it_is_still_too_low():
+    # at ulimit -n 256, concurrency 1000 reported 750-odd "connection error"s, blaming the server
+    load = ("import resource; from labkit.measure import loadtest\n"
+            "try: loadtest.run('http://127.0.0.1:9', concurrency=1000, requests=1, "
+            "progress=False)\nexcept loadtest.ServerNotReady: pass\n"
+            "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])")
+    raised = _with_open_file_limit(256, 4096, load)
+    assert raised.stdout.split() == ["4096"] and "warning" not in raised.stderr
+    low = _with_open_file_limit(256, 256, load)
+    assert low.stdout.split() == ["256"]
+    assert low.stderr.count("warning: this client may open only 256 files") == 1
+    assert "not the server" in low.stderr and "ulimit -n 1032" in low.stderr

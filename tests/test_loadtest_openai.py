@@ -289,6 +289,21 @@ def test_streamed_statistics_on_hand_made_records():
     assert "(OpenAI API, streaming, 7 chunks)" in text
 
 
+@pytest.mark.parametrize(("usage", "tokens", "prompt_tokens"), [
+    ({"completion_tokens": 7, "prompt_tokens": 3}, 7, 3),
+    ({"completion_tokens": True, "prompt_tokens": 3}, 4, None),  # a bool is no count: chunks
+    ({"completion_tokens": 7, "prompt_tokens": "3"}, 7, None),  # the report adds these up
+])
+def test_usage_counts_are_taken_only_when_they_are_whole_numbers(usage, tokens, prompt_tokens):
+    """The same rule as /generate's token counts (load_client._is_count)."""
+    record = RequestRecord(index=0, url="http://x/v1/completions", scheduled_s=0.0, sent_s=0.0,
+                           done_s=0.1, latency_ms=100.0, status=200, ok=False)
+    load_client._stream_outcome(record, 0.0, 0.01, [1.0, 1.0, 1.0], 4, None, None, True, b"",
+                                None, True, usage)
+    assert record.ok and record.tokens_generated == tokens
+    assert record.tokens_from_usage is (tokens == 7) and record.prompt_tokens == prompt_tokens
+
+
 @pytest.mark.parametrize(("payload", "plain"), [
     (b'{"choices":[{"index":0,"text":" a","finish_reason":null}]}', True),  # vLLM
     (b'{"choices":[{"index":0,"text":" a","finish_reason":null}],"usage":null}', True),  # OpenAI

@@ -100,6 +100,28 @@ def test_cli_cpu_mode_labels_busy_percent(capsys, monkeypatch):
     assert "SM activity" not in out
 
 
+@pytest.mark.parametrize("body", ["[1, 2]", '"ok"', '{"server": [1]}'])
+def test_cli_refuses_a_stats_body_that_is_not_an_object_cleanly(body, capsys, monkeypatch):
+    # valid JSON but no object raised AttributeError with a traceback
+    monkeypatch.setattr(labkit.measure.gpu, "nvml", lambda: None)
+    with scripted_stats_server() as (url, script):
+        script.append(body)
+        assert cli.main(["monitor", "--url", url, "--count", "1"]) == 1
+    err = capsys.readouterr().err
+    assert f"could not read {url}/stats: not a labkit server's /stats" in err
+    assert "Traceback" not in err
+
+
+def test_a_stats_body_that_is_not_an_object_mid_run_is_a_missing_sample(capsys, monkeypatch):
+    monkeypatch.setattr(labkit.measure.gpu, "nvml", lambda: None)
+    with scripted_stats_server() as (url, script):
+        script += [{"uptime_s": 1, "busy_seconds": 0, "queue_depth": 2}, "[]",
+                   '{"server": "busy"}', {"uptime_s": 3, "busy_seconds": 1, "queue_depth": 1}]
+        assert cli.main(["monitor", "--url", url, "--count", "3", "--interval", "0.05"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[3:6]]
+    assert [row[1:3] for row in rows] == [["-", "-"], ["-", "-"], ["50", "1"]]
+
+
 def test_cli_without_gpu_or_url_explains_and_fails(capsys, monkeypatch):
     monkeypatch.setattr(labkit.measure.gpu, "nvml", lambda: None)
     assert cli.main(["monitor", "--count", "1"]) == 1

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+import sys
 import time
 from collections.abc import Sequence
 
@@ -25,7 +27,10 @@ SERVER_FIELDS = {  # record attribute <- response field
     "request_id": "request_id", "model": "model", "device": "device", "gpu_name": "gpu_name",
     "synthetic": "synthetic",
 }
-
+# Fields the report adds up: a string or null there would end the report in a TypeError, so an
+# answer whose field is not a number counts as a failed request instead.
+COUNT_FIELDS = ("tokens_generated", "prompt_tokens")
+TIME_FIELDS = ("queue_time_ms", "inference_time_ms", "time_to_first_token_ms", "total_time_ms")
 
 
 # Words that are one token each to the embedded model's tokenizer and to GPT- and Llama-style
@@ -46,6 +51,46 @@ def shared_prefix(tokens: int) -> str:
         words.append(" ".join(sentence) + ".")
         count += len(sentence) + 1
     return " ".join(words)
+
+
+# Files a load-test process holds besides its connections: stdio, the event loop, DNS, logs.
+FD_HEADROOM = 32
+_fd_limit_warned = False
+
+
+def raise_open_file_limit(connections: int | None) -> int | None:
+    """Each connection is an open file: at the soft limit (`ulimit -n`, 256 on macOS, often 1024
+    on Linux) the next one fails as a "connection error", as if the server had refused it.
+    Raise this process's soft limit to its hard limit (or, where that is refused, to what
+    `connections` need), and warn once on stderr when `connections` (None: unknown, open loop
+    without a cap) still will not fit. Returns the soft limit; None where there is none
+    (no POSIX `resource` module)."""
+    global _fd_limit_warned
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = (connections or 0) + FD_HEADROOM
+    # macOS and Linux refuse an unlimited soft limit for files: then try what is needed
+    for target in (hard, min(needed, hard)):
+        if target <= soft:
+            break
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+            break
+        except (ValueError, OSError):
+            continue
+    if connections and needed > soft and not _fd_limit_warned:
+        _fd_limit_warned = True
+        print(f"warning: this client may open only {soft} files (ulimit -n, hard limit {hard})"
+              f" and a concurrency of {connections} needs about {needed}: requests past the "
+              "limit will fail as \"connection error\" because of the client, not the server. "
+              f"Raise it in the shell that runs the load test (ulimit -n {needed}; above the "
+              "hard limit as root or in /etc/security/limits.conf), or use --workers N.",
+              file=sys.stderr, flush=True)
+    return soft
 
 
 class ServerNotReady(RuntimeError):
@@ -183,6 +228,8 @@ class Client:
         elif not isinstance(data, dict):
             record.error_type = "invalid response"
             record.error = f"not a JSON object: {body[:100]!r}"
+        elif (problem := _generate_problem(data)) is not None:
+            record.error_type, record.error = "invalid response", problem
         else:
             record.ok = True
             for attribute, name in SERVER_FIELDS.items():
@@ -280,10 +327,43 @@ def _stream_outcome(record: RequestRecord, scheduled: float, first: float | None
     else:
         record.ok = True
         tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
-        record.tokens_from_usage = isinstance(tokens, int)
+        record.tokens_from_usage = _is_count(tokens)
         record.tokens_generated = tokens if record.tokens_from_usage else chunks
-        if record.tokens_from_usage:
-            record.prompt_tokens = usage.get("prompt_tokens")
+        if record.tokens_from_usage and _is_count(usage.get("prompt_tokens")):
+            record.prompt_tokens = usage["prompt_tokens"]
+
+def _generate_problem(data: dict) -> str | None:
+    """Why a 200 /generate answer cannot count as a success (it lacks tokens_generated, which
+    the contract requires, or a field the report adds up is not a number); None when it can."""
+    if "tokens_generated" not in data:
+        said = _openai_error(data)  # a server that answers 200 with {"error": ...}
+        return "no tokens_generated in the answer" + (
+            f" ({said})" if said else f": {json.dumps(data)[:100]}")
+    for name in (*COUNT_FIELDS, *TIME_FIELDS):
+        value = data.get(name)
+        if value is None and name != "tokens_generated":
+            continue  # an optional field this server leaves out
+        if name in COUNT_FIELDS and not _is_count(value):
+            return f"{name} is not a whole number of tokens: {value!r:.50}"
+        if not _is_number(value):
+            return f"{name} is not a number: {value!r:.50}"
+    return None
+
+
+def _is_count(value) -> bool:
+    """A token count: an int of 0 or more (a bool is an int to Python, not to JSON)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_number(value) -> bool:
+    """A finite int or float (JSON's NaN and Infinity parse as floats; a huge int overflows)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
 
 def _plain_text_chunk(payload: bytes) -> bool:
     """Whether an event is a chunk carrying text and nothing else to read (no usage, no error),

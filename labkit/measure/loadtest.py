@@ -45,6 +45,7 @@ from labkit.measure.load_client import (
     ensure_ready,
     mark_sent,
     openai_model,
+    raise_open_file_limit,
 )
 from labkit.measure.loadstats import DEFINITIONS, LoadTestResult, RequestRecord
 
@@ -276,7 +277,7 @@ def _setup(url, concurrency, requests, max_tokens, prompt, temperature, timeout,
     """`arun`'s arguments checked, each request's length drawn, and the result's config."""
     urls = normalize_urls(url, api)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    _check_args(concurrency, requests, warmup, rate, timeout, prompts)
+    _check_args(concurrency, requests, warmup, rate, timeout, prompts, temperature)
     mix = parse_max_tokens(max_tokens)
     # The lengths' own random stream: the arrivals stay those of `seed` with or without a mix.
     draw = np.random.default_rng([seed, 1]) if len(mix) > 1 else None
@@ -285,6 +286,7 @@ def _setup(url, concurrency, requests, max_tokens, prompt, temperature, timeout,
         raise ValueError("model and ignore_eos apply to api='openai' (--api openai) only")
     if rate is None and concurrency is None:
         concurrency = DEFAULT_CONCURRENCY
+    raise_open_file_limit(concurrency)  # before the connections, not once they fail
     api_key = api_key_from_env()
     config = {"urls": urls, "concurrency": concurrency, "requests": requests, "rate": rate,
               "max_tokens": mix if len(mix) > 1 else next(iter(mix)),
@@ -384,7 +386,7 @@ class LoopLag:
             self.samples_ms.append(round(max(0.0, late) * 1000, 3))
 
 
-def _check_args(concurrency, requests, warmup, rate, timeout, prompts) -> None:
+def _check_args(concurrency, requests, warmup, rate, timeout, prompts, temperature) -> None:
     if concurrency is not None and concurrency < 1:
         raise ValueError(f"concurrency must be at least 1, got {concurrency}")
     if requests < 1:
@@ -397,6 +399,11 @@ def _check_args(concurrency, requests, warmup, rate, timeout, prompts) -> None:
         raise ValueError(f"timeout must be positive, got {timeout}")
     if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
         raise ValueError("prompts must be non-empty strings")
+    # NaN or inf would go out as JSON no server accepts (every request a 400), and no server
+    # takes a negative temperature: refused here, once, rather than once per request.
+    if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+            or not (math.isfinite(temperature) and temperature >= 0)):
+        raise ValueError(f"temperature must be a finite number, 0 or more, got {temperature!r}")
 
 
 class _progress_bar:

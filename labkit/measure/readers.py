@@ -233,12 +233,20 @@ class _Gpm:
 # ------------------------------------------------------------------------------ CPU mode (/stats)
 
 
+# The paths of a labkit server's endpoints: any URL given to `labkit loadtest` (either API) or
+# read off the server's own messages names the same server, whose /stats is at its root.
+ENDPOINT_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1", "/generate",
+                  "/stats", "/health", "/metrics")
+
+
 def stats_url(url: str) -> str:
-    """'http://host:8000', '.../generate' or '.../stats' -> 'http://host:8000/stats'."""
+    """'http://host:8000', '.../generate', '.../v1', '.../v1/completions' or '.../stats' ->
+    'http://host:8000/stats'."""
     base = url.rstrip("/")
-    for suffix in ("/generate", "/stats", "/health"):
+    for suffix in ENDPOINT_PATHS:  # longest first: only the endpoint's own path goes
         if base.endswith(suffix):
             base = base[: -len(suffix)]
+            break
     if not base.startswith(("http://", "https://")):
         base = "http://" + base
     return base + "/stats"
@@ -267,9 +275,15 @@ class ServerStatsReader:
         self.device_name = f"labkit server {self.url[: -len('/stats')]} ({where})"
 
     def _fetch(self) -> dict:
+        """The /stats body; ValueError, like a body that is no JSON, when it or its "server"
+        block is not an object (valid JSON from something else at that address)."""
         request = urllib.request.Request(self.url, headers=auth_headers(api_key_from_env()))
         with urllib.request.urlopen(request, timeout=self._timeout) as response:
-            return json.load(response)
+            stats = json.load(response)
+        if not isinstance(stats, dict) or not isinstance(stats.get("server") or {}, dict):
+            raise ValueError(f"not a labkit server's /stats (a JSON object with a \"server\" "
+                             f"object): {json.dumps(stats)[:80]}")
+        return stats
 
     def read(self) -> dict[str, Value]:
         row: dict[str, Value] = dict.fromkeys(self.columns)
