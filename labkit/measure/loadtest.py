@@ -252,14 +252,10 @@ async def arun(url: str | Sequence[str], concurrency: int | None = None, request
                                 check_ready)
         await _warm_up(client, warmup, setup.concurrency, on_ready)
         lag = LoopLag()
-        try:
-            records = await _measure(client, setup.concurrency, warmup, requests, rate, seed,
-                                     arrivals, progress, lag)
-        except asyncio.CancelledError:  # Ctrl-C: report what ended, unless nothing did
-            if not client.finished:
-                raise
-            records = list(client.finished)
-            setup.config["interrupted"] = {"finished": len(records), "requested": requests}
+        records = await _measure(client, setup.concurrency, warmup, requests, rate, seed,
+                                 arrivals, progress, lag)
+    if len(records) < requests:  # interrupted: the figures are those of what ended
+        setup.config["interrupted"] = {"finished": len(records), "requested": requests}
     return _result(records, warmup, client, lag, setup.config)
 
 
@@ -334,7 +330,7 @@ async def _measure(client: Client, concurrency: int | None, warmup: int, request
                    rate: float | None, seed: int, arrivals: Sequence[float] | None,
                    progress: bool | Callable[[int], None], lag: LoopLag) -> list[RequestRecord]:
     """The measured requests, closed or open loop, the client's event-loop lag watched (into
-    `lag`)."""
+    `lag`). Cancelled (Ctrl-C), the requests that ended, unless none did."""
     if arrivals is None and rate is not None:
         arrivals = poisson_arrivals(rate, requests, seed)
     label = f"open loop {rate:g} req/s" if rate is not None else f"concurrency {concurrency}"
@@ -347,6 +343,10 @@ async def _measure(client: Client, concurrency: int | None, warmup: int, request
                                                 concurrency, bar)
             return await client.open_loop(range(warmup, warmup + requests), arrivals,
                                           concurrency, bar)
+    except asyncio.CancelledError:
+        if not client.finished:
+            raise
+        return list(client.finished)
     finally:
         watch.cancel()
 
