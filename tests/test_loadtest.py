@@ -354,6 +354,26 @@ def test_ctrl_c_reports_and_writes_the_requests_that_ended(slow_url, tmp_path):
     assert f"Total requests: {finished}" in out
 
 
+def test_ctrl_c_in_a_script_stops_the_caller_with_what_ended(slow_url):
+    """`run` in a script (a sweep, a loop of tests): Ctrl-C raises, as it always did, so the
+    caller stops, and the exception carries the requests that ended."""
+    script = (f"from labkit.measure import loadtest\n"
+              f"try:\n"
+              f"    loadtest.run({slow_url!r}, concurrency=2, requests=200, progress=False)\n"
+              f"    print('returned')\n"
+              f"except loadtest.Interrupted as stop:\n"
+              f"    print('interrupted', len(stop.result.records),\n"
+              f"          stop.result.config['interrupted']['requested'])\n")
+    run = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    time.sleep(2.5)
+    run.send_signal(signal.SIGINT)
+    out, err = run.communicate(timeout=30)
+    said, finished, requested = out.split()
+    assert said == "interrupted", err
+    assert 0 < int(finished) < 200 and requested == "200"
+
+
 def test_output_files_that_cannot_be_written_are_refused_before_the_run(slow_url, tmp_path,
                                                                        capsys):
     missing = tmp_path / "no" / "such" / "x.json"

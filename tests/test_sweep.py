@@ -225,7 +225,8 @@ def test_loadtest_sweep_refuses_bad_levels_and_files(stub_url, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("failure", [sweep.loadtest.ServerNotReady("Cannot reach the server"),
-                                     KeyboardInterrupt()])
+                                     KeyboardInterrupt(),
+                                     sweep.loadtest.Interrupted(result([]))])  # run's Ctrl-C
 def test_a_sweep_that_stops_midway_keeps_and_writes_the_points_before(monkeypatch, tmp_path,
                                                                       capsys, failure):
     """The server dies at the highest load (or the user presses Ctrl-C): the levels measured

@@ -172,8 +172,26 @@ def run(url: str | Sequence[str], concurrency: int | None = None, requests: int 
     try:
         asyncio.get_running_loop()
     except RuntimeError:  # a plain script: no loop yet
-        return asyncio.run(coro)
+        return _run_in_script(coro)
     return _run_on_own_thread(coro)
+
+
+def _run_in_script(coro) -> LoadTestResult:
+    """The test on a loop of its own. Ctrl-C cancels it, and `arun` then returns what ended:
+    raised as `Interrupted`, so that it still stops the caller (a sweep, a loop of tests)."""
+    result = asyncio.run(coro)
+    if result.config.get("interrupted"):
+        raise Interrupted(result)
+    return result
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during `run`: it stops the caller as any Ctrl-C does, and `result` holds the
+    requests that ended (its config's "interrupted" says how many of how many)."""
+
+    def __init__(self, result: LoadTestResult):
+        super().__init__()
+        self.result = result
 
 
 def _worker_job(plan: dict, ready: Callable[[], float], count: Callable[[int], None]):
@@ -440,5 +458,6 @@ class _Counter:
         self.update = update
 
 
-__all__ = ["DEFINITIONS", "LoadTestResult", "RequestRecord", "ServerNotReady", "arun",
+__all__ = ["DEFINITIONS", "Interrupted", "LoadTestResult", "RequestRecord", "ServerNotReady",
+           "arun",
            "assign_max_tokens", "normalize_urls", "parse_max_tokens", "run"]

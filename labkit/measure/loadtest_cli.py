@@ -17,6 +17,7 @@ from labkit.measure.loadstats import DEFINITIONS, finite
 from labkit.measure.loadtest import (
     APIS,
     DEFAULT_PROMPT,
+    Interrupted,
     ServerNotReady,
     parse_max_tokens,
     run,
@@ -148,6 +149,8 @@ def run_cli(args) -> int:
                      warmup=args.warmup, rate=args.rate, seed=args.seed,
                      progress=not args.no_progress, api=args.api, model=args.model,
                      ignore_eos=args.ignore_eos, workers=args.workers)
+    except Interrupted as stop:  # Ctrl-C: the report of what ended, marked so
+        result = stop.result
     except (ValueError, OSError, ServerNotReady) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -176,7 +179,8 @@ def _run_sweep(args) -> int:
         print("error: a sweep sets the load of each level: drop --concurrency and --rate",
               file=sys.stderr)
         return 2
-    unwritable = _unwritable([json_path, args.png or json_path.with_suffix(".png")])
+    png_path = args.png or json_path.with_suffix(".png")
+    unwritable = _unwritable([json_path, png_path])
     if unwritable:
         print(f"error: {unwritable}", file=sys.stderr)
         return 2
@@ -196,7 +200,7 @@ def _run_sweep(args) -> int:
         return 2
     print(sweep.table(doc))
     print(f"wrote {sweep.save(doc, json_path)}")
-    png = frontier_plot.save_png([doc, *others], args.png or json_path.with_suffix(".png"), slo)
+    png = frontier_plot.save_png([doc, *others], png_path, slo)
     print(f"wrote {png}")
     if doc.get("stopped"):
         print(f"error: the sweep stopped at {kind} {doc['stopped']['level']:g}: "
@@ -209,7 +213,7 @@ def _unwritable(paths: list[Path | None]) -> str | None:
     """Why one of the output files could not be written, found before the run (not after an
     hour of it); None when each can be."""
     for path in filter(None, paths):
-        folder = path.parent if str(path.parent) else Path(".")
+        folder = path.parent  # Path("x.json").parent is Path(".")
         if path.is_dir():
             return f"cannot write {path}: it is a folder"
         if not folder.is_dir():
